@@ -1,0 +1,75 @@
+"""The error tree: every failure pgvault reports maps to one exit code and one line."""
+
+from __future__ import annotations
+
+
+class PgvaultError(Exception):
+    """Base of every error pgvault reports as one line and a non-zero exit."""
+
+    exit_code = 1
+
+
+class UsageError(PgvaultError):
+    """The command line asks for something impossible."""
+
+    exit_code = 2
+
+
+class ConfigError(PgvaultError):
+    """The configuration file or environment is invalid."""
+
+    exit_code = 3
+
+
+class DatabaseError(PgvaultError):
+    """PostgreSQL could not be reached, refused us, or a client tool failed."""
+
+    exit_code = 4
+
+
+class StorageError(PgvaultError):
+    """The repository could not be read or written."""
+
+    exit_code = 5
+
+
+class TransientStorageError(StorageError):
+    """A storage failure that may succeed when retried (timeouts, throttling, 5xx)."""
+
+
+class NotFound(StorageError):
+    """A key, backup or artifact does not exist."""
+
+
+class AlreadyExists(StorageError):
+    """A create-if-absent write found the key already there."""
+
+
+class IntegrityError(PgvaultError):
+    """Stored bytes do not match what the manifest recorded."""
+
+    exit_code = 6
+
+
+class LockHeld(PgvaultError):
+    """Another pgvault process holds the repository lock for this database."""
+
+    exit_code = 7
+
+
+class BackupFailed(PgvaultError):
+    """pg_dump, pg_dumpall or another backup step failed."""
+
+    exit_code = 8
+
+
+class RestoreFailed(PgvaultError):
+    """pg_restore or another restore step failed."""
+
+    exit_code = 9
+
+
+class Interrupted(PgvaultError):
+    """The run was stopped by a signal (Ctrl-C or SIGTERM)."""
+
+    exit_code = 130

@@ -1,0 +1,66 @@
+"""The byte-store interface every repository backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import BinaryIO, Protocol
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows about one stored object."""
+
+    key: str
+    size: int
+    modified: datetime  # timezone-aware UTC
+
+
+class Storage(Protocol):
+    """A byte store keyed by '/'-separated strings; knows nothing about backups.
+
+    Every method raises ``pgvault.errors.StorageError`` (or its subclasses
+    ``NotFound``, ``AlreadyExists``, ``TransientStorageError``) and nothing else.
+    """
+
+    @property
+    def url(self) -> str:
+        """Where the store is, safe to print (no credentials)."""
+        ...
+
+    def put(self, key: str, stream: BinaryIO) -> ObjectInfo:
+        """Store everything ``stream.read()`` yields; the key appears only when complete.
+
+        If reading the stream raises, nothing is left under ``key`` (partial uploads are
+        aborted, temp files removed) and the stream's exception propagates unchanged.
+        """
+        ...
+
+    def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
+        """Store a small object atomically, replacing any previous one."""
+        ...
+
+    def create(self, key: str, data: bytes) -> ObjectInfo:
+        """Store a small object only if ``key`` does not exist; else raise AlreadyExists."""
+        ...
+
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the object's bytes; raises NotFound."""
+        ...
+
+    def read_bytes(self, key: str) -> bytes:
+        """The whole content of a small object; raises NotFound."""
+        ...
+
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and time of one object; raises NotFound."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in key order."""
+        ...
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Remove these keys; keys that do not exist are ignored."""
+        ...

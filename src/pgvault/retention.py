@@ -1,0 +1,309 @@
+"""Retention planning for one database: restic's calendar-bucket rules as a pure function.
+
+Each count rule walks the backups newest first and keeps the newest backup of each bucket
+(position, calendar day, ISO week, calendar month, year) until its count is used up; rules
+combine by union. No I/O and no clock: everything is relative to the newest backup.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Final, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pgvault.errors import ConfigError
+
+__all__ = [
+    "UNLIMITED",
+    "BackupLike",
+    "Duration",
+    "Plan",
+    "Policy",
+    "describe",
+    "plan",
+]
+
+UNLIMITED: Final = -1
+"""A rule count meaning "no limit" (restic's -1); configuration spells it "unlimited"."""
+
+_COUNT_KEYS: Final = ("last", "daily", "weekly", "monthly", "yearly")
+_CONFIG_KEYS: Final = (*(f"keep_{name}" for name in _COUNT_KEYS), "keep_within", "timezone")
+_DURATION_RE: Final = re.compile(
+    r"(?:([0-9]+)y)?(?:([0-9]+)m)?(?:([0-9]+)w)?(?:([0-9]+)d)?(?:([0-9]+)h)?"
+)
+_UNITS: Final = ("y", "m", "w", "d", "h")
+
+
+class BackupLike(Protocol):
+    """What the planner reads from a backup; `pinned` is optional and read with getattr."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def time(self) -> datetime: ...
+
+
+@dataclass(frozen=True)
+class Duration:
+    """A keep_within span: calendar years, months, weeks and days, then exact hours."""
+
+    years: int = 0
+    months: int = 0
+    weeks: int = 0
+    days: int = 0
+    hours: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Duration.{f.name} must be a non-negative int, got {value!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> Duration:
+        """Parse "30d", "12h", "2w", "1y6m": units y, m (months), w, d, h, once each, in order."""
+        match = _DURATION_RE.fullmatch(text.strip())
+        if not text.strip() or match is None:
+            raise ValueError(
+                f"invalid duration {text!r}: expected e.g. 30d, 12h, 2w or 1y6m "
+                "(units y=years, m=months, w=weeks, d=days, h=hours, in that order)"
+            )
+        return cls(*(int(group) if group else 0 for group in match.groups()))
+
+    def is_zero(self) -> bool:
+        """True when the span is empty."""
+        return not any(getattr(self, f.name) for f in fields(self))
+
+    def before(self, moment: datetime, zone: tzinfo) -> datetime:
+        """The instant this span before `moment`, calendar units counted on `zone`'s wall clock."""
+        local = moment.astimezone(zone)
+        try:
+            # Months are calendar months with the day clamped (Mar 31 - 1m = Feb 28), so "1m"
+            # never reaches into a third month the way naive normalisation would.
+            month_index = local.year * 12 + (local.month - 1) - (self.years * 12 + self.months)
+            year, month = divmod(month_index, 12)
+            day = min(local.day, calendar.monthrange(year, month + 1)[1])
+            # Aware arithmetic within one tzinfo is wall-clock arithmetic: "1d" across a DST
+            # change is 23 or 25 hours, keeping the cutoff at the same local time of day.
+            shifted = local.replace(year=year, month=month + 1, day=day)
+            shifted -= timedelta(weeks=self.weeks, days=self.days)
+            return shifted.astimezone(UTC) - timedelta(hours=self.hours)
+        except (OverflowError, ValueError):
+            # A span longer than the calendar reaches before every representable backup.
+            return datetime.min.replace(tzinfo=UTC)
+
+    def __str__(self) -> str:
+        values = (self.years, self.months, self.weeks, self.days, self.hours)
+        return "".join(f"{v}{u}" for v, u in zip(values, _UNITS, strict=True) if v) or "0h"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Counts per rule (0 = off, UNLIMITED = no limit), keep_within span and calendar zone."""
+
+    daily: int = 7
+    weekly: int = 4
+    monthly: int = 3
+    last: int = 0
+    yearly: int = 0
+    within: Duration | None = None
+    timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        for name in _COUNT_KEYS:
+            count = getattr(self, name)
+            if isinstance(count, bool) or not isinstance(count, int) or count < UNLIMITED:
+                raise ConfigError(
+                    f"keep_{name}: must be a non-negative integer or UNLIMITED, got {count!r}"
+                )
+        if self.within is not None:
+            if not isinstance(self.within, Duration):
+                raise ConfigError(f"keep_within: must be a Duration, got {self.within!r}")
+            if self.within.is_zero():
+                raise ConfigError("keep_within: must be longer than zero (omit it to switch off)")
+        _zone(self.timezone)
+        if self.within is None and all(getattr(self, name) == 0 for name in _COUNT_KEYS):
+            raise ConfigError(
+                "retention policy keeps nothing: set one of "
+                + ", ".join(_CONFIG_KEYS[:-1])
+                + " above zero"
+            )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object]) -> Policy:
+        """Build a policy from config keys keep_last..keep_yearly, keep_within, timezone."""
+        unknown = sorted(set(values) - set(_CONFIG_KEYS))
+        if unknown:
+            # A typo such as keep_dialy would otherwise silently fall back to the default.
+            raise ConfigError(
+                f"{unknown[0]}: unknown retention setting (known: {', '.join(_CONFIG_KEYS)})"
+            )
+        counts = {
+            name: _parse_count(f"keep_{name}", values[f"keep_{name}"])
+            for name in _COUNT_KEYS
+            if f"keep_{name}" in values
+        }
+        within = values.get("keep_within")
+        if within is not None:
+            if not isinstance(within, str):
+                raise ConfigError(
+                    f"keep_within: must be a duration string like 30d, got {within!r}"
+                )
+            try:
+                parsed: Duration | None = Duration.parse(within)
+            except ValueError as exc:
+                raise ConfigError(f"keep_within: {exc}") from None
+        else:
+            parsed = None
+        timezone = values.get("timezone", "UTC")
+        if not isinstance(timezone, str):
+            raise ConfigError(f"timezone: must be an IANA time zone name, got {timezone!r}")
+        return cls(**counts, within=parsed, timezone=timezone)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Ids to keep and to remove (newest first) and, for every id, why it is kept."""
+
+    keep: list[str]
+    remove: list[str]
+    reasons: dict[str, list[str]]
+
+
+_Bucket = Callable[[datetime, int], Hashable]
+_BUCKETS: Final[dict[str, _Bucket]] = {
+    # "last" gives every backup its own bucket, so it keeps the N newest.
+    "last": lambda local, position: position,
+    "daily": lambda local, position: local.date(),
+    "weekly": lambda local, position: tuple(local.isocalendar())[:2],
+    "monthly": lambda local, position: (local.year, local.month),
+    "yearly": lambda local, position: local.year,
+}
+
+
+def plan(backups: Iterable[BackupLike], policy: Policy, now: datetime | None = None) -> Plan:
+    """Split one database's complete backups into keep and remove under `policy`."""
+    if now is not None:
+        # Accepted for API stability only: retention is relative to the newest backup.
+        _require_aware(now, "now")
+    ordered = _newest_first(backups)
+    if not ordered:
+        return Plan(keep=[], remove=[], reasons={})
+    zone = _zone(policy.timezone)
+    within = policy.within
+    cutoff = within.before(ordered[0].time, zone) if within is not None else None
+    used = dict.fromkeys(_COUNT_KEYS, 0)
+    previous: dict[str, Hashable] = {}
+    oldest = len(ordered) - 1
+    reasons: dict[str, list[str]] = {}
+    for position, backup in enumerate(ordered):
+        local = backup.time.astimezone(zone)
+        why: list[str] = []
+        for name in _COUNT_KEYS:
+            limit = getattr(policy, name)
+            if limit == 0 or (limit != UNLIMITED and used[name] >= limit):
+                continue
+            bucket = _BUCKETS[name](local, position)
+            new_bucket = name not in previous or bucket != previous[name]
+            # restic keeps the oldest backup while a rule has count left, even in a bucket
+            # already kept, so the history reaches as far back as the counts allow.
+            if new_bucket or position == oldest:
+                previous[name] = bucket
+                used[name] += 1
+                shown = "unlimited" if limit == UNLIMITED else str(limit)
+                why.append(f"{name} {used[name]}/{shown}" + ("" if new_bucket else " (oldest)"))
+        if cutoff is not None and backup.time >= cutoff:
+            why.append(f"within {within}")
+        if position == 0:
+            why.append("newest")
+        if bool(getattr(backup, "pinned", False)):
+            why.append("pinned")
+        reasons[backup.id] = why
+    keep = [b.id for b in ordered if reasons[b.id]]
+    remove = [b.id for b in ordered if not reasons[b.id]]
+    return Plan(keep=keep, remove=remove, reasons=reasons)
+
+
+def describe(policy: Policy) -> str:
+    """One human sentence or three saying what `policy` keeps."""
+    parts: list[str] = []
+    if policy.last == UNLIMITED:
+        parts.append("every backup")
+    elif policy.last:
+        parts.append(_counted(policy.last, "the newest backup", "the {} newest backups"))
+    units = (
+        (policy.daily, "day", "days"),
+        (policy.weekly, "ISO week", "ISO weeks"),
+        (policy.monthly, "month", "months"),
+        (policy.yearly, "year", "years"),
+    )
+    limited = [_counted(n, f"1 {one}", f"{{}} {many}") for n, one, many in units if n > 0]
+    if limited:
+        parts.append(f"the newest backup of each of the last {_listed(limited)} that have backups")
+    unlimited = [one for n, one, _ in units if n == UNLIMITED]
+    if unlimited:
+        parts.append(f"the newest backup of every {_listed(unlimited, 'and every')}")
+    if policy.within is not None:
+        parts.append(f"every backup within {policy.within} of the newest one")
+    return (
+        "Keeps " + "; ".join(parts) + f". Calendar in {policy.timezone}."
+        " The newest backup and pinned backups are always kept."
+    )
+
+
+def _newest_first(backups: Iterable[BackupLike]) -> list[BackupLike]:
+    """Validate and sort newest first; equal times fall back to id so input order never matters."""
+    items = list(backups)
+    seen: set[str] = set()
+    for backup in items:
+        if backup.id in seen:
+            raise ValueError(f"duplicate backup id {backup.id!r}")
+        seen.add(backup.id)
+        _require_aware(backup.time, f"backup {backup.id!r} time")
+    # Sort on UTC: datetimes sharing one tzinfo compare by wall clock, which misorders the
+    # repeated hour when clocks go back.
+    return sorted(items, key=lambda b: (b.time.astimezone(UTC), b.id), reverse=True)
+
+
+def _require_aware(moment: datetime, what: str) -> None:
+    """Reject naive datetimes: a bucket needs a real instant, not a guess about the zone."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"{what} must be a timezone-aware datetime, got naive {moment!r}")
+
+
+def _zone(name: str) -> tzinfo:
+    """Resolve an IANA zone name; UTC needs no tz database, so it works on any host."""
+    if name == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ConfigError(f"timezone: unknown IANA time zone {name!r}") from None
+
+
+def _parse_count(key: str, value: object) -> int:
+    """A config count: a non-negative int (or its digits) or the word "unlimited"."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "unlimited":
+            return UNLIMITED
+        if text.isascii() and text.isdigit():
+            return int(text)
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ConfigError(f"{key}: must be a non-negative integer or 'unlimited', got {value!r}")
+
+
+def _listed(items: list[str], last_joiner: str = "and") -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {last_joiner} {items[-1]}"
+
+
+def _counted(count: int, one: str, many: str) -> str:
+    """`one` for a count of 1, else `many` with the count filled in."""
+    return one if count == 1 else many.format(count)

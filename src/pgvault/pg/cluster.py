@@ -1,0 +1,440 @@
+"""A throwaway PostgreSQL cluster in a temp folder, for tests, demos and restore drills."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+import psycopg
+
+from pgvault.errors import DatabaseError
+from pgvault.pg.binaries import PG_LIB_DIR, installed_majors, tool_version
+
+Setting = str | int | float | bool
+
+_PORT_ATTEMPTS = 5
+# A unix socket path must fit in sun_path (108 bytes on Linux, 104 on macOS).
+_MAX_SOCKET_PATH = 100
+_BIND_FAILURES = ("could not bind", "Address already in use", "could not create any TCP/IP")
+
+
+class EphemeralCluster:
+    """A private PostgreSQL cluster on 127.0.0.1 and a free port, removed on `stop()`."""
+
+    superuser = "postgres"
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        major: int | None = None,
+        base_dir: str | Path | None = None,
+        settings: Mapping[str, Setting] | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.major, self.bindir = _server_bindir(major)
+        self._base_dir = Path(base_dir) if base_dir is not None else None
+        self._settings = dict(settings or {})
+        self._start_timeout = start_timeout
+        self._root: Path | None = None
+        self._socket_dir: Path | None = None
+        self._port: int | None = None
+        self._postmaster_pid: int | None = None
+        self._owner_pid = os.getpid()
+
+    # -- public surface -------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """TCP port the server listens on (127.0.0.1)."""
+        if self._port is None:
+            raise RuntimeError("the cluster is not started")
+        return self._port
+
+    @property
+    def root(self) -> Path:
+        """The temp folder holding data, log and socket; deleted by `stop()`."""
+        if self._root is None:
+            raise RuntimeError("the cluster is not started")
+        return self._root
+
+    @property
+    def data_dir(self) -> Path:
+        """The PGDATA folder."""
+        return self.root / "data"
+
+    @property
+    def log_path(self) -> Path:
+        """The server log file."""
+        return self.root / "server.log"
+
+    @property
+    def socket_dir(self) -> Path:
+        """Folder of the unix socket (inside `root` unless that path is too long)."""
+        if self._socket_dir is None:
+            raise RuntimeError("the cluster is not started")
+        return self._socket_dir
+
+    @property
+    def postmaster_pid(self) -> int | None:
+        """Process id of the running postmaster, or None."""
+        return self._postmaster_pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the postmaster is alive."""
+        return self._postmaster_pid is not None and _alive(self._postmaster_pid)
+
+    def url(self, dbname: str = "postgres") -> str:
+        """Connection URL for `dbname` as the superuser over TCP."""
+        return f"postgresql://{self.superuser}@{self.host}:{self.port}/{quote(dbname, safe='')}"
+
+    def start(self) -> EphemeralCluster:
+        """Create the cluster, start it and wait until it accepts connections."""
+        if self._root is not None:
+            raise RuntimeError("the cluster is already started")
+        atexit.register(self._atexit_stop)
+        try:
+            self._create_folders()
+            self._initdb()
+            self._write_config()
+            self._start_server()
+            self._wait_connectable()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Fast shutdown, then delete the folder; safe to call twice or after a failed start."""
+        atexit.unregister(self._atexit_stop)
+        try:
+            if self._root is not None:
+                self._shutdown()
+        finally:
+            for folder in (self._socket_dir, self._root):
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+            self._root = None
+            self._socket_dir = None
+            self._port = None
+            self._postmaster_pid = None
+
+    def __enter__(self) -> EphemeralCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = f"{self.host}:{self._port}" if self._port else "stopped"
+        return f"EphemeralCluster(major={self.major}, {where})"
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _create_folders(self) -> None:
+        base = self._base_dir if self._base_dir is not None else Path(tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        owner = _server_user()
+        if owner is not None:
+            _check_reachable(base, owner)
+        self._root = Path(tempfile.mkdtemp(prefix="pgvault-pg-", dir=base))
+        socket_dir = self._root
+        if len(str(socket_dir / ".s.PGSQL.65535")) > _MAX_SOCKET_PATH:
+            socket_dir = Path(tempfile.mkdtemp(prefix="pgv-", dir="/tmp"))
+        self._socket_dir = socket_dir
+        if owner is not None:
+            for folder in {self._root, socket_dir}:
+                os.chown(folder, owner.pw_uid, owner.pw_gid)
+
+    def _initdb(self) -> None:
+        self._run(
+            [
+                str(self.bindir / "initdb"),
+                "--pgdata",
+                str(self.data_dir),
+                "--auth=trust",
+                f"--username={self.superuser}",
+                "--encoding=UTF8",
+                f"--locale={_pick_locale()}",
+                # Durability of a throwaway cluster is worthless; skipping fsync saves seconds.
+                "--no-sync",
+            ],
+            what="initdb",
+        )
+
+    def _write_config(self) -> None:
+        settings: dict[str, Setting] = {
+            "listen_addresses": self.host,
+            "unix_socket_directories": str(self.socket_dir),
+            # Fixed zones keep timestamptz text identical across clusters built here.
+            "timezone": "UTC",
+            "log_timezone": "UTC",
+            "logging_collector": False,
+        }
+        settings.update(self._settings)
+        lines = [f"{key} = {_conf_value(value)}" for key, value in settings.items()]
+        with open(self.data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
+            conf.write("\n# pgvault ephemeral cluster\n" + "\n".join(lines) + "\n")
+
+    def _start_server(self) -> None:
+        for attempt in range(_PORT_ATTEMPTS):
+            port = _free_port()
+            log_size = self.log_path.stat().st_size if self.log_path.exists() else 0
+            proc = self._run(
+                [
+                    str(self.bindir / "pg_ctl"),
+                    "start",
+                    "--pgdata",
+                    str(self.data_dir),
+                    "--wait",
+                    f"--timeout={int(self._start_timeout)}",
+                    f"--log={self.log_path}",
+                    f"--options=-p {port}",
+                ],
+                what="pg_ctl start",
+                check=False,
+                timeout=self._start_timeout + 30,
+            )
+            self._postmaster_pid = self._read_postmaster_pid()
+            if proc.returncode == 0:
+                self._port = port
+                return
+            new_log = _read_from(self.log_path, log_size)
+            collided = any(marker in new_log for marker in _BIND_FAILURES)
+            if not collided or attempt == _PORT_ATTEMPTS - 1:
+                raise DatabaseError(
+                    f"PostgreSQL {self.major} did not start in {self.root} "
+                    f"(pg_ctl exit {proc.returncode}): {_last_line(proc.stderr)}\n"
+                    f"--- server log tail ---\n{self._log_tail()}"
+                )
+
+    def _wait_connectable(self) -> None:
+        deadline = time.monotonic() + self._start_timeout
+        while True:
+            try:
+                with psycopg.connect(self.url(), connect_timeout=5) as conn:
+                    conn.execute("SELECT 1")
+                return
+            except psycopg.OperationalError as exc:
+                if time.monotonic() > deadline or not self.running:
+                    raise DatabaseError(
+                        f"PostgreSQL {self.major} in {self.root} does not accept "
+                        f"connections on port {self._port}: {exc}\n"
+                        f"--- server log tail ---\n{self._log_tail()}"
+                    ) from exc
+                time.sleep(0.1)
+
+    def _shutdown(self) -> None:
+        pid = self._postmaster_pid or self._read_postmaster_pid()
+        if pid is None or not _alive(pid):
+            return
+        for mode, timeout in (("fast", 60), ("immediate", 20)):
+            with contextlib.suppress(DatabaseError, subprocess.TimeoutExpired):
+                self._run(
+                    [
+                        str(self.bindir / "pg_ctl"),
+                        "stop",
+                        "--pgdata",
+                        str(self.data_dir),
+                        f"--mode={mode}",
+                        "--wait",
+                        f"--timeout={timeout}",
+                    ],
+                    what="pg_ctl stop",
+                    check=False,
+                    timeout=timeout + 10,
+                )
+            if _wait_gone(pid, 5.0):
+                return
+        # Last resort so a stuck server never outlives us; only our own postmaster is signalled.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid, 10.0)
+
+    def _atexit_stop(self) -> None:
+        # A forked child inherits atexit hooks; only the process that started the cluster stops it.
+        if os.getpid() == self._owner_pid:
+            self.stop()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _run(
+        self,
+        argv: list[str],
+        *,
+        what: str,
+        check: bool = True,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
+        if _server_user() is not None:
+            # initdb and postgres refuse to run as root.
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        try:
+            proc = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=self._root,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except OSError as exc:
+            raise DatabaseError(f"could not run {what}: {exc}") from exc
+        if check and proc.returncode != 0:
+            output = (proc.stderr + proc.stdout).strip()
+            raise DatabaseError(f"{what} failed (exit {proc.returncode}): {output[-2000:]}")
+        return proc
+
+    def _read_postmaster_pid(self) -> int | None:
+        if self._root is None:
+            return None
+        try:
+            first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+            return int(first)
+        except (OSError, ValueError):
+            return None
+
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no server log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _server_bindir(major: int | None) -> tuple[int, Path]:
+    """The exact major's server bindir (newest installed if None)."""
+    majors = installed_majors()
+    if major is None and majors:
+        major = majors[-1]
+    if major is not None:
+        bindir = PG_LIB_DIR / str(major) / "bin"
+        if (bindir / "initdb").is_file():
+            return major, bindir
+    on_path = shutil.which("initdb")
+    if on_path is not None:
+        path_major = tool_version(Path(on_path))[0]
+        if major is None or path_major == major:
+            return path_major, Path(on_path).parent
+    wanted = f"PostgreSQL {major}" if major is not None else "PostgreSQL"
+    package = f"postgresql-{major}" if major is not None else "postgresql"
+    raise DatabaseError(f"no {wanted} server binaries (initdb) found; install {package}")
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    """The OS account to run server programs as when we are root, else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        raise DatabaseError(
+            "running as root needs a 'postgres' OS user to run initdb; create it or run as non-root"
+        ) from None
+
+
+def _check_reachable(base: Path, owner: pwd.struct_passwd) -> None:
+    """Fail early if the server account cannot traverse to `base` (e.g. a 0700 root folder)."""
+    for folder in [base.resolve(), *base.resolve().parents]:
+        st = folder.stat()
+        if st.st_uid == owner.pw_uid:
+            ok = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid == owner.pw_gid:
+            ok = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            ok = bool(st.st_mode & stat.S_IXOTH)
+        if not ok:
+            raise DatabaseError(
+                f"the postgres OS user cannot reach {base} ({folder} is not searchable); "
+                "choose a base_dir under /tmp"
+            )
+
+
+def _pick_locale() -> str:
+    """C.UTF-8 when the system has it (UTF-8 ctype, byte-order collation), else C."""
+    try:
+        out = subprocess.run(
+            ["locale", "-a"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "C"
+    names = {line.strip().lower().replace("-", "") for line in out.splitlines()}
+    return "C.UTF-8" if "c.utf8" in names else "C"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _conf_value(value: Setting) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int | float):
+        return str(value)
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (exited, not yet reaped by init) counts as gone."""
+    if Path("/proc/self/stat").exists():
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            return state not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+        except (OSError, IndexError):
+            pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            handle.seek(offset)
+            return handle.read()
+    except OSError:
+        return ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"

@@ -7,6 +7,35 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
+from pgvault.errors import StorageError
+
+TEMP_PREFIX = ".tmp-"
+"""Key segments starting with this are reserved for a backend's in-progress writes."""
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if every backend can store it, else raise StorageError.
+
+    A key is non-empty '/'-separated segments: no leading or trailing '/', no empty,
+    '.' or '..' segment, no NUL, and no segment starting with ``TEMP_PREFIX``.
+    """
+    problem = None
+    if not key:
+        problem = "empty key"
+    elif "\0" in key:
+        problem = "NUL in key"
+    else:
+        for segment in key.split("/"):
+            if segment in ("", ".", ".."):
+                problem = "empty, '.' or '..' segment (or leading/trailing '/')"
+            elif segment.startswith(TEMP_PREFIX):
+                problem = f"segment starting with {TEMP_PREFIX!r} is reserved"
+            if problem:
+                break
+    if problem:
+        raise StorageError(f"invalid storage key {key!r}: {problem}")
+    return key
+
 
 @dataclass(frozen=True)
 class ObjectInfo:

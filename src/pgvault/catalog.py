@@ -1,0 +1,111 @@
+"""The key layout of a repository and the manifests that make backups exist.
+
+Layout (the only module that knows it):
+    backups/<db>/<id>/<artifact><suffix>   data, written first
+    manifests/<db>/<id>.json               commit record, written last, deleted first
+    locks/<db>.lock                        who is writing to <db> now
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from urllib.parse import quote, unquote
+
+from pydantic import ValidationError
+
+from pgvault.errors import IntegrityError, NotFound, UsageError
+from pgvault.model import Manifest
+from pgvault.storage.base import ObjectInfo, Storage
+
+MANIFESTS = "manifests/"
+BACKUPS = "backups/"
+LOCKS = "locks/"
+
+
+def db_segment(database: str) -> str:
+    """A database name as one safe key segment (any name PostgreSQL allows)."""
+    encoded = quote(database, safe="")
+    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+
+
+def manifest_key(database: str, backup_id: str) -> str:
+    return f"{MANIFESTS}{db_segment(database)}/{backup_id}.json"
+
+
+def artifact_key(database: str, backup_id: str, filename: str) -> str:
+    return f"{BACKUPS}{db_segment(database)}/{backup_id}/{filename}"
+
+
+def lock_key(database: str) -> str:
+    return f"{LOCKS}{db_segment(database)}.lock"
+
+
+class Catalog:
+    """Lists, reads, commits and deletes manifests in one storage."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def commit(self, manifest: Manifest) -> None:
+        """Write the manifest: from now on the backup exists."""
+        self.storage.put_bytes(
+            manifest_key(manifest.database, manifest.id),
+            manifest.model_dump_json(indent=2).encode(),
+        )
+
+    def _manifest_keys(self, database: str | None) -> Iterator[ObjectInfo]:
+        prefix = MANIFESTS + (db_segment(database) + "/" if database is not None else "")
+        for info in self.storage.list(prefix):
+            if info.key.endswith(".json"):
+                yield info
+
+    def read(self, key: str) -> Manifest:
+        """Parse one manifest; a damaged one is an IntegrityError naming the key."""
+        data = self.storage.read_bytes(key)
+        try:
+            return Manifest.model_validate(json.loads(data))
+        except (ValueError, ValidationError) as exc:
+            raise IntegrityError(f"manifest {key} is damaged: {exc}") from None
+
+    def list(self, database: str | None = None) -> list[Manifest]:
+        """Every committed backup, oldest first."""
+        manifests = [self.read(info.key) for info in self._manifest_keys(database)]
+        return sorted(manifests, key=lambda m: (m.started_at, m.id))
+
+    def databases(self) -> list[str]:
+        """Names of the databases that have at least one manifest."""
+        names = {unquote(info.key[len(MANIFESTS) :].split("/", 1)[0]) for info in
+                 self._manifest_keys(None)}
+        return sorted(names)
+
+    def get(self, ref: str, database: str | None = None) -> Manifest:
+        """A backup by id, unique id prefix, or 'latest' (of ``database`` if given)."""
+        manifests = self.list(database)
+        if not manifests:
+            where = f" of database {database!r}" if database else ""
+            raise NotFound(f"no backups{where} in {self.storage.url}")
+        if ref == "latest":
+            if database is None and len({m.database for m in manifests}) > 1:
+                names = ", ".join(sorted({m.database for m in manifests}))
+                raise UsageError(
+                    f"'latest' is ambiguous: the repository holds {names}; name one with --dbname"
+                )
+            return manifests[-1]
+        matches = [m for m in manifests if m.id == ref] or [
+            m for m in manifests if m.id.startswith(ref)
+        ]
+        if not matches:
+            raise NotFound(f"no backup {ref!r} in {self.storage.url}")
+        if len(matches) > 1:
+            raise UsageError(f"backup id {ref!r} is ambiguous: {len(matches)} backups match")
+        return matches[0]
+
+    def update(self, manifest: Manifest) -> None:
+        """Rewrite an existing manifest (pin, unpin)."""
+        self.commit(manifest)
+
+    def delete(self, manifest: Manifest) -> None:
+        """Remove a backup: manifest first, so a half-deleted backup is never listed."""
+        self.storage.delete([manifest_key(manifest.database, manifest.id)])
+        self.storage.delete([a.key for a in manifest.artifacts])

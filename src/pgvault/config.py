@@ -1,0 +1,207 @@
+"""The one place that reads the environment and config files.
+
+Precedence, highest first: command-line flag > environment > TOML file > default.
+Everything else in pgvault receives the plain values this module resolves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from pgvault.errors import ConfigError
+from pgvault.pg.conninfo import ConnInfo
+
+# Variables whose value may instead be read from the file named by VAR_FILE.
+SECRET_VARIABLES = (
+    "DATABASE_URL",
+    "DIRECT_URL",
+    "PGPASSWORD",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+
+
+def default_repo() -> str:
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return "file://" + os.path.join(data_home, "pgvault", "repo")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class S3Settings(Section):
+    """How to reach an S3-compatible store; credentials come from the AWS_* chain."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    path_style: bool = False
+    sse: Literal["AES256", "aws:kms", "none"] = "AES256"
+    kms_key_id: str | None = None
+    verify_tls: bool = True
+    part_size_mb: int = Field(default=8, ge=5, le=5120)
+    max_concurrency: int = Field(default=4, ge=1, le=64)
+
+
+class CompressionSettings(Section):
+    """How artifacts are compressed before they are stored."""
+
+    algorithm: Literal["zstd", "gzip", "none"] = "zstd"
+    level: int | None = Field(default=None, ge=-7, le=22)
+    threads: int = Field(default=2, ge=0, le=64)
+
+
+class RetentionSettings(Section):
+    """Grandfather-father-son retention; counts are numbers or "unlimited"."""
+
+    keep_last: int | str = 0
+    keep_daily: int | str = 7
+    keep_weekly: int | str = 4
+    keep_monthly: int | str = 3
+    keep_yearly: int | str = 0
+    keep_within: str | None = None
+    timezone: str = "UTC"
+
+
+class Settings(BaseSettings):
+    """Every setting pgvault knows; unknown keys are an error that names the key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PGVAULT_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    repo: str = Field(default_factory=default_repo)
+    database: str | None = None
+    backup_globals: bool = True
+    lock_stale_after_hours: float = Field(default=12.0, gt=0)
+    prune_after_backup: bool = False
+    s3: S3Settings = Field(default_factory=S3Settings)
+    compression: CompressionSettings = Field(default_factory=CompressionSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_scheme(cls, value: str) -> str:
+        if "://" in value and not value.startswith(("file://", "s3://", "memory://")):
+            raise ValueError("use file:///path or s3://bucket/prefix")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _CONFIG_FILE is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_CONFIG_FILE))
+        return tuple(sources)
+
+
+_CONFIG_FILE: Path | None = None
+
+
+def load(config_file: str | None = None, **flags: Any) -> Settings:
+    """Settings from flags (non-None values), environment and the TOML file."""
+    global _CONFIG_FILE
+    path = config_file or os.environ.get("PGVAULT_CONFIG")
+    _CONFIG_FILE = None
+    if path:
+        _CONFIG_FILE = Path(path).expanduser()
+        if not _CONFIG_FILE.is_file():
+            raise ConfigError(f"config file {_CONFIG_FILE} does not exist")
+        _check_toml(_CONFIG_FILE)
+    overrides = {key: value for key, value in flags.items() if value is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    finally:
+        _CONFIG_FILE = None
+
+
+def _check_toml(path: Path) -> None:
+    import tomllib
+
+    try:
+        with path.open("rb") as handle:
+            tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per problem, naming the key as the user wrote it (never its value)."""
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            lines.append(f"unknown setting {key!r}")
+        else:
+            lines.append(f"setting {key!r}: {error['msg']}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def secret_env(name: str) -> str | None:
+    """A secret from the environment: VAR itself, or the content of the file VAR_FILE."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    file_name = os.environ.get(name + "_FILE")
+    if not file_name:
+        return None
+    try:
+        return Path(file_name).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}_FILE ({file_name}): {exc.strerror}") from None
+
+
+def export_file_secrets() -> None:
+    """Turn AWS_*_FILE variables into the variables boto3's credential chain reads."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if not os.environ.get(name):
+            value = secret_env(name)
+            if value:
+                os.environ[name] = value
+
+
+def connection(settings: Settings, dbname: str | None = None) -> ConnInfo:
+    """The database to back up: --dbname > PGVAULT_DATABASE > DIRECT_URL > DATABASE_URL > file.
+
+    With none of them, libpq's PG* variables and defaults decide, as for psql.
+    """
+    spec = dbname or os.environ.get("PGVAULT_DATABASE")
+    if not spec:
+        spec = secret_env("DIRECT_URL") or secret_env("DATABASE_URL") or settings.database
+    return ConnInfo.parse(spec, password=secret_env("PGPASSWORD"))
+
+
+def s3_options(settings: Settings) -> Any:
+    """S3Options for the storage layer, built from the [s3] section."""
+    from pgvault.storage.s3 import S3Options
+
+    s3 = settings.s3
+    return S3Options(
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        path_style=s3.path_style,
+        sse=None if s3.sse == "none" else s3.sse,
+        kms_key_id=s3.kms_key_id,
+        verify_tls=s3.verify_tls,
+        part_size=s3.part_size_mb << 20,
+        max_concurrency=s3.max_concurrency,
+    )

@@ -1,0 +1,246 @@
+"""The logical engine: pg_dump / pg_dumpall out, pg_restore in, facts from one snapshot."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from pgvault.errors import BackupFailed, DatabaseError, RestoreFailed
+from pgvault.model import Facts, TableFacts
+from pgvault.pg.binaries import tool, tool_version
+from pgvault.pg.conninfo import ConnInfo
+from pgvault.pg.process import ChildOutput, StderrTail, describe_exit
+from pgvault.pipeline.stream import CHUNK, Readable
+
+DUMP_FORMAT = "pg_dump-custom"
+GLOBALS_FORMAT = "sql"
+
+TABLES_SQL = """
+SELECT n.nspname, c.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'm')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp%%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+  AND (%(schema)s::text IS NULL OR n.nspname = %(schema)s::text)
+ORDER BY 1, 2
+"""
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What preflight learned about the server and the database."""
+
+    database: str
+    version: str
+    version_num: int
+    is_superuser: bool
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000
+
+
+@dataclass
+class Snapshot:
+    """An open transaction whose snapshot pg_dump imports; facts are read inside it."""
+
+    connection: Any
+    snapshot_id: str | None
+
+
+class LogicalEngine:
+    """Produces and consumes the artifacts of a logical backup of one database."""
+
+    def __init__(self, conn: ConnInfo) -> None:
+        self.conn = conn
+        self._server: ServerInfo | None = None
+
+    @property
+    def server(self) -> ServerInfo:
+        if self._server is None:
+            self._server = self.preflight()
+        return self._server
+
+    def preflight(self) -> ServerInfo:
+        """Connect, learn the server version and make sure a suitable pg_dump exists."""
+        with self.conn.connect() as connection:
+            row = connection.execute(
+                "SELECT current_database(), current_setting('server_version'),"
+                " current_setting('server_version_num')::int,"
+                " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+            ).fetchone()
+        info = ServerInfo(
+            database=row[0], version=row[1], version_num=row[2], is_superuser=bool(row[3])
+        )
+        self._server = info
+        tool("pg_dump", info.major)
+        return info
+
+    def tool_versions(self) -> dict[str, str]:
+        major = self.server.major
+        return {
+            name: ".".join(map(str, tool_version(tool(name, major))))
+            for name in ("pg_dump", "pg_restore")
+        }
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """Open a repeatable-read transaction and export its snapshot for pg_dump."""
+        import psycopg
+
+        connection = self.conn.connect(autocommit=True)
+        try:
+            connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            snapshot_id: str | None
+            try:
+                snapshot_id = connection.execute("SELECT pg_export_snapshot()").fetchone()[0]
+            except psycopg.Error:
+                # Some poolers and old standbys cannot export; pg_dump then takes its own.
+                connection.execute("ROLLBACK")
+                connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                snapshot_id = None
+            yield Snapshot(connection=connection, snapshot_id=snapshot_id)
+        finally:
+            with contextlib.suppress(Exception):
+                connection.execute("ROLLBACK")
+            connection.close()
+
+    def facts(self, snapshot: Snapshot) -> Facts:
+        """Exact row counts and server facts, read in the dump's snapshot."""
+        from psycopg import sql
+
+        cur = snapshot.connection.cursor()
+        version, version_num, size, encoding = cur.execute(
+            "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
+            " pg_database_size(current_database()),"
+            " pg_encoding_to_char(encoding) FROM pg_database"
+            " WHERE datname = current_database()"
+        ).fetchone()
+        extensions = dict(cur.execute("SELECT extname, extversion FROM pg_extension").fetchall())
+        tables = []
+        for schema, name in cur.execute(TABLES_SQL, {"schema": self.conn.schema}).fetchall():
+            query = sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(
+                sql.Identifier(schema), sql.Identifier(name)
+            )
+            rows = cur.execute(query).fetchone()[0]
+            tables.append(TableFacts(schema_name=schema, name=name, rows=rows))
+        return Facts(
+            server_version=version,
+            server_version_num=version_num,
+            database_size=size,
+            encoding=encoding,
+            extensions=extensions,
+            tables=tables,
+            snapshot=snapshot.snapshot_id,
+        )
+
+    def dump(self, snapshot_id: str | None) -> ChildOutput:
+        """pg_dump's custom-format archive as a stream (uncompressed: the pipeline compresses)."""
+        argv: list[Any] = [tool("pg_dump", self.server.major), "--format=custom",
+                           "--compress=0", "--no-password"]
+        if snapshot_id:
+            argv.append(f"--snapshot={snapshot_id}")
+        if self.conn.schema:
+            argv.append(f"--schema={self.conn.schema}")
+        argv.append(f"--dbname={self.conn.dsn()}")
+        return self._child(argv, BackupFailed)
+
+    def dump_globals(self) -> ChildOutput:
+        """Roles and tablespaces; without passwords when we may not read pg_authid."""
+        argv: list[Any] = [tool("pg_dumpall", self.server.major), "--globals-only",
+                           "--no-password"]
+        if not self.server.is_superuser:
+            argv.append("--no-role-passwords")
+        argv.append(f"--dbname={self.conn.dsn()}")
+        return self._child(argv, BackupFailed)
+
+    def _child(self, argv: list[Any], error: type[BackupFailed]) -> ChildOutput:
+        stack = ExitStack()
+        env = stack.enter_context(self.conn.child_env())
+        try:
+            return ChildOutput(argv, env=env, error=error, on_exit=stack.close)
+        except OSError as exc:
+            stack.close()
+            raise DatabaseError(f"cannot start {argv[0]}: {exc.strerror}") from None
+
+    def restore(
+        self,
+        source: Readable,
+        target: ConnInfo,
+        *,
+        jobs: int = 1,
+        schemas: tuple[str, ...] = (),
+        tables: tuple[str, ...] = (),
+        no_owner: bool = False,
+    ) -> None:
+        """Feed a custom-format archive to pg_restore; reads ``source`` to its end."""
+        argv: list[Any] = [tool("pg_restore", self.server.major), "--exit-on-error",
+                           "--no-password", f"--dbname={target.dsn()}"]
+        argv += [f"--schema={s}" for s in schemas] + [f"--table={t}" for t in tables]
+        if no_owner:
+            argv += ["--no-owner", "--no-acl"]
+        with target.child_env() as env:
+            if jobs > 1:
+                self._restore_spooled(source, argv + [f"--jobs={jobs}"], env)
+            else:
+                self._restore_streamed(source, argv, env)
+
+    def _restore_streamed(self, source: Readable, argv: list[Any], env: dict[str, str]) -> None:
+        proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        assert proc.stdin is not None and proc.stderr is not None
+        tail = StderrTail(proc.stderr)
+        try:
+            broken = False
+            while data := source.read(CHUNK):
+                if broken:
+                    continue  # keep reading so the digest is still checked at the end
+                try:
+                    proc.stdin.write(data)
+                except BrokenPipeError:
+                    broken = True
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        returncode = proc.wait()
+        tail.join()
+        if returncode != 0:
+            raise RestoreFailed(describe_exit("pg_restore", returncode, tail))
+
+    def _restore_spooled(self, source: Readable, argv: list[Any], env: dict[str, str]) -> None:
+        # pg_restore --jobs needs a seekable archive: spool it, privately, then remove it.
+        folder = tempfile.mkdtemp(prefix="pgvault-restore-")
+        try:
+            path = os.path.join(folder, "db.dump")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as spool:
+                while data := source.read(CHUNK):
+                    spool.write(data)
+            proc = subprocess.Popen([str(a) for a in [*argv, path]], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+            assert proc.stderr is not None
+            tail = StderrTail(proc.stderr)
+            try:
+                returncode = proc.wait()
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            tail.join()
+            if returncode != 0:
+                raise RestoreFailed(describe_exit("pg_restore", returncode, tail))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+

@@ -1,0 +1,83 @@
+"""A per-database lock object in the repository, so two writers never collide."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+from pgvault.catalog import lock_key
+from pgvault.errors import AlreadyExists, LockHeld, NotFound
+from pgvault.storage.base import Storage
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(holder: dict[str, object], stale_after: timedelta, now: datetime) -> bool:
+    """Dead process on this host, or older than ``stale_after`` anywhere."""
+    if holder.get("host") == socket.gethostname():
+        pid = holder.get("pid")
+        if isinstance(pid, int) and not _pid_alive(pid):
+            return True
+    try:
+        since = datetime.fromisoformat(str(holder.get("since")))
+    except ValueError:
+        return True
+    return now - since > stale_after
+
+
+@contextlib.contextmanager
+def hold(
+    storage: Storage, database: str, operation: str, *, stale_after: timedelta
+) -> Iterator[None]:
+    """Hold the lock of ``database`` for the block; LockHeld names the holder."""
+    key = lock_key(database)
+    token = secrets.token_hex(8)
+    now = datetime.now(UTC)
+    body = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "operation": operation,
+        "since": now.isoformat(),
+        "token": token,
+    }
+    data = json.dumps(body).encode()
+    for attempt in range(2):
+        try:
+            storage.create(key, data)
+            break
+        except AlreadyExists:
+            try:
+                holder = json.loads(storage.read_bytes(key))
+            except NotFound:
+                continue
+            except ValueError:
+                holder = {}
+            if attempt == 0 and _is_stale(holder, stale_after, now):
+                storage.delete([key])
+                continue
+            raise LockHeld(
+                f"database {database!r} is locked by {holder.get('operation', '?')} "
+                f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                f"since {holder.get('since', '?')}); if that process is gone, "
+                f"remove {storage.url}/{key}"
+            ) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            current = json.loads(storage.read_bytes(key))
+            if current.get("token") == token:
+                storage.delete([key])

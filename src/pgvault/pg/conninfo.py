@@ -1,0 +1,145 @@
+"""Connection settings: parse names, URLs (Prisma-style too), keep the password out of argv."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pgvault.errors import ConfigError
+
+# Parameters Prisma and ORMs put in DATABASE_URL that libpq rejects.
+ORM_PARAMS = {
+    "schema",
+    "pgbouncer",
+    "connection_limit",
+    "pool_timeout",
+    "socket_timeout",
+    "statement_cache_size",
+    "sslaccept",
+    "sslidentity",
+    "connect_timeout_ms",
+}
+
+
+def _libpq_keywords() -> set[str]:
+    from psycopg import pq
+
+    return {opt.keyword.decode() for opt in pq.Conninfo.get_defaults()}
+
+
+@dataclass(frozen=True)
+class ConnInfo:
+    """libpq parameters with the password held apart, so it can be handed over safely."""
+
+    params: Mapping[str, str] = field(default_factory=dict)
+    password: str | None = field(default=None, repr=False)
+    schema: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str | None, password: str | None = None) -> ConnInfo:
+        """Parse a database name, a postgres:// URL or a key=value string."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        schema = None
+        text = (spec or "").strip()
+        if text.startswith(("postgres://", "postgresql://")):
+            parts = urlsplit(text)
+            query = parse_qsl(parts.query, keep_blank_values=True)
+            known = _libpq_keywords()
+            kept = []
+            for key, value in query:
+                if key == "schema":
+                    schema = value
+                if key in known:
+                    kept.append((key, value))
+            text = urlunsplit(parts._replace(query=urlencode(kept)))
+        elif text and "=" not in text:
+            text = f"dbname='{_quote(text)}'"
+        try:
+            raw = conninfo_to_dict(text)
+        except Exception as exc:
+            raise ConfigError(f"cannot parse the database connection: {_scrub(exc)}") from None
+        params = {k: str(v) for k, v in raw.items() if v is not None and k not in ORM_PARAMS}
+        secret = params.pop("password", None) or password
+        return cls(params=params, password=secret, schema=schema)
+
+    @property
+    def dbname(self) -> str | None:
+        return self.params.get("dbname")
+
+    def with_dbname(self, dbname: str) -> ConnInfo:
+        """The same server and credentials, another database."""
+        return replace(self, params={**self.params, "dbname": dbname})
+
+    def dsn(self) -> str:
+        """A key=value string without the password, safe for argv and logs."""
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo("", **self.params)
+
+    def redacted(self) -> str:
+        """A short human description: user@host:port/db."""
+        p = self.params
+        host = p.get("host") or os.environ.get("PGHOST") or "localhost"
+        port = p.get("port") or os.environ.get("PGPORT") or "5432"
+        user = p.get("user") or os.environ.get("PGUSER") or ""
+        db = p.get("dbname") or os.environ.get("PGDATABASE") or user
+        return f"{user + '@' if user else ''}{host}:{port}/{db}"
+
+    def connect(self, **kwargs: Any) -> Any:
+        """A psycopg connection; failures become one-line DatabaseErrors."""
+        import psycopg
+
+        from pgvault.errors import DatabaseError
+
+        params: dict[str, Any] = {**self.params, **kwargs}
+        if self.password is not None:
+            params["password"] = self.password
+        params.setdefault("connect_timeout", 15)
+        try:
+            return psycopg.connect(**params)
+        except psycopg.Error as exc:
+            raise DatabaseError(
+                f"cannot connect to {self.redacted()}: {_scrub(exc)}"
+            ) from None
+
+    @contextlib.contextmanager
+    def child_env(self) -> Iterator[dict[str, str]]:
+        """Environment for pg_dump & co: the password in a private 0600 PGPASSFILE, never argv."""
+        env = dict(os.environ)
+        env.pop("PGPASSWORD", None)
+        if self.password is None:
+            yield env
+            return
+        folder = tempfile.mkdtemp(prefix="pgvault-pass-")
+        path = os.path.join(folder, "pgpass")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"*:*:*:*:{_escape_pgpass(self.password)}\n")
+            env["PGPASSFILE"] = path
+            yield env
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _escape_pgpass(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def _scrub(exc: BaseException) -> str:
+    """The first line of a libpq error, which never echoes the password."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

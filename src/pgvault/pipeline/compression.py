@@ -1,0 +1,127 @@
+"""Compression stages: zstd (default, multi-threaded) and gzip (for .sql.gz habits)."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from pgvault.errors import IntegrityError
+from pgvault.pipeline.stream import CHUNK, Readable, Reader
+
+# Decoders feed the decompressor small inputs so one call's output stays bounded in memory.
+DECODE_INPUT = 64 << 10
+
+
+class ZstdEncoder(Reader):
+    """Reads raw bytes and yields one zstd frame."""
+
+    def __init__(self, source: Readable, *, level: int, threads: int) -> None:
+        super().__init__()
+        import zstandard
+
+        compressor = zstandard.ZstdCompressor(level=level, threads=threads)
+        self._reader: Any = compressor.stream_reader(source, read_size=CHUNK)
+
+    def read_chunk(self, size: int) -> bytes:
+        data: bytes = self._reader.read(size)
+        return data
+
+
+class _Decoder(Reader):
+    """Feeds compressed input to a decompressor; at EOF insists the stream was complete."""
+
+    codec = ""
+
+    def __init__(self, source: Readable) -> None:
+        super().__init__()
+        self._source = source
+        self._pending = b""
+        self._done = False
+
+    def _decompress(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _complete(self) -> bool:
+        raise NotImplementedError
+
+    def read_chunk(self, size: int) -> bytes:
+        while not self._pending and not self._done:
+            data = self._source.read(DECODE_INPUT)
+            if not data:
+                self._done = True
+                if not self._complete():
+                    raise IntegrityError(f"{self.codec} stream is truncated (no end of frame)")
+                break
+            self._pending = self._decompress(data)
+        out, self._pending = self._pending[:size], self._pending[size:]
+        return out
+
+
+class ZstdDecoder(_Decoder):
+    """Decodes one zstd frame; trailing garbage or a missing end of frame is an error."""
+
+    codec = "zstd"
+
+    def __init__(self, source: Readable) -> None:
+        super().__init__(source)
+        import zstandard
+
+        self._obj: Any = zstandard.ZstdDecompressor().decompressobj()
+        self._error: type[Exception] = zstandard.ZstdError
+
+    def _decompress(self, data: bytes) -> bytes:
+        if self._obj.eof:
+            raise IntegrityError("zstd stream has data after its end")
+        try:
+            out: bytes = self._obj.decompress(data)
+        except self._error as exc:
+            raise IntegrityError(f"zstd stream is corrupt: {exc}") from None
+        if self._obj.eof and self._obj.unused_data:
+            raise IntegrityError("zstd stream has data after its end")
+        return out
+
+    def _complete(self) -> bool:
+        return bool(self._obj.eof)
+
+
+class GzipEncoder(Reader):
+    """Reads raw bytes and yields a gzip member (what `gzip` and `gunzip` speak)."""
+
+    def __init__(self, source: Readable, *, level: int) -> None:
+        super().__init__()
+        self._source = source
+        self._obj = zlib.compressobj(level, zlib.DEFLATED, 31)
+        self._pending = b""
+        self._done = False
+
+    def read_chunk(self, size: int) -> bytes:
+        while not self._pending and not self._done:
+            data = self._source.read(CHUNK)
+            if data:
+                self._pending = self._obj.compress(data)
+            else:
+                self._pending = self._obj.flush()
+                self._done = True
+        out, self._pending = self._pending[:size], self._pending[size:]
+        return out
+
+
+class GzipDecoder(_Decoder):
+    """Decodes one gzip member and checks its CRC and length trailer."""
+
+    codec = "gzip"
+
+    def __init__(self, source: Readable) -> None:
+        super().__init__(source)
+        self._obj = zlib.decompressobj(31)
+
+    def _decompress(self, data: bytes) -> bytes:
+        if self._obj.eof:
+            raise IntegrityError("gzip stream has data after its end")
+        try:
+            return self._obj.decompress(data)
+        except zlib.error as exc:
+            raise IntegrityError(f"gzip stream is corrupt: {exc}") from None
+
+    def _complete(self) -> bool:
+        return self._obj.eof

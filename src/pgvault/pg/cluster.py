@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import quote
 
 import psycopg
@@ -51,7 +52,7 @@ class EphemeralCluster:
         self._root: Path | None = None
         self._socket_dir: Path | None = None
         self._port: int | None = None
-        self._postmaster_pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._owner_pid = os.getpid()
 
     # -- public surface -------------------------------------------------------------------
@@ -90,12 +91,12 @@ class EphemeralCluster:
     @property
     def postmaster_pid(self) -> int | None:
         """Process id of the running postmaster, or None."""
-        return self._postmaster_pid
+        return self._proc.pid if self.running and self._proc is not None else None
 
     @property
     def running(self) -> bool:
         """Whether the postmaster is alive."""
-        return self._postmaster_pid is not None and _alive(self._postmaster_pid)
+        return self._proc is not None and self._proc.poll() is None
 
     def url(self, dbname: str = "postgres") -> str:
         """Connection URL for `dbname` as the superuser over TCP."""
@@ -111,7 +112,6 @@ class EphemeralCluster:
             self._initdb()
             self._write_config()
             self._start_server()
-            self._wait_connectable()
         except BaseException:
             self.stop()
             raise
@@ -121,8 +121,7 @@ class EphemeralCluster:
         """Fast shutdown, then delete the folder; safe to call twice or after a failed start."""
         atexit.unregister(self._atexit_stop)
         try:
-            if self._root is not None:
-                self._shutdown()
+            self._shutdown()
         finally:
             for folder in (self._socket_dir, self._root):
                 if folder is not None:
@@ -130,7 +129,7 @@ class EphemeralCluster:
             self._root = None
             self._socket_dir = None
             self._port = None
-            self._postmaster_pid = None
+            self._proc = None
 
     def __enter__(self) -> EphemeralCluster:
         return self.start()
@@ -197,77 +196,70 @@ class EphemeralCluster:
     def _start_server(self) -> None:
         for attempt in range(_PORT_ATTEMPTS):
             port = _free_port()
-            log_size = self.log_path.stat().st_size if self.log_path.exists() else 0
-            proc = self._run(
-                [
-                    str(self.bindir / "pg_ctl"),
-                    "start",
-                    "--pgdata",
-                    str(self.data_dir),
-                    "--wait",
-                    f"--timeout={int(self._start_timeout)}",
-                    f"--log={self.log_path}",
-                    f"--options=-p {port}",
-                ],
-                what="pg_ctl start",
-                check=False,
-                timeout=self._start_timeout + 30,
-            )
-            self._postmaster_pid = self._read_postmaster_pid()
-            if proc.returncode == 0:
-                self._port = port
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            argv = [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(port)]
+            with open(self.log_path, "ab") as log:
+                # The postmaster is our direct child, so we know its pid and reap it on stop;
+                # a new session keeps a terminal's Ctrl-C from killing it before we clean up.
+                self._proc = self._popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self._port = port
+            error = self._wait_ready()
+            if error is None:
                 return
-            new_log = _read_from(self.log_path, log_size)
-            collided = any(marker in new_log for marker in _BIND_FAILURES)
+            self._shutdown()
+            self._port = None
+            collided = any(m in _read_from(self.log_path, log_offset) for m in _BIND_FAILURES)
             if not collided or attempt == _PORT_ATTEMPTS - 1:
                 raise DatabaseError(
-                    f"PostgreSQL {self.major} did not start in {self.root} "
-                    f"(pg_ctl exit {proc.returncode}): {_last_line(proc.stderr)}\n"
+                    f"PostgreSQL {self.major} did not start in {self.root}: {error}\n"
                     f"--- server log tail ---\n{self._log_tail()}"
                 )
 
-    def _wait_connectable(self) -> None:
+    def _wait_ready(self) -> str | None:
+        """None once a connection works, else why the server is not coming up."""
+        assert self._proc is not None
         deadline = time.monotonic() + self._start_timeout
         while True:
-            try:
-                with psycopg.connect(self.url(), connect_timeout=5) as conn:
-                    conn.execute("SELECT 1")
-                return
-            except psycopg.OperationalError as exc:
-                if time.monotonic() > deadline or not self.running:
-                    raise DatabaseError(
-                        f"PostgreSQL {self.major} in {self.root} does not accept "
-                        f"connections on port {self._port}: {exc}\n"
-                        f"--- server log tail ---\n{self._log_tail()}"
-                    ) from exc
-                time.sleep(0.1)
+            exit_code = self._proc.poll()
+            if exit_code is not None:
+                return f"postgres exited with status {exit_code}"
+            # Like pg_ctl, trust postmaster.pid's status line before connecting: a probe of a
+            # port someone else holds could hang for the whole connect timeout.
+            if self._pid_file_status() == "ready":
+                try:
+                    with psycopg.connect(self.url(), connect_timeout=10) as conn:
+                        conn.execute("SELECT 1")
+                    return None
+                except psycopg.OperationalError as exc:
+                    if time.monotonic() > deadline:
+                        return f"no connection after {self._start_timeout:.0f}s: {exc}"
+            elif time.monotonic() > deadline:
+                return f"not ready after {self._start_timeout:.0f}s"
+            time.sleep(0.05)
+
+    def _pid_file_status(self) -> str:
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return ""
+        # Line 8 holds the postmaster status (PostgreSQL 10+): starting, ready, stopping...
+        return lines[7].strip() if len(lines) >= 8 else ""
 
     def _shutdown(self) -> None:
-        pid = self._postmaster_pid or self._read_postmaster_pid()
-        if pid is None or not _alive(pid):
+        proc = self._proc
+        if proc is None:
             return
-        for mode, timeout in (("fast", 60), ("immediate", 20)):
-            with contextlib.suppress(DatabaseError, subprocess.TimeoutExpired):
-                self._run(
-                    [
-                        str(self.bindir / "pg_ctl"),
-                        "stop",
-                        "--pgdata",
-                        str(self.data_dir),
-                        f"--mode={mode}",
-                        "--wait",
-                        f"--timeout={timeout}",
-                    ],
-                    what="pg_ctl stop",
-                    check=False,
-                    timeout=timeout + 10,
-                )
-            if _wait_gone(pid, 5.0):
-                return
-        # Last resort so a stuck server never outlives us; only our own postmaster is signalled.
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid, 10.0)
+        # SIGINT is PostgreSQL's fast shutdown, SIGQUIT its immediate one.
+        for sig, timeout in ((signal.SIGINT, 60.0), (signal.SIGQUIT, 20.0), (signal.SIGKILL, 20.0)):
+            if proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+        if proc.poll() is None:
+            raise DatabaseError(f"PostgreSQL in {self._root} (pid {proc.pid}) would not stop")
+        self._proc = None
 
     def _atexit_stop(self) -> None:
         # A forked child inherits atexit hooks; only the process that started the cluster stops it.
@@ -276,44 +268,39 @@ class EphemeralCluster:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _run(
-        self,
-        argv: list[str],
-        *,
-        what: str,
-        check: bool = True,
-        timeout: float = 300,
-    ) -> subprocess.CompletedProcess[str]:
-        if _server_user() is not None:
-            # initdb and postgres refuse to run as root.
-            argv = ["runuser", "-u", "postgres", "--", *argv]
+    def _popen(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        owner = _server_user()
+        # initdb and postgres refuse to run as root; drop to the postgres account in the child.
+        as_owner: dict[str, Any] = (
+            {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []} if owner else {}
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        if owner is not None:
+            env["HOME"] = owner.pw_dir
         try:
-            proc = subprocess.run(
+            return subprocess.Popen(
                 argv,
-                capture_output=True,
-                text=True,
                 env=env,
                 cwd=self._root,
-                timeout=timeout,
                 stdin=subprocess.DEVNULL,
-                check=False,
+                start_new_session=True,
+                **as_owner,
+                **kwargs,
             )
         except OSError as exc:
-            raise DatabaseError(f"could not run {what}: {exc}") from exc
-        if check and proc.returncode != 0:
-            output = (proc.stderr + proc.stdout).strip()
-            raise DatabaseError(f"{what} failed (exit {proc.returncode}): {output[-2000:]}")
-        return proc
+            raise DatabaseError(f"could not run {argv[0]}: {exc}") from exc
 
-    def _read_postmaster_pid(self) -> int | None:
-        if self._root is None:
-            return None
+    def _run(self, argv: list[str], *, what: str, timeout: float = 300) -> None:
+        proc = self._popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
-            return int(first)
-        except (OSError, ValueError):
-            return None
+            output, _ = proc.communicate(timeout=timeout)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            text = output.decode(errors="replace").strip()
+            raise DatabaseError(f"{what} failed (exit {proc.returncode}): {text[-2000:]}")
 
     def _log_tail(self, lines: int = 30) -> str:
         try:
@@ -398,34 +385,6 @@ def _conf_value(value: Setting) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs; a zombie (exited, not yet reaped by init) counts as gone."""
-    if Path("/proc/self/stat").exists():
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            return state not in ("Z", "X")
-        except FileNotFoundError:
-            return False
-        except (OSError, IndexError):
-            pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def _read_from(path: Path, offset: int) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -433,8 +392,3 @@ def _read_from(path: Path, offset: int) -> str:
             return handle.read()
     except OSError:
         return ""
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"

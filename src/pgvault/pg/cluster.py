@@ -294,9 +294,11 @@ class EphemeralCluster:
         proc = self._popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             output, _ = proc.communicate(timeout=timeout)
-        except BaseException:
+        except BaseException as exc:
             proc.kill()
             proc.wait()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise DatabaseError(f"{what} did not finish within {timeout:.0f}s") from None
             raise
         if proc.returncode != 0:
             text = output.decode(errors="replace").strip()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,12 +18,29 @@ def new_backup_id(now: datetime) -> str:
     return f"{stamp}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
 
 
+_ID_TIME = re.compile(r"([0-9]{8}T[0-9]{6})\.([0-9]{3})Z-")
+
+
+def backup_id_time(backup_id: str) -> datetime | None:
+    """The UTC instant ``new_backup_id`` encoded in ``backup_id``; None if it has none."""
+    match = _ID_TIME.match(backup_id)
+    if match is None:
+        return None
+    try:
+        stamp = datetime.strptime(match[1], "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return stamp + timedelta(milliseconds=int(match[2]))
+
+
 class StageSpec(BaseModel):
     """One encoding applied to an artifact, recorded so restore never depends on config."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     name: str
+    level: int | None = None
+    threads: int | None = None
 
 
 class Artifact(BaseModel):

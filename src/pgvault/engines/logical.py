@@ -25,7 +25,7 @@ GLOBALS_FORMAT = "sql"
 TABLES_SQL = """
 SELECT n.nspname, c.relname
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'm')
+WHERE (c.relkind = 'r' OR (c.relkind = 'm' AND c.relispopulated))
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp%%'
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
@@ -116,6 +116,7 @@ class LogicalEngine:
 
     def facts(self, snapshot: Snapshot) -> Facts:
         """Exact row counts and server facts, read in the dump's snapshot."""
+        import psycopg
         from psycopg import sql
 
         cur = snapshot.connection.cursor()
@@ -131,7 +132,14 @@ class LogicalEngine:
             query = sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(
                 sql.Identifier(schema), sql.Identifier(name)
             )
-            rows = cur.execute(query).fetchone()[0]
+            # A failed count must not abort the transaction whose snapshot pg_dump imports.
+            cur.execute("SAVEPOINT pgvault_count")
+            try:
+                rows = cur.execute(query).fetchone()[0]
+            except psycopg.Error:
+                cur.execute("ROLLBACK TO SAVEPOINT pgvault_count")
+                continue
+            cur.execute("RELEASE SAVEPOINT pgvault_count")
             tables.append(TableFacts(schema_name=schema, name=name, rows=rows))
         return Facts(
             server_version=version,
@@ -190,7 +198,7 @@ class LogicalEngine:
             argv += ["--no-owner", "--no-acl"]
         with target.child_env() as env:
             if jobs > 1:
-                self._restore_spooled(source, argv + [f"--jobs={jobs}"], env)
+                self._restore_spooled(source, [*argv, f"--jobs={jobs}"], env)
             else:
                 self._restore_streamed(source, argv, env)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from string import Template
 from collections.abc import Callable
 from pathlib import Path
+from string import Template
 
 from pgvault import pipeline
 from pgvault.catalog import Catalog
@@ -57,7 +57,8 @@ SELECT 'SKU-' || g, 'Product ' || g, round((random() * 200 + 1)::numeric, 2),
        jsonb_build_object('color', (ARRAY['red','green','blue'])[1 + g % 3], 'weight', g % 17)
 FROM generate_series(1, 200) g;
 INSERT INTO orders (customer_id, status, placed_at, total)
-SELECT 1 + (g * 7919) % $customers, (ARRAY['new','paid','shipped','cancelled'])[1 + g % 4]::order_status,
+SELECT 1 + (g * 7919) % $customers,
+       (ARRAY['new','paid','shipped','cancelled'])[1 + g % 4]::order_status,
        timestamptz '2025-02-01' + g * interval '3 minutes', round((random() * 500)::numeric, 2)
 FROM generate_series(1, $orders) g;
 INSERT INTO order_items (order_id, product_id, quantity)
@@ -82,7 +83,8 @@ def run_demo(repo: str | None, rows: int, echo: Callable[[str], None]) -> bool:
                 conn.execute("CREATE DATABASE shop")
             source = ConnInfo.parse(cluster.url("shop"))
             with source.connect() as conn:
-                conn.execute(SAMPLE_SQL.substitute(customers=max(rows // 4, 1), orders=rows).encode())
+                script = SAMPLE_SQL.substitute(customers=max(rows // 4, 1), orders=rows)
+                conn.execute(script.encode())
             echo(f"sample database 'shop' on port {cluster.port}: {rows} orders")
 
             storage = open_storage(repo)
@@ -106,7 +108,8 @@ def run_demo(repo: str | None, rows: int, echo: Callable[[str], None]) -> bool:
             ok = before == after
             for table, (count, digest) in before.items():
                 same = after.get(table) == (count, digest)
-                echo(f"  {'OK  ' if same else 'DIFF'} {table:<32} {count:>8} rows  md5 {digest[:12]}")
+                mark = "OK  " if same else "DIFF"
+                echo(f"  {mark} {table:<32} {count:>8} rows  md5 {digest[:12]}")
             echo("every table matches" if ok else "MISMATCH: the restore differs from the source")
             return ok
     finally:

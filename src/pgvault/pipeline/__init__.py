@@ -34,11 +34,10 @@ def encode(source: Readable, stages: list[StageSpec]) -> Readable:
     """Wrap ``source`` in each stage's encoder, first stage innermost."""
     stream = source
     for stage in stages:
-        extra = stage.model_extra or {}
         if stage.name == "zstd":
-            stream = ZstdEncoder(stream, level=int(extra["level"]), threads=int(extra["threads"]))
+            stream = ZstdEncoder(stream, level=stage.level or 3, threads=stage.threads or 0)
         elif stage.name == "gzip":
-            stream = GzipEncoder(stream, level=int(extra["level"]))
+            stream = GzipEncoder(stream, level=stage.level or 6)
         else:
             raise ConfigError(f"unknown pipeline stage {stage.name!r}")
     return stream

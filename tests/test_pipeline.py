@@ -1,0 +1,102 @@
+"""Pipeline stages: round trips, and every way a stored stream can be damaged is caught."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import subprocess
+
+import pytest
+
+from pgvault import pipeline
+from pgvault.errors import IntegrityError
+from pgvault.pipeline.digest import HashingReader, VerifyingReader
+
+DATA = os.urandom(1 << 20) + b"pgvault " * 300_000  # incompressible and compressible parts
+
+
+def encoded(algorithm: str, data: bytes = DATA) -> tuple[bytes, list[pipeline.StageSpec]]:
+    stages = pipeline.compression_spec(algorithm, None, 2)
+    return pipeline.encode(io.BytesIO(data), stages).read(), stages
+
+
+@pytest.mark.parametrize("algorithm", ["zstd", "gzip", "none"])
+def test_round_trip(algorithm: str) -> None:
+    blob, stages = encoded(algorithm)
+    assert pipeline.decode(io.BytesIO(blob), stages).read() == DATA
+    if algorithm != "none":
+        assert len(blob) < len(DATA)
+
+
+def test_empty_stream_round_trips() -> None:
+    blob, stages = encoded("zstd", b"")
+    assert pipeline.decode(io.BytesIO(blob), stages).read() == b""
+
+
+@pytest.mark.parametrize("algorithm", ["zstd", "gzip"])
+@pytest.mark.parametrize("cut", ["half", "before_trailer", "last_byte"])
+def test_truncated_stream_is_refused(algorithm: str, cut: str) -> None:
+    blob, stages = encoded(algorithm)
+    keep = {"half": len(blob) // 2, "before_trailer": len(blob) - 8, "last_byte": len(blob) - 1}
+    with pytest.raises(IntegrityError, match=r"truncated|corrupt"):
+        pipeline.decode(io.BytesIO(blob[: keep[cut]]), stages).read()
+
+
+@pytest.mark.parametrize("algorithm", ["zstd", "gzip"])
+def test_flipped_bit_is_refused(algorithm: str) -> None:
+    blob, stages = encoded(algorithm)
+    damaged = bytearray(blob)
+    damaged[len(blob) // 2] ^= 0x10
+    with pytest.raises(IntegrityError):
+        pipeline.decode(io.BytesIO(bytes(damaged)), stages).read()
+
+
+def test_trailing_garbage_is_refused() -> None:
+    blob, stages = encoded("zstd")
+    with pytest.raises(IntegrityError, match="after its end"):
+        pipeline.decode(io.BytesIO(blob + b"junk"), stages).read()
+
+
+def test_stock_tools_decode_our_streams() -> None:
+    """What pgvault writes, `zstd -d` and `gzip -d` read: the formats are the standard ones."""
+    for algorithm, argv in (("zstd", ["zstd", "-d", "-c"]), ("gzip", ["gzip", "-d", "-c"])):
+        blob, _ = encoded(algorithm)
+        out = subprocess.run(argv, input=blob, capture_output=True, check=True).stdout
+        assert out == DATA
+
+
+def test_gzip_stage_reads_stock_gzip() -> None:
+    stages = pipeline.compression_spec("gzip", None, 1)
+    assert pipeline.decode(io.BytesIO(gzip.compress(DATA)), stages).read() == DATA
+
+
+def test_hashing_and_verifying_readers_agree() -> None:
+    hashed = HashingReader(io.BytesIO(DATA))
+    assert hashed.read() == DATA
+    assert hashed.size == len(DATA)
+    assert hashed.sha256 == hashlib.sha256(DATA).hexdigest()
+    ok = VerifyingReader(io.BytesIO(DATA), size=len(DATA), sha256=hashed.sha256, what="x")
+    assert ok.read() == DATA and ok.verified
+
+
+@pytest.mark.parametrize(
+    "stored, message",
+    [
+        (DATA[:-1], "truncated"),
+        (DATA + b"!", "longer"),
+        (DATA[:-1] + b"!", "sha256"),
+    ],
+)
+def test_verifying_reader_names_the_damage(stored: bytes, message: str) -> None:
+    digest = hashlib.sha256(DATA).hexdigest()
+    reader = VerifyingReader(io.BytesIO(stored), size=len(DATA), sha256=digest, what="db.dump")
+    with pytest.raises(IntegrityError, match=message) as caught:
+        reader.read()
+    assert "db.dump" in str(caught.value)
+
+
+def test_unknown_stage_on_decode_is_an_integrity_error() -> None:
+    with pytest.raises(IntegrityError, match="lacks"):
+        pipeline.decode(io.BytesIO(b""), [pipeline.StageSpec(name="rot13")])

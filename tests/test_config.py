@@ -1,0 +1,106 @@
+"""Configuration: precedence flag > env > file > default, unknown keys named, secrets from files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cli_runner import one_line_error, pgvault
+
+from pgvault import config
+from pgvault.errors import ConfigError
+from pgvault.pg.conninfo import ConnInfo
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PGVAULT_REPO", "PGVAULT_CONFIG", "PGVAULT_DATABASE", "DATABASE_URL",
+                 "DIRECT_URL", "PGPASSWORD", "PGPASSWORD_FILE", "PGVAULT_COMPRESSION__LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "pgvault.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_precedence_flag_over_env_over_file_over_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert config.load().repo.startswith("file://")
+    cfg = write(tmp_path, 'repo = "file:///from/file"\n[compression]\nlevel = 5\n')
+    assert config.load(cfg).repo == "file:///from/file"
+    monkeypatch.setenv("PGVAULT_REPO", "file:///from/env")
+    monkeypatch.setenv("PGVAULT_COMPRESSION__LEVEL", "7")
+    settings = config.load(cfg)
+    assert settings.repo == "file:///from/env"
+    assert settings.compression.level == 7
+    assert config.load(cfg, repo="file:///from/flag").repo == "file:///from/flag"
+    monkeypatch.setenv("PGVAULT_CONFIG", cfg)
+    monkeypatch.delenv("PGVAULT_REPO")
+    assert config.load().repo == "file:///from/file"
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('repoo = "file:///x"\n', "repoo"),
+        ('[s3]\nendpoint = "http://x"\n', "s3.endpoint"),
+        ('[compression]\nalgorithm = "lz4"\n', "compression.algorithm"),
+        ('[retention]\nkeep_dialy = 3\n', "retention.keep_dialy"),
+    ],
+)
+def test_bad_keys_are_named(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.load(write(tmp_path, text))
+
+
+def test_cli_reports_bad_config_in_one_line_with_exit_3(tmp_path: Path) -> None:
+    proc = pgvault("list", "--config", write(tmp_path, "colour = 'blue'\n"), expect=3)
+    assert "unknown setting 'colour'" in one_line_error(proc)
+    proc = pgvault("list", "--config", write(tmp_path, "not toml ["), expect=3)
+    assert "cannot read config file" in one_line_error(proc)
+
+
+def test_database_url_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    settings = config.load(write(tmp_path, 'database = "postgresql://h/fromfile"\n'))
+    assert config.connection(settings).dbname == "fromfile"
+    monkeypatch.setenv("DATABASE_URL", "postgresql://h/fromdatabaseurl")
+    assert config.connection(settings).dbname == "fromdatabaseurl"
+    monkeypatch.setenv("DIRECT_URL", "postgresql://h/fromdirect")
+    assert config.connection(settings).dbname == "fromdirect"
+    assert config.connection(settings, "fromflag").dbname == "fromflag"
+
+
+def test_secrets_from_file_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    secret = tmp_path / "url"
+    secret.write_text("postgresql://app:s3cr%3At@db.example:6543/app\n")
+    monkeypatch.setenv("DATABASE_URL_FILE", str(secret))
+    conn = config.connection(config.load())
+    assert conn.password == "s3cr:t"
+    assert "s3cr" not in conn.dsn() and "s3cr" not in conn.redacted()
+    pw = tmp_path / "pw"
+    pw.write_text("other\n")
+    monkeypatch.setenv("PGPASSWORD_FILE", str(pw))
+    monkeypatch.delenv("DATABASE_URL_FILE")
+    assert config.connection(config.load(), "app").password == "other"
+
+
+def test_prisma_parameters_are_stripped() -> None:
+    conn = ConnInfo.parse("postgresql://u:pw@h:5432/db?schema=tenant&pgbouncer=true"
+                          "&connection_limit=5&pool_timeout=3&sslmode=require")
+    assert conn.schema == "tenant"
+    assert conn.params["sslmode"] == "require"
+    assert not {"schema", "pgbouncer", "connection_limit", "pool_timeout"} & set(conn.params)
+    assert conn.password == "pw" and "pw" not in conn.dsn()
+
+
+def test_password_reaches_children_through_a_private_passfile() -> None:
+    conn = ConnInfo.parse("postgresql://u@h/db", password="hunter2")
+    with conn.child_env() as env:
+        passfile = Path(env["PGPASSFILE"])
+        assert (passfile.stat().st_mode & 0o777) == 0o600
+        assert "hunter2" in passfile.read_text()
+        assert "PGPASSWORD" not in env
+    assert not passfile.exists() and not passfile.parent.exists()

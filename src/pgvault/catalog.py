@@ -8,8 +8,10 @@ Layout (the only module that knows it):
 
 from __future__ import annotations
 
+import builtins
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from pydantic import ValidationError
@@ -39,6 +41,35 @@ def artifact_key(database: str, backup_id: str, filename: str) -> str:
 
 def lock_key(database: str) -> str:
     return f"{LOCKS}{db_segment(database)}.lock"
+
+
+def parse_artifact_key(key: str) -> tuple[str, str, str] | None:
+    """(database, backup id, filename) of a key under ``backups/``; None for any other key."""
+    if not key.startswith(BACKUPS):
+        return None
+    parts = key[len(BACKUPS) :].split("/", 2)
+    if len(parts) != 3 or not all(parts):
+        return None
+    return unquote(parts[0]), parts[1], parts[2]
+
+
+def parse_manifest_key(key: str) -> tuple[str, str] | None:
+    """(database, backup id) of a manifest key; None for any other key."""
+    if not key.startswith(MANIFESTS) or not key.endswith(".json"):
+        return None
+    parts = key[len(MANIFESTS) : -len(".json")].split("/")
+    if len(parts) != 2 or not all(parts):
+        return None
+    return unquote(parts[0]), parts[1]
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """Stored data of a backup id that has no manifest: failed, in progress, or half deleted."""
+
+    database: str
+    backup_id: str
+    objects: tuple[ObjectInfo, ...]
 
 
 class Catalog:
@@ -73,7 +104,7 @@ class Catalog:
         manifests = [self.read(info.key) for info in self._manifest_keys(database)]
         return sorted(manifests, key=lambda m: (m.started_at, m.id))
 
-    def databases(self) -> list[str]:
+    def databases(self) -> builtins.list[str]:
         """Names of the databases that have at least one manifest."""
         names = {unquote(info.key[len(MANIFESTS) :].split("/", 1)[0]) for info in
                  self._manifest_keys(None)}
@@ -109,3 +140,29 @@ class Catalog:
         """Remove a backup: manifest first, so a half-deleted backup is never listed."""
         self.storage.delete([manifest_key(manifest.database, manifest.id)])
         self.storage.delete([a.key for a in manifest.artifacts])
+
+    def orphans(self, database: str | None = None) -> builtins.list[Orphan]:
+        """Data under ``backups/`` whose backup id has no manifest, grouped by backup."""
+        prefix = BACKUPS + (db_segment(database) + "/" if database is not None else "")
+        # Data is listed before manifests: a backup that commits between the two listings
+        # then shows up with its manifest instead of looking like an orphan.
+        groups: dict[tuple[str, str], list[ObjectInfo]] = {}
+        for info in self.storage.list(prefix):
+            parsed = parse_artifact_key(info.key)
+            if parsed is not None:
+                groups.setdefault(parsed[:2], []).append(info)
+        committed = {parse_manifest_key(info.key) for info in self._manifest_keys(database)}
+        return [
+            Orphan(db, backup_id, tuple(objects))
+            for (db, backup_id), objects in sorted(groups.items())
+            if (db, backup_id) not in committed
+        ]
+
+    def delete_orphan(self, orphan: Orphan) -> bool:
+        """Remove an orphan's objects unless its manifest has appeared since; True if removed."""
+        try:
+            self.storage.stat(manifest_key(orphan.database, orphan.backup_id))
+        except NotFound:
+            self.storage.delete([info.key for info in orphan.objects])
+            return True
+        return False

@@ -320,7 +320,7 @@ def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, as_json: bo
             decisions = [("KEEP", d) for d in plan.keep] + [("REMOVE", d) for d in plan.remove]
             for verdict, d in sorted(decisions, key=lambda vd: vd[1].time, reverse=True):
                 click.echo(f"  {verdict:<7} {d.id:<30} {d.time.astimezone(UTC):%Y-%m-%d %H:%M}  "
-                           + ", ".join(d.reasons))
+                           f"{', '.join(d.reasons)}".rstrip())
         if report.orphans or report.orphans_left:
             click.echo(f"\norphaned objects: {len(report.orphans)} "
                        + ("to remove" if dry_run else "removed")

@@ -1,0 +1,128 @@
+"""Commands for retention: prune, pin, unpin."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import click
+
+from pgvault.cli.app import (
+    EXIT_CODES,
+    cli,
+    common,
+    database_filter,
+    dbname_option,
+    settings_of,
+    storage_of,
+)
+
+
+@cli.command("prune", epilog=EXIT_CODES)
+@common
+@dbname_option
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.pass_context
+def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, as_json: bool,
+           **_: Any) -> None:
+    """Remove the backups the retention policy no longer keeps.
+
+    \b
+    keep_daily/weekly/monthly/yearly = N keep the newest backup of each of the last
+    N days/ISO weeks/months/years that have backups; keep_last = N the N newest;
+    keep_within = 30d all within 30 days of the newest. A backup any rule keeps is
+    kept; the newest and pinned ones always are. Default: 7 daily, 4 weekly, 3 monthly.
+
+    Manifests are deleted before data. Data without a manifest (a failed backup or an
+    interrupted prune) is removed once its id and its files are both 24 hours old.
+    A database locked by a running backup is skipped, and the exit code is then 7.
+
+    \b
+    Examples:
+      pgvault prune --dry-run                   # KEEP/REMOVE per backup and why
+      pgvault prune                             # apply [retention] from the config
+      PGVAULT_RETENTION__KEEP_DAILY=14 pgvault prune -d app
+      pgvault prune --dry-run --json | jq '.databases[].remove[].id'
+      pgvault pin 20261125T010000 --reason "before migration 42"
+    """
+    from datetime import UTC, datetime
+
+    from pgvault.errors import LockHeld
+    from pgvault.ops.prune import Policy, prune
+    from pgvault.retention import describe
+
+    settings = settings_of(ctx)
+    policy = Policy.from_mapping(settings.retention.model_dump())
+    report = prune(storage_of(settings), policy, dry_run=dry_run, now=datetime.now(UTC),
+                   lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
+                   database=database_filter(dbname))
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        click.echo(describe(policy))
+        for name, plan in report.databases.items():
+            click.echo(f"\n{name}: {len(plan.keep)} kept, {len(plan.remove)} "
+                       + ("to remove (dry run)" if dry_run else "removed"))
+            decisions = [("KEEP", d) for d in plan.keep] + [("REMOVE", d) for d in plan.remove]
+            for verdict, d in sorted(decisions, key=lambda vd: vd[1].time, reverse=True):
+                click.echo(f"  {verdict:<7} {d.id:<30} {d.time.astimezone(UTC):%Y-%m-%d %H:%M}  "
+                           f"{', '.join(d.reasons)}".rstrip())
+        if report.orphans or report.orphans_left:
+            click.echo(f"\norphaned objects: {len(report.orphans)} "
+                       + ("to remove" if dry_run else "removed")
+                       + f", {len(report.orphans_left)} left (younger than 24 hours"
+                       " or not written by pgvault)")
+        if not report.databases and not report.skipped:
+            click.echo("no backups yet")
+    for name, why in report.skipped.items():
+        click.echo(f"pgvault: skipped {name}: {why}", err=True)
+    if report.skipped:
+        raise LockHeld(f"{len(report.skipped)} database(s) not pruned: locked; run again later")
+
+
+@cli.command(epilog=EXIT_CODES)
+@common
+@dbname_option
+@click.argument("backup_id", metavar="ID|latest")
+@click.option("--reason", required=True, help="Why this backup must be kept (stored with it).")
+@click.pass_context
+def pin(ctx: click.Context, /, backup_id: str, dbname: str | None, reason: str,
+        **_: Any) -> None:
+    """Keep one backup until it is unpinned: prune never removes a pinned backup.
+
+    \b
+    Examples:
+      pgvault pin 20261125T010000 --reason "before migration 42"
+      pgvault pin latest -d app --reason "end of quarter"
+    """
+    from datetime import UTC, datetime
+
+    from pgvault.ops.pin import pin as run_pin
+
+    settings = settings_of(ctx)
+    m = run_pin(storage_of(settings), backup_id, reason=reason, now=datetime.now(UTC),
+                database=database_filter(dbname))
+    click.echo(f"pinned {m.id} ({m.database}): {reason.strip()}")
+
+
+@cli.command(epilog=EXIT_CODES)
+@common
+@dbname_option
+@click.argument("backup_id", metavar="ID|latest")
+@click.pass_context
+def unpin(ctx: click.Context, /, backup_id: str, dbname: str | None, **_: Any) -> None:
+    """Let prune remove a backup again once the retention policy no longer keeps it.
+
+    \b
+    Examples:
+      pgvault unpin 20261125T010000
+      pgvault prune --dry-run            # see whether it would now be removed
+    """
+    from pgvault.ops.pin import unpin as run_unpin
+
+    settings = settings_of(ctx)
+    m, old = run_unpin(storage_of(settings), backup_id, database=database_filter(dbname))
+    click.echo(f"unpinned {m.id} ({m.database}); it was pinned for: {old.reason}" if old
+               else f"{m.id} ({m.database}) was not pinned")

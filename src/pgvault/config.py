@@ -74,6 +74,13 @@ class RetentionSettings(Section):
     timezone: str = "UTC"
 
 
+class ObjectivesSettings(Section):
+    """The recovery objectives that monitoring and restore drills hold backups to."""
+
+    rpo_hours: float = Field(default=24.0, gt=0)
+    rto_minutes: float = Field(default=60.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Every setting pgvault knows; unknown keys are an error that names the key."""
 
@@ -89,6 +96,7 @@ class Settings(BaseSettings):
     s3: S3Settings = Field(default_factory=S3Settings)
     compression: CompressionSettings = Field(default_factory=CompressionSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    objectives: ObjectivesSettings = Field(default_factory=ObjectivesSettings)
 
     @field_validator("repo")
     @classmethod

@@ -51,9 +51,7 @@ def backup(ctx: click.Context, /, dbname: str | None, compression: str | None, l
 
     settings = settings_of(ctx)
     conn = config.connection(settings, dbname)
-    comp = settings.compression
-    stages = pipeline.compression_spec(compression or comp.algorithm,
-                                       level if level is not None else comp.level, comp.threads)
+    stages = pipeline.configured_stages(settings, compression, level)
     progress = ProgressLine(f"backing up {conn.redacted()}")
     options = BackupOptions(stages=stages,
                             backup_globals=settings.backup_globals and not no_globals,

@@ -6,10 +6,15 @@ manifest, never today's configuration, to know how to decode.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pgvault.errors import ConfigError, IntegrityError
 from pgvault.model import StageSpec
 from pgvault.pipeline.compression import GzipDecoder, GzipEncoder, ZstdDecoder, ZstdEncoder
 from pgvault.pipeline.stream import Readable
+
+if TYPE_CHECKING:
+    from pgvault.config import Settings
 
 SUFFIXES = {"zstd": ".zst", "gzip": ".gz"}
 
@@ -23,6 +28,15 @@ def compression_spec(algorithm: str, level: int | None, threads: int) -> list[St
     if algorithm == "gzip":
         return [StageSpec(name="gzip", level=6 if level is None else level)]
     raise ConfigError(f"unknown compression {algorithm!r} (choose zstd, gzip or none)")
+
+
+def configured_stages(
+    settings: Settings, algorithm: str | None = None, level: int | None = None
+) -> list[StageSpec]:
+    """The stage list a new artifact gets from the settings (flags may override compression)."""
+    comp = settings.compression
+    return compression_spec(algorithm or comp.algorithm,
+                            comp.level if level is None else level, comp.threads)
 
 
 def suffix(stages: list[StageSpec]) -> str:

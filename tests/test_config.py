@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cli_runner import one_line_error, pgvault
 
+from cli_runner import one_line_error, pgvault
 from pgvault import config
 from pgvault.errors import ConfigError
 from pgvault.pg.conninfo import ConnInfo

@@ -7,10 +7,18 @@ Everything else in pgvault receives the plain values this module resolves.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -81,6 +89,95 @@ class ObjectivesSettings(Section):
     rto_minutes: float = Field(default=60.0, gt=0)
 
 
+class ScheduleSettings(Section):
+    """When `pgvault daemon` runs each job: 5-field cron, @daily-style macros or @every 10m."""
+
+    backup: str = "0 1 * * *"
+    verify: str | None = None  # a schedule, "after-backup", or None for no verify job
+    freshness: str = "@every 5m"  # how often the RPO objective is checked
+    timezone: str = "UTC"
+    jitter_seconds: int = Field(default=0, ge=0)
+    run_on_start: bool = False
+    retries: int = Field(default=2, ge=0, le=20)
+    retry_backoff_seconds: float = Field(default=60.0, ge=0)
+
+
+class DaemonSettings(Section):
+    """The daemon process: where it serves HTTP, how many jobs at once, how long to drain."""
+
+    listen: str = "127.0.0.1:9847"
+    max_concurrency: int = Field(default=1, ge=1, le=32)
+    grace_seconds: float = Field(default=300.0, ge=0)
+
+
+class EmailSettings(Section):
+    """Notification e-mail over SMTP."""
+
+    smtp_host: str
+    smtp_port: int = 587
+    security: Literal["starttls", "ssl", "none"] = "starttls"
+    username: str | None = None
+    password: SecretStr | None = None
+    sender: str
+    to: list[str] = Field(min_length=1)
+
+
+DEFAULT_EVENTS = ["backup.failed", "verify.failed", "backup.stale", "backup.recovered"]
+
+
+class NotifySettings(Section):
+    """Where events go; every URL is a secret (SecretStr: never printed)."""
+
+    events: list[str] = Field(default_factory=lambda: list(DEFAULT_EVENTS))
+    timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    webhook_url: SecretStr | None = None
+    slack_webhook_url: SecretStr | None = None
+    discord_webhook_url: SecretStr | None = None
+    ping_url: SecretStr | None = None  # healthchecks-style: <url>/start, <url>, <url>/fail
+    email: EmailSettings | None = None
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, value: list[str]) -> list[str]:
+        from pgvault.events import EVENT_KINDS
+
+        unknown = [kind for kind in value if kind not in EVENT_KINDS and kind != "all"]
+        if unknown:
+            raise ValueError(f"unknown event {unknown[0]!r} (known: all, "
+                             f"{', '.join(EVENT_KINDS)})")
+        return value
+
+
+class MetricsSettings(Section):
+    """Prometheus output for runs without the daemon: a node_exporter textfile, a Pushgateway."""
+
+    textfile: str | None = None
+    pushgateway_url: SecretStr | None = None
+    pushgateway_job: str = "pgvault"
+
+
+class CheckSettings(Section):
+    """WARNING thresholds of `pgvault check` (CRITICAL comes from [objectives])."""
+
+    warn_age_hours: float | None = Field(default=None, gt=0)
+    warn_drill_age_days: float | None = Field(default=8.0, gt=0)
+
+
+class DatabaseEntry(Section):
+    """One `[[databases]]` entry: a database and the settings it overrides."""
+
+    name: str = Field(min_length=1)
+    url: SecretStr | None = None
+    url_env: str | None = None
+    backup_globals: bool | None = None
+    prune_after_backup: bool | None = None
+    compression: CompressionSettings = Field(default_factory=CompressionSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    objectives: ObjectivesSettings = Field(default_factory=ObjectivesSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+
+
 class Settings(BaseSettings):
     """Every setting pgvault knows; unknown keys are an error that names the key."""
 
@@ -97,6 +194,21 @@ class Settings(BaseSettings):
     compression: CompressionSettings = Field(default_factory=CompressionSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     objectives: ObjectivesSettings = Field(default_factory=ObjectivesSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    check: CheckSettings = Field(default_factory=CheckSettings)
+    databases: list[DatabaseEntry] = Field(default_factory=list)
+
+    @field_validator("databases")
+    @classmethod
+    def _unique_names(cls, value: list[DatabaseEntry]) -> list[DatabaseEntry]:
+        names = [entry.name for entry in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"database {name!r} is listed twice")
+        return value
 
     @field_validator("repo")
     @classmethod
@@ -213,3 +325,58 @@ def s3_options(settings: Settings) -> Any:
         part_size=s3.part_size_mb << 20,
         max_concurrency=s3.max_concurrency,
     )
+
+
+@dataclass(frozen=True)
+class Target:
+    """One database the jobs and the daemon work on, with its effective settings."""
+
+    name: str | None
+    """The database name in the repository; None: whatever the connection names."""
+    settings: Settings
+    """Top-level settings with this database's ``[[databases]]`` overrides applied."""
+    entry: DatabaseEntry | None = None
+
+
+def targets(settings: Settings) -> list[Target]:
+    """Every configured database; without ``[[databases]]``, the one the connection names."""
+    if not settings.databases:
+        return [Target(None, settings)]
+    return [Target(entry.name, _merged(settings, entry), entry) for entry in settings.databases]
+
+
+def _merged(settings: Settings, entry: DatabaseEntry) -> Settings:
+    """``settings`` with the keys ``entry`` sets (and only those) replaced."""
+    update: dict[str, Any] = {"databases": []}
+    for key in ("backup_globals", "prune_after_backup"):
+        if getattr(entry, key) is not None:
+            update[key] = getattr(entry, key)
+    for key in ("compression", "retention", "objectives", "schedule", "notify"):
+        section = getattr(entry, key)
+        if section.model_fields_set:
+            base = getattr(settings, key)
+            update[key] = base.model_copy(
+                update={name: getattr(section, name) for name in section.model_fields_set})
+    return settings.model_copy(update=update)
+
+
+def target_connection(target: Target, dbname: str | None = None) -> ConnInfo:
+    """How to reach ``target``: its url, the variable url_env names, or the default server."""
+    entry = target.entry
+    if dbname or entry is None:
+        return connection(target.settings, dbname)
+    password = secret_env("PGPASSWORD")
+    if entry.url is not None:
+        conn = ConnInfo.parse(entry.url.get_secret_value(), password=password)
+    elif entry.url_env:
+        spec = secret_env(entry.url_env)
+        if not spec:
+            raise ConfigError(f"database {entry.name!r}: environment variable {entry.url_env} "
+                              "(or its _FILE) is not set")
+        conn = ConnInfo.parse(spec, password=password)
+    else:
+        return connection(target.settings).with_dbname(entry.name)
+    if conn.dbname and conn.dbname != entry.name:
+        raise ConfigError(f"database {entry.name!r}: its connection names database "
+                          f"{conn.dbname!r}; name the entry after the database")
+    return conn.with_dbname(entry.name)

@@ -159,8 +159,8 @@ class MetricsSettings(Section):
 class CheckSettings(Section):
     """WARNING thresholds of `pgvault check` (CRITICAL comes from [objectives])."""
 
-    warn_age_hours: float | None = Field(default=None, gt=0)
-    warn_drill_age_days: float | None = Field(default=8.0, gt=0)
+    warn_age_hours: float = Field(default=0.0, ge=0)  # 0: no age warning below the RPO
+    warn_drill_age_days: float = Field(default=8.0, ge=0)  # 0: never warn about drills
 
 
 class DatabaseEntry(Section):

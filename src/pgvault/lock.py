@@ -38,6 +38,17 @@ def _is_stale(holder: dict[str, object], stale_after: timedelta, now: datetime) 
     return now - since > stale_after
 
 
+def holder(storage: Storage, database: str, *, stale_after: timedelta) -> dict[str, object] | None:
+    """Who holds the lock of ``database`` now (host, pid, operation, since); None if nobody."""
+    try:
+        current = json.loads(storage.read_bytes(lock_key(database)))
+    except (NotFound, ValueError):
+        return None
+    if not isinstance(current, dict) or _is_stale(current, stale_after, datetime.now(UTC)):
+        return None
+    return current
+
+
 @contextlib.contextmanager
 def hold(
     storage: Storage, database: str, operation: str, *, stale_after: timedelta

@@ -7,9 +7,11 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -29,6 +31,8 @@ class Sample:
     returncode: int
     stderr_tail: str
     error_lines: int
+    # Most processes of each name alive at one sample, e.g. {"pg_restore": 3} for -j 2.
+    procs: dict[str, int] = field(default_factory=dict)
 
 
 class CommandFailed(RuntimeError):
@@ -40,18 +44,47 @@ class CommandFailed(RuntimeError):
         self.sample = sample
 
 
-def _tree_rss(root: psutil.Process, seen: dict[int, psutil.Process]) -> int:
-    """Sum the RSS of root and all its live descendants; remember every process seen."""
-    try:
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for p in procs:
-        seen.setdefault(p.pid, p)
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
+class _TreeSampler(threading.Thread):
+    """Samples the RSS sum and the process names of a live process tree every interval."""
+
+    def __init__(self, root: psutil.Process, interval_s: float) -> None:
+        """Watch root and its descendants until stop() is called."""
+        super().__init__(daemon=True)
+        self.root = root
+        self.interval_s = interval_s
+        self.seen: dict[int, psutil.Process] = {}
+        self.peak = 0
+        self.procs: Counter[str] = Counter()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        """Sample until stopped; the first sample is taken at once."""
+        while True:
+            self._sample()
+            if self._stop_event.wait(self.interval_s):
+                return
+
+    def stop(self) -> None:
+        """Stop sampling and wait for the thread."""
+        self._stop_event.set()
+        self.join()
+
+    def _sample(self) -> None:
+        """Sum the RSS of root and all its live descendants; count them by name."""
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        total = 0
+        names: Counter[str] = Counter()
+        for p in procs:
+            self.seen.setdefault(p.pid, p)
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+                names[p.name()] += 1
+        self.peak = max(self.peak, total)
+        for name, n in names.items():
+            self.procs[name] = max(self.procs[name], n)
 
 
 def _kill_tree(pgid: int, seen: Mapping[int, psutil.Process]) -> None:
@@ -70,41 +103,55 @@ def measure(
     env: Mapping[str, str] | None = None,
     stdout: Path | None = None,
     timeout_s: float = 3600.0,
+    sample: bool = True,
 ) -> Sample:
     """Run argv to completion and measure it; stdout goes to a file or /dev/null.
 
     CPU time is the rusage of the reaped child, which on Linux includes every descendant it
-    waited for. Peak RSS is the max over ~20 ms samples of the summed RSS of the live tree.
+    waited for. Peak RSS is the max over ~20 ms samples of the summed RSS of the live tree,
+    taken by a thread while this one blocks in wait4, so wall time is exact. With
+    sample=False (start-up timings) nothing competes for the CPU and peak RSS is ru_maxrss:
+    the largest single process of the tree.
     """
     out = open(stdout or os.devnull, "wb")  # noqa: SIM115 - closed in finally
     err = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
-    seen: dict[int, psutil.Process] = {}
     proc: subprocess.Popen[bytes] | None = None
+    sampler: _TreeSampler | None = None
     reaped = False
+    timer: threading.Timer | None = None
+    timed_out = threading.Event()
     try:
         t0 = time.perf_counter()
         proc = subprocess.Popen(
             list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
             env=dict(env) if env is not None else None, start_new_session=True,
         )
-        root = psutil.Process(proc.pid)
-        peak = 0
-        deadline = time.monotonic() + timeout_s
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                wall = time.perf_counter() - t0
-                reaped = True
-                break
-            peak = max(peak, _tree_rss(root, seen))
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {timeout_s}s: {' '.join(argv)}")
-            time.sleep(SAMPLE_INTERVAL_S)
+        if sample:
+            sampler = _TreeSampler(psutil.Process(proc.pid), SAMPLE_INTERVAL_S)
+            sampler.start()
+
+        def on_timeout(pid: int = proc.pid) -> None:
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout_s, on_timeout)
+        timer.daemon = True
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        reaped = True
+        timer.cancel()
+        if sampler is not None:
+            sampler.stop()
+        if timed_out.is_set():
+            raise TimeoutError(f"timed out after {timeout_s}s: {' '.join(argv)}")
         proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         stderr = err.read()
         tail = stderr[-4000:].decode(errors="replace")
         errors = sum(1 for line in stderr.splitlines() if b"ERROR:" in line)
+        seen = sampler.seen if sampler is not None else {}
         leftovers = [p for p in seen.values() if _alive(p)]
         _kill_tree(proc.pid, seen)
         if leftovers:
@@ -114,14 +161,19 @@ def measure(
             cpu_s=usage.ru_utime + usage.ru_stime,
             user_s=usage.ru_utime,
             sys_s=usage.ru_stime,
-            peak_rss_bytes=peak,
+            peak_rss_bytes=sampler.peak if sampler is not None else usage.ru_maxrss * 1024,
             returncode=proc.returncode,
             stderr_tail=tail,
             error_lines=errors,
+            procs=dict(sampler.procs) if sampler is not None else {},
         )
     finally:
+        if timer is not None:
+            timer.cancel()
+        if sampler is not None and sampler.is_alive():
+            sampler.stop()
         if proc is not None and not reaped:
-            _kill_tree(proc.pid, seen)
+            _kill_tree(proc.pid, sampler.seen if sampler is not None else {})
             proc.wait()
         out.close()
         err.close()

@@ -1,6 +1,7 @@
 """Benchmark pgvault backup/restore against pg_dump baselines on a throwaway cluster.
 
 Run: .venv/bin/python bench/run.py --size-mb 300 --runs 3   (see bench/README.md)
+Each ratio is checked against the target of issue 7 and printed with PASS or MISS.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import _dataset as ds
 import psycopg
 from _cluster import BENCH_SETTINGS, BUILD_SETTINGS, PG_BIN, Cluster, initdb, stop_stale
 from _measure import CommandFailed, Sample, measure
+from _profile import format_profile, profile
+from _s3 import BUCKET, MotoServer, find_aws, upload_command
 from psycopg import sql
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -37,21 +40,48 @@ T0 = time.monotonic()
 
 # Operation ids, in the order they run and print.
 FLOOR, STRAT_B, VAULT_B = "backup.floor", "backup.strategy", "backup.pgvault"
-STRAT_R, PGR_J2, VAULT_R = "restore.strategy", "restore.pg_restore_j2", "restore.pgvault"
+S3_BASE, VAULT_S3 = "s3.baseline", "s3.pgvault"
+STRAT_R, PGR_J2 = "restore.strategy", "restore.pg_restore_j2"
+VAULT_R, VAULT_RJ2 = "restore.pgvault", "restore.pgvault_j2"
 LABELS = {
     FLOOR: "pg_dump -Fc -Z0 > /dev/null (floor)",
     STRAT_B: "pg_dump | gzip > file (strategy)",
-    VAULT_B: "pgvault backup",
+    VAULT_B: "pgvault backup (local repo)",
+    S3_BASE: "pg_dump -Z0 | zstd -1 -T2 | aws s3 cp",
+    VAULT_S3: "pgvault backup (S3 repo)",
     STRAT_R: "gunzip -c | psql (strategy)",
     PGR_J2: "pg_restore -j 2 (-Fc -Z0 file)",
     VAULT_R: "pgvault restore latest",
+    VAULT_RJ2: "pgvault restore latest -j 2",
 }
-RATIOS = [
-    ("pgvault backup / floor", VAULT_B, FLOOR),
-    ("pgvault backup / strategy backup", VAULT_B, STRAT_B),
-    ("pgvault restore / pg_restore -j2", VAULT_R, PGR_J2),
-    ("pgvault restore / strategy restore", VAULT_R, STRAT_R),
+PGVAULT_OPS = (VAULT_B, VAULT_S3, VAULT_R, VAULT_RJ2)
+S3_OPS = (S3_BASE, VAULT_S3)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of issue 7: wall(op) / wall(base) must be <= limit."""
+
+    name: str
+    op: str
+    base: str
+    limit: float
+
+
+TARGETS = [
+    Target("1a backup local / floor", VAULT_B, FLOOR, 1.2),
+    Target("1b backup local / strategy backup", VAULT_B, STRAT_B, 0.35),
+    Target("2  backup S3 / dump|zstd|aws s3 cp", VAULT_S3, S3_BASE, 1.2),
+    Target("3a restore / pg_restore -j2", VAULT_R, PGR_J2, 1.1),
+    Target("3b restore / strategy restore", VAULT_R, STRAT_R, 0.8),
+    Target("3a restore -j2 / pg_restore -j2", VAULT_RJ2, PGR_J2, 1.1),
+    Target("3b restore -j2 / strategy restore", VAULT_RJ2, STRAT_R, 0.8),
 ]
+MEMORY_LIMIT_BYTES = 100 * 1024 * 1024  # target 4: peak RSS of the pgvault process tree
+STARTUP_LIMIT_S = 0.3  # target 5
+# S3 baseline: the strategy's upload tool on the bytes pgvault would store (zstd, 2 threads).
+S3_BASELINE = ('set -euo pipefail\npg_dump -Fc -Z0 "$DATABASE_URL" | zstd -1 -T2 -q -c | '
+               "{upload}")
 # The seed strategy's scripts (shared/STRATEGY.md), verbatim apart from the file path.
 STRATEGY_BACKUP = 'set -euo pipefail\npg_dump "$DATABASE_URL" | gzip > "$DUMP_FILE"'
 STRATEGY_RESTORE = 'gunzip -c "$DUMP_FILE" | psql $DATABASE_URL_RESTORE'
@@ -103,19 +133,39 @@ class Bench:
     """Runs the six operations on one database and collects OpResults."""
 
     def __init__(self, cluster: Cluster, workdir: Path, pgvault: Path | None,
-                 pgvault_note: str, restore_jobs: int) -> None:
-        """Wire the running cluster, a scratch folder and the pgvault executable (if any)."""
+                 pgvault_note: str, restore_jobs: int, s3: MotoServer | None = None,
+                 s3_note: str = "", aws: str | None = None) -> None:
+        """Wire the running cluster, a scratch folder, the pgvault executable and S3 (if any)."""
         self.cluster = cluster
         self.workdir = workdir
         self.pgvault = pgvault
         self.pgvault_note = pgvault_note
         self.restore_jobs = restore_jobs
+        self.s3 = s3
+        self.s3_note = s3_note
+        self.aws = aws
 
     def env(self, **extra: str) -> dict[str, str]:
-        """Environment for measured commands: PostgreSQL 15 client tools first on PATH."""
+        """Environment for measured commands: PostgreSQL 15 client tools first on PATH.
+
+        PYTHONDONTWRITEBYTECODE is dropped: with it, an editable install recompiles pgvault
+        on every start, which no real installation does.
+        """
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith("PG") or k.startswith("PGVAULT_")}
+               if (not k.startswith("PG") or k.startswith("PGVAULT_"))
+               and k != "PYTHONDONTWRITEBYTECODE"}
         env["PATH"] = f"{PG_BIN}:{env.get('PATH', '/usr/bin:/bin')}"
+        env.update(extra)
+        return env
+
+    def s3_env(self, **extra: str) -> dict[str, str]:
+        """env() plus the moto endpoint, dummy credentials and pgvault's S3 settings."""
+        assert self.s3 is not None
+        env = {k: v for k, v in self.env().items()
+               if not k.startswith(("AWS_", "PGVAULT_S3__"))}
+        env.update(self.s3.env())
+        env.update(PGVAULT_S3__ENDPOINT_URL=self.s3.url, PGVAULT_S3__PATH_STYLE="true",
+                   PGVAULT_S3__REGION="us-east-1")
         env.update(extra)
         return env
 
@@ -140,18 +190,34 @@ class Bench:
         vault_backup = [vault, "backup", "--dbname", src, "--repo", repo_url]
         vault_restore = [vault, "restore", "latest", "--to", restore_db, "--dbname", src,
                          "--repo", repo_url]
+        vault_restore_j2 = [*vault_restore, "-j", str(self.restore_jobs)]
         vault_env = self.env(DATABASE_URL=src, PGVAULT_REPO=repo_url)
+        s3_prefix = f"{info.name}/"
+        s3_repo = f"s3://{BUCKET}/{s3_prefix}pgvault"
+        s3_key = f"{s3_prefix}baseline/db.dump.zst"
+        vault_s3 = [vault, "backup", "--dbname", src, "--repo", s3_repo]
+        upload, tool = (upload_command(self.aws, self.s3.url, s3_key) if self.s3
+                        else ("", "aws s3 cp -"))
+        s3_baseline = S3_BASELINE.format(upload=upload)
         res = {
             FLOOR: OpResult(FLOOR, f"pg_dump -Fc -Z0 {src} > /dev/null"),
             STRAT_B: OpResult(STRAT_B, STRATEGY_BACKUP.replace("\n", "; ")),
             VAULT_B: OpResult(VAULT_B, " ".join(vault_backup)),
+            S3_BASE: OpResult(S3_BASE, s3_baseline.replace("\n", "; ")),
+            VAULT_S3: OpResult(VAULT_S3, " ".join(vault_s3)),
             STRAT_R: OpResult(STRAT_R, STRATEGY_RESTORE),
             PGR_J2: OpResult(PGR_J2, f"pg_restore -j {self.restore_jobs} -d <new db> {ref}"),
             VAULT_R: OpResult(VAULT_R, " ".join(vault_restore)),
+            VAULT_RJ2: OpResult(VAULT_RJ2, " ".join(vault_restore_j2)),
         }
+        if tool != "aws s3 cp -":
+            res[S3_BASE].note = f"upload by {tool} (aws CLI not found)"
         if self.pgvault is None:
-            for op in (VAULT_B, VAULT_R):
+            for op in PGVAULT_OPS:
                 res[op].status, res[op].note = "n/a", self.pgvault_note
+        if self.s3 is None:
+            for op in S3_OPS:
+                res[op].status, res[op].note = "n/a", self.s3_note
 
         for i in range(1, runs + 1):
             log(f"[{info.name}] run {i}/{runs}: backups")
@@ -172,7 +238,21 @@ class Bench:
                 if self._pgvault_ok(res[VAULT_B], s):
                     self._add(res[VAULT_B], s, _tree_size(repo))
                 else:
-                    res[VAULT_R].status, res[VAULT_R].note = "n/a", "pgvault backup failed"
+                    for op in (VAULT_R, VAULT_RJ2):
+                        res[op].status, res[op].note = "n/a", "pgvault backup failed"
+
+            if self.s3 is not None:
+                log(f"[{info.name}] run {i}/{runs}: backups to S3 ({self.s3.url})")
+                self.s3.clear(s3_prefix)
+                s = self._check(measure(["bash", "-c", s3_baseline],
+                                        env=self.s3_env(DATABASE_URL=src)), LABELS[S3_BASE])
+                self._add(res[S3_BASE], s, self.s3.size(s3_prefix))
+                self.s3.clear(s3_prefix)
+                if res[VAULT_S3].status == "ok":
+                    s = measure(vault_s3, env=self.s3_env(DATABASE_URL=src))
+                    if self._pgvault_ok(res[VAULT_S3], s):
+                        self._add(res[VAULT_S3], s, self.s3.size(s3_prefix))
+                self.s3.clear(s3_prefix)
 
             log(f"[{info.name}] run {i}/{runs}: restores")
             self._create_db(restore_db)
@@ -187,13 +267,125 @@ class Bench:
             self._check(s, LABELS[PGR_J2])
             self._add(res[PGR_J2], s, None, self._verify(restore_db, expected, s))
 
-            if res[VAULT_R].status == "ok":
-                self._drop_db(restore_db)
-                s = measure(vault_restore, env=vault_env)
-                if self._pgvault_ok(res[VAULT_R], s):
-                    self._add(res[VAULT_R], s, None, self._verify(restore_db, expected, s))
+            for op, argv in ((VAULT_R, vault_restore), (VAULT_RJ2, vault_restore_j2)):
+                if res[op].status == "ok":
+                    self._drop_db(restore_db)
+                    s = measure(argv, env=vault_env)
+                    if self._pgvault_ok(res[op], s):
+                        self._add(res[op], s, None, self._verify(restore_db, expected, s))
             self._drop_db(restore_db)
         return res
+
+    def run_memory(self, info: DatasetInfo, runs: int) -> dict[str, OpResult]:
+        """pgvault backup and restores only, for their peak RSS at this database size."""
+        src = self.cluster.url(info.dbname)
+        repo = self.workdir / f"memory-{info.target_mb}mb" / "pgvault-repo"
+        repo_url = f"file://{repo}"
+        restore_db = f"{RESTORE_PREFIX}{info.name}_mem"
+        assert self.pgvault is not None
+        vault = str(self.pgvault)
+        restore = [vault, "restore", "latest", "--to", restore_db, "--dbname", src,
+                   "--repo", repo_url]
+        argvs = {
+            VAULT_B: [vault, "backup", "--dbname", src, "--repo", repo_url],
+            VAULT_R: restore,
+            VAULT_RJ2: [*restore, "-j", str(self.restore_jobs)],
+        }
+        res = {op: OpResult(op, " ".join(argv)) for op, argv in argvs.items()}
+        env = self.env(DATABASE_URL=src, PGVAULT_REPO=repo_url)
+        try:
+            for i in range(1, runs + 1):
+                log(f"[memory {info.target_mb} MB] run {i}/{runs}")
+                shutil.rmtree(repo, ignore_errors=True)
+                repo.mkdir(parents=True)
+                s = measure(argvs[VAULT_B], env=env)
+                if not self._pgvault_ok(res[VAULT_B], s):
+                    for op in (VAULT_R, VAULT_RJ2):
+                        res[op].status, res[op].note = "n/a", "pgvault backup failed"
+                    break
+                self._add(res[VAULT_B], s, _tree_size(repo))
+                for op in (VAULT_R, VAULT_RJ2):
+                    if res[op].status != "ok":
+                        continue
+                    self._drop_db(restore_db)
+                    s = measure(argvs[op], env=env)
+                    if self._pgvault_ok(res[op], s):
+                        self._add(res[op], s, None, self._verify(restore_db, info.rows, s))
+        finally:
+            self._drop_db(restore_db)
+            shutil.rmtree(repo.parent, ignore_errors=True)  # up to GBs: free it now
+        return res
+
+    def run_startup(self, runs: int) -> dict[str, OpResult]:
+        """Wall time of `pgvault --version` and `pgvault list` on an empty local repository."""
+        empty = self.workdir / "empty-repo"
+        empty.mkdir(parents=True, exist_ok=True)
+        vault = str(self.pgvault)
+        argvs = {
+            "startup.version": [vault, "--version"],
+            "startup.list": [vault, "list", "--repo", f"file://{empty}"],
+        }
+        res: dict[str, OpResult] = {}
+        env = self.env()
+        for op, argv in argvs.items():
+            r = res[op] = OpResult(op, " ".join(argv))
+            warm = measure(argv, env=env, sample=False)  # page cache, .pyc files
+            if not self._pgvault_ok(r, warm):
+                continue
+            for _ in range(runs):
+                s = measure(argv, env=env, sample=False)
+                if not self._pgvault_ok(r, s):
+                    break
+                r.samples.append(s)
+                r.verified.append(True)
+            if r.status == "ok":
+                log(f"  {' '.join(argv[1:3])}: median {r.median('wall_s') or 0:.3f}s wall "
+                    f"over {runs} runs (min {min(x.wall_s for x in r.samples):.3f}s)")
+        return res
+
+    def run_profile(self, info: DatasetInfo, out_dir: Path) -> dict[str, Any]:
+        """Profile pgvault backup (local, S3) and restore (default, -j) once each."""
+        src = self.cluster.url(info.dbname)
+        repo = self.workdir / info.name / "profile-repo"
+        repo_url = f"file://{repo}"
+        restore_db = f"{RESTORE_PREFIX}{info.name}"
+        vault = str(self.pgvault)
+        restore = [vault, "restore", "latest", "--to", restore_db, "--dbname", src,
+                   "--repo", repo_url]
+        env = self.env(DATABASE_URL=src, PGVAULT_REPO=repo_url)
+        py_spy = Path(sys.executable).parent / "py-spy"
+        found = py_spy if py_spy.exists() else shutil.which("py-spy")
+
+        def empty_repo() -> None:
+            shutil.rmtree(repo, ignore_errors=True)
+            repo.mkdir(parents=True)
+
+        def drop_target() -> None:
+            self._drop_db(restore_db)
+
+        plan: list[tuple[str, list[str], dict[str, str], Callable[[], None]]] = [
+            ("backup-local", [vault, "backup", "--dbname", src, "--repo", repo_url], env,
+             empty_repo),
+        ]
+        if self.s3 is not None:
+            s3 = self.s3
+            prefix = f"{info.name}/profile/"
+            plan.append(("backup-s3", [vault, "backup", "--dbname", src, "--repo",
+                                       f"s3://{BUCKET}/{prefix}"],
+                         self.s3_env(DATABASE_URL=src), lambda: s3.clear(prefix)))
+        plan += [
+            ("restore", restore, env, drop_target),
+            ("restore-j2", [*restore, "-j", str(self.restore_jobs)], env, drop_target),
+        ]
+        out: dict[str, Any] = {}
+        for name, argv, penv, before in plan:
+            log(f"[{info.name}] profiling {name}")
+            out[name] = profile(argv, penv, out_dir, f"{info.name}-{name}",
+                                Path(found) if found else None, before)
+        self._drop_db(restore_db)
+        if self.s3 is not None:
+            self.s3.clear(f"{info.name}/profile/")
+        return out
 
     @staticmethod
     def _check(s: Sample, what: str) -> Sample:
@@ -220,6 +412,8 @@ class Bench:
             r.sizes.append(size)
         r.verified.append(verified)
         extra = f", {size / MB:.1f} MB" if size is not None else ""
+        if s.procs.get("pg_restore", 0) > 1:
+            extra += f", up to {s.procs['pg_restore']} pg_restore processes"
         log(f"  {LABELS[r.op]}: {s.wall_s:.2f}s wall, {s.cpu_s:.2f}s CPU, "
             f"{s.peak_rss_bytes / MB:.1f} MB RSS{extra}{'' if verified else ', NOT VERIFIED'}")
 
@@ -253,6 +447,29 @@ def _tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def export_revision(rev: str, dest: Path) -> tuple[Path, str]:
+    """Export src/ of a git revision; return a `pgvault` script that runs it, and the commit.
+
+    The script uses this venv's Python and dependencies; only pgvault's own code differs, so
+    a revision can be measured while the working tree is being edited.
+    """
+    import subprocess
+
+    repo = BENCH_DIR.parent
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "src"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    script = dest / "pgvault"
+    script.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(dest / 'src')!r})\n"
+                      "from pgvault.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    log(f"measuring pgvault at {rev} ({commit[:12]}), exported to {dest}")
+    return script, commit
+
+
 def find_pgvault(explicit: str | None) -> tuple[Path | None, str]:
     """Locate a working pgvault CLI that has backup and restore; else (None, reason)."""
     path = Path(explicit) if explicit else Path(sys.executable).parent / "pgvault"
@@ -283,12 +500,13 @@ class Prepared:
     built_now: set[str]
 
 
-def prepare(args: argparse.Namespace, stack: contextlib.ExitStack, scratch: Path) -> Prepared:
+def prepare(args: argparse.Namespace, stack: contextlib.ExitStack, scratch: Path,
+            size_mb: int, pgbench: bool) -> Prepared:
     """Return a data dir holding the dataset(s): from the cache, or built now (and cached)."""
     if args.no_cache:
-        base = scratch / "cluster"
+        base = scratch / f"cluster-{size_mb}mb"
     else:
-        base = Path(args.cache_dir) / f"pg15-shop-v{ds.DATASET_VERSION}-{args.size_mb}mb"
+        base = Path(args.cache_dir) / f"pg15-shop-v{ds.DATASET_VERSION}-{size_mb}mb"
         _lock(base.with_suffix(".lock"), stack)
     data_dir, meta_path = base / "pgdata", base / "dataset.json"
     if args.rebuild and base.exists():
@@ -297,7 +515,7 @@ def prepare(args: argparse.Namespace, stack: contextlib.ExitStack, scratch: Path
     meta: dict[str, Any] | None = None
     if meta_path.exists() and data_dir.exists():
         meta = json.loads(meta_path.read_text())
-    need_pgbench = args.pgbench and not (meta or {}).get("pgbench")
+    need_pgbench = pgbench and not (meta or {}).get("pgbench")
     if meta is not None and not need_pgbench:
         log(f"using cached dataset {base}")
         return Prepared(data_dir, meta, set())
@@ -312,15 +530,15 @@ def prepare(args: argparse.Namespace, stack: contextlib.ExitStack, scratch: Path
         build_dir = base / "pgdata.partial"
         log(f"initdb {build_dir}")
         initdb(build_dir)
-        meta = {"version": ds.DATASET_VERSION, "size_mb": args.size_mb}
+        meta = {"version": ds.DATASET_VERSION, "size_mb": size_mb}
     built: set[str] = set()
     cluster = Cluster(build_dir, BUILD_SETTINGS)
     stack.callback(cluster.stop)
     cluster.start()
     if "shop" not in meta:
-        log(f"building shop dataset of ~{args.size_mb} MB")
+        log(f"building shop dataset of ~{size_mb} MB")
         t = time.monotonic()
-        plan = ds.build_shop(cluster.url(), cluster.url(ds.SHOP_DB), args.size_mb, log)
+        plan = ds.build_shop(cluster.url(), cluster.url(ds.SHOP_DB), size_mb, log)
         meta["shop"] = {"build_seconds": round(time.monotonic() - t, 2), "plan": asdict(plan),
                         "rows": ds.table_counts(cluster.url(ds.SHOP_DB))}
         built.add("shop")
@@ -329,7 +547,7 @@ def prepare(args: argparse.Namespace, stack: contextlib.ExitStack, scratch: Path
     if need_pgbench:
         log("building pgbench dataset (pgbench -i)")
         t = time.monotonic()
-        scale = ds.build_pgbench(cluster.url(), cluster.url(ds.PGBENCH_DB), args.size_mb)
+        scale = ds.build_pgbench(cluster.url(), cluster.url(ds.PGBENCH_DB), size_mb)
         meta["pgbench"] = {"build_seconds": round(time.monotonic() - t, 2), "scale": scale,
                            "rows": ds.table_counts(cluster.url(ds.PGBENCH_DB))}
         built.add("pgbench")
@@ -378,6 +596,25 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def _verdict(ratio: float | None, limit: float) -> str:
+    """PASS, MISS or n/a for a measured value against an upper limit."""
+    return "n/a" if ratio is None else ("PASS" if ratio <= limit else "MISS")
+
+
+def _op_note(op: str, r: OpResult) -> str:
+    """The note column: failure, mismatch, and how many pg_restore processes ran at once."""
+    if r.status != "ok":
+        return f"{r.status}: {r.note}"
+    notes = [r.note] if r.note else []
+    if not all(r.verified):
+        notes.append("RESTORE MISMATCH")
+    if op.startswith("restore.") and r.samples:
+        n = max(s.procs.get("pg_restore", 0) for s in r.samples)
+        if n:
+            notes.append(f"pg_restore processes at once: {n}")
+    return "; ".join(notes)
+
+
 def report(info: DatasetInfo, res: dict[str, OpResult], runs: int) -> dict[str, Any]:
     """Print the table for one dataset and return the same as a JSON-ready dict."""
     ref = info.reference_dump_bytes
@@ -394,15 +631,12 @@ def report(info: DatasetInfo, res: dict[str, OpResult], runs: int) -> dict[str, 
     for op, r in res.items():
         size = r.median_size()
         comp = _ratio(ref, size) if size else None
-        is_backup = op.startswith("backup.")
+        is_backup = not op.startswith("restore.")
         wall, cpu, rss = r.median("wall_s"), r.median("cpu_s"), r.median("peak_rss_bytes")
-        note = r.note if r.status != "ok" else ("" if all(r.verified) else "RESTORE MISMATCH")
-        if r.status != "ok":
-            note = f"{r.status}: {note}"
         line = (f"{LABELS[op]:<38} {_fmt(wall):>8} {_fmt(cpu):>8} "
                 f"{_fmt(None if rss is None else rss / MB, '.1f'):>12} "
                 f"{_fmt(None if size is None else size / MB, '.1f') if is_backup else '-':>10} "
-                f"{_fmt(comp, '.2f', 'x') if is_backup else '-':>12}  {note}")
+                f"{_fmt(comp, '.2f', 'x') if is_backup else '-':>12}  {_op_note(op, r)}")
         print(line.rstrip())
         ops_json[op] = {
             "label": LABELS[op], "command": r.command, "status": r.status, "note": r.note,
@@ -414,18 +648,110 @@ def report(info: DatasetInfo, res: dict[str, OpResult], runs: int) -> dict[str, 
                      for i, s in enumerate(r.samples)],
         }
     print()
-    print(f"{'ratio (lower is better for pgvault)':<38} {'wall':>8} {'CPU':>8} {'peak RSS':>12}")
-    ratios_json: dict[str, Any] = {}
-    for name, a, b in RATIOS:
-        vals = {k: _ratio(res[a].median(k), res[b].median(k))
+    head = (f"{'target: wall ratio (lower is better)':<38} {'ratio':>7} {'target':>8} "
+            f"{'result':>6} {'CPU ratio':>10} {'RSS ratio':>10}")
+    print(head)
+    print("-" * len(head))
+    targets_json: list[dict[str, Any]] = []
+    for t in TARGETS:
+        vals = {k: _ratio(res[t.op].median(k), res[t.base].median(k))
                 for k in ("wall_s", "cpu_s", "peak_rss_bytes")}
-        ratios_json[name] = vals
-        w, c, m = (_fmt(vals[k], ".2f", "x") for k in ("wall_s", "cpu_s", "peak_rss_bytes"))
-        print(f"{name:<38} {w:>8} {c:>8} {m:>12}")
-    return {"dataset": asdict(info), "operations": ops_json, "ratios": ratios_json}
+        verdict = _verdict(vals["wall_s"], t.limit)
+        targets_json.append({"target": t.name, "op": t.op, "base": t.base, "limit": t.limit,
+                             "ratio": vals["wall_s"], "result": verdict,
+                             "cpu_ratio": vals["cpu_s"], "rss_ratio": vals["peak_rss_bytes"]})
+        print(f"{t.name:<38} {_fmt(vals['wall_s'], '.2f', 'x'):>7} {f'<={t.limit:.2f}x':>8} "
+              f"{verdict:>6} {_fmt(vals['cpu_s'], '.2f', 'x'):>10} "
+              f"{_fmt(vals['peak_rss_bytes'], '.2f', 'x'):>10}")
+    return {"dataset": asdict(info), "operations": ops_json, "targets": targets_json}
+
+
+def report_memory(points: list[tuple[DatasetInfo, dict[str, OpResult]]]) -> dict[str, Any]:
+    """Print peak RSS of pgvault per database size (target 4) and return it as JSON."""
+    ops = (VAULT_B, VAULT_R, VAULT_RJ2)
+    limit = MEMORY_LIMIT_BYTES / MB
+    print()
+    print(f"== memory: peak RSS of the pgvault process tree (server excluded), MB; target 4: "
+          f"<= {limit:.0f} MB at every size, flat")
+    head = f"{'database':<22}" + "".join(f"{LABELS[op]:>30}" for op in ops)
+    print(head)
+    print("-" * len(head))
+    rows: list[dict[str, Any]] = []
+    for info, res in points:
+        cells: list[str] = []
+        row: dict[str, Any] = {"target_mb": info.target_mb,
+                               "db_size_bytes": info.db_size_bytes, "operations": {}}
+        for op in ops:
+            r = res.get(op)
+            peak = (max(s.peak_rss_bytes for s in r.samples)
+                    if r is not None and r.status == "ok" and r.samples else None)
+            mb = None if peak is None else peak / MB
+            verdict = _verdict(mb, limit)
+            cells.append(f"{_fmt(mb, '.1f')} {verdict}" if mb is not None
+                         else (r.status if r is not None else "n/a"))
+            row["operations"][op] = {
+                "peak_rss_bytes": peak, "result": verdict,
+                "wall_s": r.median("wall_s") if r is not None else None,
+                "runs": [asdict(s) for s in r.samples] if r is not None else [],
+                "note": r.note if r is not None else ""}
+        rows.append(row)
+        print(f"{f'{info.db_size_bytes / MB:,.0f} MB':<22}" + "".join(f"{c:>30}" for c in cells))
+    if len(rows) >= 2:
+        first, last = rows[0], rows[-1]
+        growth = []
+        for op in ops:
+            a = first["operations"][op]["peak_rss_bytes"]
+            b = last["operations"][op]["peak_rss_bytes"]
+            growth.append(_fmt(_ratio(b, a), ".2f", "x"))
+        scale = last["db_size_bytes"] / first["db_size_bytes"]
+        print(f"{f'growth for {scale:.1f}x data':<22}" + "".join(f"{g:>30}" for g in growth))
+    return {"limit_bytes": MEMORY_LIMIT_BYTES, "sizes": rows}
+
+
+def report_startup(res: dict[str, OpResult], runs: int) -> dict[str, Any]:
+    """Print median start-up wall times (target 5) and return them as JSON."""
+    print()
+    print(f"== start-up: median wall of {runs} runs; target 5: <= {STARTUP_LIMIT_S:.2f} s")
+    out: dict[str, Any] = {"limit_s": STARTUP_LIMIT_S}
+    for op, r in res.items():
+        wall = r.median("wall_s")
+        verdict = _verdict(wall, STARTUP_LIMIT_S)
+        low = min((s.wall_s for s in r.samples), default=None)
+        print(f"{r.command.split(' ', 1)[1]:<60} {_fmt(wall, '.3f')} s  (min {_fmt(low, '.3f')})"
+              f"  {verdict}  {'' if r.status == 'ok' else r.status + ': ' + r.note}".rstrip())
+        out[op] = {"command": r.command, "median_wall_s": wall, "min_wall_s": low,
+                   "result": verdict, "status": r.status, "note": r.note,
+                   "walls_s": [s.wall_s for s in r.samples]}
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """What the figures came from: CPUs, memory, OS, Python."""
+    import psutil
+
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {"node": platform.node(), "cpus": os.cpu_count(), "cpu_model": cpu_model,
+            "memory_bytes": psutil.virtual_memory().total, "python": sys.version,
+            "platform": platform.platform(), "load_avg_at_start": os.getloadavg()}
 
 
 # ---------------------------------------------------------------- main
+
+
+def _sizes(text: str) -> list[int]:
+    """'1024,4096' -> [1024, 4096]."""
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of sizes in MB: {text!r}") from None
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError("sizes must be positive")
+    return sizes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -439,7 +765,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also benchmark a pgbench -i database of about the same size")
     p.add_argument("--no-pgvault", action="store_true", help="measure the baselines only")
     p.add_argument("--pgvault", metavar="PATH", help="pgvault executable (default: the venv's)")
+    p.add_argument("--pgvault-rev", metavar="REV",
+                   help="measure pgvault's code at this git revision (e.g. HEAD, a commit) "
+                        "instead of the working tree; same venv and dependencies")
     p.add_argument("--restore-jobs", type=int, default=2, help="pg_restore -j (default 2)")
+    p.add_argument("--no-s3", action="store_true",
+                   help="skip the S3 comparison (no moto server)")
+    p.add_argument("--memory-sizes", type=_sizes, default=[], metavar="MB,MB",
+                   help="also measure pgvault's peak RSS on shop databases of these sizes, "
+                        "e.g. 1024,4096 (built once and cached; 4 GB takes minutes)")
+    p.add_argument("--memory-runs", type=int, default=1,
+                   help="runs per operation in the memory part (default 1)")
+    p.add_argument("--startup-runs", type=int, default=10,
+                   help="runs of pgvault --version and pgvault list (default 10; 0 skips)")
+    p.add_argument("--profile", action="store_true",
+                   help="afterwards, profile pgvault backup and restore once each (py-spy, "
+                        "perf) on the shop dataset")
     p.add_argument("--cache-dir", default=str(BENCH_DIR / ".cache"),
                    help="where built clusters are kept, keyed by size (default bench/.cache)")
     p.add_argument("--no-cache", action="store_true",
@@ -449,8 +790,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results-dir", default=str(BENCH_DIR / "results"),
                    help="where the JSON results go (default bench/results)")
     args = p.parse_args(argv)
-    if args.runs < 1 or args.size_mb < 1:
-        p.error("--runs and --size-mb must be positive")
+    if args.runs < 1 or args.size_mb < 1 or args.memory_runs < 1 or args.startup_runs < 0:
+        p.error("--runs, --size-mb and --memory-runs must be positive")
     return args
 
 
@@ -471,6 +812,24 @@ def signals_raise() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def start_s3(args: argparse.Namespace, stack: contextlib.ExitStack, scratch: Path
+             ) -> tuple[MotoServer | None, str, str | None]:
+    """Start the loopback S3 server unless --no-s3; returns (server, why not, aws CLI)."""
+    if args.no_s3:
+        return None, "skipped (--no-s3)", None
+    try:
+        import moto  # noqa: F401 - only to tell whether moto's server can run
+    except ImportError:
+        return None, "moto not installed (pip install -e '.[test]')", None
+    server = MotoServer(scratch / "s3")
+    stack.callback(server.stop)
+    log("starting the loopback S3 server (moto)")
+    server.start()
+    aws = find_aws()
+    log(f"S3 at {server.url}; upload baseline uses {aws or 'boto3 upload_fileobj (no aws CLI)'}")
+    return server, "", aws
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prepare the cluster, run the benchmark, print and save the results."""
     args = parse_args(argv)
@@ -478,12 +837,25 @@ def main(argv: list[str] | None = None) -> int:
         print("runuser is needed to run PostgreSQL as the postgres user", file=sys.stderr)
         return 2
     started = dt.datetime.now(dt.UTC)
+    host = machine()
+    res_dir = Path(args.results_dir)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    server_version = "?"
+    out: list[dict[str, Any]] = []
+    memory_json: dict[str, Any] | None = None
+    startup_json: dict[str, Any] | None = None
+    profiles: dict[str, Any] = {}
+    pgvault: Path | None = None
+    note = s3_note = "not started"
+    aws: str | None = None
+    startup: dict[str, OpResult] = {}
+    pgvault_commit = ""
     with signals_raise(), contextlib.ExitStack() as stack:
         scratch = Path(tempfile.mkdtemp(prefix="pgvault-bench-", dir=args.workdir))
         scratch.chmod(0o755)
         stack.callback(shutil.rmtree, scratch, True)
         try:
-            prepared = prepare(args, stack, scratch)
+            prepared = prepare(args, stack, scratch, args.size_mb, args.pgbench)
             cluster = Cluster(prepared.data_dir, BENCH_SETTINGS)
             stack.callback(cluster.stop)
             log("starting PostgreSQL with benchmark settings")
@@ -496,14 +868,23 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.no_pgvault:
                 pgvault, note = None, "skipped (--no-pgvault)"
+            elif args.pgvault_rev:
+                script, pgvault_commit = export_revision(args.pgvault_rev,
+                                                         scratch / "pgvault-rev")
+                pgvault, note = find_pgvault(str(script))
             else:
                 pgvault, note = find_pgvault(args.pgvault)
             log(f"pgvault: {pgvault or note}")
-            bench = Bench(cluster, scratch / "work", pgvault, note, args.restore_jobs)
+            s3, s3_note, aws = start_s3(args, stack, scratch)
+            bench = Bench(cluster, scratch / "work", pgvault, note, args.restore_jobs,
+                          s3, s3_note, aws)
 
+            if pgvault is not None and args.startup_runs:
+                log(f"start-up: {args.startup_runs} runs each")
+                startup = bench.run_startup(args.startup_runs)
             datasets = [("shop", ds.SHOP_DB)] + ([("pgbench", ds.PGBENCH_DB)]
                                                  if args.pgbench else [])
-            out: list[dict[str, Any]] = []
+            shop: tuple[DatasetInfo, dict[str, OpResult]] | None = None
             for name, db in datasets:
                 m = prepared.meta[name]
                 info = DatasetInfo(
@@ -513,6 +894,39 @@ def main(argv: list[str] | None = None) -> int:
                     cached=name not in prepared.built_now, rows=m["rows"])
                 res = bench.run_dataset(info, args.runs)
                 out.append(report(info, res, args.runs))
+                if name == "shop":
+                    shop = (info, res)
+            if pgvault is not None and args.startup_runs:
+                startup_json = report_startup(startup, args.startup_runs)
+            if args.profile and pgvault is not None and shop is not None:
+                prof_dir = res_dir / f"{stamp}-profile"
+                profiles = bench.run_profile(shop[0], prof_dir)
+                print()
+                for pname, prof in profiles.items():
+                    print(format_profile(pname, prof))
+            cluster.stop()
+
+            points = [shop] if shop is not None else []
+            if args.memory_sizes and pgvault is not None:
+                for size in args.memory_sizes:
+                    if size == args.size_mb:
+                        continue  # the shop dataset above is that point already
+                    prep = prepare(args, stack, scratch, size, False)
+                    mcluster = Cluster(prep.data_dir, BENCH_SETTINGS)
+                    stack.callback(mcluster.stop)
+                    log(f"[memory {size} MB] starting PostgreSQL")
+                    mcluster.start()
+                    drop_leftovers(mcluster)
+                    m = prep.meta["shop"]
+                    info = DatasetInfo(
+                        name="shop", dbname=ds.SHOP_DB, target_mb=size,
+                        db_size_bytes=ds.database_size(mcluster.url(ds.SHOP_DB)),
+                        build_seconds=float(m["build_seconds"]),
+                        cached="shop" not in prep.built_now, rows=m["rows"])
+                    mbench = Bench(mcluster, scratch / "work", pgvault, note, args.restore_jobs)
+                    points.append((info, mbench.run_memory(info, args.memory_runs)))
+                    mcluster.stop()
+                memory_json = report_memory(sorted(points, key=lambda p: p[0].db_size_bytes))
         except KeyboardInterrupt as e:
             log(f"interrupted ({str(e) or 'SIGINT'}); stopping the cluster and cleaning up")
             return 130
@@ -522,21 +936,26 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)  # let the cleanup below finish
-        log("stopping the cluster")
+        log("stopping the servers")
 
     results = {
         "started_at": started.isoformat(),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
         "args": vars(args),
-        "host": {"node": platform.node(), "cpus": os.cpu_count(), "python": sys.version,
-                 "platform": platform.platform()},
+        "host": host,
         "postgres": {"version": server_version, "bin": str(PG_BIN), "settings": BENCH_SETTINGS},
         "pgvault": str(pgvault) if pgvault else note,
+        "pgvault_rev": args.pgvault_rev,
+        "pgvault_commit": pgvault_commit,
+        "s3": {"server": "moto (loopback)", "upload_tool": aws or "boto3 upload_fileobj",
+               "note": s3_note},
         "datasets": out,
+        "memory": memory_json,
+        "startup": startup_json,
+        "profile": profiles,
     }
-    res_dir = Path(args.results_dir)
     res_dir.mkdir(parents=True, exist_ok=True)
-    path = res_dir / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path = res_dir / f"{stamp}.json"
     path.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nresults written to {path}")
     return 0

@@ -6,7 +6,9 @@ Everything else in pgvault receives the plain values this module resolves.
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,8 +28,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from pgvault import redact
 from pgvault.errors import ConfigError
 from pgvault.pg.conninfo import ConnInfo
+
+log = logging.getLogger("pgvault")
 
 # Variables whose value may instead be read from the file named by VAR_FILE.
 SECRET_VARIABLES = (
@@ -70,6 +75,19 @@ class CompressionSettings(Section):
     threads: int = Field(default=2, ge=0, le=64)
 
 
+class EncryptionSettings(Section):
+    """Client-side age encryption: to public recipients, and/or with a repository passphrase.
+
+    Env: PGVAULT_AGE_RECIPIENTS (comma-separated), PGVAULT_AGE_IDENTITY_FILE. The passphrase
+    itself only comes from PGVAULT_AGE_PASSPHRASE or PGVAULT_AGE_PASSPHRASE_FILE.
+    """
+
+    recipients: list[str] = Field(default_factory=list)
+    recipients_file: str | None = None
+    identity_file: str | None = None
+    passphrase: bool = False
+
+
 class RetentionSettings(Section):
     """Grandfather-father-son retention; counts are numbers or "unlimited"."""
 
@@ -87,6 +105,31 @@ class ObjectivesSettings(Section):
 
     rpo_hours: float = Field(default=24.0, gt=0)
     rto_minutes: float = Field(default=60.0, gt=0)
+
+
+VerifyLevel = Literal["integrity", "restore", "facts", "assertions", "command"]
+
+
+class SqlAssertion(Section):
+    """One `[[verify.sql]]` check: a query returning one boolean, true when all is well."""
+
+    name: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+
+
+class VerifySettings(Section):
+    """Restore drills (`pgvault verify`): where to restore, how deep, what to run."""
+
+    server: SecretStr | None = None  # a server URL; None: an ephemeral local cluster
+    level: VerifyLevel | None = None  # None: the deepest level this section allows
+    command: str | None = None  # run by `sh -c` with DATABASE_URL/PG* set to the restore
+    command_timeout_seconds: float = Field(default=600.0, gt=0)
+    sql: list[SqlAssertion] = Field(default_factory=list)
+
+    def default_level(self) -> VerifyLevel:
+        if self.level is not None:
+            return self.level
+        return "command" if self.command else "assertions" if self.sql else "facts"
 
 
 class ScheduleSettings(Section):
@@ -163,6 +206,18 @@ class CheckSettings(Section):
     warn_drill_age_days: float = Field(default=8.0, ge=0)  # 0: never warn about drills
 
 
+class PhysicalSettings(Section):
+    """Base backups, WAL archiving and point-in-time recovery of one PostgreSQL cluster."""
+
+    cluster: str = Field(default="main", min_length=1)  # its name (folder) in the repository
+    # fetch: pg_basebackup -X fetch puts the WAL in base.tar; archive: -X none, the WAL comes
+    # from the archive (wal-push); auto: archive when the server archives with wal-push.
+    wal_method: Literal["auto", "fetch", "archive"] = "auto"
+    fast_checkpoint: bool = False
+    recovery_window: str | None = None  # e.g. "7d": restorable to any point in the last 7 days
+    archive_wait_seconds: float = Field(default=60.0, gt=0)
+
+
 class DatabaseEntry(Section):
     """One `[[databases]]` entry: a database and the settings it overrides."""
 
@@ -190,15 +245,19 @@ class Settings(BaseSettings):
     backup_globals: bool = True
     lock_stale_after_hours: float = Field(default=12.0, gt=0)
     prune_after_backup: bool = False
+    verify_after_backup: bool = False
     s3: S3Settings = Field(default_factory=S3Settings)
     compression: CompressionSettings = Field(default_factory=CompressionSettings)
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     objectives: ObjectivesSettings = Field(default_factory=ObjectivesSettings)
+    verify: VerifySettings = Field(default_factory=VerifySettings)
     schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     check: CheckSettings = Field(default_factory=CheckSettings)
+    physical: PhysicalSettings = Field(default_factory=PhysicalSettings)
     databases: list[DatabaseEntry] = Field(default_factory=list)
 
     @field_validator("databases")
@@ -244,24 +303,104 @@ def load(config_file: str | None = None, **flags: Any) -> Settings:
         _CONFIG_FILE = Path(path).expanduser()
         if not _CONFIG_FILE.is_file():
             raise ConfigError(f"config file {_CONFIG_FILE} does not exist")
-        _check_toml(_CONFIG_FILE)
+        _warn_if_exposed(_CONFIG_FILE, _check_toml(_CONFIG_FILE))
     overrides = {key: value for key, value in flags.items() if value is not None}
+    age_env = _age_env()
+    if age_env:
+        overrides["encryption"] = {**age_env, **overrides.get("encryption", {})}
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
     finally:
         _CONFIG_FILE = None
+    _register_secrets(settings)
+    return settings
 
 
-def _check_toml(path: Path) -> None:
+def _age_env() -> dict[str, Any]:
+    """PGVAULT_AGE_RECIPIENTS (comma-separated) and PGVAULT_AGE_IDENTITY_FILE."""
+    found: dict[str, Any] = {}
+    recipients = os.environ.get("PGVAULT_AGE_RECIPIENTS")
+    if recipients:
+        found["recipients"] = [r.strip() for r in recipients.split(",") if r.strip()]
+    identity_file = os.environ.get("PGVAULT_AGE_IDENTITY_FILE")
+    if identity_file:
+        found["identity_file"] = identity_file
+    return found
+
+
+def _check_toml(path: Path) -> dict[str, Any]:
     import tomllib
 
     try:
         with path.open("rb") as handle:
-            tomllib.load(handle)
+            return tomllib.load(handle)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
+
+
+# Keys whose value is a secret wherever they appear in the config file.
+_SECRET_KEYS = {"password", "url", "server", "webhook_url", "slack_webhook_url",
+                "discord_webhook_url", "ping_url", "pushgateway_url"}
+
+
+def _secret_keys(data: Any, path: str = "") -> list[str]:
+    """Dotted names of the values in a parsed TOML file that are secrets."""
+    found: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            name = f"{path}.{key}" if path else str(key)
+            if isinstance(value, str) and value and (
+                    key in _SECRET_KEYS or _url_password(value) is not None):
+                found.append(name)
+            else:
+                found += _secret_keys(value, name)
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            found += _secret_keys(value, f"{path}[{index}]")
+    return found
+
+
+def _url_password(value: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    if "://" not in value:
+        return None
+    try:
+        return urlsplit(value).password
+    except ValueError:
+        return None
+
+
+def _warn_if_exposed(path: Path, data: dict[str, Any]) -> None:
+    """A config file holding secrets must be private: warn when group or others may read it."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    secrets = _secret_keys(data)
+    if mode & 0o077 and secrets:
+        log.warning("config file %s holds secrets (%s) and is readable by group or others "
+                    "(mode %04o); run: chmod 600 %s", path, ", ".join(secrets), mode, path)
+
+
+def _register_secrets(settings: Settings) -> None:
+    """Tell the redactor every secret the settings hold, so nothing prints them."""
+
+    def walk(value: Any) -> None:
+        if isinstance(value, SecretStr):
+            redact.register_url(value.get_secret_value())
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str):
+            redact.register(_url_password(value))
+
+    walk(settings)
 
 
 def _describe(exc: ValidationError) -> str:
@@ -280,14 +419,25 @@ def secret_env(name: str) -> str | None:
     """A secret from the environment: VAR itself, or the content of the file VAR_FILE."""
     value = os.environ.get(name)
     if value:
+        _register_secret_value(value)
         return value
     file_name = os.environ.get(name + "_FILE")
     if not file_name:
         return None
     try:
-        return Path(file_name).read_text().strip()
+        value = Path(file_name).read_text().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read {name}_FILE ({file_name}): {exc.strerror}") from None
+    _register_secret_value(value)
+    return value
+
+
+def _register_secret_value(value: str | None) -> None:
+    """A URL's password (the rest of a URL is not secret), or the whole value."""
+    if value and "://" in value:
+        redact.register(_url_password(value))
+    else:
+        redact.register(value)
 
 
 def export_file_secrets() -> None:
@@ -297,6 +447,33 @@ def export_file_secrets() -> None:
             value = secret_env(name)
             if value:
                 os.environ[name] = value
+    # The key id is an identifier (AWS prints it in errors); the rest are secrets.
+    redact.register(os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"),
+                    os.environ.get("AWS_SECURITY_TOKEN"))
+
+
+def age_recipients(settings: Settings) -> list[str]:
+    """The age recipients: the setting (or PGVAULT_AGE_RECIPIENTS) plus recipients_file."""
+    from pgvault.pipeline.age import canonical_recipient, recipients_from_text
+
+    encryption = settings.encryption
+    found = [canonical_recipient(r) for r in encryption.recipients]
+    if encryption.recipients_file:
+        path = Path(encryption.recipients_file).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read encryption.recipients_file {path}: "
+                              f"{exc.strerror}") from None
+        found += recipients_from_text(text)
+    return found
+
+
+def age_passphrase() -> str | None:
+    """The age passphrase, from PGVAULT_AGE_PASSPHRASE or _FILE only (never a flag or file)."""
+    value = secret_env("PGVAULT_AGE_PASSPHRASE")
+    redact.register(value)  # whole, even when it looks like a URL
+    return value
 
 
 def connection(settings: Settings, dbname: str | None = None) -> ConnInfo:
@@ -307,7 +484,9 @@ def connection(settings: Settings, dbname: str | None = None) -> ConnInfo:
     spec = dbname or os.environ.get("PGVAULT_DATABASE")
     if not spec:
         spec = secret_env("DIRECT_URL") or secret_env("DATABASE_URL") or settings.database
-    return ConnInfo.parse(spec, password=secret_env("PGPASSWORD"))
+    conn = ConnInfo.parse(spec, password=secret_env("PGPASSWORD"))
+    redact.register(conn.password)
+    return conn
 
 
 def s3_options(settings: Settings) -> Any:
@@ -315,6 +494,10 @@ def s3_options(settings: Settings) -> Any:
     from pgvault.storage.s3 import S3Options
 
     s3 = settings.s3
+    if not s3.verify_tls:
+        log.warning("TLS certificate verification for the S3 endpoint is off "
+                    "(s3.verify_tls = false): anyone on the network path can read and alter "
+                    "backups in transit")
     return S3Options(
         endpoint_url=s3.endpoint_url,
         region=s3.region,

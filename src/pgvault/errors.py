@@ -69,6 +69,18 @@ class RestoreFailed(PgvaultError):
     exit_code = 9
 
 
+class VerifyFailed(PgvaultError):
+    """A restore drill ran, and a check other than integrity failed (restore, facts, ...)."""
+
+    exit_code = 10
+
+
+class DecryptionError(PgvaultError):
+    """An encrypted backup cannot be opened: no identity, or none of them is a recipient."""
+
+    exit_code = 11
+
+
 class Interrupted(PgvaultError):
     """The run was stopped by a signal (Ctrl-C or SIGTERM)."""
 

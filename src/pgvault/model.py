@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import secrets
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +43,10 @@ class StageSpec(BaseModel):
     name: str
     level: int | None = None
     threads: int | None = None
+    # age: the public recipients (age1... or SSH public keys), never a secret key.
+    recipients: tuple[str, ...] | None = None
+    # age: the repository's passphrase-wrapped identity is among the recipients.
+    passphrase: bool | None = None
 
 
 class Artifact(BaseModel):
@@ -67,6 +73,38 @@ class TableFacts(BaseModel):
     rows: int
 
 
+class SchemaFingerprint(BaseModel):
+    """sha256 of a canonical listing of the user schema, whole and per kind of object."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sha256: str
+    sections: dict[str, str] = Field(default_factory=dict)
+    objects: dict[str, int] = Field(default_factory=dict)
+
+    @classmethod
+    def from_sections(cls, sections: dict[str, list[str]]) -> SchemaFingerprint:
+        """Hash each section's lines in byte order (never a server collation's order)."""
+        digests = {name: hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
+                   for name, lines in sorted(sections.items())}
+        whole = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+        return cls(sha256=whole, sections=digests,
+                   objects={name: len(lines) for name, lines in sorted(sections.items())})
+
+
+class MigrationTable(BaseModel):
+    """A migration tool's table (_prisma_migrations, alembic_version, ...) in the snapshot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    schema_name: str
+    name: str
+    rows: int
+    sha256: str
+    latest: str | None = None
+    failed: list[str] = Field(default_factory=list)
+
+
 class Facts(BaseModel):
     """Facts captured in the same snapshot as the dump, for later verification."""
 
@@ -77,6 +115,26 @@ class Facts(BaseModel):
     extensions: dict[str, str] = Field(default_factory=dict)
     tables: list[TableFacts] = Field(default_factory=list)
     snapshot: str | None = None
+    # None: not recorded (older pgvault, or the catalog could not be read).
+    schema_filter: str | None = None
+    schema_fingerprint: SchemaFingerprint | None = None
+    migrations: list[MigrationTable] | None = None
+
+
+class PhysicalFacts(BaseModel):
+    """What a base backup needs for a restore: its cluster, WAL range and where the WAL is."""
+
+    system_identifier: str  # a uint64, kept as text so JSON tools keep every digit
+    wal_segment_size: int
+    timeline: int
+    start_lsn: str
+    stop_lsn: str
+    start_wal: str
+    stop_wal: str
+    stop_timeline: int
+    stop_time: datetime
+    wal_included: bool  # True: pg_basebackup -X fetch put the WAL in base.tar
+    label: str = ""
 
 
 class Pin(BaseModel):
@@ -101,6 +159,7 @@ class Manifest(BaseModel):
     facts: Facts = Field(default_factory=Facts)
     warnings: list[str] = Field(default_factory=list)
     pin: Pin | None = None
+    physical: PhysicalFacts | None = None  # set when kind == "physical"
 
     @property
     def time(self) -> datetime:
@@ -138,3 +197,48 @@ class Manifest(BaseModel):
             "raw_size": self.raw_size,
             "pinned": self.pinned,
         }
+
+
+LEVELS = ("integrity", "restore", "facts", "assertions", "command")
+"""Restore drill levels, shallowest first; each includes the ones before it."""
+
+
+class VerifyCheck(BaseModel):
+    """One check of a restore drill: what was checked, at which level, the outcome and why."""
+
+    level: str
+    name: str
+    status: Literal["pass", "fail", "skip"]
+    detail: str = ""
+
+
+class VerifyReport(BaseModel):
+    """The result of one restore drill of one backup; stored beside the backup as its record."""
+
+    format: int = 1
+    backup_id: str
+    database: str
+    level: str
+    started_at: datetime
+    finished_at: datetime
+    where: str = ""
+    checks: list[VerifyCheck] = Field(default_factory=list)
+    restore_seconds: float | None = None
+    bytes_read: int = 0
+    rto_objective_seconds: float = 3600.0
+    rto_met: bool | None = None
+    command_output: str = ""
+    pgvault_version: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(check.status != "fail" for check in self.checks)
+
+    @property
+    def failures(self) -> list[VerifyCheck]:
+        return [check for check in self.checks if check.status == "fail"]
+
+    @property
+    def integrity_failed(self) -> bool:
+        return any(check.level == "integrity" for check in self.failures)
+

@@ -5,6 +5,7 @@ Each module of this package adds its commands to the one click group in ``app``.
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import traceback
@@ -12,18 +13,48 @@ from typing import NoReturn
 
 import click
 
-from pgvault.cli import backup, retention  # noqa: F401  (registers the commands)
+from pgvault.cli import (  # noqa: F401  (registers the commands)
+    backup,
+    monitor,
+    physical,
+    retention,
+    security,
+    verify,
+)
 from pgvault.cli.app import cli, state
 from pgvault.errors import Interrupted, PgvaultError
+from pgvault.redact import ScrubbingWriter, scrub
 
 
 def _on_sigterm(signum: int, frame: object) -> NoReturn:
     raise Interrupted("stopped by SIGTERM")
 
 
+class _WarningLine(logging.Formatter):
+    """'warning: <message>', scrubbed, like every other line pgvault prints."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {scrub(record.getMessage())}"
+
+
+def _scrub_output() -> None:
+    """Route stdout and stderr through the redactor, so no secret is ever printed."""
+    if not isinstance(sys.stdout, ScrubbingWriter):
+        sys.stdout = ScrubbingWriter(sys.stdout)
+    if not isinstance(sys.stderr, ScrubbingWriter):
+        sys.stderr = ScrubbingWriter(sys.stderr)
+    logger = logging.getLogger("pgvault")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_WarningLine())
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: one line per error on stderr, exit code by error kind."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    _scrub_output()
     try:
         code = cli.main(args=argv, prog_name="pgvault", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
@@ -39,14 +70,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except PgvaultError as exc:
         if state["debug"]:
             traceback.print_exc()
-        click.echo(f"pgvault: {exc}", err=True)
+        click.echo(f"pgvault: {scrub(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except SystemExit:
         raise
     except Exception as exc:
         if state["debug"]:
             traceback.print_exc()
-        click.echo(f"pgvault: internal error: {type(exc).__name__}: {exc}", err=True)
+        click.echo(f"pgvault: internal error: {type(exc).__name__}: {scrub(str(exc))}",
+                   err=True)
         sys.exit(1)
 
 

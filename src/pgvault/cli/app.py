@@ -21,6 +21,8 @@ Exit codes:
   7    lock held by another pgvault process
   8    backup failed (pg_dump / pg_dumpall)
   9    restore failed (pg_restore)
+  10   verification failed (a restore drill check other than integrity)
+  11   decryption error (no identity given, or it is not a recipient of the backup)
   130  interrupted (Ctrl-C or SIGTERM)
 """
 
@@ -32,7 +34,7 @@ variables. Passwords come from the URL, PGPASSWORD(_FILE) or PGPASSFILE, never
 from a flag.
 """
 
-state = {"debug": False}
+state: dict[str, Any] = {"debug": False, "log_format": "text"}
 
 
 def settings_of(ctx: click.Context) -> Any:
@@ -71,7 +73,11 @@ def dbname_option(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pgvault")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-def cli(debug: bool) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              envvar="PGVAULT_LOG_FORMAT", show_default=True,
+              help="Logs on stderr: human text, or one JSON object per line (also for errors) "
+                   "[env PGVAULT_LOG_FORMAT].")
+def cli(debug: bool, log_format: str) -> None:
     """pgvault: PostgreSQL backups that are proven to restore.
 
     \b
@@ -83,7 +89,11 @@ def cli(debug: bool) -> None:
       pgvault list
       pgvault restore latest --to app_restored       # into a NEW database
     """
+    from pgvault import logs
+
     state["debug"] = debug
+    state["log_format"] = log_format
+    logs.configure(log_format, debug=debug)
 
 
 

@@ -18,6 +18,8 @@ from pgvault.cli.app import (
     settings_of,
     storage_of,
 )
+from pgvault.cli.physical import PHYSICAL_HELP, physical_restore_options, restore_physical
+from pgvault.cli.security import IDENTITY_HELP, identity_option, keyring_of
 from pgvault.errors import PgvaultError
 
 
@@ -35,7 +37,10 @@ def backup(ctx: click.Context, /, dbname: str | None, compression: str | None, l
     """Back up one database: pg_dump streamed through zstd into the repository.
 
     Nothing is written to local disk. The backup becomes visible only when every
-    artifact is stored and checksummed and its manifest is written (last).
+    artifact is stored and checksummed and its manifest is written (last). With
+    [[databases]] in the config, every listed database in turn (-d picks one).
+    The run is recorded in the repository (for `pgvault status` and `check`),
+    announced to [notify] sinks, and published to [metrics] when configured.
 
     \b
     Examples:
@@ -44,45 +49,96 @@ def backup(ctx: click.Context, /, dbname: str | None, compression: str | None, l
       pgvault backup --compression gzip --level 6      # .gz artifacts
     """
     from pgvault import config, pipeline
-    from pgvault.console import ProgressLine, human_bytes, human_seconds
+    from pgvault.console import ProgressLine
+    from pgvault.errors import UsageError
     from pgvault.ops.backup import BackupOptions
-    from pgvault.ops.backup import backup as run_backup
-    from pgvault.ops.prune import Policy, prune_after_backup
+    from pgvault.ops.jobs import run_backup_job
 
     settings = settings_of(ctx)
-    conn = config.connection(settings, dbname)
-    stages = pipeline.configured_stages(settings, compression, level)
-    progress = ProgressLine(f"backing up {conn.redacted()}")
-    options = BackupOptions(stages=stages,
-                            backup_globals=settings.backup_globals and not no_globals,
-                            lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
-                            progress=progress)
-    storage = storage_of(settings)
-    # Built before the backup, so a bad [retention] fails fast instead of after an hour's dump.
-    policy = (Policy.from_mapping(settings.retention.model_dump())
-              if settings.prune_after_backup else None)
-    try:
-        manifest = run_backup(conn, storage, options)
-    finally:
-        progress.finish()
-    if policy is not None:
+    targets = config.targets(settings)
+    # [[databases]]: -d names one entry; without it, each entry in turn (one cron line).
+    if settings.databases and dbname:
+        targets = [t for t in targets if t.name == database_filter(dbname)]
+        if not targets:
+            names = ", ".join(e.name for e in settings.databases)
+            raise UsageError(f"--dbname {dbname!r} is not among [[databases]] ({names})")
+        dbname = None
+    failures: list[Exception] = []
+    for target in targets:
+        settings = target.settings
+        conn = config.target_connection(target, dbname)
+        storage = storage_of(settings)
+        stages = pipeline.configured_stages(settings, compression, level, storage=storage)
+        progress = ProgressLine(f"backing up {conn.redacted()}")
+        options = BackupOptions(stages=stages,
+                                backup_globals=settings.backup_globals and not no_globals,
+                                lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
+                                progress=progress)
+        drill = _drill_reporting(settings, storage) if settings.verify_after_backup else None
         try:
-            report = prune_after_backup(storage, policy, database=manifest.database,
-                                        lock_stale_after=options.lock_stale_after)
-            click.echo(report.summary(), err=True)
-        except PgvaultError as exc:  # the backup is stored; a failed prune must not hide that
-            click.echo(f"warning: backup {manifest.id} is stored, but pruning failed: {exc}",
-                       err=True)
+            run = run_backup_job(settings, conn, storage, options, drill=drill)
+        except PgvaultError as exc:
+            if len(targets) == 1:
+                raise
+            click.echo(f"pgvault: backup of {target.name} failed: {exc}", err=True)
+            failures.append(exc)
+            continue
+        finally:
+            progress.finish()
+        error = _report_backup(run, as_json)
+        if error is not None:
+            if len(targets) == 1:
+                raise error
+            failures.append(error)
+    if failures:
+        worst = max(failures, key=lambda e: getattr(e, "exit_code", 1))
+        raise type(worst)(f"{len(failures)} of {len(targets)} databases failed; first: "
+                          f"{failures[0]}")
+
+
+def _drill_reporting(settings: Any, storage: Any) -> Any:
+    """verify_after_backup: a restore drill of the new backup, reporting each check on stderr."""
+    import dataclasses
+
+    from pgvault.cli.verify import print_check, scratch_servers, summary_line, verify_options
+    from pgvault.ops.verify import verify
+
+    def drill(manifest: Any) -> Any:
+        options = dataclasses.replace(verify_options(settings, storage),
+                                      on_check=lambda check: print_check(check, err=True))
+        click.echo(f"verifying {manifest.id} ({manifest.database}), level {options.level}",
+                   err=True)
+        with scratch_servers(settings) as servers:
+            report = verify(storage, manifest, options, servers)
+        click.echo(summary_line(report), err=True)
+        return report
+
+    return drill
+
+
+def _report_backup(run: Any, as_json: bool) -> Exception | None:
+    """Print a finished backup job; the error the command must end with, if any."""
+    from pgvault.cli.verify import failure
+    from pgvault.console import human_bytes, human_seconds
+
+    manifest = run.manifest
+    drill_error: Exception | None = None
+    if run.drill_error is not None:  # the backup is stored: say so, and still fail the run
+        drill_error = type(run.drill_error)(f"backup {manifest.id} is stored, but its restore "
+                                            f"drill could not run: {run.drill_error}")
+    elif run.drill is not None:
+        drill_error = failure([run.drill])
+    if run.prune is not None:
+        click.echo(run.prune.summary(), err=True)
     if as_json:
         click.echo(manifest.model_dump_json(indent=2))
-        return
+        return drill_error
     seconds = (manifest.finished_at - manifest.started_at).total_seconds()
     ratio = manifest.raw_size / manifest.size if manifest.size else 0
-    for warning in manifest.warnings:
-        click.echo(f"warning: {warning}", err=True)
     click.echo(f"backup {manifest.id} of {manifest.database}: {human_bytes(manifest.raw_size)} "
                f"-> {human_bytes(manifest.size)} stored ({ratio:.1f}x), "
                f"{len(manifest.facts.tables)} tables, {human_seconds(seconds)}")
+    return drill_error
 
 
 @cli.command("list")
@@ -103,20 +159,34 @@ def list_(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) ->
     from pgvault.ops.prune import Policy, roles
 
     settings = settings_of(ctx)
-    manifests = Catalog(storage_of(settings)).list(database_filter(dbname))
+    catalog = Catalog(storage_of(settings))
+    manifests = catalog.list(database_filter(dbname))
+    drills = catalog.last_drills(database_filter(dbname))
     if as_json:
-        click.echo(json.dumps([m.summary() for m in manifests], indent=2))
+        click.echo(json.dumps([{**m.summary(), "last_drill": _drill_summary(
+            drills.get((m.database, m.id)))} for m in manifests], indent=2))
         return
     if not manifests:
         click.echo("no backups yet")
         return
     role = roles(manifests, Policy.from_mapping(settings.retention.model_dump()))
     click.echo(f"{'ID':<30} {'DATABASE':<20} {'STARTED (UTC)':<20} {'SIZE':>10} {'TOOK':>8}"
-               "  ROLE")
+               f"  {'LAST DRILL':<18}  ROLE")
     for m in manifests:
         took = human_seconds((m.finished_at - m.started_at).total_seconds())
+        drill = drills.get((m.database, m.id))
+        last = f"{'PASS' if drill.passed else 'FAIL'} {drill.level}" if drill else "never"
         click.echo(f"{m.id:<30} {m.database:<20} {m.started_at:%Y-%m-%d %H:%M:%S} "
-                   f"{human_bytes(m.size):>10} {took:>8}  {role[m.id]}")
+                   f"{human_bytes(m.size):>10} {took:>8}  {last:<18}  {role[m.id]}")
+
+
+def _drill_summary(drill: Any) -> dict[str, Any] | None:
+    """The last restore drill of a backup, as `list --json` shows it."""
+    if drill is None:
+        return None
+    return {"passed": drill.passed, "level": drill.level,
+            "at": drill.finished_at.isoformat(), "restore_seconds": drill.restore_seconds,
+            "rto_met": drill.rto_met}
 
 
 @cli.command()
@@ -136,10 +206,11 @@ def show(
       pgvault show 20261125T010000 --json
     """
     from pgvault.catalog import Catalog
-    from pgvault.console import human_bytes
+    from pgvault.console import human_bytes, human_seconds
 
     settings = settings_of(ctx)
-    m = Catalog(storage_of(settings)).get(backup_id, database_filter(dbname))
+    catalog = Catalog(storage_of(settings))
+    m = catalog.get(backup_id, database_filter(dbname))
     if as_json:
         click.echo(m.model_dump_json(indent=2))
         return
@@ -153,13 +224,22 @@ def show(
     click.echo(f"tables    {len(m.facts.tables)} ({rows} rows)")
     for warning in m.warnings:
         click.echo(f"warning   {warning}")
+    for drill in catalog.drills(m.database, m.id):
+        verdict = "PASS" if drill.passed else "FAIL: " + "; ".join(
+            f"{c.name}: {c.detail}" for c in drill.failures)
+        took = "" if drill.restore_seconds is None else \
+            f", restore {human_seconds(drill.restore_seconds)}"
+        click.echo(f"drill     {drill.finished_at:%Y-%m-%d %H:%M:%S} {drill.level}{took} "
+                   f"{verdict}")
 
 
-@cli.command(epilog=CONNECTION_HELP + "\n" + EXIT_CODES)
+@cli.command(epilog=CONNECTION_HELP + "\n" + IDENTITY_HELP + "\n" + PHYSICAL_HELP + "\n"
+             + EXIT_CODES)
 @common
 @dbname_option
+@identity_option
 @click.argument("backup_id", default="latest", metavar="[ID|latest]")
-@click.option("--to", "target", required=True, metavar="DB",
+@click.option("--to", "target", metavar="DB",
               help="New database name on the configured server, or a URL.")
 @click.option("-j", "--jobs", type=click.IntRange(1, 64), default=1,
               help="Parallel pg_restore jobs (the archive is spooled to a private temp file).")
@@ -169,10 +249,12 @@ def show(
 @click.option("--no-owner", is_flag=True, help="Do not restore ownership and privileges.")
 @click.option("--from-database", "source_db", metavar="NAME",
               help="Which database's backups 'latest' means, when the repo holds several.")
+@physical_restore_options  # --physical, --pgdata, --target-*, --start (cli/physical.py)
 @click.pass_context
-def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: str, jobs: int,
+def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: str | None,
+            jobs: int,
             clean: bool, schemas: tuple[str, ...], tables: tuple[str, ...], no_owner: bool,
-            source_db: str | None, **_: Any) -> None:
+            source_db: str | None, identity_file: str | None, **_: Any) -> None:
     """Restore a backup into a NEW database (never over an existing one by accident).
 
     The stored bytes are checked against the manifest's size and sha256 while they
@@ -184,19 +266,32 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
       pgvault restore latest --to app_restored
       pgvault restore 20261125T010000 --to postgresql://admin@other-host/app_copy -j 4
       pgvault restore latest --to app --clean          # replace an existing database
+      pgvault restore latest --to app_copy --identity-file restore-key.txt   # encrypted
+      pgvault restore --physical latest --pgdata /srv/pg-pitr \\
+          --target-time '2026-11-25 09:14:00+00' --start --port 5499
     """
     from pgvault import config
     from pgvault.console import ProgressLine, human_bytes, human_seconds
+    from pgvault.errors import UsageError
     from pgvault.ops.restore import RestoreOptions, resolve
     from pgvault.ops.restore import restore as run_restore
 
+    if ctx.params.get("physical"):
+        restore_physical(ctx, backup_id, ctx.params)
+        return
+    if not target:
+        raise UsageError("restore needs --to DB (or --physical --pgdata DIR for a base backup)")
     settings = settings_of(ctx)
     conn = config.connection(settings, dbname)
     storage = storage_of(settings)
     manifest = resolve(storage, backup_id, source_db)
+    if manifest.kind == "physical":
+        raise UsageError(f"backup {manifest.id} is a physical backup: restore it with "
+                         "--physical --pgdata DIR")
     progress = ProgressLine(f"restoring {manifest.id}", total=manifest.artifact("db.dump").size)
     options = RestoreOptions(target=target, jobs=jobs, clean=clean, schemas=schemas,
-                             tables=tables, no_owner=no_owner, progress=progress)
+                             tables=tables, no_owner=no_owner, progress=progress,
+                             identities=keyring_of(settings, identity_file, storage))
     try:
         result = run_restore(conn, storage, manifest, options)
     finally:

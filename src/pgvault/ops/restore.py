@@ -13,10 +13,12 @@ from pgvault import pipeline
 from pgvault.catalog import Catalog
 from pgvault.engines.logical import LogicalEngine
 from pgvault.errors import DatabaseError, RestoreFailed, UsageError
-from pgvault.model import Manifest
+from pgvault.model import Artifact, Manifest
 from pgvault.ops.backup import CountingReader
 from pgvault.pg.conninfo import ConnInfo
+from pgvault.pipeline.age import Keyring
 from pgvault.pipeline.digest import VerifyingReader
+from pgvault.pipeline.stream import Readable
 from pgvault.storage.base import Storage
 
 USER_OBJECTS_SQL = """
@@ -37,6 +39,7 @@ class RestoreOptions:
     tables: tuple[str, ...] = ()
     no_owner: bool = False
     progress: Callable[[int], None] | None = None
+    identities: Keyring | None = None  # for age-encrypted backups
 
 
 @dataclass
@@ -97,12 +100,10 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
         except Exception:
             admin.execute(create)
         try:
-            source = VerifyingReader(storage.open(artifact.key), size=artifact.size,
-                                     sha256=artifact.sha256,
-                                     what=f"backup {manifest.id} artifact {artifact.key}")
-            counted = CountingReader(source, options.progress)
             engine = LogicalEngine(target.with_dbname(scratch))
-            engine.restore(pipeline.decode(counted, artifact.stages), target.with_dbname(scratch),
+            engine.restore(open_artifact(storage, manifest, artifact, progress=options.progress,
+                                         identities=options.identities),
+                           target.with_dbname(scratch),
                            jobs=options.jobs, schemas=options.schemas, tables=options.tables,
                            no_owner=options.no_owner)
             if exists:
@@ -115,8 +116,25 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                     sql.Identifier(scratch)))
             raise
+    # The stream was checked at its end: exactly artifact.size bytes were read.
     return RestoreResult(manifest=manifest, target=target,
-                         seconds=time.monotonic() - started, bytes_read=counted.size)
+                         seconds=time.monotonic() - started, bytes_read=artifact.size)
+
+
+def open_artifact(storage: Storage, manifest: Manifest, artifact: Artifact, *,
+                  progress: Callable[[int], None] | None = None,
+                  identities: Keyring | None = None) -> Readable:
+    """The decoded content of a stored artifact, checked against the manifest as it is read.
+
+    Every reader of backup data goes through here: size and sha256 are verified at the end
+    of the stream (IntegrityError naming the artifact), then each recorded stage is undone.
+    An encrypted artifact needs ``identities``; DecryptionError names the recipients it needs.
+    """
+    source = VerifyingReader(storage.open(artifact.key), size=artifact.size,
+                             sha256=artifact.sha256,
+                             what=f"backup {manifest.id} artifact {artifact.key}")
+    return pipeline.decode(CountingReader(source, progress), artifact.stages,
+                           identities=identities, what=f"backup {manifest.id}")
 
 
 def _has_user_objects(target: ConnInfo) -> bool:

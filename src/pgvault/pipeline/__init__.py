@@ -15,8 +15,10 @@ from pgvault.pipeline.stream import Readable
 
 if TYPE_CHECKING:
     from pgvault.config import Settings
+    from pgvault.pipeline.age import Keyring
+    from pgvault.storage.base import Storage
 
-SUFFIXES = {"zstd": ".zst", "gzip": ".gz"}
+SUFFIXES = {"zstd": ".zst", "gzip": ".gz", "age": ".age"}
 
 
 def compression_spec(algorithm: str, level: int | None, threads: int) -> list[StageSpec]:
@@ -31,12 +33,42 @@ def compression_spec(algorithm: str, level: int | None, threads: int) -> list[St
 
 
 def configured_stages(
-    settings: Settings, algorithm: str | None = None, level: int | None = None
+    settings: Settings, algorithm: str | None = None, level: int | None = None, *,
+    storage: Storage | None = None,
 ) -> list[StageSpec]:
-    """The stage list a new artifact gets from the settings (flags may override compression)."""
+    """The stage list a new artifact gets from the settings (flags may override compression).
+
+    Compression comes first, then age encryption when recipients or passphrase mode are
+    configured; passphrase mode needs ``storage``, where the wrapped identity lives.
+    """
     comp = settings.compression
-    return compression_spec(algorithm or comp.algorithm,
-                            comp.level if level is None else level, comp.threads)
+    stages = compression_spec(algorithm or comp.algorithm,
+                              comp.level if level is None else level, comp.threads)
+    encryption = encryption_spec(settings, storage)
+    return stages + ([encryption] if encryption else [])
+
+
+def encryption_spec(settings: Settings, storage: Storage | None) -> StageSpec | None:
+    """The age stage the settings ask for (None: encryption is off)."""
+    from pgvault import config
+
+    recipients = config.age_recipients(settings)
+    passphrase = None
+    if settings.encryption.passphrase:
+        from pgvault.pipeline.age import passphrase_identity
+
+        passphrase = config.age_passphrase()
+        if not passphrase:
+            raise ConfigError("encryption.passphrase is on, but PGVAULT_AGE_PASSPHRASE "
+                              "(or PGVAULT_AGE_PASSPHRASE_FILE) is not set")
+        if storage is None:
+            raise ConfigError("passphrase mode needs the repository to keep its key in")
+        wrapped = passphrase_identity(storage, passphrase, create=True)
+        recipients += [r for r in wrapped.recipients if r]
+    if not recipients:
+        return None
+    return StageSpec(name="age", recipients=tuple(dict.fromkeys(recipients)),
+                     passphrase=True if passphrase else None)
 
 
 def suffix(stages: list[StageSpec]) -> str:
@@ -52,19 +84,32 @@ def encode(source: Readable, stages: list[StageSpec]) -> Readable:
             stream = ZstdEncoder(stream, level=stage.level or 3, threads=stage.threads or 0)
         elif stage.name == "gzip":
             stream = GzipEncoder(stream, level=stage.level or 6)
+        elif stage.name == "age":
+            from pgvault.pipeline.age import AgeEncoder
+
+            stream = AgeEncoder(stream, stage.recipients or ())
         else:
             raise ConfigError(f"unknown pipeline stage {stage.name!r}")
     return stream
 
 
-def decode(source: Readable, stages: list[StageSpec]) -> Readable:
-    """Undo ``encode``: apply each stage's decoder, last stage first."""
+def decode(source: Readable, stages: list[StageSpec], *, identities: Keyring | None = None,
+           what: str = "the artifact") -> Readable:
+    """Undo ``encode``: apply each stage's decoder, last stage first.
+
+    An age stage needs ``identities``; without a matching one it raises DecryptionError
+    (naming ``what`` and the recipients) before reading past the age header.
+    """
     stream = source
     for stage in reversed(stages):
         if stage.name == "zstd":
             stream = ZstdDecoder(stream)
         elif stage.name == "gzip":
             stream = GzipDecoder(stream)
+        elif stage.name == "age":
+            from pgvault.pipeline.age import decoder
+
+            stream = decoder(stream, stage, identities, what)
         else:
             raise IntegrityError(f"artifact uses stage {stage.name!r}, which this pgvault lacks")
     return stream

@@ -1,0 +1,459 @@
+"""age encryption as a pipeline stage: the standard format (``age -d`` reads it), streamed.
+
+pyrage's ``encrypt_io``/``decrypt_io`` push from a reader into a writer in constant memory
+(measured: 500 MB through either in about 10 MB of RSS). The pipeline pulls instead, so each
+stage runs pyrage in a thread that hands its output over through a small bounded queue.
+
+Only public recipients are ever recorded; identities (secret keys) are read at restore time
+from an identity file or, in passphrase mode, from the repository's passphrase-wrapped key.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pgvault.errors import (
+    AlreadyExists,
+    ConfigError,
+    DecryptionError,
+    IntegrityError,
+    NotFound,
+    PgvaultError,
+)
+from pgvault.pipeline.stream import CHUNK, Readable, Reader
+
+if TYPE_CHECKING:
+    from pgvault.model import StageSpec
+    from pgvault.storage.base import Storage
+
+AGE_MAGIC = b"age-encryption.org/v1"
+ARMOR_MAGIC = b"-----BEGIN AGE ENCRYPTED FILE-----"
+SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
+QUEUE_DEPTH = 4
+"""Chunks of up to CHUNK bytes in flight between the pyrage thread and the consumer."""
+STOP_POLL = 0.2
+"""How often a blocked hand-over checks whether the consumer has gone away (seconds)."""
+
+
+# ---------------------------------------------------------------- recipients
+
+def canonical_recipient(text: str) -> str:
+    """A recipient as manifests record it: ``age1...`` as is, an SSH key without its comment.
+
+    Raises ConfigError (naming the recipient, which is public) when age cannot use it.
+    """
+    text = text.strip()
+    parts = text.split()
+    if parts and parts[0] in SSH_KEY_TYPES and len(parts) >= 2:
+        text = f"{parts[0]} {parts[1]}"
+    parse_recipient(text)
+    return text
+
+
+def parse_recipient(text: str) -> Any:
+    """The pyrage recipient for ``age1...`` or ``ssh-ed25519 AAAA...``/``ssh-rsa AAAA...``."""
+    import pyrage
+
+    try:
+        if text.startswith("age1"):
+            return pyrage.x25519.Recipient.from_str(text)
+        if text.split(" ", 1)[0] in SSH_KEY_TYPES:
+            return pyrage.ssh.Recipient.from_str(text)
+    except pyrage.RecipientError as exc:
+        raise ConfigError(f"invalid age recipient {describe_recipient(text)!r}: {exc}") from None
+    raise ConfigError(
+        f"invalid age recipient {text[:40]!r}: use an age1... public key or an ssh-ed25519/"
+        "ssh-rsa public key (pgvault keygen prints one)"
+    )
+
+
+def describe_recipient(text: str) -> str:
+    """Short form for messages: ``age1...`` as is, SSH keys by their SHA256 fingerprint."""
+    parts = text.split()
+    if len(parts) >= 2 and parts[0] in SSH_KEY_TYPES:
+        try:
+            blob = base64.b64decode(parts[1], validate=True)
+        except ValueError:
+            return parts[0] + " (unreadable key)"
+        digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+        return f"{parts[0]} SHA256:{digest}"
+    return text
+
+
+def recipients_from_text(text: str) -> list[str]:
+    """Recipients in age's ``-R`` file format: one per line, ``#`` comments, blank lines."""
+    lines = (line.strip() for line in text.splitlines())
+    return [canonical_recipient(line) for line in lines if line and not line.startswith("#")]
+
+
+# ---------------------------------------------------------------- identities
+
+@dataclass
+class Identities:
+    """Secret keys that may open an artifact, and what to call them in messages."""
+
+    keys: list[Any]
+    recipients: list[str | None]
+    """The public recipient of each key where it can be derived (X25519), else None."""
+    source: str
+
+
+def parse_identities(data: bytes, source: str, passphrase: str | None = None) -> Identities:
+    """Identities from an age identity file, an OpenSSH private key, or a passphrase-wrapped
+    age identity file (``age -p``), which ``passphrase`` opens. Never echoes key material.
+    """
+    import pyrage
+
+    if data.lstrip().startswith((AGE_MAGIC, ARMOR_MAGIC)):
+        if passphrase is None:
+            raise ConfigError(f"{source} is passphrase-protected; set PGVAULT_AGE_PASSPHRASE "
+                              "(or PGVAULT_AGE_PASSPHRASE_FILE) to open it")
+        try:
+            data = pyrage.passphrase.decrypt(data, passphrase)
+        except pyrage.DecryptError:
+            raise DecryptionError(f"the passphrase does not open {source}") from None
+    if b"PRIVATE KEY-----" in data:
+        try:
+            return Identities([pyrage.ssh.Identity.from_buffer(data)], [None], source)
+        except pyrage.IdentityError as exc:
+            raise ConfigError(f"{source} is not a usable SSH private key "
+                              f"(passphrase-protected SSH keys are not supported): {exc}") from None
+    keys: list[Any] = []
+    recipients: list[str | None] = []
+    for number, raw in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("AGE-SECRET-KEY-1"):
+            raise ConfigError(f"{source}: line {number} is not an AGE-SECRET-KEY-1... identity")
+        try:
+            key = pyrage.x25519.Identity.from_str(line)
+        except pyrage.IdentityError as exc:
+            raise ConfigError(f"{source}: line {number} is not a valid identity: {exc}") from None
+        keys.append(key)
+        recipients.append(str(key.to_public()))
+    if not keys:
+        raise ConfigError(f"{source} holds no identity")
+    return Identities(keys, recipients, source)
+
+
+def load_identity_file(path: str, passphrase: str | None = None) -> Identities:
+    """Identities from the file at ``path`` (see ``parse_identities``)."""
+    source = f"the identity in {path}"
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read identity file {path}: {exc.strerror}") from None
+    return parse_identities(data, source, passphrase)
+
+
+def new_identity(now: datetime | None = None) -> tuple[str, str]:
+    """A fresh X25519 identity as age-keygen writes it, and its public recipient."""
+    import pyrage
+
+    key = pyrage.x25519.Identity.generate()
+    recipient = str(key.to_public())
+    created = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = f"# created: {created}\n# public key: {recipient}\n{key}\n"
+    return text, recipient
+
+
+def write_identity_file(path: str, text: str) -> None:
+    """Write ``text`` to a new file of mode 0600; an existing file is never replaced."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; pgvault never overwrites a key file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # O_CREAT's mode is filtered by the umask
+        handle.write(text)
+
+
+def passphrase_identity(storage: Storage, passphrase: str, *, create: bool) -> Identities:
+    """The repository's passphrase-wrapped identity (an ``age -p`` file), opened.
+
+    With ``create`` a repository without one gets a new identity, wrapped with scrypt.
+    """
+    import pyrage
+
+    from pgvault.catalog import PASSPHRASE_IDENTITY
+
+    source = f"the repository key {PASSPHRASE_IDENTITY} (opened with the passphrase)"
+    for _ in range(2):
+        try:
+            wrapped = storage.read_bytes(PASSPHRASE_IDENTITY)
+        except NotFound:
+            if not create:
+                raise DecryptionError(
+                    f"the repository has no passphrase key {PASSPHRASE_IDENTITY}") from None
+            text, _recipient = new_identity()
+            try:
+                storage.create(PASSPHRASE_IDENTITY, pyrage.passphrase.encrypt(text.encode(),
+                                                                              passphrase))
+            except AlreadyExists:
+                continue  # another host made one first: use that one
+            return parse_identities(text.encode(), source)
+        try:
+            return parse_identities(pyrage.passphrase.decrypt(wrapped, passphrase), source)
+        except pyrage.DecryptError:
+            raise DecryptionError(
+                f"the passphrase (PGVAULT_AGE_PASSPHRASE) does not open {storage.url}/"
+                f"{PASSPHRASE_IDENTITY}: it is not the passphrase this repository was set up "
+                "with") from None
+    raise DecryptionError(f"cannot read {PASSPHRASE_IDENTITY}")  # pragma: no cover
+
+
+@dataclass
+class Keyring:
+    """What restore and verify may use to decrypt; loaded only when an artifact needs it."""
+
+    identity_file: str | None = None
+    passphrase: str | None = None
+    storage: Storage | None = None
+    _loaded: dict[str, Identities] = field(default_factory=dict, repr=False)
+
+    def for_stage(self, stage: StageSpec) -> Identities:
+        """Every identity that could open an artifact encrypted as ``stage`` says."""
+        found: list[Identities] = []
+        if self.identity_file:
+            if "file" not in self._loaded:
+                self._loaded["file"] = load_identity_file(self.identity_file, self.passphrase)
+            found.append(self._loaded["file"])
+        if stage.passphrase and self.passphrase and self.storage is not None:
+            if "passphrase" not in self._loaded:
+                self._loaded["passphrase"] = passphrase_identity(self.storage, self.passphrase,
+                                                                 create=False)
+            found.append(self._loaded["passphrase"])
+        return Identities(
+            keys=[k for ids in found for k in ids.keys],
+            recipients=[r for ids in found for r in ids.recipients],
+            source=" or ".join(ids.source for ids in found) or "no identity",
+        )
+
+
+# ---------------------------------------------------------------- streaming bridge
+
+class _Stopped(Exception):
+    """Raised inside the pyrage thread when the consumer has gone away."""
+
+
+_END = object()
+
+
+def _offer(chunks: queue.Queue[object], stop: threading.Event, item: object) -> None:
+    """Put ``item``, waiting for room, unless the consumer stops first."""
+    while not stop.is_set():
+        try:
+            chunks.put(item, timeout=STOP_POLL)
+            return
+        except queue.Full:
+            continue
+    raise _Stopped
+
+
+class _SourceReader(io.RawIOBase):
+    """The pipeline source as the file-like object pyrage reads; keeps the source's error."""
+
+    def __init__(self, source: Readable, stop: threading.Event) -> None:
+        super().__init__()
+        self._source = source
+        self._stop = stop
+        self.error: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._stop.is_set():
+            raise _Stopped
+        try:
+            data = self._source.read(len(buffer))
+        except BaseException as exc:
+            self.error = exc
+            raise
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _QueueWriter(io.RawIOBase):
+    """The file-like object pyrage writes to: gathers CHUNK-sized pieces into the queue."""
+
+    def __init__(self, chunks: queue.Queue[object], stop: threading.Event) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._stop = stop
+        self._buffer = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._buffer += data
+        if len(self._buffer) >= CHUNK:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self._buffer:
+            data, self._buffer = bytes(self._buffer), bytearray()
+            _offer(self._chunks, self._stop, data)
+
+
+Work = Callable[[Any, Any], None]
+Translate = Callable[[BaseException], BaseException]
+
+
+def _run(work: Work, source: Readable, chunks: queue.Queue[object], stop: threading.Event,
+         translate: Translate, drain: bool) -> None:
+    """Thread body. Holds no reference to the consumer, so dropping it ends the thread."""
+    reader = _SourceReader(source, stop)
+    buffered = io.BufferedReader(reader, CHUNK)
+    writer = _QueueWriter(chunks, stop)
+    result: object = _END
+    try:
+        work(buffered, writer)
+        writer.flush()
+        if drain and buffered.read():
+            raise IntegrityError("data after the end of the age stream")
+    except _Stopped:
+        return
+    except BaseException as exc:
+        if stop.is_set():
+            return
+        result = reader.error if reader.error is not None else translate(exc)
+    with contextlib.suppress(_Stopped):
+        _offer(chunks, stop, result)
+
+
+class _Pump(Reader):
+    """Runs ``work(reader, writer)`` in a thread and yields what it writes, in order.
+
+    Memory stays bounded by QUEUE_DEPTH chunks. An error in the thread is raised by the
+    next read; an error of the source is raised unchanged. ``close`` (or dropping the
+    reader) stops the thread at its next read or write.
+    """
+
+    def __init__(self, source: Readable, work: Work, translate: Translate, *,
+                 drain: bool = False) -> None:
+        super().__init__()
+        self._chunks: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self._stop = threading.Event()
+        self._pending = b""
+        self._offset = 0
+        self._done = False
+        self._thread = threading.Thread(
+            target=_run, args=(work, source, self._chunks, self._stop, translate, drain),
+            name="pgvault-age", daemon=True)
+        self._thread.start()
+
+    def _next(self) -> None:
+        """Take the next chunk from the thread; raise its error; mark the end."""
+        item = self._chunks.get()
+        if item is _END:
+            self._done = True
+        elif isinstance(item, BaseException):
+            self._done = True
+            self._stop.set()
+            raise item
+        else:
+            assert isinstance(item, bytes)
+            self._pending, self._offset = item, 0
+
+    def read_chunk(self, size: int) -> bytes:
+        while self._offset >= len(self._pending):
+            if self._done:
+                return b""
+            self._next()
+        out = self._pending[self._offset : self._offset + size]
+        self._offset += len(out)
+        return out
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stop.set()
+            with contextlib.suppress(queue.Empty):
+                while True:  # free the queued chunks now, not when the thread notices
+                    self._chunks.get_nowait()
+        super().close()
+
+
+class AgeEncoder(_Pump):
+    """Reads plaintext and yields one age file encrypted to ``recipients``."""
+
+    def __init__(self, source: Readable, recipients: Sequence[str]) -> None:
+        import pyrage
+
+        parsed = [parse_recipient(r) for r in recipients]
+        if not parsed:
+            raise ConfigError("age encryption needs at least one recipient")
+
+        def work(reader: Any, writer: Any) -> None:
+            pyrage.encrypt_io(reader, writer, parsed)
+
+        def translate(exc: BaseException) -> BaseException:
+            return PgvaultError(f"age encryption failed: {exc}")
+
+        super().__init__(source, work, translate)
+
+
+class AgeDecoder(_Pump):
+    """Reads an age file and yields its plaintext; fails at once if no identity matches."""
+
+    def __init__(self, source: Readable, keys: list[Any], *,
+                 no_match: Callable[[], PgvaultError], what: str) -> None:
+        import pyrage
+
+        def work(reader: Any, writer: Any) -> None:
+            pyrage.decrypt_io(reader, writer, keys)
+
+        def translate(exc: BaseException) -> BaseException:
+            if isinstance(exc, pyrage.DecryptError) and "no matching keys" in str(exc).lower():
+                return no_match()
+            if isinstance(exc, pyrage.DecryptError):
+                return IntegrityError(f"{what}: not a readable age file ({exc})")
+            return IntegrityError(f"{what}: the age stream is damaged or truncated "
+                                  f"(authentication failed: {exc})")
+
+        super().__init__(source, work, translate, drain=True)
+        # The header is read first: a wrong identity fails here, before any restore starts.
+        if not self._done:
+            self._next()
+
+
+def decoder(source: Readable, stage: StageSpec, keyring: Keyring | None, what: str) -> Reader:
+    """The decoder of one age stage, or DecryptionError naming the recipients it needs."""
+    recipients = list(stage.recipients or ())
+    wanted = ", ".join(describe_recipient(r) for r in recipients) or "unknown recipients"
+    if stage.passphrase:
+        wanted += " (and the repository passphrase)"
+    identities = keyring.for_stage(stage) if keyring is not None else None
+    if identities is None or not identities.keys:
+        raise DecryptionError(
+            f"{what} is encrypted for recipients {wanted}; no identity was given "
+            "(--identity-file, PGVAULT_AGE_IDENTITY_FILE or PGVAULT_AGE_PASSPHRASE)")
+
+    def no_match() -> PgvaultError:
+        # Our own key is among the recipients yet age found no match: the header is damaged.
+        if any(r in recipients for r in identities.recipients if r):
+            return IntegrityError(f"{what}: the age header is damaged (an identity listed as a "
+                                  "recipient cannot open it)")
+        return DecryptionError(
+            f"{what} is encrypted for recipients {wanted}; {identities.source} matches none")
+
+    known = [r for r in identities.recipients if r]
+    if len(known) == len(identities.keys) and recipients and not set(known) & set(recipients):
+        raise no_match()  # every public key is known and none is listed: read nothing
+    return AgeDecoder(source, identities.keys, no_match=no_match, what=what)

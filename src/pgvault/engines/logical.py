@@ -14,6 +14,7 @@ from typing import Any
 
 from pgvault.errors import BackupFailed, DatabaseError, RestoreFailed
 from pgvault.model import Facts, TableFacts
+from pgvault.pg import fingerprint
 from pgvault.pg.binaries import tool, tool_version
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput, StderrTail, describe_exit
@@ -149,6 +150,10 @@ class LogicalEngine:
             extensions=extensions,
             tables=tables,
             snapshot=snapshot.snapshot_id,
+            schema_filter=self.conn.schema,
+            # Both run in savepoints of their own: a failure records None, never aborts.
+            schema_fingerprint=fingerprint.schema_fingerprint(cur, self.conn.schema),
+            migrations=fingerprint.migration_tables(cur, self.conn.schema),
         )
 
     def dump(self, snapshot_id: str | None) -> ChildOutput:

@@ -13,7 +13,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -44,11 +44,16 @@ class EphemeralCluster:
         base_dir: str | Path | None = None,
         settings: Mapping[str, Setting] | None = None,
         start_timeout: float = 60.0,
+        initdb_args: Sequence[str] = (),
     ) -> None:
         self.major, self.bindir = _server_bindir(major)
         self._base_dir = Path(base_dir) if base_dir is not None else None
         self._settings = dict(settings or {})
         self._start_timeout = start_timeout
+        self._initdb_args = list(initdb_args)
+        self._existing: Path | None = None
+        self._ready_states: tuple[str, ...] = ("ready",)
+        self._fixed_port: int | None = None
         self._root: Path | None = None
         self._socket_dir: Path | None = None
         self._port: int | None = None
@@ -74,7 +79,45 @@ class EphemeralCluster:
     @property
     def data_dir(self) -> Path:
         """The PGDATA folder."""
-        return self.root / "data"
+        return self._existing if self._existing is not None else self.root / "data"
+
+    @classmethod
+    def existing(
+        cls,
+        data_dir: str | Path,
+        settings: Mapping[str, Setting] | None = None,
+        start_timeout: float = 3600.0,
+        ready_states: Sequence[str] = ("ready",),
+        port: int | None = None,
+    ) -> EphemeralCluster:
+        """A server for a data folder made elsewhere (a restore): no initdb, never deleted.
+
+        ``settings`` go on the command line, so the folder's own config stays as it is.
+        ``ready_states``: postmaster.pid statuses that count as started ("standby": hot
+        standby during recovery); empty: do not wait (a server that will stop by itself).
+        ``port``: listen there (default: a free port).
+        """
+        folder = Path(data_dir).absolute()
+        try:
+            major = int((folder / "PG_VERSION").read_text().strip())
+        except (OSError, ValueError):
+            raise DatabaseError(f"{folder} is not a PostgreSQL data folder (no PG_VERSION)") \
+                from None
+        cluster = cls(major=major, settings=settings, start_timeout=start_timeout)
+        cluster._existing = folder
+        cluster._ready_states = tuple(ready_states)
+        cluster._fixed_port = port
+        return cluster
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait until a server that stops by itself has exited; its exit status."""
+        if self._proc is None:
+            raise RuntimeError("the cluster is not started")
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise DatabaseError(f"PostgreSQL in {self.data_dir} did not stop within "
+                                f"{timeout:.0f}s") from None
 
     @property
     def log_path(self) -> Path:
@@ -109,8 +152,9 @@ class EphemeralCluster:
         atexit.register(self._atexit_stop)
         try:
             self._create_folders()
-            self._initdb()
-            self._write_config()
+            if self._existing is None:
+                self._initdb()
+                self._write_config()
             self._start_server()
         except BaseException:
             self.stop()
@@ -130,6 +174,10 @@ class EphemeralCluster:
             self._socket_dir = None
             self._port = None
             self._proc = None
+
+    def detach(self) -> None:
+        """Leave the cluster running after this process exits (for `verify --keep`)."""
+        atexit.unregister(self._atexit_stop)
 
     def __enter__(self) -> EphemeralCluster:
         return self.start()
@@ -154,6 +202,8 @@ class EphemeralCluster:
         owner = _server_user()
         if owner is not None:
             _check_reachable(base, owner)
+            if self._existing is not None:
+                _check_reachable(self._existing.parent, owner)
         self._root = Path(tempfile.mkdtemp(prefix="pgvault-pg-", dir=base))
         socket_dir = self._root
         if len(str(socket_dir / ".s.PGSQL.65535")) > _MAX_SOCKET_PATH:
@@ -175,29 +225,39 @@ class EphemeralCluster:
                 f"--locale={_pick_locale()}",
                 # Durability of a throwaway cluster is worthless; skipping fsync saves seconds.
                 "--no-sync",
+                *self._initdb_args,
             ],
             what="initdb",
         )
 
-    def _write_config(self) -> None:
+    def _server_settings(self) -> dict[str, Setting]:
         settings: dict[str, Setting] = {
             "listen_addresses": self.host,
             "unix_socket_directories": str(self.socket_dir),
-            # Fixed zones keep timestamptz text identical across clusters built here.
-            "timezone": "UTC",
-            "log_timezone": "UTC",
             "logging_collector": False,
         }
+        if self._existing is None:
+            # Fixed zones keep timestamptz text identical across clusters built here.
+            settings.update(timezone="UTC", log_timezone="UTC")
         settings.update(self._settings)
+        return settings
+
+    def _write_config(self) -> None:
+        settings = self._server_settings()
         lines = [f"{key} = {_conf_value(value)}" for key, value in settings.items()]
         with open(self.data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
             conf.write("\n# pgvault ephemeral cluster\n" + "\n".join(lines) + "\n")
 
     def _start_server(self) -> None:
-        for attempt in range(_PORT_ATTEMPTS):
-            port = _free_port()
+        attempts = 1 if self._fixed_port else _PORT_ATTEMPTS
+        for attempt in range(attempts):
+            port = self._fixed_port or _free_port()
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             argv = [str(self.bindir / "postgres"), "-D", str(self.data_dir), "-p", str(port)]
+            if self._existing is not None:
+                # On the command line, so the restored folder's config files stay untouched.
+                argv += [f"-c{key}={_arg_value(value)}"
+                         for key, value in self._server_settings().items()]
             with open(self.log_path, "ab") as log:
                 # The postmaster is our direct child, so we know its pid and reap it on stop;
                 # a new session keeps a terminal's Ctrl-C from killing it before we clean up.
@@ -209,7 +269,7 @@ class EphemeralCluster:
             self._shutdown()
             self._port = None
             collided = any(m in _read_from(self.log_path, log_offset) for m in _BIND_FAILURES)
-            if not collided or attempt == _PORT_ATTEMPTS - 1:
+            if not collided or attempt == attempts - 1:
                 raise DatabaseError(
                     f"PostgreSQL {self.major} did not start in {self.root}: {error}\n"
                     f"--- server log tail ---\n{self._log_tail()}"
@@ -218,6 +278,8 @@ class EphemeralCluster:
     def _wait_ready(self) -> str | None:
         """None once a connection works, else why the server is not coming up."""
         assert self._proc is not None
+        if not self._ready_states:
+            return None
         deadline = time.monotonic() + self._start_timeout
         while True:
             exit_code = self._proc.poll()
@@ -225,7 +287,11 @@ class EphemeralCluster:
                 return f"postgres exited with status {exit_code}"
             # Like pg_ctl, trust postmaster.pid's status line before connecting: a probe of a
             # port someone else holds could hang for the whole connect timeout.
-            if self._pid_file_status() == "ready":
+            if self._pid_file_status() in self._ready_states:
+                if self._existing is not None:
+                    # Our own postmaster wrote the status; a restored folder's pg_hba.conf
+                    # may well refuse a password-less probe.
+                    return None
                 try:
                     with psycopg.connect(self.url(), connect_timeout=10) as conn:
                         conn.execute("SELECT 1")
@@ -274,7 +340,9 @@ class EphemeralCluster:
         as_owner: dict[str, Any] = (
             {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []} if owner else {}
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        # libpq's PG* variables must not steer the server; pgvault's own (restore_command) may.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("PG") or k.startswith("PGVAULT_")}
         if owner is not None:
             env["HOME"] = owner.pw_dir
         try:
@@ -385,6 +453,18 @@ def _conf_value(value: Setting) -> str:
     if isinstance(value, int | float):
         return str(value)
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _arg_value(value: Setting) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def server_owner() -> tuple[int, int] | None:
+    """(uid, gid) that server programs and their data folders must have when we are root."""
+    owner = _server_user()
+    return (owner.pw_uid, owner.pw_gid) if owner is not None else None
 
 
 def _read_from(path: Path, offset: int) -> str:

@@ -1,0 +1,659 @@
+"""Restore drills: prove a backup restores, check what came back, and time it (the real RTO).
+
+Levels, each including the ones before: integrity (every artifact present, its sha256
+and compression intact, the archive's table of contents readable), restore (into a
+scratch database, timed), facts (row counts, schema and migration fingerprints, extension
+versions as recorded in the backup's snapshot), assertions (user SQL), command (a user
+command against the restored database). The scratch database, or the ephemeral cluster
+holding it, is removed afterwards, on failure and on Ctrl-C too, unless asked to keep it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, TYPE_CHECKING, Any, Literal, cast
+from urllib.parse import quote, urlencode
+
+from pgvault import __version__
+from pgvault.catalog import Catalog, manifest_key
+from pgvault.engines.logical import DUMP_FORMAT, GLOBALS_FORMAT, LogicalEngine
+from pgvault.errors import (
+    DatabaseError,
+    IntegrityError,
+    NotFound,
+    RestoreFailed,
+    UsageError,
+)
+from pgvault.model import (
+    LEVELS,
+    Artifact,
+    Facts,
+    Manifest,
+    MigrationTable,
+    VerifyCheck,
+    VerifyReport,
+)
+from pgvault.ops.restore import RestoreOptions, open_artifact, restore
+from pgvault.pg.conninfo import ConnInfo
+from pgvault.pg.fingerprint import MIGRATION_TABLES
+from pgvault.pipeline.stream import CHUNK, Readable
+from pgvault.storage.base import Storage
+
+if TYPE_CHECKING:
+    from pgvault.pipeline.age import Keyring
+
+SCRATCH_PREFIX = "pgvault_verify_"
+OUTPUT_TAIL = 100_000
+"""Bytes of the command's output kept in the report (the end, where failures show)."""
+
+_CREATE_ROLE = re.compile(rb"^CREATE ROLE [^;]+;$")
+
+_MATVIEWS_SQL = """
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'm'
+"""
+
+
+@dataclass
+class VerifyOptions:
+    """How deep to verify, where to restore, what to run, and the objective to meet."""
+
+    level: str = "facts"
+    sql: Sequence[tuple[str, str]] = ()
+    """(name, query) assertions; each query returns one boolean."""
+    command: str | None = None
+    command_timeout: float = 600.0
+    rto_objective_seconds: float = 3600.0
+    jobs: int = 1
+    identities: Keyring | None = None
+    """For age-encrypted backups."""
+    record: bool = True
+    """Store the report in the repository beside the backup."""
+    on_check: Callable[[VerifyCheck], None] | None = None
+    progress: Callable[[int], None] | None = None
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise UsageError(f"unknown verify level {self.level!r} (choose {', '.join(LEVELS)})")
+        if self.level == "command" and not self.command:
+            raise UsageError("level 'command' needs a command: set [verify] command")
+
+    def includes(self, level: str) -> bool:
+        return LEVELS.index(self.level) >= LEVELS.index(level)
+
+
+@dataclass
+class _Place:
+    """A server drills restore onto: its admin connection and how to describe it."""
+
+    conn: ConnInfo
+    where: str
+    ephemeral: bool
+    cluster: Any = None
+
+
+class ScratchServers:
+    """Where drills restore: a configured server, or ephemeral clusters started on demand.
+
+    One ephemeral cluster per PostgreSQL major (the backup's own), shared by the drills
+    of one run and stopped by ``close()``; with ``keep`` they are left running instead.
+    """
+
+    def __init__(self, server: ConnInfo | None = None, *, keep: bool = False,
+                 base_dir: str | None = None) -> None:
+        self.server = server
+        self.keep = keep
+        self.base_dir = base_dir
+        self.kept: list[str] = []
+        """How to reach and remove what ``keep`` left behind, one line each."""
+        self._clusters: dict[int, _Place] = {}
+
+    def place(self, major: int) -> _Place:
+        """The server to restore a backup of PostgreSQL ``major`` onto."""
+        if self.server is not None:
+            return _Place(self.server, f"server {self.server.redacted()}", ephemeral=False)
+        if major not in self._clusters:
+            from pgvault.pg.cluster import EphemeralCluster
+
+            try:
+                cluster = EphemeralCluster(major=major, base_dir=self.base_dir).start()
+            except DatabaseError as exc:
+                raise DatabaseError(
+                    f"cannot start a PostgreSQL {major} cluster for the drill: {exc}; "
+                    "or verify on a server with --server URL ([verify] server)"
+                ) from None
+            self._clusters[major] = _Place(
+                ConnInfo.parse(cluster.url()), f"ephemeral PostgreSQL {cluster.major} cluster",
+                ephemeral=True, cluster=cluster,
+            )
+        return self._clusters[major]
+
+    def close(self, *, interrupted: bool = False) -> None:
+        """Stop the ephemeral clusters (or, with keep, say how to stop them)."""
+        clusters, self._clusters = self._clusters, {}
+        for place in clusters.values():
+            cluster = place.cluster
+            if self.keep and not interrupted:
+                cluster.detach()
+                stop = f"{cluster.bindir / 'pg_ctl'} -D {cluster.data_dir} stop"
+                if os.geteuid() == 0:  # the cluster runs as the postgres OS user
+                    stop = f"su postgres -s /bin/sh -c '{stop}'"
+                self.kept.append(f"cluster kept running: stop it with: {stop} && "
+                                 f"rm -rf {cluster.root}")
+            else:
+                cluster.stop()
+
+    def __enter__(self) -> ScratchServers:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        self.close(interrupted=exc_type is not None)
+
+
+def verify(storage: Storage, manifest: Manifest, options: VerifyOptions,
+           servers: ScratchServers) -> VerifyReport:
+    """Run one restore drill of ``manifest`` and return (and, by default, record) its report."""
+    report = VerifyReport(
+        backup_id=manifest.id, database=manifest.database, level=options.level,
+        started_at=options.clock(), finished_at=options.clock(),
+        rto_objective_seconds=options.rto_objective_seconds, pgvault_version=__version__,
+    )
+    _Drill(storage, manifest, options, servers, report).run()
+    report.finished_at = options.clock()
+    if options.record:
+        Catalog(storage).record_drill(report)
+    return report
+
+
+class _Drill:
+    """The steps of one drill; each appends its checks to the report."""
+
+    def __init__(self, storage: Storage, manifest: Manifest, options: VerifyOptions,
+                 servers: ScratchServers, report: VerifyReport) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self.options = options
+        self.servers = servers
+        self.report = report
+
+    def check(self, level: str, name: str, ok: bool | None, detail: str) -> bool:
+        """Record one check (None: skipped); True unless it failed."""
+        status: Literal["pass", "fail", "skip"] = (
+            "skip" if ok is None else "pass" if ok else "fail")
+        check = VerifyCheck(level=level, name=name, status=status, detail=detail)
+        self.report.checks.append(check)
+        if self.options.on_check is not None:
+            self.options.on_check(check)
+        return ok is not False
+
+    def run(self) -> None:
+        if not self.integrity():
+            return
+        if not self.options.includes("restore"):
+            return
+        place = self.servers.place(self.major())
+        roles = self.roles(place)
+        scratch = SCRATCH_PREFIX + secrets.token_hex(6)
+        target = place.conn.with_dbname(scratch)
+        try:
+            if self.restore(place, scratch, roles):
+                if self.options.includes("facts"):
+                    self.facts(target)
+                if self.options.includes("assertions"):
+                    self.assertions(target)
+                if self.options.includes("command"):
+                    self.command(target)
+        except BaseException:
+            _drop(place.conn, scratch)  # an error or Ctrl-C: nothing is kept
+            raise
+        if self.servers.keep:
+            self.servers.kept.append(f"scratch database kept: psql {_url(target)!r}")
+        else:
+            _drop(place.conn, scratch)
+
+    # -- integrity ----------------------------------------------------------------------
+
+    def integrity(self) -> bool:
+        """Every artifact exists with its recorded size; at this level, read them in full."""
+        ok = True
+        for artifact in self.manifest.artifacts:
+            problem = self.stored(artifact)
+            if problem is not None:
+                ok = self.check("integrity", artifact.name, False, problem)
+            elif not self.options.includes("restore") or artifact.format != DUMP_FORMAT:
+                # Deeper levels read the dump while restoring it: one download, not two.
+                ok = self.read_through(artifact) and ok
+        return ok
+
+    def stored(self, artifact: Artifact) -> str | None:
+        """Why the stored object cannot be the artifact; None if size and presence agree."""
+        try:
+            info = self.storage.stat(artifact.key)
+        except NotFound:
+            self.still_exists()
+            return f"{artifact.key} is missing from the repository"
+        if info.size != artifact.size:
+            return (f"{artifact.key}: {info.size} bytes stored, {artifact.size} recorded "
+                    "(truncated or damaged)")
+        return None
+
+    def still_exists(self) -> None:
+        """A manifest deleted meanwhile (prune) means no verdict on damage: stop the drill."""
+        try:
+            self.storage.stat(manifest_key(self.manifest.database, self.manifest.id))
+        except NotFound:
+            raise NotFound(f"backup {self.manifest.id} was deleted while being verified") \
+                from None
+
+    def read_through(self, artifact: Artifact) -> bool:
+        """Stream one artifact through digest and decoders; the dump also through pg_restore -l."""
+        try:
+            stream = open_artifact(self.storage, self.manifest, artifact,
+                                   identities=self.options.identities)
+            detail = f"{artifact.size} bytes, sha256 and decoding verified"
+            if artifact.format == DUMP_FORMAT:
+                entries = _list_archive(stream, self.major())
+                detail += f", {entries} archive entries listed by pg_restore"
+            elif artifact.format == GLOBALS_FORMAT and self.options.includes("restore"):
+                self.globals_sql = _drain(stream, keep=_CREATE_ROLE)
+            else:
+                _drain(stream)
+        except NotFound:
+            self.still_exists()
+            return self.check("integrity", artifact.name, False,
+                              f"{artifact.key} is missing from the repository")
+        except (IntegrityError, RestoreFailed) as exc:
+            return self.check("integrity", artifact.name, False, f"{artifact.key}: {exc}")
+        return self.check("integrity", artifact.name, True, detail)
+
+    def major(self) -> int:
+        """The backed-up server's major version: which cluster to start, which pg_restore."""
+        if self.manifest.facts.server_version_num:
+            return self.manifest.facts.server_version_num // 10000
+        return int(self.manifest.tool_versions.get("pg_restore", "10").split(".")[0])
+
+    # -- restore ------------------------------------------------------------------------
+
+    globals_sql: list[bytes] | None = None
+
+    def roles(self, place: _Place) -> bool:
+        """In an ephemeral cluster, create the backup's roles so owners and policies restore."""
+        if not place.ephemeral or self.globals_sql is None:
+            return False
+        with place.conn.connect(autocommit=True) as admin:
+            for statement in self.globals_sql:
+                with contextlib.suppress(Exception):  # e.g. the role exists already
+                    admin.execute(statement)
+        return True
+
+    def restore(self, place: _Place, scratch: str, roles: bool) -> bool:
+        dump = next(a for a in self.manifest.artifacts if a.format == DUMP_FORMAT)
+        options = RestoreOptions(target=scratch, jobs=self.options.jobs, no_owner=not roles,
+                                 progress=self.options.progress,
+                                 identities=self.options.identities)
+        try:
+            result = restore(place.conn, self.storage, self.manifest, options)
+        except NotFound:
+            self.still_exists()
+            return self.check("integrity", dump.name, False,
+                              f"{dump.key} is missing from the repository")
+        except IntegrityError as exc:
+            return self.check("integrity", dump.name, False, f"{dump.key}: {exc}")
+        except RestoreFailed as exc:
+            self.check("integrity", dump.name, True,
+                       f"{dump.size} bytes, sha256 and decoding verified while restoring")
+            return self.check("restore", "restore", False, f"{exc} (into {place.where})")
+        self.check("integrity", dump.name, True,
+                   f"{dump.size} bytes, sha256 and decoding verified while restoring")
+        seconds = result.seconds
+        self.report.restore_seconds = round(seconds, 3)
+        self.report.bytes_read = result.bytes_read
+        self.report.where = place.where
+        how = "with owners and privileges" if roles else "without owners and privileges"
+        self.check("restore", "restore", True,
+                   f"restored into {place.where} {how} in {_seconds(seconds)}")
+        objective = self.options.rto_objective_seconds
+        self.report.rto_met = seconds <= objective
+        return self.check("restore", "rto", self.report.rto_met,
+                          f"restore took {_seconds(seconds)}, objective {_seconds(objective)}")
+
+    # -- facts --------------------------------------------------------------------------
+
+    def facts(self, target: ConnInfo) -> None:
+        recorded = self.manifest.facts
+        conn = ConnInfo(params=target.params, password=target.password,
+                        schema=recorded.schema_filter)
+        engine = LogicalEngine(conn)
+        with engine.snapshot() as snapshot:
+            restored = engine.facts(snapshot)
+            matviews = {tuple(r) for r in snapshot.connection.execute(_MATVIEWS_SQL).fetchall()}
+        self.check("facts", "rows", *_compare_rows(recorded, restored, matviews))
+        self.check("facts", "schema", *_compare_schema(recorded, restored))
+        self.check("facts", "extensions", *_compare_extensions(recorded, restored))
+        self.check("facts", "migrations", *_compare_migrations(recorded, restored))
+
+    # -- assertions ---------------------------------------------------------------------
+
+    def assertions(self, target: ConnInfo) -> None:
+        import psycopg
+
+        if not self.options.sql:
+            self.check("assertions", "sql", None, "no [[verify.sql]] assertions configured")
+            return
+        timeout_ms = int(self.options.command_timeout * 1000)
+        with target.connect(options=f"-c statement_timeout={timeout_ms}") as connection:
+            for name, query in self.options.sql:
+                try:
+                    rows = connection.execute(query).fetchall()
+                except psycopg.Error as exc:
+                    self.check("assertions", f"sql {name}", False, f"error: {_first_line(exc)}")
+                    continue
+                finally:
+                    connection.rollback()  # one assertion never sees another's changes
+                value = rows[0][0] if len(rows) == 1 and len(rows[0]) == 1 else ...
+                if value is True:
+                    self.check("assertions", f"sql {name}", True, "returned true")
+                elif value is False or value is None:
+                    shown = "false" if value is False else "NULL"
+                    self.check("assertions", f"sql {name}", False, f"returned {shown}")
+                else:
+                    self.check("assertions", f"sql {name}", False,
+                               f"returned {_clip(repr(rows))}; a check must return one boolean")
+
+    # -- command ------------------------------------------------------------------------
+
+    def command(self, target: ConnInfo) -> None:
+        assert self.options.command is not None
+        with target.child_env() as env:
+            env = {k: v for k, v in env.items() if not k.startswith("PG") or k == "PGPASSFILE"}
+            env.update(_pg_env(target))
+            result = run_command(self.options.command, env, self.options.command_timeout)
+        self.report.command_output = result.output
+        last = result.output.strip().splitlines()[-1:] or [""]
+        if result.timed_out:
+            self.check("command", "command", False,
+                       f"did not finish within {_seconds(self.options.command_timeout)}; "
+                       "its process group was killed")
+        elif result.returncode == 0:
+            self.check("command", "command", True, f"exit 0 after {_seconds(result.seconds)}")
+        else:
+            how = (f"killed by signal {-result.returncode}" if result.returncode < 0
+                   else f"exit {result.returncode}")
+            self.check("command", "command", False,
+                       f"{how} after {_seconds(result.seconds)}: {_clip(last[0])}")
+
+
+# -- comparisons: (ok or None for skipped, detail) ----------------------------------------
+
+
+def _compare_rows(recorded: Facts, restored: Facts,
+                  matviews: set[tuple[str, str]]) -> tuple[bool | None, str]:
+    def counts(facts: Facts) -> dict[tuple[str, str], int]:
+        # A refresh during restore recomputes materialized views: stale ones legitimately differ.
+        return {(t.schema_name, t.name): t.rows for t in facts.tables
+                if (t.schema_name, t.name) not in matviews}
+
+    want, got = counts(recorded), counts(restored)
+    problems = [f"{_qualified(k)} has {got[k]} rows, {want[k]} recorded"
+                for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
+    problems += [f"{_qualified(k)} is missing" for k in sorted(want.keys() - got.keys())]
+    problems += [f"{_qualified(k)} was not recorded" for k in sorted(got.keys() - want.keys())]
+    if problems:
+        return False, _summary(problems)
+    skipped = f"; {len(matviews)} materialized views refreshed, not compared" if matviews else ""
+    return True, f"{len(want)} tables, {sum(want.values())} rows, as recorded{skipped}"
+
+
+def _compare_schema(recorded: Facts, restored: Facts) -> tuple[bool | None, str]:
+    want, got = recorded.schema_fingerprint, restored.schema_fingerprint
+    if want is None:
+        return None, "no schema fingerprint recorded (backup taken by an older pgvault)"
+    if got is None:
+        return False, "could not read the restored database's catalog"
+    if want.sha256 == got.sha256:
+        total = sum(want.objects.values())
+        return True, f"fingerprint {want.sha256[:16]} matches ({total} objects)"
+    differing = sorted(name for name in want.sections.keys() | got.sections.keys()
+                       if want.sections.get(name) != got.sections.get(name))
+    detail = "differs in " + ", ".join(
+        f"{name} ({got.objects.get(name, 0)} objects, {want.objects.get(name, 0)} recorded)"
+        for name in differing)
+    if recorded.server_version_num // 10000 != restored.server_version_num // 10000:
+        # Another major deparses definitions differently: not evidence of a bad restore.
+        return None, (f"{detail}; not compared: restored on PostgreSQL "
+                      f"{restored.server_version}, backed up from {recorded.server_version}")
+    return False, detail
+
+
+def _compare_extensions(recorded: Facts, restored: Facts) -> tuple[bool | None, str]:
+    want, got = recorded.extensions, restored.extensions
+    problems = [f"{name} {got.get(name, 'missing')}, {version} recorded"
+                for name, version in sorted(want.items()) if got.get(name) != version]
+    problems += [f"{name} {got[name]} was not recorded" for name in sorted(got.keys() - want)]
+    if problems:
+        return False, _summary(problems)
+    return True, ", ".join(f"{n} {v}" for n, v in sorted(want.items())) or "none"
+
+
+def _compare_migrations(recorded: Facts, restored: Facts) -> tuple[bool | None, str]:
+    if recorded.migrations is None:
+        return None, "no migration tables recorded (older pgvault, or they were unreadable)"
+    if restored.migrations is None:
+        return False, "could not read the restored migration tables"
+
+    def by_name(tables: list[MigrationTable]) -> dict[str, MigrationTable]:
+        return {_qualified((t.schema_name, t.name)): t for t in tables}
+
+    want, got = by_name(recorded.migrations), by_name(restored.migrations)
+    problems = [f"{name} is missing" for name in sorted(want.keys() - got.keys())]
+    problems += [f"{name} was not recorded" for name in sorted(got.keys() - want.keys())]
+    for name in sorted(want.keys() & got.keys()):
+        if (want[name].rows, want[name].sha256) != (got[name].rows, got[name].sha256):
+            problems.append(f"{name} differs ({got[name].rows} rows, {want[name].rows} recorded)")
+    for name, table in sorted(got.items()):
+        if table.failed:
+            problems.append(f"{name} records failed migrations: {', '.join(table.failed)}")
+    if problems:
+        return False, _summary(problems)
+    if not want:
+        return None, "no migration tables (" + ", ".join(MIGRATION_TABLES) + ")"
+    return True, "; ".join(
+        f"{name}: {t.rows} rows" + (f", latest {t.latest}" if t.latest else "")
+        for name, t in sorted(want.items()))
+
+
+# -- the user command ---------------------------------------------------------------------
+
+
+@dataclass
+class CommandResult:
+    """How a drill command ended, and the end of its output."""
+
+    returncode: int
+    seconds: float
+    output: str
+    timed_out: bool
+
+
+def run_command(command: str, env: dict[str, str], timeout: float,
+                tail: int = OUTPUT_TAIL) -> CommandResult:
+    """Run a shell command in its own process group; kill the group on timeout or interrupt."""
+    started = time.monotonic()
+    proc = subprocess.Popen(command, shell=True, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    assert proc.stdout is not None
+    buffer = bytearray()
+
+    stdout = cast(io.BufferedReader, proc.stdout)
+
+    def collect() -> None:
+        while data := stdout.read1(CHUNK):
+            buffer.extend(data)
+            if len(buffer) > 2 * tail:
+                del buffer[:-tail]
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+    except BaseException:
+        _kill_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        # Whatever the shell left running in the background goes too: nothing outlives a drill.
+        _kill_group(proc.pid, signal.SIGKILL)
+        reader.join(10)
+        proc.stdout.close()
+    output = bytes(buffer[-tail:]).decode("utf-8", "replace")
+    return CommandResult(proc.returncode, time.monotonic() - started, output, timed_out)
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _pg_env(target: ConnInfo) -> dict[str, str]:
+    """DATABASE_URL, DIRECT_URL and PG* naming the scratch database."""
+    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE",
+             "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT"}
+    env = {var: target.params[key] for key, var in names.items() if key in target.params}
+    # Apps (Prisma, Django, Rails) read only the URL, so it carries the password; it is in
+    # the child's environment (private to this user), never on a command line.
+    url = _url(target, with_password=True)
+    env["DATABASE_URL"] = env["DIRECT_URL"] = url
+    return env
+
+
+def _url(target: ConnInfo, *, with_password: bool = False) -> str:
+    """A postgresql:// URL for ``target`` (without the password unless asked)."""
+    params = dict(target.params)
+    user = quote(params.pop("user", ""), safe="")
+    if with_password and target.password:
+        user += ":" + quote(target.password, safe="")
+    host = params.pop("host", "")
+    port = params.pop("port", "")
+    dbname = quote(params.pop("dbname", ""), safe="")
+    query: dict[str, str] = {}
+    if host.startswith("/"):
+        query["host"], host = host, ""
+    query.update((k, v) for k, v in params.items() if k != "connect_timeout")
+    netloc = (user + "@" if user else "") + host + (":" + port if port else "")
+    return f"postgresql://{netloc}/{dbname}" + ("?" + urlencode(query) if query else "")
+
+
+# -- small pieces -------------------------------------------------------------------------
+
+
+def _list_archive(stream: Readable, major: int) -> int:
+    """Feed a custom-format archive to `pg_restore --list`; its entry count. Reads to EOF."""
+    from pgvault.pg.binaries import tool
+    from pgvault.pg.process import StderrTail, describe_exit
+
+    argv = [str(tool("pg_restore", major)), "--list"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    tail = StderrTail(proc.stderr)
+    listing: list[bytes] = []
+    stdout: IO[bytes] = proc.stdout
+    lister = threading.Thread(target=lambda: listing.extend(stdout), daemon=True)
+    lister.start()
+    try:
+        broken = False
+        while data := stream.read(CHUNK):
+            if broken:
+                continue  # pg_restore stops after the table of contents; the digest needs all
+            try:
+                proc.stdin.write(data)
+            except BrokenPipeError:
+                broken = True
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    returncode = proc.wait()
+    lister.join(10)
+    tail.join()
+    if returncode != 0:
+        raise IntegrityError(describe_exit("pg_restore --list", returncode, tail))
+    return sum(1 for line in listing if line.strip() and not line.startswith(b";"))
+
+
+def _drain(stream: Readable, keep: re.Pattern[bytes] | None = None) -> list[bytes]:
+    """Read a stream to its end (so its digest is checked); the lines matching ``keep``."""
+    kept: list[bytes] = []
+    pending = b""
+    while data := stream.read(CHUNK):
+        if keep is None:
+            continue
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()
+        kept += [line for line in lines if keep.match(line)]
+    if keep is not None and keep.match(pending):
+        kept.append(pending)
+    return kept
+
+
+def _drop(server: ConnInfo, name: str) -> None:
+    """Drop a scratch database; never raises (the caller may be unwinding an error)."""
+    from psycopg import sql
+
+    with contextlib.suppress(Exception), server.connect(autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+def _qualified(key: tuple[str, str]) -> str:
+    return ".".join(_ident(part) for part in key)
+
+
+def _ident(name: str) -> str:
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
+
+
+def _summary(problems: list[str], shown: int = 5) -> str:
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _seconds(seconds: float) -> str:
+    from pgvault.console import human_seconds
+
+    return human_seconds(seconds)
+

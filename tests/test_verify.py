@@ -542,3 +542,56 @@ query = "SELECT true"
         config.load(write_config(tmp_path, '[verify]\nlevle = "facts"\n'))
     with pytest.raises(ConfigError, match=r"verify\.level"):
         config.load(write_config(tmp_path, '[verify]\nlevel = "deep"\n'))
+
+
+def test_encrypted_backup_drills_with_its_identity(
+    make_db: Any, pg_cluster: EphemeralCluster, tmp_path: Path, drill_tmp: Path
+) -> None:
+    url = make_db()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 100) g")
+    key = tmp_path / "key.txt"
+    recipient = pgvault("keygen", "--output", str(key)).stdout.strip()
+    repo = tmp_path / "repo"
+    pgvault("backup", "--dbname", url, "--repo", f"file://{repo}",
+            env={"PGVAULT_AGE_RECIPIENTS": recipient})
+    report = report_of(run(repo, "--level", "facts", "--server", pg_cluster.url(), "--json",
+                           "--identity-file", str(key), drill_tmp=drill_tmp))
+    assert report.passed and statuses(report)["rows"] == "pass", report.checks
+    # Without the key the drill cannot judge the backup: a key error, not "damaged".
+    proc = run(repo, "--level", "integrity", drill_tmp=drill_tmp, expect=11)
+    assert "damaged" not in one_line_error(proc)
+
+
+def test_migration_tables_of_each_tool_are_fingerprinted(make_db: Any) -> None:
+    from pgvault.engines.logical import LogicalEngine
+    from pgvault.pg.conninfo import ConnInfo
+
+    url = make_db()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(PRISMA_TABLE + FAILED_PRISMA_ROW + OTHER_MIGRATION_TABLES)
+        conn.execute("""
+CREATE SCHEMA golang;
+CREATE TABLE golang.schema_migrations (version bigint PRIMARY KEY, dirty boolean NOT NULL);
+INSERT INTO golang.schema_migrations VALUES (20260105, true);
+CREATE TABLE public.schema_migrations (version varchar PRIMARY KEY);
+INSERT INTO public.schema_migrations VALUES ('20250101000000'), ('20260101000000');
+CREATE TABLE public.flyway_schema_history (installed_rank int PRIMARY KEY, version varchar(50),
+    description varchar(200), success boolean NOT NULL);
+INSERT INTO public.flyway_schema_history VALUES (1, '1', 'init', true), (2, '2', 'orders', true),
+    (3, '3', 'broken', false);
+""")
+    engine = LogicalEngine(ConnInfo.parse(url))
+    with engine.snapshot() as snapshot:
+        facts = engine.facts(snapshot)
+    assert facts.migrations is not None
+    found = {f"{t.schema_name}.{t.name}": (t.rows, t.latest, t.failed) for t in facts.migrations}
+    assert found == {
+        "golang.schema_migrations": (1, "20260105", ["20260105"]),
+        "public._prisma_migrations": (4, "20260202_orders", ["20260404_broken"]),
+        "public.flyway_schema_history": (3, "2", ["3"]),
+        "public.schema_migrations": (2, "20260101000000", []),  # Rails: no dirty column
+        "py.alembic_version": (1, "3f2a9c1d", []),
+        "py.django_migrations": (2, "shop.0002_orders", []),
+    }
+    assert facts.schema_fingerprint is not None and facts.schema_fingerprint.objects["relations"]

@@ -470,7 +470,8 @@ def _compare_migrations(recorded: Facts, restored: Facts) -> tuple[bool | None, 
     if not want:
         return None, "no migration tables (" + ", ".join(MIGRATION_TABLES) + ")"
     return True, "; ".join(
-        f"{name}: {t.rows} rows" + (f", latest {t.latest}" if t.latest else "")
+        f"{name}: {t.rows} row{'' if t.rows == 1 else 's'}"
+        + (f", latest {t.latest}" if t.latest else "")
         for name, t in sorted(want.items()))
 
 

@@ -111,6 +111,10 @@ class LogicalEngine:
                 snapshot_id = None
             yield Snapshot(connection=connection, snapshot_id=snapshot_id)
         finally:
+            # A facts query may still run (e.g. waiting on a lock) when the dump failed:
+            # cancel it, or the rollback would wait for it forever.
+            with contextlib.suppress(Exception):
+                connection.cancel_safe(timeout=5)
             with contextlib.suppress(Exception):
                 connection.execute("ROLLBACK")
             connection.close()

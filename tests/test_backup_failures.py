@@ -1,0 +1,54 @@
+"""A pg_dump killed mid-run: the backup fails loudly, names the signal, and leaves no backup."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import psycopg
+
+from cli_runner import PGVAULT, pgvault
+
+
+def _child_named(parent: subprocess.Popen[str], name: str, timeout: float = 30) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(parent.pid).children(recursive=True):
+            if child.name() == name:
+                return child
+        time.sleep(0.02)
+    raise AssertionError(f"no {name} child appeared")
+
+
+def test_killed_pg_dump_fails_the_backup_with_one_line(
+    make_db: Callable[..., str], tmp_path: Path
+) -> None:
+    url = make_db()
+    repo_dir = tmp_path / "repo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGVAULT_")}
+    with psycopg.connect(url) as blocker:
+        blocker.execute("CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 1000)")
+        blocker.commit()
+        # pg_dump waits for this lock, so it is alive and mid-dump when we kill it.
+        blocker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        proc = subprocess.Popen([PGVAULT, "backup", "--dbname", url, "--repo",
+                                 f"file://{repo_dir}", "--no-globals"], env=env,
+                                stderr=subprocess.PIPE, text=True)
+        _child_named(proc, "pg_dump").send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 8, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == ["pgvault: pg_dump was killed by signal 9"]
+    assert not list(repo_dir.glob("manifests/**/*.json"))
+    assert not list(repo_dir.glob("backups/**/*")) or not [
+        p for p in repo_dir.glob("backups/**/*") if p.is_file()]
+    # The next run succeeds, and what it stored restores to the same rows.
+    pgvault("backup", "--dbname", url, "--repo", f"file://{repo_dir}", "--no-globals")
+    shown = json.loads(pgvault("show", "--json", "--repo", f"file://{repo_dir}").stdout)
+    assert [(t["name"], t["rows"]) for t in shown["facts"]["tables"]] == [("t", 1000)]

@@ -33,6 +33,9 @@ class Sample:
     error_lines: int
     # Most processes of each name alive at one sample, e.g. {"pg_restore": 3} for -j 2.
     procs: dict[str, int] = field(default_factory=dict)
+    # Like peak_rss_bytes, but each page counts once however many processes share it
+    # (libraries, and a forked child's copy-on-write pages before it execs).
+    peak_pss_bytes: int = 0
 
 
 class CommandFailed(RuntimeError):
@@ -54,6 +57,7 @@ class _TreeSampler(threading.Thread):
         self.interval_s = interval_s
         self.seen: dict[int, psutil.Process] = {}
         self.peak = 0
+        self.peak_pss = 0
         self.procs: Counter[str] = Counter()
         self._stop_event = threading.Event()
 
@@ -75,14 +79,17 @@ class _TreeSampler(threading.Thread):
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
             return
-        total = 0
+        total = pss = 0
         names: Counter[str] = Counter()
         for p in procs:
             self.seen.setdefault(p.pid, p)
             with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
+                mem = p.memory_full_info()  # /proc/PID/smaps_rollup: ~0.2 ms
+                total += mem.rss
+                pss += getattr(mem, "pss", mem.rss)
                 names[p.name()] += 1
         self.peak = max(self.peak, total)
+        self.peak_pss = max(self.peak_pss, pss)
         for name, n in names.items():
             self.procs[name] = max(self.procs[name], n)
 
@@ -166,6 +173,7 @@ def measure(
             stderr_tail=tail,
             error_lines=errors,
             procs=dict(sampler.procs) if sampler is not None else {},
+            peak_pss_bytes=sampler.peak_pss if sampler is not None else 0,
         )
     finally:
         if timer is not None:

@@ -55,6 +55,15 @@ LABELS = {
     VAULT_RJ2: "pgvault restore latest -j 2",
 }
 PGVAULT_OPS = (VAULT_B, VAULT_S3, VAULT_R, VAULT_RJ2)
+# --breakdown: the parts of a pgvault backup, each measured alone (compare with the floor).
+BREAKDOWN = {
+    "bd.zstd_cli": "pg_dump -Fc -Z0 | zstd -3 -T2 > file (pgvault's codec, stock CLI)",
+    "bd.globals": "pg_dumpall --globals-only > /dev/null",
+    "bd.facts": "count(*) of every table, one psql session",
+    "bd.vault_noglobals": "pgvault backup --no-globals",
+    "bd.vault_level1": "pgvault backup --no-globals --level 1",
+    "bd.vault_none": "pgvault backup --no-globals --compression none",
+}
 S3_OPS = (S3_BASE, VAULT_S3)
 
 
@@ -276,6 +285,51 @@ class Bench:
             self._drop_db(restore_db)
         return res
 
+    def run_breakdown(self, info: DatasetInfo, runs: int) -> dict[str, OpResult]:
+        """The parts of a pgvault backup measured alone (--breakdown), runs times each."""
+        src = self.cluster.url(info.dbname)
+        work = self.workdir / info.name
+        repo, out_file = work / "breakdown-repo", work / "breakdown.dump.zst"
+        counts = work / "counts.sql"
+        counts.write_text("".join(f"SELECT count(*) FROM {t};\n" for t in info.rows))
+        vault = [str(self.pgvault), "backup", "--dbname", src, "--repo", f"file://{repo}",
+                 "--no-globals"]
+        shell = {
+            "bd.zstd_cli": 'set -euo pipefail\npg_dump -Fc -Z0 "$DATABASE_URL" | '
+                           'zstd -3 -T2 -q -c > "$OUT"',
+            "bd.globals": 'pg_dumpall --globals-only -d "$DATABASE_URL" > /dev/null',
+            "bd.facts": 'psql -X -q -v ON_ERROR_STOP=1 -d "$DATABASE_URL" -f "$COUNTS" '
+                        "> /dev/null",
+        }
+        argvs: dict[str, list[str]] = {op: ["bash", "-c", cmd] for op, cmd in shell.items()}
+        if self.pgvault is not None:
+            argvs.update({"bd.vault_noglobals": vault,
+                          "bd.vault_level1": [*vault, "--level", "1"],
+                          "bd.vault_none": [*vault, "--compression", "none"]})
+        res = {op: OpResult(op, shell.get(op, " ".join(argv)).replace("\n", "; "))
+               for op, argv in argvs.items()}
+        env = self.env(DATABASE_URL=src, OUT=str(out_file), COUNTS=str(counts))
+        for i in range(1, runs + 1):
+            log(f"[{info.name}] breakdown run {i}/{runs}")
+            for op, argv in argvs.items():
+                r = res[op]
+                if r.status != "ok":
+                    continue
+                shutil.rmtree(repo, ignore_errors=True)
+                repo.mkdir(parents=True)
+                out_file.unlink(missing_ok=True)
+                s = measure(argv, env=env)
+                if op.startswith("bd.vault"):
+                    if self._pgvault_ok(r, s):
+                        self._add(r, s, _tree_size(repo), label=BREAKDOWN[op])
+                else:
+                    self._check(s, BREAKDOWN[op])
+                    size = out_file.stat().st_size if out_file.exists() else None
+                    self._add(r, s, size, label=BREAKDOWN[op])
+        shutil.rmtree(repo, ignore_errors=True)
+        out_file.unlink(missing_ok=True)
+        return res
+
     def run_memory(self, info: DatasetInfo, runs: int) -> dict[str, OpResult]:
         """pgvault backup and restores only, for their peak RSS at this database size."""
         src = self.cluster.url(info.dbname)
@@ -286,16 +340,27 @@ class Bench:
         vault = str(self.pgvault)
         restore = [vault, "restore", "latest", "--to", restore_db, "--dbname", src,
                    "--repo", repo_url]
+        s3_prefix = f"memory-{info.target_mb}mb/"
         argvs = {
             VAULT_B: [vault, "backup", "--dbname", src, "--repo", repo_url],
+            VAULT_S3: [vault, "backup", "--dbname", src, "--repo",
+                       f"s3://{BUCKET}/{s3_prefix}"],
             VAULT_R: restore,
             VAULT_RJ2: [*restore, "-j", str(self.restore_jobs)],
         }
         res = {op: OpResult(op, " ".join(argv)) for op, argv in argvs.items()}
+        if self.s3 is None:
+            res[VAULT_S3].status, res[VAULT_S3].note = "n/a", self.s3_note
         env = self.env(DATABASE_URL=src, PGVAULT_REPO=repo_url)
         try:
             for i in range(1, runs + 1):
                 log(f"[memory {info.target_mb} MB] run {i}/{runs}")
+                if self.s3 is not None and res[VAULT_S3].status == "ok":
+                    self.s3.clear(s3_prefix)
+                    s = measure(argvs[VAULT_S3], env=self.s3_env(DATABASE_URL=src))
+                    if self._pgvault_ok(res[VAULT_S3], s):
+                        self._add(res[VAULT_S3], s, self.s3.size(s3_prefix))
+                    self.s3.clear(s3_prefix)
                 shutil.rmtree(repo, ignore_errors=True)
                 repo.mkdir(parents=True)
                 s = measure(argvs[VAULT_B], env=env)
@@ -405,7 +470,8 @@ class Bench:
         return False
 
     @staticmethod
-    def _add(r: OpResult, s: Sample, size: int | None, verified: bool = True) -> None:
+    def _add(r: OpResult, s: Sample, size: int | None, verified: bool = True,
+             label: str = "") -> None:
         """Append one run to r and log its figures."""
         r.samples.append(s)
         if size is not None:
@@ -414,8 +480,9 @@ class Bench:
         extra = f", {size / MB:.1f} MB" if size is not None else ""
         if s.procs.get("pg_restore", 0) > 1:
             extra += f", up to {s.procs['pg_restore']} pg_restore processes"
-        log(f"  {LABELS[r.op]}: {s.wall_s:.2f}s wall, {s.cpu_s:.2f}s CPU, "
-            f"{s.peak_rss_bytes / MB:.1f} MB RSS{extra}{'' if verified else ', NOT VERIFIED'}")
+        log(f"  {label or LABELS[r.op]}: {s.wall_s:.2f}s wall, {s.cpu_s:.2f}s CPU, "
+            f"{s.peak_rss_bytes / MB:.1f} MB RSS, {s.peak_pss_bytes / MB:.1f} MB PSS{extra}"
+            f"{'' if verified else ', NOT VERIFIED'}")
 
     def _verify(self, dbname: str, expected: dict[str, int], s: Sample) -> bool:
         """Compare row counts of a restored database with the source (untimed)."""
@@ -623,7 +690,7 @@ def report(info: DatasetInfo, res: dict[str, OpResult], runs: int) -> dict[str, 
           f"(target {info.target_mb} MB), {sum(info.rows.values()):,} rows; built in "
           f"{info.build_seconds:.1f}s{' (cached)' if info.cached else ''}; "
           f"uncompressed -Fc -Z0 dump {ref / MB:.1f} MB; median of {runs} run(s)")
-    head = (f"{'operation':<38} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12} "
+    head = (f"{'operation':<38} {'wall s':>8} {'CPU s':>8} {'RSS MB':>7} {'PSS MB':>7} "
             f"{'output MB':>10} {'compression':>12}  note")
     print(head)
     print("-" * len(head))
@@ -633,15 +700,17 @@ def report(info: DatasetInfo, res: dict[str, OpResult], runs: int) -> dict[str, 
         comp = _ratio(ref, size) if size else None
         is_backup = not op.startswith("restore.")
         wall, cpu, rss = r.median("wall_s"), r.median("cpu_s"), r.median("peak_rss_bytes")
+        pss = r.median("peak_pss_bytes")
         line = (f"{LABELS[op]:<38} {_fmt(wall):>8} {_fmt(cpu):>8} "
-                f"{_fmt(None if rss is None else rss / MB, '.1f'):>12} "
+                f"{_fmt(None if rss is None else rss / MB, '.1f'):>7} "
+                f"{_fmt(None if pss is None else pss / MB, '.1f'):>7} "
                 f"{_fmt(None if size is None else size / MB, '.1f') if is_backup else '-':>10} "
                 f"{_fmt(comp, '.2f', 'x') if is_backup else '-':>12}  {_op_note(op, r)}")
         print(line.rstrip())
         ops_json[op] = {
             "label": LABELS[op], "command": r.command, "status": r.status, "note": r.note,
             "median": {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": rss,
-                       "output_bytes": size},
+                       "peak_pss_bytes": pss, "output_bytes": size},
             "compression_ratio_vs_fc_z0": comp,
             "restore_verified": r.verified,
             "runs": [{**asdict(s), "output_bytes": r.sizes[i] if i < len(r.sizes) else None}
@@ -666,14 +735,39 @@ def report(info: DatasetInfo, res: dict[str, OpResult], runs: int) -> dict[str, 
     return {"dataset": asdict(info), "operations": ops_json, "targets": targets_json}
 
 
+def report_breakdown(res: dict[str, OpResult], main: dict[str, OpResult]) -> dict[str, Any]:
+    """Print the parts of a pgvault backup next to the floor and return them as JSON."""
+    floor = main[FLOOR].median("wall_s")
+    print()
+    head = (f"{'breakdown: parts of a pgvault backup':<66} {'wall s':>7} {'CPU s':>7} "
+            f"{'RSS MB':>7} {'/ floor':>8}")
+    print(head)
+    print("-" * len(head))
+    rows = [(FLOOR, main[FLOOR], LABELS[FLOOR]), (VAULT_B, main[VAULT_B], LABELS[VAULT_B])]
+    rows += [(op, r, BREAKDOWN[op]) for op, r in res.items()]
+    out: dict[str, Any] = {}
+    for op, r, label in rows:
+        wall, cpu, rss = r.median("wall_s"), r.median("cpu_s"), r.median("peak_rss_bytes")
+        print(f"{label:<66} {_fmt(wall):>7} {_fmt(cpu):>7} "
+              f"{_fmt(None if rss is None else rss / MB, '.1f'):>7} "
+              f"{_fmt(_ratio(wall, floor), '.2f', 'x'):>8}"
+              f"  {'' if r.status == 'ok' else r.status + ': ' + r.note}".rstrip())
+        if op in res:
+            out[op] = {"label": label, "command": r.command, "status": r.status,
+                       "median": {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": rss,
+                                  "output_bytes": r.median_size()},
+                       "runs": [asdict(s) for s in r.samples]}
+    return out
+
+
 def report_memory(points: list[tuple[DatasetInfo, dict[str, OpResult]]]) -> dict[str, Any]:
-    """Print peak RSS of pgvault per database size (target 4) and return it as JSON."""
-    ops = (VAULT_B, VAULT_R, VAULT_RJ2)
+    """Print pgvault's peak memory per database size (target 4) and return it as JSON."""
+    ops = (VAULT_B, VAULT_S3, VAULT_R, VAULT_RJ2)
     limit = MEMORY_LIMIT_BYTES / MB
     print()
-    print(f"== memory: peak RSS of the pgvault process tree (server excluded), MB; target 4: "
-          f"<= {limit:.0f} MB at every size, flat")
-    head = f"{'database':<22}" + "".join(f"{LABELS[op]:>30}" for op in ops)
+    print(f"== memory: peak of the pgvault process tree (children included, server excluded), "
+          f"PSS MB (RSS MB); target 4: <= {limit:.0f} MB at every size, flat")
+    head = f"{'database':<16}" + "".join(f"{LABELS[op]:>30}" for op in ops)
     print(head)
     print("-" * len(head))
     rows: list[dict[str, Any]] = []
@@ -683,29 +777,30 @@ def report_memory(points: list[tuple[DatasetInfo, dict[str, OpResult]]]) -> dict
                                "db_size_bytes": info.db_size_bytes, "operations": {}}
         for op in ops:
             r = res.get(op)
-            peak = (max(s.peak_rss_bytes for s in r.samples)
-                    if r is not None and r.status == "ok" and r.samples else None)
-            mb = None if peak is None else peak / MB
-            verdict = _verdict(mb, limit)
-            cells.append(f"{_fmt(mb, '.1f')} {verdict}" if mb is not None
+            ok = r is not None and r.status == "ok" and bool(r.samples)
+            pss = max(s.peak_pss_bytes for s in r.samples) if r is not None and ok else None
+            rss = max(s.peak_rss_bytes for s in r.samples) if r is not None and ok else None
+            verdict = _verdict(None if pss is None else pss / MB, limit)
+            cells.append(f"{pss / MB:.1f} ({rss / MB:.1f}) {verdict}"
+                         if pss is not None and rss is not None
                          else (r.status if r is not None else "n/a"))
             row["operations"][op] = {
-                "peak_rss_bytes": peak, "result": verdict,
+                "peak_pss_bytes": pss, "peak_rss_bytes": rss, "result": verdict,
                 "wall_s": r.median("wall_s") if r is not None else None,
                 "runs": [asdict(s) for s in r.samples] if r is not None else [],
                 "note": r.note if r is not None else ""}
         rows.append(row)
-        print(f"{f'{info.db_size_bytes / MB:,.0f} MB':<22}" + "".join(f"{c:>30}" for c in cells))
+        print(f"{f'{info.db_size_bytes / MB:,.0f} MB':<16}" + "".join(f"{c:>30}" for c in cells))
     if len(rows) >= 2:
         first, last = rows[0], rows[-1]
         growth = []
         for op in ops:
-            a = first["operations"][op]["peak_rss_bytes"]
-            b = last["operations"][op]["peak_rss_bytes"]
+            a = first["operations"][op]["peak_pss_bytes"]
+            b = last["operations"][op]["peak_pss_bytes"]
             growth.append(_fmt(_ratio(b, a), ".2f", "x"))
         scale = last["db_size_bytes"] / first["db_size_bytes"]
-        print(f"{f'growth for {scale:.1f}x data':<22}" + "".join(f"{g:>30}" for g in growth))
-    return {"limit_bytes": MEMORY_LIMIT_BYTES, "sizes": rows}
+        print(f"{f'x{scale:.1f} data':<16}" + "".join(f"{g:>30}" for g in growth))
+    return {"limit_bytes": MEMORY_LIMIT_BYTES, "metric": "peak tree PSS", "sizes": rows}
 
 
 def report_startup(res: dict[str, OpResult], runs: int) -> dict[str, Any]:
@@ -778,6 +873,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="runs per operation in the memory part (default 1)")
     p.add_argument("--startup-runs", type=int, default=10,
                    help="runs of pgvault --version and pgvault list (default 10; 0 skips)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the parts of a pgvault backup alone: stock zstd -3 -T2, "
+                        "pg_dumpall -g, count(*) of every table, pgvault without globals, "
+                        "at level 1, without compression")
     p.add_argument("--profile", action="store_true",
                    help="afterwards, profile pgvault backup and restore once each (py-spy, "
                         "perf) on the shop dataset")
@@ -894,6 +993,9 @@ def main(argv: list[str] | None = None) -> int:
                     cached=name not in prepared.built_now, rows=m["rows"])
                 res = bench.run_dataset(info, args.runs)
                 out.append(report(info, res, args.runs))
+                if args.breakdown:
+                    out[-1]["breakdown"] = report_breakdown(
+                        bench.run_breakdown(info, args.runs), res)
                 if name == "shop":
                     shop = (info, res)
             if pgvault is not None and args.startup_runs:
@@ -923,7 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
                         db_size_bytes=ds.database_size(mcluster.url(ds.SHOP_DB)),
                         build_seconds=float(m["build_seconds"]),
                         cached="shop" not in prep.built_now, rows=m["rows"])
-                    mbench = Bench(mcluster, scratch / "work", pgvault, note, args.restore_jobs)
+                    mbench = Bench(mcluster, scratch / "work", pgvault, note, args.restore_jobs,
+                                   s3, s3_note, aws)
                     points.append((info, mbench.run_memory(info, args.memory_runs)))
                     mcluster.stop()
                 memory_json = report_memory(sorted(points, key=lambda p: p[0].db_size_bytes))

@@ -1,0 +1,477 @@
+"""Physical backups: basebackup, wal-push, wal-fetch, check-archive, and restore --physical.
+
+wal-push and wal-fetch run once per WAL file (archive_command / restore_command), so this
+module imports nothing heavy at load time, and they never exit above 125: PostgreSQL treats
+such a status as fatal (the archiver restarts; recovery aborts) — except wal-fetch on a
+damaged archive, where aborting recovery is exactly what must happen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pgvault.cli.app import (
+    CONNECTION_HELP,
+    EXIT_CODES,
+    cli,
+    common,
+    dbname_option,
+    settings_of,
+    storage_of,
+)
+
+FETCH_FATAL = 126
+"""wal-fetch's status for a damaged or unreadable archive: PostgreSQL aborts recovery
+(any status above 125), instead of taking the failure for the end of the WAL and
+promoting a cluster that silently lacks everything after it."""
+
+ARCHIVE_HELP = """\b
+Set up continuous archiving (postgresql.conf, as the server's OS user can run it):
+  archive_mode = on
+  archive_command = 'pgvault wal-push %p --config /etc/pgvault.toml'
+  archive_timeout = 60      # an idle server still archives at least every minute
+Keep repository settings in the config file (or the server's environment): the
+archiver does not see your shell's variables.
+"""
+
+
+def cluster_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--cluster", metavar="NAME", help="Name of the PostgreSQL cluster in "
+                        "the repository (default main) [env PGVAULT_PHYSICAL__CLUSTER, config "
+                        "physical.cluster].")(func)
+
+
+def _cluster(settings: Any, flag: str | None) -> str:
+    return flag or str(settings.physical.cluster)
+
+
+def recovery_window(settings: Any) -> Any:
+    """The [physical] recovery_window as a retention Duration (None when unset)."""
+    from pgvault.errors import ConfigError
+    from pgvault.retention import Duration
+
+    text = settings.physical.recovery_window
+    if not text:
+        return None
+    try:
+        return Duration.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"physical.recovery_window: {exc}") from None
+
+
+@contextlib.contextmanager
+def _archiver_status(*, quiet_missing: bool) -> Iterator[None]:
+    """Map failures to one line and a status PostgreSQL's archiver/recovery reads correctly."""
+    from pgvault.cli.app import state
+    from pgvault.errors import Interrupted, NotFound, PgvaultError
+
+    try:
+        yield
+    except NotFound as exc:
+        if not quiet_missing:
+            click.echo(f"pgvault: {exc}", err=True)
+        sys.exit(1)
+    except (Interrupted, KeyboardInterrupt):
+        if quiet_missing:
+            # Recovery must see a SIGTERM death (server shutdown), never "file missing".
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        click.echo("pgvault: interrupted", err=True)
+        sys.exit(1)
+    except PgvaultError as exc:
+        if state["debug"]:
+            raise
+        click.echo(f"pgvault: {exc}", err=True)
+        sys.exit(FETCH_FATAL if quiet_missing else min(exc.exit_code, 125))
+    except Exception as exc:
+        if state["debug"]:
+            raise
+        click.echo(f"pgvault: internal error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(FETCH_FATAL if quiet_missing else 1)
+
+
+@cli.command("wal-push", epilog=ARCHIVE_HELP)
+@common
+@cluster_option
+@click.argument("path", metavar="%p", type=click.Path(dir_okay=False))
+@click.pass_context
+def wal_push(ctx: click.Context, /, path: str, cluster: str | None, **_: Any) -> None:
+    """Archive one WAL file (archive_command); exit 0 only once it is durably stored.
+
+    Compressed (and encrypted, when configured) like every artifact, stored under the
+    sha256 of its raw bytes. Pushing the same file again succeeds without writing;
+    a different file under a name already archived is refused (split brain), and so
+    is a segment from another database system than the one the cluster name holds.
+
+    \b
+    Examples:
+      archive_command = 'pgvault wal-push %p --config /etc/pgvault.toml'
+      archive_command = '/opt/pgvault/bin/pgvault wal-push %p --repo s3://bk/app --cluster app'
+    """
+    with _archiver_status(quiet_missing=False):
+        from pgvault import pipeline
+        from pgvault.ops.wal import push
+
+        settings = settings_of(ctx)
+        storage = storage_of(settings)
+        stages = pipeline.configured_stages(settings, storage=storage)
+        result = push(storage, _cluster(settings, cluster), Path(path), stages)
+        if result.already_archived:
+            click.echo(f"pgvault: {result.walfile} was already archived with the same content",
+                       err=True)
+
+
+@cli.command("wal-fetch")
+@common
+@cluster_option
+@click.option("--identity-file", "identity_file", metavar="FILE",
+              type=click.Path(dir_okay=False),
+              help="age identity for an encrypted archive [env PGVAULT_AGE_IDENTITY_FILE].")
+@click.argument("walfile", metavar="%f")
+@click.argument("path", metavar="%p", type=click.Path(dir_okay=False))
+@click.pass_context
+def wal_fetch(ctx: click.Context, /, walfile: str, path: str, cluster: str | None,
+              identity_file: str | None, **_: Any) -> None:
+    """Fetch one archived WAL file (restore_command) to %p.
+
+    Exits 1 without a word when the file was never archived: PostgreSQL asks for
+    files past the end of the archive (and for .history files that may not exist)
+    to find where recovery ends. A damaged or unreadable archive exits 126, which
+    makes PostgreSQL stop recovery rather than end it early. `pgvault restore
+    --physical` writes this command for you.
+
+    \b
+    Examples:
+      restore_command = 'pgvault wal-fetch %f %p --config /etc/pgvault.toml'
+    """
+    with _archiver_status(quiet_missing=True):
+        from pgvault.cli.security import keyring_of
+        from pgvault.ops.wal import fetch
+
+        settings = settings_of(ctx)
+        storage = storage_of(settings)
+        fetch(storage, _cluster(settings, cluster), walfile, Path(path),
+              identities=keyring_of(settings, identity_file, storage))
+
+
+@cli.command(epilog=CONNECTION_HELP + "\n" + ARCHIVE_HELP + "\n" + EXIT_CODES)
+@common
+@dbname_option
+@cluster_option
+@click.option("--wal-method", type=click.Choice(["auto", "fetch", "archive"]), default=None,
+              help="fetch: WAL inside the backup (self-contained); archive: WAL from wal-push "
+                   "(the server must archive with it); auto (default): archive when the server "
+                   "archives with wal-push [config physical.wal_method].")
+@click.option("--fast-checkpoint", is_flag=True, default=None,
+              help="Start with an immediate checkpoint instead of a spread one "
+                   "[config physical.fast_checkpoint].")
+@click.option("--compression", type=click.Choice(["zstd", "gzip", "none"]), default=None,
+              help="Compression (default zstd) [config compression.algorithm].")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.pass_context
+def basebackup(ctx: click.Context, /, dbname: str | None, cluster: str | None,
+               wal_method: str | None, fast_checkpoint: bool | None, compression: str | None,
+               as_json: bool, **_: Any) -> None:
+    """Back up a whole PostgreSQL cluster: pg_basebackup streamed into the repository.
+
+    pg_basebackup's tar (with its backup_manifest) goes through zstd (and age) into
+    the repository without touching local disk. Timeline, start and stop LSN, WAL file
+    names and the system identifier are recorded; the manifest is written last. With
+    WAL archiving (wal-push) this is the base for point-in-time recovery. The role
+    needs the REPLICATION attribute and a replication line in pg_hba.conf. Clusters
+    with extra tablespaces are not supported (pg_basebackup cannot stream them).
+
+    \b
+    Examples:
+      pgvault basebackup -d postgresql://postgres@db/postgres --repo s3://bk/app
+      pgvault basebackup --cluster app --fast-checkpoint
+      pgvault restore --physical latest --pgdata /srv/pg-restore --target-time '2026-11-25 09:14'
+    """
+    from pgvault import config, pipeline
+    from pgvault.console import ProgressLine, human_bytes, human_seconds
+    from pgvault.errors import PgvaultError
+    from pgvault.ops.basebackup import BasebackupOptions
+    from pgvault.ops.basebackup import basebackup as run_basebackup
+    from pgvault.ops.prune import Policy, prune_after_backup
+
+    settings = settings_of(ctx)
+    conn = config.connection(settings, dbname)
+    storage = storage_of(settings)
+    physical = settings.physical
+    progress = ProgressLine(f"base backup of {conn.redacted()}")
+    options = BasebackupOptions(
+        cluster=_cluster(settings, cluster),
+        stages=pipeline.configured_stages(settings, compression, storage=storage),
+        wal_method=wal_method or physical.wal_method,
+        fast_checkpoint=physical.fast_checkpoint if fast_checkpoint is None else fast_checkpoint,
+        archive_wait=physical.archive_wait_seconds,
+        lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
+        progress=progress,
+    )
+    # Built first, so a bad [retention] fails before the backup rather than after it.
+    policy = (Policy.from_mapping(settings.retention.model_dump())
+              if settings.prune_after_backup else None)
+    window = recovery_window(settings)
+    try:
+        manifest = run_basebackup(conn, storage, options)
+    finally:
+        progress.finish()
+    if policy is not None:
+        try:
+            report = prune_after_backup(storage, policy, database=manifest.database,
+                                        lock_stale_after=options.lock_stale_after,
+                                        recovery_window=window)
+            click.echo(report.summary(), err=True)
+        except PgvaultError as exc:  # the backup is stored; a failed prune must not hide that
+            click.echo(f"warning: base backup {manifest.id} is stored, but pruning failed: "
+                       f"{exc}", err=True)
+    if as_json:
+        click.echo(manifest.model_dump_json(indent=2))
+        return
+    facts = manifest.physical
+    assert facts is not None
+    seconds = (manifest.finished_at - manifest.started_at).total_seconds()
+    where = "in the backup" if facts.wal_included else "in the archive"
+    click.echo(f"base backup {manifest.id} of cluster {manifest.database} (system "
+               f"{facts.system_identifier}): {human_bytes(manifest.raw_size)} -> "
+               f"{human_bytes(manifest.size)} stored, {human_seconds(seconds)}; "
+               f"WAL {facts.start_wal}..{facts.stop_wal} (LSN {facts.start_lsn}.."
+               f"{facts.stop_lsn}, timeline {facts.timeline}) {where}")
+
+
+@cli.command("check-archive", epilog=CONNECTION_HELP + "\n" + ARCHIVE_HELP + "\n" + EXIT_CODES)
+@common
+@dbname_option
+@cluster_option
+@click.option("--timeout", type=float, default=None, metavar="SECONDS",
+              help="How long to wait for the segment (default 60) "
+                   "[config physical.archive_wait_seconds].")
+@click.option("--no-switch", is_flag=True,
+              help="Only report what the archive holds; do not connect to the server.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def check_archive(ctx: click.Context, /, dbname: str | None, cluster: str | None,
+                  timeout: float | None, no_switch: bool, as_json: bool, **_: Any) -> None:
+    """Prove WAL archiving works, and show what the archive can restore.
+
+    Forces a WAL switch on the server (pg_switch_wal) and waits until the finished
+    segment arrives in the repository; then lists the archived range of each
+    timeline, its gaps, and the recoverable window (from the end of the oldest base
+    backup to the newest archived segment). Exits 8 when the segment does not
+    arrive or the archive has gaps.
+
+    \b
+    Examples:
+      pgvault check-archive -d postgresql://postgres@db/postgres --config /etc/pgvault.toml
+      pgvault check-archive --no-switch --json
+    """
+    from pgvault import config
+    from pgvault.catalog import Catalog
+    from pgvault.errors import BackupFailed
+    from pgvault.ops.wal import archive_status
+    from pgvault.ops.wal import check_archive as run_check
+
+    settings = settings_of(ctx)
+    storage = storage_of(settings)
+    name = _cluster(settings, cluster)
+    checked = None
+    if not no_switch:
+        conn = config.connection(settings, dbname)
+        checked = run_check(conn, storage, name,
+                            timeout=timeout or settings.physical.archive_wait_seconds)
+    backups = [m for m in Catalog(storage).list(name) if m.kind == "physical"]
+    status = archive_status(storage, name, backups)
+    report = _archive_report(status, checked, len(backups))
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        _print_archive(report)
+    if status.gaps:
+        raise BackupFailed(f"the archive of cluster {name!r} has {len(status.gaps)} gap(s); "
+                           "point-in-time recovery cannot cross them")
+
+
+def _archive_report(status: Any, checked: Any, backups: int) -> dict[str, Any]:
+    return {
+        "cluster": status.cluster,
+        "system_identifier": status.identity.system_identifier if status.identity else None,
+        "checked": None if checked is None else {
+            "walfile": checked.walfile, "seconds": round(checked.seconds, 3),
+            "archiver": checked.archiver},
+        "timelines": [{"timeline": t.timeline, "first": t.first, "last": t.last,
+                       "segments": t.segments, "gaps": [list(g) for g in t.gaps]}
+                      for t in status.timelines],
+        "files": status.files,
+        "stored_bytes": status.stored_bytes,
+        "last_wal": status.last_wal,
+        "last_archived_at": status.last_archived_at,
+        "base_backups": backups,
+        "recoverable_from": status.earliest_restore,
+        "recoverable_to": status.latest_restore,
+    }
+
+
+def _print_archive(report: dict[str, Any]) -> None:
+    from pgvault.console import human_bytes
+
+    checked = report["checked"]
+    if checked:
+        click.echo(f"archived {checked['walfile']} into the repository in "
+                   f"{checked['seconds']:.1f}s (server archiver: "
+                   f"{checked['archiver']['archived_count']} archived, "
+                   f"{checked['archiver']['failed_count']} failed)")
+    click.echo(f"cluster {report['cluster']} (system {report['system_identifier']}): "
+               f"{report['files']} WAL files, {human_bytes(report['stored_bytes'])}, "
+               f"{report['base_backups']} base backups")
+    for line in report["timelines"]:
+        gaps = ", ".join(f"{a}..{b}" for a, b in line["gaps"]) or "none"
+        click.echo(f"  timeline {line['timeline']}: {line['first']} .. {line['last']} "
+                   f"({line['segments']} segments), gaps: {gaps}")
+    start, end = report["recoverable_from"], report["recoverable_to"]
+    if start and end:
+        click.echo(f"recoverable to any moment from {start:%Y-%m-%d %H:%M:%S} to "
+                   f"{end:%Y-%m-%d %H:%M:%S} UTC")
+    else:
+        click.echo("recoverable window: none yet (needs a base backup and gap-free WAL)")
+
+
+# ---------------------------------------------------------------- restore --physical
+
+PHYSICAL_HELP = """\b
+Physical restore (--physical): a base backup into an empty --pgdata folder, then
+point-in-time recovery. Without a target, replay runs to the end of the archived
+WAL. Targets: --target-time, --target-lsn, --target-xid, --target-name (a restore
+point), --target immediate (end of the base backup). 'latest' picks the newest base
+backup that ends before the target. The restored server does not archive (its new
+timeline would confuse later restores) unless --keep-archiving is given.
+"""
+
+
+def physical_restore_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `restore --physical` adds to `restore`."""
+    options: list[Callable[[Any], Any]] = [
+        click.option("--physical", is_flag=True,
+                     help="Restore a base backup (point-in-time recovery) into --pgdata."),
+        click.option("--pgdata", metavar="DIR", type=click.Path(file_okay=False),
+                     help="[--physical] New or empty folder for the restored cluster."),
+        click.option("--target-time", metavar="TIME",
+                     help="[--physical] Replay up to this moment (ISO 8601; no zone: local)."),
+        click.option("--target-lsn", metavar="LSN", help="[--physical] Replay up to this LSN."),
+        click.option("--target-xid", metavar="XID",
+                     help="[--physical] Replay up to this transaction's commit."),
+        click.option("--target-name", metavar="NAME",
+                     help="[--physical] Replay up to this restore point "
+                          "(pg_create_restore_point)."),
+        click.option("--target", "recovery_target", type=click.Choice(["immediate"]),
+                     help="[--physical] immediate: stop once the backup is consistent."),
+        click.option("--target-action", type=click.Choice(["promote", "pause", "shutdown"]),
+                     default="promote", show_default=True,
+                     help="[--physical] What the server does at the target."),
+        click.option("--target-exclusive", is_flag=True,
+                     help="[--physical] Stop just before the target instead of just after."),
+        click.option("--target-timeline", default="latest", show_default=True,
+                     help="[--physical] Timeline to follow: latest, current or a number."),
+        click.option("--cluster", metavar="NAME",
+                     help="[--physical] The cluster's name in the repository (default main) "
+                          "[config physical.cluster]."),
+        click.option("--start", is_flag=True,
+                     help="[--physical] Start the server and wait until it reaches the target."),
+        click.option("--port", type=click.IntRange(1, 65535),
+                     help="[--physical] Port for --start (default: a free one)."),
+        click.option("--keep-archiving", is_flag=True,
+                     help="[--physical] Keep the backup's archive_mode (for a new primary)."),
+        click.option("--recovery-timeout", type=float, default=3600.0, show_default=True,
+                     metavar="SECONDS", help="[--physical] How long --start waits."),
+        click.option("--pgvault-bin", metavar="PATH",
+                     help="[--physical] pgvault program the server runs as restore_command "
+                          "(default: this one)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def restore_physical(ctx: click.Context, backup_id: str, params: dict[str, Any]) -> None:
+    """`restore --physical`: pick, unpack, configure recovery, optionally start."""
+    import shlex
+    from datetime import datetime
+
+    from pgvault.cli.security import keyring_of
+    from pgvault.console import ProgressLine, human_bytes, human_seconds
+    from pgvault.errors import UsageError
+    from pgvault.ops.physical_restore import (
+        PhysicalRestoreOptions,
+        RecoveryTarget,
+        choose_backup,
+    )
+    from pgvault.ops.physical_restore import restore_physical as run_restore
+    from pgvault.ops.wal import pgvault_executable
+
+    if not params.get("pgdata"):
+        raise UsageError("restore --physical needs --pgdata DIR (a new or empty folder)")
+    settings = settings_of(ctx)
+    storage = storage_of(settings)
+    name = _cluster(settings, params.get("cluster"))
+    target_time = None
+    if params.get("target_time"):
+        try:
+            target_time = datetime.fromisoformat(params["target_time"]).astimezone()
+        except ValueError:
+            raise UsageError(f"--target-time {params['target_time']!r} is not an ISO 8601 "
+                             "time, e.g. 2026-11-25T09:14:00+00:00") from None
+    target = RecoveryTarget(
+        time=target_time, lsn=params.get("target_lsn"), xid=params.get("target_xid"),
+        name=params.get("target_name"), immediate=params.get("recovery_target") == "immediate",
+        action=params.get("target_action") or "promote",
+        timeline=params.get("target_timeline") or "latest",
+        inclusive=not params.get("target_exclusive"),
+    )
+    manifest = choose_backup(storage, name, backup_id, target)
+    repo = settings.repo if "://" in settings.repo else str(Path(settings.repo).absolute())
+    command = [params.get("pgvault_bin") or pgvault_executable(), "wal-fetch", "%f", "%p",
+               "--repo", repo, "--cluster", name]
+    config_file = ctx.params.get("config") or os.environ.get("PGVAULT_CONFIG")
+    if config_file:
+        command += ["--config", str(Path(config_file).absolute())]
+    identity_file = params.get("identity_file")
+    if identity_file:
+        command += ["--identity-file", str(Path(identity_file).absolute())]
+    progress = ProgressLine(f"unpacking {manifest.id}", total=manifest.artifact("base.tar").size)
+    options = PhysicalRestoreOptions(
+        pgdata=Path(params["pgdata"]), target=target, restore_command=shlex.join(command),
+        cluster=name, start=bool(params.get("start")), port=params.get("port"),
+        keep_archiving=bool(params.get("keep_archiving")),
+        timeout=params.get("recovery_timeout") or 3600.0, progress=progress,
+        identities=keyring_of(settings, identity_file, storage),
+    )
+    try:
+        result = run_restore(storage, manifest, options)
+    finally:
+        progress.finish()
+    facts = manifest.physical
+    assert facts is not None
+    click.echo(f"restored base backup {manifest.id} (ended {facts.stop_time:%Y-%m-%d %H:%M:%S}"
+               f" UTC) into {result.pgdata}: {human_bytes(manifest.artifact('base.tar').size)}"
+               f" read and verified, {human_seconds(result.unpack_seconds)}; recovery target: "
+               f"{target.describe()}")
+    if result.state == "configured":
+        user = "sudo -u postgres " if os.geteuid() == 0 else ""
+        click.echo(f"start it to replay the WAL: {user}pg_ctl -D {result.pgdata} -o '-p PORT' "
+                   f"-l {result.pgdata}.log start")
+    elif result.state == "shut down":
+        click.echo(f"recovery reached the target in {human_seconds(result.recovery_seconds or 0)}"
+                   " and the server shut down, as asked")
+    else:
+        click.echo(f"recovery {result.state} after {human_seconds(result.recovery_seconds or 0)};"
+                   f" the server runs on 127.0.0.1:{result.port} (pid {result.pid}, log "
+                   f"{result.log_path}); stop it with: pg_ctl -D {result.pgdata} stop")

@@ -1,0 +1,295 @@
+"""The physical engine: pg_basebackup's tar stream out, a tar stream unpacked into PGDATA in.
+
+``pg_basebackup --format=tar --pgdata=-`` writes one tar to stdout (one tablespace only) and,
+on PostgreSQL 13 and later, injects its ``backup_manifest`` into that tar; WAL is either
+fetched into the tar (``-X fetch``: a self-contained backup) or left to the archive
+(``-X none``: the server then waits until the backup's WAL is archived). ``-X stream`` needs
+a second file, which stdout cannot carry, so pgvault does not use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pgvault.errors import BackupFailed, DatabaseError, IntegrityError, RestoreFailed
+from pgvault.model import PhysicalFacts
+from pgvault.pg import wal
+from pgvault.pg.binaries import tool, tool_version
+from pgvault.pg.conninfo import ConnInfo
+from pgvault.pg.process import ChildOutput, run
+from pgvault.pipeline.stream import CHUNK, Readable, Reader
+
+BASE_FORMAT = "tar"
+MANIFEST_FORMAT = "pg-backup-manifest"
+LABEL = "backup_label"
+MANIFEST = "backup_manifest"
+CONTROL = "global/pg_control"
+_BLOCK = 512
+_WATCHED = {LABEL: 1 << 20, CONTROL: 1 << 20, MANIFEST: 1 << 30}
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What preflight learned about the server to back up."""
+
+    version: str
+    version_num: int
+    system_identifier: str
+    wal_segment_size: int
+    archive_mode: str
+    archive_command: str | None  # None: not readable with this role
+    in_recovery: bool
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000
+
+    @property
+    def archives_with_pgvault(self) -> bool:
+        """Whether the server's own archiver runs ``wal-push`` (a standby only with 'always')."""
+        modes = ("always",) if self.in_recovery else ("on", "always")
+        return self.archive_mode in modes and "wal-push" in (self.archive_command or "")
+
+
+class TarWatcher(Reader):
+    """Passes a tar stream through unchanged and keeps the content of a few named members."""
+
+    def __init__(self, source: Readable, limits: dict[str, int] | None = None) -> None:
+        super().__init__()
+        self._source = source
+        self._limits = dict(_WATCHED if limits is None else limits)
+        self.members: dict[str, bytes] = {}
+        self._header = bytearray()
+        self._skip = 0  # bytes of the current member's data and padding still to pass
+        self._name = ""
+        self._capture: bytearray | None = None
+        self._capture_left = 0
+
+    def read_chunk(self, size: int) -> bytes:
+        data = self._source.read(size)
+        if data:
+            self._feed(memoryview(data))
+        return data
+
+    def _feed(self, view: memoryview) -> None:
+        pos = 0
+        while pos < len(view):
+            if self._skip:
+                step = min(self._skip, len(view) - pos)
+                if self._capture is not None:
+                    take = min(step, self._capture_left)
+                    self._capture += view[pos : pos + take]
+                    self._capture_left -= take
+                    if not self._capture_left:
+                        self._finish_capture()
+                pos += step
+                self._skip -= step
+                continue
+            take = min(_BLOCK - len(self._header), len(view) - pos)
+            self._header += view[pos : pos + take]
+            pos += take
+            if len(self._header) == _BLOCK:
+                self._on_header(bytes(self._header))
+                self._header.clear()
+
+    def _on_header(self, header: bytes) -> None:
+        if not header.strip(b"\0"):
+            return  # the end-of-archive blocks
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[257:262] == b"ustar":
+            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
+            name = f"{prefix}/{name}" if prefix else name
+        name = name.removeprefix("./")
+        size = _tar_number(header[124:136])
+        self._skip = -(-size // _BLOCK) * _BLOCK
+        regular = header[156:157] in (b"0", b"\0")
+        limit = self._limits.get(name)
+        if regular and limit is not None and size <= limit:
+            self._name, self._capture, self._capture_left = name, bytearray(), size
+            if not size:
+                self._finish_capture()
+
+    def _finish_capture(self) -> None:
+        assert self._capture is not None
+        self.members[self._name] = bytes(self._capture)
+        self._capture = None
+
+
+def _tar_number(field: bytes) -> int:
+    """A tar header number: octal text, or base-256 when the high bit is set (large files)."""
+    if field[0] & 0x80:
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+class PhysicalEngine:
+    """Produces the base backup of one cluster and consumes it on restore."""
+
+    def __init__(self, conn: ConnInfo) -> None:
+        self.conn = conn
+        self._info: ClusterInfo | None = None
+
+    @property
+    def info(self) -> ClusterInfo:
+        if self._info is None:
+            self._info = self.preflight()
+        return self._info
+
+    def preflight(self) -> ClusterInfo:
+        """Connect, learn version, system identifier and archiving; find pg_basebackup."""
+        import psycopg
+
+        with self.conn.connect(autocommit=True) as connection:
+            version, version_num, segment_size, archive_mode, in_recovery = connection.execute(
+                "SELECT current_setting('server_version'),"
+                " current_setting('server_version_num')::int,"
+                " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),"
+                " current_setting('archive_mode'), pg_is_in_recovery()"
+            ).fetchone()
+            try:
+                system_identifier = connection.execute(
+                    "SELECT system_identifier::text FROM pg_control_system()"
+                ).fetchone()[0]
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"cannot read the system identifier (pg_control_system()): {exc}"
+                ) from None
+            try:
+                archive_command = connection.execute(
+                    "SELECT current_setting('archive_command')"
+                ).fetchone()[0]
+            except psycopg.Error:
+                archive_command = None
+        self._info = ClusterInfo(
+            version=version, version_num=version_num, system_identifier=system_identifier,
+            wal_segment_size=int(segment_size), archive_mode=archive_mode,
+            archive_command=archive_command, in_recovery=bool(in_recovery),
+        )
+        tool("pg_basebackup", self._info.major)
+        return self._info
+
+    def tool_versions(self) -> dict[str, str]:
+        path = tool("pg_basebackup", self.info.major)
+        return {"pg_basebackup": ".".join(map(str, tool_version(path)))}
+
+    def basebackup(self, *, include_wal: bool, fast_checkpoint: bool, label: str) -> ChildOutput:
+        """pg_basebackup's tar on stdout (uncompressed: the pipeline compresses)."""
+        argv: list[Any] = [
+            tool("pg_basebackup", self.info.major), "--format=tar", "--pgdata=-",
+            f"--wal-method={'fetch' if include_wal else 'none'}",
+            f"--checkpoint={'fast' if fast_checkpoint else 'spread'}",
+            f"--label={label}", "--no-password", f"--dbname={self.conn.dsn()}",
+        ]
+        stack = ExitStack()
+        env = stack.enter_context(self.conn.child_env())
+        try:
+            return ChildOutput(argv, env=env, error=BackupFailed, on_exit=stack.close)
+        except OSError as exc:
+            stack.close()
+            raise DatabaseError(f"cannot start {argv[0]}: {exc.strerror}") from None
+
+    def facts(self, members: dict[str, bytes], *, stop_time: datetime,
+              include_wal: bool) -> PhysicalFacts:
+        """Timeline, WAL range and system identifier from the members the tar carried."""
+        if LABEL not in members or CONTROL not in members:
+            raise BackupFailed("pg_basebackup's tar has no backup_label or global/pg_control")
+        label = wal.parse_backup_label(members[LABEL].decode("utf-8", "replace"))
+        try:
+            start_lsn = wal.parse_lsn(label["START WAL LOCATION"].split(" ", 1)[0])
+            timeline = int(label["START TIMELINE"])
+        except (KeyError, ValueError) as exc:
+            raise BackupFailed(f"cannot read backup_label: {exc}") from None
+        system_identifier = str(wal.control_system_identifier(members[CONTROL]))
+        if system_identifier != self.info.system_identifier:
+            raise BackupFailed(
+                f"the backup's pg_control names system {system_identifier}, but the server "
+                f"reported {self.info.system_identifier}"
+            )
+        ranges = wal_ranges(members.get(MANIFEST))
+        if ranges:
+            stop_timeline, _, stop_lsn = ranges[-1]
+        else:
+            # Before PostgreSQL 13 there is no manifest; then replay to consistency decides.
+            stop_timeline, stop_lsn = timeline, start_lsn
+        size = self.info.wal_segment_size
+        return PhysicalFacts(
+            system_identifier=system_identifier,
+            wal_segment_size=size,
+            timeline=timeline,
+            start_lsn=wal.format_lsn(start_lsn),
+            stop_lsn=wal.format_lsn(stop_lsn),
+            start_wal=wal.segment_name(timeline, wal.segment_of(start_lsn, size), size),
+            stop_wal=wal.segment_name(stop_timeline, wal.last_segment_of(max(stop_lsn, 1), size),
+                                      size),
+            stop_timeline=stop_timeline,
+            stop_time=stop_time,
+            wal_included=include_wal,
+            label=label.get("LABEL", ""),
+        )
+
+
+def wal_ranges(manifest: bytes | None) -> list[tuple[int, int, int]]:
+    """(timeline, start LSN, end LSN) of each WAL range a backup_manifest lists, in order."""
+    if not manifest:
+        return []
+    try:
+        ranges = json.loads(manifest)["WAL-Ranges"]
+        return [(int(r["Timeline"]), wal.parse_lsn(r["Start-LSN"]), wal.parse_lsn(r["End-LSN"]))
+                for r in ranges]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackupFailed(f"cannot read backup_manifest: {exc}") from None
+
+
+def needed_wal(facts: PhysicalFacts, manifest: bytes | None) -> list[str]:
+    """The WAL file names replay needs to make this backup consistent."""
+    size = facts.wal_segment_size
+    ranges = wal_ranges(manifest) or [
+        (facts.timeline, wal.parse_lsn(facts.start_lsn), wal.parse_lsn(facts.stop_lsn))
+    ]
+    names = []
+    for timeline, start, end in ranges:
+        first = wal.segment_of(start, size)
+        last = max(first, wal.last_segment_of(end, size))
+        names += [wal.segment_name(timeline, segno, size) for segno in range(first, last + 1)]
+    return names
+
+
+def unpack(source: Readable, target: Path, *, owner: tuple[int, int] | None) -> None:
+    """Extract a base backup tar stream into ``target`` and read ``source`` to its end.
+
+    Reading to the end matters: the digest and codec checks run when the stream ends.
+    Members that would land outside ``target`` (absolute, ``..``, links out) are refused.
+    """
+    try:
+        with tarfile.open(fileobj=source, mode="r|") as archive:  # type: ignore[call-overload]
+            archive.extractall(target, filter="tar")
+    except (tarfile.TarError, EOFError) as exc:
+        raise IntegrityError(f"base backup tar is damaged: {exc}") from None
+    except OSError as exc:
+        raise RestoreFailed(f"cannot unpack into {target}: {exc.strerror or exc}") from None
+    while source.read(CHUNK):
+        pass
+    os.chmod(target, 0o700)
+    if owner is not None:
+        for folder, dirs, files in os.walk(target):
+            os.chown(folder, *owner)
+            for name in dirs + files:
+                os.chown(os.path.join(folder, name), *owner, follow_symlinks=False)
+
+
+def verify_backup(data_dir: Path, *, major: int, wal_dir: Path | None) -> None:
+    """Run pg_verifybackup on an unpacked backup (its own backup_manifest); IntegrityError."""
+    argv: list[Any] = [tool("pg_verifybackup", major), "--quiet"]
+    if wal_dir is not None:
+        argv.append(f"--wal-directory={wal_dir}")
+    argv.append(str(data_dir))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    run(argv, env=env, error=IntegrityError)

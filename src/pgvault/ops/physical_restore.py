@@ -1,0 +1,388 @@
+"""Point-in-time recovery: a base backup unpacked into an empty folder, WAL replayed to a target.
+
+pgvault unpacks and configures (``recovery.signal``, ``restore_command`` running
+``pgvault wal-fetch``, the recovery target); PostgreSQL itself replays the WAL, either
+when the user starts it or, with ``start``, on a port pgvault picks, waiting until the
+target is reached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pgvault.catalog import Catalog
+from pgvault.engines.physical import MANIFEST, needed_wal, unpack, verify_backup
+from pgvault.errors import DatabaseError, IntegrityError, RestoreFailed, UsageError
+from pgvault.model import Manifest
+from pgvault.ops import wal as archive
+from pgvault.ops.restore import open_artifact
+from pgvault.pg import wal
+from pgvault.pg.cluster import EphemeralCluster, server_owner
+from pgvault.pipeline.stream import CHUNK
+from pgvault.storage.base import Storage
+
+if TYPE_CHECKING:
+    from pgvault.pipeline.age import Keyring
+
+TARGET_ACTIONS = ("promote", "pause", "shutdown")
+_PAUSED = "pausing at the end of recovery"  # PostgreSQL's log line when the target is reached
+
+
+@dataclass(frozen=True)
+class RecoveryTarget:
+    """Where replay stops (nothing set: the end of the archived WAL) and what happens then."""
+
+    time: datetime | None = None
+    lsn: str | None = None
+    xid: str | None = None
+    name: str | None = None
+    immediate: bool = False
+    action: str = "promote"
+    timeline: str = "latest"
+    inclusive: bool = True
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("time", "lsn", "xid", "name") if getattr(self, k) is not None]
+        given += ["immediate"] if self.immediate else []
+        if len(given) > 1:
+            raise UsageError(f"give one recovery target, not {' and '.join(given)}")
+        if self.time is not None and self.time.tzinfo is None:
+            raise UsageError("--target-time needs a time zone, e.g. 2026-11-25T09:14:00+00:00")
+        if self.lsn is not None:
+            wal.parse_lsn(self.lsn)
+        if self.xid is not None and not self.xid.isdigit():
+            raise UsageError(f"--target-xid {self.xid!r} is not a transaction id")
+        if self.action not in TARGET_ACTIONS:
+            raise UsageError(f"--target-action must be one of {', '.join(TARGET_ACTIONS)}")
+
+    @property
+    def kind(self) -> str | None:
+        for name in ("time", "lsn", "xid", "name"):
+            if getattr(self, name) is not None:
+                return name
+        return "immediate" if self.immediate else None
+
+    @property
+    def effective_action(self) -> str:
+        """Without a target, replay runs to the end of the WAL and always promotes."""
+        return self.action if self.kind else "promote"
+
+    def settings(self) -> dict[str, str]:
+        """The recovery_* settings for postgresql.auto.conf."""
+        values: dict[str, str] = {}
+        if self.time is not None:
+            values["recovery_target_time"] = self.time.isoformat()
+        elif self.lsn is not None:
+            values["recovery_target_lsn"] = self.lsn
+        elif self.xid is not None:
+            values["recovery_target_xid"] = self.xid
+        elif self.name is not None:
+            values["recovery_target_name"] = self.name
+        elif self.immediate:
+            values["recovery_target"] = "immediate"
+        if self.kind:
+            values["recovery_target_action"] = self.action
+            if self.kind in ("time", "lsn", "xid"):
+                values["recovery_target_inclusive"] = "on" if self.inclusive else "off"
+        values["recovery_target_timeline"] = self.timeline
+        return values
+
+    def describe(self) -> str:
+        if self.time is not None:
+            return f"time {self.time.isoformat()}"
+        if self.lsn is not None:
+            return f"LSN {self.lsn}"
+        if self.xid is not None:
+            return f"transaction {self.xid}"
+        if self.name is not None:
+            return f"restore point {self.name!r}"
+        if self.immediate:
+            return "the end of the base backup (consistency)"
+        return "the end of the archived WAL"
+
+
+def choose_backup(storage: Storage, cluster: str, ref: str, target: RecoveryTarget) -> Manifest:
+    """The backup ``ref`` names, or for 'latest' the newest one that ends before the target."""
+    catalog = Catalog(storage)
+    backups = [m for m in catalog.list(cluster) if m.kind == "physical" and m.physical]
+    if not backups:
+        raise UsageError(f"no physical backups of cluster {cluster!r} in {storage.url} "
+                         "(take one with pgvault basebackup)")
+    if ref != "latest":
+        chosen = catalog.get(ref, cluster)
+        if chosen.kind != "physical" or chosen.physical is None:
+            raise UsageError(f"backup {chosen.id} is a logical backup; restore it without "
+                             "--physical")
+        if not _ends_before(chosen, target):
+            raise UsageError(f"backup {chosen.id} ends after the target {target.describe()}; "
+                             "choose an older one (or 'latest')")
+        return chosen
+    usable = [m for m in backups if _ends_before(m, target)]
+    if not usable:
+        first = backups[0].physical
+        assert first is not None
+        raise UsageError(
+            f"no base backup of {cluster!r} ends before {target.describe()}; the earliest "
+            f"restorable point is {first.stop_time.isoformat()} (LSN {first.stop_lsn})"
+        )
+    return usable[-1]
+
+
+def _ends_before(manifest: Manifest, target: RecoveryTarget) -> bool:
+    facts = manifest.physical
+    assert facts is not None
+    if target.time is not None:
+        return facts.stop_time <= target.time
+    if target.lsn is not None:
+        return wal.parse_lsn(facts.stop_lsn) <= wal.parse_lsn(target.lsn)
+    return True  # xid, name: only replay can tell; the newest backup is the best guess
+
+
+@dataclass
+class PhysicalRestoreOptions:
+    """Where to restore, to which point, how the server fetches WAL, and whether to start it."""
+
+    pgdata: Path
+    target: RecoveryTarget
+    restore_command: str
+    cluster: str
+    start: bool = False
+    port: int | None = None
+    keep_archiving: bool = False
+    timeout: float = 3600.0
+    progress: Callable[[int], None] | None = None
+    identities: Keyring | None = None
+
+
+@dataclass
+class PhysicalRestoreResult:
+    """What a physical restore did; with ``start``, where the server runs and how it ended."""
+
+    manifest: Manifest
+    pgdata: Path
+    unpack_seconds: float
+    state: str  # "configured", "promoted", "paused", "shut down"
+    recovery_seconds: float | None = None
+    port: int | None = None
+    pid: int | None = None
+    log_path: Path | None = None
+
+
+def restore_physical(storage: Storage, manifest: Manifest,
+                     options: PhysicalRestoreOptions) -> PhysicalRestoreResult:
+    """Unpack ``manifest`` into an empty folder, configure recovery, optionally replay."""
+    facts = manifest.physical
+    if manifest.kind != "physical" or facts is None:
+        raise UsageError(f"backup {manifest.id} is not a physical backup")
+    if not facts.wal_included:
+        missing = [n for n in needed_wal(facts, None)
+                   if not archive.versions(storage, options.cluster, n)]
+        if missing:
+            raise RestoreFailed(f"backup {manifest.id} needs WAL {', '.join(missing)}, which is "
+                                f"not in the archive of cluster {options.cluster!r}")
+    pgdata = options.pgdata.absolute()
+    created = _claim_empty(pgdata)
+    owner = server_owner()
+    started = time.monotonic()
+    try:
+        artifact = manifest.artifact("base.tar")
+        unpack(open_artifact(storage, manifest, artifact, progress=options.progress,
+                             identities=options.identities), pgdata, owner=owner)
+        _write_recovery(pgdata, manifest, options, owner)
+    except BaseException:
+        _wipe(pgdata, created)
+        raise
+    result = PhysicalRestoreResult(manifest, pgdata, time.monotonic() - started, "configured")
+    if options.start:
+        try:
+            _start(result, options)
+        except RestoreFailed as exc:
+            # Kept: after fixing the target in postgresql.auto.conf, replay can go on.
+            raise RestoreFailed(f"{exc} ({pgdata} is kept, unpacked and not recovered: fix "
+                                "the target and start it, or remove it)") from None
+    return result
+
+
+def _claim_empty(pgdata: Path) -> bool:
+    """Make sure ``pgdata`` is an empty folder; True if we created it."""
+    if pgdata.exists():
+        if not pgdata.is_dir():
+            raise RestoreFailed(f"{pgdata} exists and is not a folder")
+        if any(pgdata.iterdir()):
+            raise RestoreFailed(f"{pgdata} is not empty; restore into a new or empty folder")
+        return False
+    try:
+        pgdata.mkdir(mode=0o700, parents=True)
+    except OSError as exc:
+        raise RestoreFailed(f"cannot create {pgdata}: {exc.strerror}") from None
+    return True
+
+
+def _wipe(pgdata: Path, created: bool) -> None:
+    """Undo a failed restore: the folder was empty (or absent) before we began."""
+    if created:
+        shutil.rmtree(pgdata, ignore_errors=True)
+        return
+    for entry in list(pgdata.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _conf_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _write_recovery(pgdata: Path, manifest: Manifest, options: PhysicalRestoreOptions,
+                    owner: tuple[int, int] | None) -> None:
+    settings = {"restore_command": options.restore_command, **options.target.settings()}
+    if not options.keep_archiving:
+        # A restored copy must not archive into the repository it restores from: its new
+        # timeline would change what later restores of the original see.
+        settings["archive_mode"] = "off"
+    lines = [f"\n# pgvault restore of backup {manifest.id}, to {options.target.describe()}"]
+    lines += [f"{key} = {_conf_quote(value)}" for key, value in settings.items()]
+    auto_conf = pgdata / "postgresql.auto.conf"
+    with open(auto_conf, "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    signal_file = pgdata / "recovery.signal"
+    signal_file.touch(mode=0o600)
+    if owner is not None:
+        for path in (auto_conf, signal_file):
+            os.chown(path, *owner)
+
+
+def _start(result: PhysicalRestoreResult, options: PhysicalRestoreOptions) -> None:
+    action = options.target.effective_action
+    # Hot standby reports "ready" long before replay ends; pg_control says when it did.
+    ready = () if action == "shutdown" else ("ready", "standby")
+    server = EphemeralCluster.existing(result.pgdata, settings={"lc_messages": "C"},
+                                       port=options.port, start_timeout=options.timeout,
+                                       ready_states=ready)
+    started = time.monotonic()
+    try:
+        server.start()
+    except DatabaseError as exc:
+        raise RestoreFailed(f"recovery failed: {_server_error(str(exc))}") from None
+    try:
+        if action == "shutdown":
+            if server.wait_exit(options.timeout) != 0:
+                raise RestoreFailed(f"recovery failed: {_server_error(_log(server))}")
+        else:
+            _wait_recovered(server, action, started + options.timeout)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            server.stop()
+        raise
+    result.recovery_seconds = time.monotonic() - started
+    result.state = {"promote": "promoted", "pause": "paused", "shutdown": "shut down"}[action]
+    if action == "shutdown":
+        server.stop()
+        return
+    result.port, result.pid, result.log_path = server.port, server.postmaster_pid, server.log_path
+    server.detach()
+
+
+def _wait_recovered(server: EphemeralCluster, action: str, deadline: float) -> None:
+    """Until replay reached the target: promoted (pg_control), or paused (the server log)."""
+    while True:
+        if not server.running:
+            raise RestoreFailed(f"recovery failed: {_server_error(_log(server))}")
+        if action == "pause" and _PAUSED in _log(server):
+            return
+        if action == "promote" and _control_state(server) == "in production":
+            return
+        if time.monotonic() > deadline:
+            raise RestoreFailed(f"recovery did not reach its target in time; see {server.log_path}")
+        time.sleep(0.1)
+
+
+def _control_state(server: EphemeralCluster) -> str:
+    """'Database cluster state' as pg_controldata reports it (in production, in archive ...)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, "LC_ALL": "C"}
+    proc = subprocess.run([str(server.bindir / "pg_controldata"), "-D", str(server.data_dir)],
+                          capture_output=True, text=True, env=env, check=False)
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "Database cluster state":
+            return value.strip()
+    return ""
+
+
+def _log(server: EphemeralCluster) -> str:
+    try:
+        return server.log_path.read_text(errors="replace")
+    except OSError:
+        return "no server log"
+
+
+def _server_error(text: str) -> str:
+    """The telling line of a server log excerpt (FATAL/PANIC), else its first line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for marker in ("PANIC:", "FATAL:"):
+        for line in reversed(lines):
+            if marker in line:
+                return line[line.index(marker):]
+    return lines[0] if lines else "no message"
+
+
+@dataclass
+class PhysicalVerification:
+    """Integrity of a physical backup: every stream intact and pg_verifybackup satisfied."""
+
+    manifest: Manifest
+    seconds: float
+    checks: list[str]
+
+
+def verify_physical(storage: Storage, manifest: Manifest, cluster: str, *,
+                    identities: Keyring | None = None) -> PhysicalVerification:
+    """Unpack into a private temp folder, fetch the backup's WAL, run pg_verifybackup.
+
+    Checks the size and sha256 of every stored stream, the codecs, the tar, the backup
+    manifest stored beside the tar, then every file's checksum and the WAL range.
+    """
+    facts = manifest.physical
+    if facts is None:
+        raise UsageError(f"backup {manifest.id} is not a physical backup")
+    started = time.monotonic()
+    checks = []
+    with tempfile.TemporaryDirectory(prefix="pgvault-verify-") as folder:
+        data_dir = Path(folder) / "data"
+        data_dir.mkdir(mode=0o700)
+        unpack(open_artifact(storage, manifest, manifest.artifact("base.tar"),
+                             identities=identities), data_dir, owner=None)
+        checks.append("base.tar: size, sha256, compression and tar intact")
+        if any(a.name == MANIFEST for a in manifest.artifacts):
+            reader = open_artifact(storage, manifest, manifest.artifact(MANIFEST),
+                                   identities=identities)
+            text = b"".join(iter(lambda: reader.read(CHUNK), b""))
+            if not (data_dir / MANIFEST).is_file() or (data_dir / MANIFEST).read_bytes() != text:
+                raise IntegrityError(f"backup {manifest.id}: the stored backup_manifest differs "
+                                     "from the one inside base.tar")
+            checks.append("backup_manifest: intact and identical to the one in base.tar")
+        wal_dir = None
+        if not facts.wal_included:
+            wal_dir = Path(folder) / "wal"
+            wal_dir.mkdir()
+            for name in needed_wal(facts, (data_dir / MANIFEST).read_bytes()
+                                   if (data_dir / MANIFEST).exists() else None):
+                archive.fetch(storage, cluster, name, wal_dir / name, identities=identities)
+            checks.append(f"WAL {facts.start_wal}..{facts.stop_wal}: fetched from the archive "
+                          "and intact")
+        if (data_dir / MANIFEST).exists():
+            verify_backup(data_dir, major=manifest.facts.server_version_num // 10000,
+                          wal_dir=wal_dir)
+            checks.append("pg_verifybackup: every file's checksum and the WAL range verified")
+    return PhysicalVerification(manifest, time.monotonic() - started, checks)

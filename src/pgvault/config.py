@@ -54,17 +54,28 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ObjectLockSettings(Section):
+    """S3 Object Lock retention applied to every object written (ransomware protection)."""
+
+    mode: Literal["governance", "compliance"] = "governance"
+    days: int = Field(ge=1, le=36500)
+
+
 class S3Settings(Section):
-    """How to reach an S3-compatible store; credentials come from the AWS_* chain."""
+    """How to reach an S3-compatible store; credentials come from the AWS_* chain.
+
+    sse = "sse-c" takes its key from PGVAULT_S3_SSE_C_KEY(_FILE) only (base64, 32 bytes).
+    """
 
     endpoint_url: str | None = None
     region: str | None = None
     path_style: bool = False
-    sse: Literal["AES256", "aws:kms", "none"] = "AES256"
+    sse: Literal["AES256", "aws:kms", "sse-c", "none"] = "AES256"
     kms_key_id: str | None = None
     verify_tls: bool = True
     part_size_mb: int = Field(default=8, ge=5, le=5120)
     max_concurrency: int = Field(default=4, ge=1, le=64)
+    object_lock: ObjectLockSettings | None = None
 
 
 class CompressionSettings(Section):
@@ -498,16 +509,38 @@ def s3_options(settings: Settings) -> Any:
         log.warning("TLS certificate verification for the S3 endpoint is off "
                     "(s3.verify_tls = false): anyone on the network path can read and alter "
                     "backups in transit")
+    lock = s3.object_lock
     return S3Options(
         endpoint_url=s3.endpoint_url,
         region=s3.region,
         path_style=s3.path_style,
-        sse=None if s3.sse == "none" else s3.sse,
+        sse=None if s3.sse in ("none", "sse-c") else s3.sse,
         kms_key_id=s3.kms_key_id,
         verify_tls=s3.verify_tls,
         part_size=s3.part_size_mb << 20,
         max_concurrency=s3.max_concurrency,
+        sse_customer_key=_sse_c_key() if s3.sse == "sse-c" else None,
+        object_lock_mode=lock.mode.upper() if lock else None,
+        object_lock_days=lock.days if lock else 0,
     )
+
+
+def _sse_c_key() -> bytes:
+    """The SSE-C key: PGVAULT_S3_SSE_C_KEY or its _FILE, base64 of 32 random bytes."""
+    import base64
+    import binascii
+
+    text = secret_env("PGVAULT_S3_SSE_C_KEY")
+    if not text:
+        raise ConfigError("s3.sse = sse-c needs PGVAULT_S3_SSE_C_KEY (or PGVAULT_S3_SSE_C_KEY_FILE)"
+                          ": base64 of 32 random bytes, e.g. from `openssl rand -base64 32`")
+    try:
+        key = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise ConfigError("PGVAULT_S3_SSE_C_KEY is not valid base64") from None
+    # boto3 sends the key base64-encoded in a header: that form is a secret too.
+    redact.register(base64.b64encode(key).decode())
+    return key
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,12 @@ def scrub(text: str) -> str:
     return _PARAM.sub(lambda m: m["head"] + MASK, text)
 
 
+def contains_secret(text: str) -> bool:
+    """Whether ``text`` holds a registered secret (in any of its forms)."""
+    pattern = _pattern
+    return bool(text) and pattern is not None and pattern.search(text) is not None
+
+
 class ScrubbingWriter(io.TextIOBase):
     """A text stream that scrubs whole lines before passing them on.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -75,6 +76,8 @@ def tool_version(path: Path) -> tuple[int, int]:
             text=True,
             timeout=30,
             check=False,
+            # --version needs nothing from the environment, least of all its secrets.
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise DatabaseError(f"could not run {path} --version: {exc}") from exc

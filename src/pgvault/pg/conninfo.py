@@ -110,9 +110,15 @@ class ConnInfo:
 
     @contextlib.contextmanager
     def child_env(self) -> Iterator[dict[str, str]]:
-        """Environment for pg_dump & co: the password in a private 0600 PGPASSFILE, never argv."""
-        env = dict(os.environ)
-        env.pop("PGPASSWORD", None)
+        """Environment for pg_dump & co: the password in a private 0600 PGPASSFILE, never argv.
+
+        Secrets the PostgreSQL tools do not need (S3 keys, the age passphrase, any value
+        holding a registered secret) are left out, so no child process can leak them.
+        """
+        from pgvault import redact
+
+        env = {name: value for name, value in os.environ.items()
+               if name not in CHILD_HIDDEN and not redact.contains_secret(value)}
         if self.password is None:
             yield env
             return
@@ -129,6 +135,13 @@ class ConnInfo:
                 os.unlink(path)
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
+
+
+# Never handed to child processes (the password goes through PGPASSFILE instead).
+CHILD_HIDDEN = frozenset({
+    "PGPASSWORD", "DATABASE_URL", "DIRECT_URL", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN", "PGVAULT_AGE_PASSPHRASE", "PGVAULT_S3_SSE_C_KEY", "PGVAULT_DATABASE",
+})
 
 
 def _quote(value: str) -> str:

@@ -44,6 +44,8 @@ class ObjectInfo:
     key: str
     size: int
     modified: datetime  # timezone-aware UTC
+    locked_until: datetime | None = None
+    """S3 Object Lock: the object cannot be deleted before this (only ``stat`` reports it)."""
 
 
 class Storage(Protocol):

@@ -14,8 +14,8 @@ import re
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit
@@ -81,21 +81,49 @@ class S3Options:
     verify_tls: bool = True
     part_size: int = 8 * MiB
     max_concurrency: int = 4
+    sse_customer_key: bytes | None = field(default=None, repr=False)
+    """SSE-C: a 32-byte key the store encrypts with and forgets; every request sends it."""
+    object_lock_mode: str | None = None  # "GOVERNANCE" or "COMPLIANCE"
+    object_lock_days: int = 0
+    """Object Lock retention of every object written, counted from its upload."""
 
     def __post_init__(self) -> None:
         if self.sse not in (None, "AES256", "aws:kms"):
             raise ConfigError(f"s3 sse must be AES256, aws:kms or none, not {self.sse!r}")
         if self.kms_key_id and self.sse != "aws:kms":
             raise ConfigError("s3 kms_key_id needs sse = aws:kms")
+        if self.sse_customer_key is not None:
+            if self.sse is not None:
+                raise ConfigError("s3 SSE-C cannot be combined with sse = AES256 or aws:kms")
+            if len(self.sse_customer_key) != 32:
+                raise ConfigError("the SSE-C key must be 32 bytes (base64 of 32 random bytes)")
+        if self.object_lock_mode not in (None, "GOVERNANCE", "COMPLIANCE"):
+            raise ConfigError(f"s3 object lock mode must be governance or compliance, not "
+                              f"{self.object_lock_mode!r}")
+        if self.object_lock_mode and self.object_lock_days < 1:
+            raise ConfigError("s3 object lock needs retention of at least 1 day")
         if not MIN_PART_SIZE <= self.part_size <= MAX_PART_SIZE:
             raise ConfigError(f"s3 part size must be 5 MiB to 5 GiB, not {self.part_size} bytes")
         if self.max_concurrency < 1:
             raise ConfigError("s3 max_concurrency must be at least 1")
 
 
-def _md5(data: bytes) -> str:
+def _md5(data: bytes) -> bytes:
+    return hashlib.md5(data, usedforsecurity=False).digest()
+
+
+def _content_md5(digest: bytes) -> str:
     """Content-MD5 lets the server reject a part corrupted on the way."""
-    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+    return base64.b64encode(digest).decode()
+
+
+def _response_time(response: Any) -> datetime:
+    """When the store says it wrote the object (its Date header), else now."""
+    date = response["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+    try:
+        return parsedate_to_datetime(date).astimezone(UTC) if date else datetime.now(UTC)
+    except ValueError:
+        return datetime.now(UTC)
 
 
 def _read_part(stream: BinaryIO, size: int) -> bytes:
@@ -167,6 +195,13 @@ class S3Storage:
             self._sse["ServerSideEncryption"] = options.sse
         if options.kms_key_id:
             self._sse["SSEKMSKeyId"] = options.kms_key_id
+        # SSE-C goes on every request that touches object data, reads included.
+        self._sse_c: dict[str, Any] = {}
+        if options.sse_customer_key is not None:
+            self._sse_c = {"SSECustomerAlgorithm": "AES256",
+                           "SSECustomerKey": options.sse_customer_key}
+        # Only plain and SSE-S3 objects have the MD5 of their content as ETag.
+        self._etag_is_md5 = options.sse in (None, "AES256") and not self._sse_c
         config = Config(
             s3={"addressing_style": "path" if options.path_style else "auto"},
             # We send Content-MD5 ourselves; botocore's default CRC32 trailers
@@ -246,17 +281,29 @@ class S3Storage:
         """PutObject with If-None-Match: *, which the server refuses (412) if the key exists."""
         return self._put_single(key, self._full(key), bytes(data), IfNoneMatch="*")
 
+    def _lock(self) -> dict[str, Any]:
+        """Object Lock retention for an object written now (none unless configured)."""
+        if not self._options.object_lock_mode:
+            return {}
+        until = datetime.now(UTC) + timedelta(days=self._options.object_lock_days)
+        return {"ObjectLockMode": self._options.object_lock_mode,
+                "ObjectLockRetainUntilDate": until}
+
+    def _check_etag(self, key: str, etag: str | None, expected: str) -> None:
+        """The checksum the store returns must be what we sent: no read-back is needed."""
+        if self._etag_is_md5 and etag is not None and etag.strip('"') != expected:
+            raise StorageError(f"s3://{self.bucket}/{self._root}{key}: the store's checksum "
+                               f"(ETag {etag}) does not match the data sent ({expected})")
+
     def _put_single(self, key: str, full: str, data: bytes, **extra: Any) -> ObjectInfo:
+        digest = _md5(data)
         with self._errors("put", key):
             response = self._client.put_object(
-                Bucket=self.bucket, Key=full, Body=data, ContentMD5=_md5(data), **self._sse, **extra
+                Bucket=self.bucket, Key=full, Body=data, ContentMD5=_content_md5(digest),
+                **self._sse, **self._sse_c, **self._lock(), **extra
             )
-        date = response["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
-        try:
-            modified = parsedate_to_datetime(date).astimezone(UTC) if date else datetime.now(UTC)
-        except ValueError:
-            modified = datetime.now(UTC)
-        return ObjectInfo(key, len(data), modified)
+        self._check_etag(key, response.get("ETag"), digest.hex())
+        return ObjectInfo(key, len(data), _response_time(response))
 
     def _put_multipart(
         self, key: str, full: str, stream: BinaryIO, head: list[bytes]
@@ -264,16 +311,16 @@ class S3Storage:
         """Upload parts with at most ``max_concurrency`` in flight and one more being read."""
         with self._errors("create multipart upload", key):
             upload_id = self._client.create_multipart_upload(
-                Bucket=self.bucket, Key=full, **self._sse
+                Bucket=self.bucket, Key=full, **self._sse, **self._sse_c, **self._lock()
             )["UploadId"]
         base = self._options.part_size
         workers = self._options.max_concurrency
         slots = threading.Semaphore(workers)
         failed = threading.Event()
-        futures: list[Future[str]] = []
+        futures: list[Future[tuple[str, bytes]]] = []
         total = 0
 
-        def done(future: Future[str]) -> None:
+        def done(future: Future[tuple[str, bytes]]) -> None:
             slots.release()
             if not future.cancelled() and future.exception() is not None:
                 failed.set()
@@ -296,11 +343,12 @@ class S3Storage:
                 # Drop our reference first so at most workers + 1 parts are in memory.
                 data = b""
                 data = head.pop(0) if head else _read_part(stream, part_size(number, base))
+            results = [f.result() for f in futures]
             parts: list[CompletedPartTypeDef] = [
-                {"PartNumber": n, "ETag": f.result()} for n, f in enumerate(futures, 1)
+                {"PartNumber": n, "ETag": etag} for n, (etag, _) in enumerate(results, 1)
             ]
             with self._errors("complete multipart upload", key):
-                self._client.complete_multipart_upload(
+                response = self._client.complete_multipart_upload(
                     Bucket=self.bucket,
                     Key=full,
                     UploadId=upload_id,
@@ -314,12 +362,16 @@ class S3Storage:
             raise
         finally:
             pool.shutdown(wait=True)
-        info = self.stat(key)
-        if info.size != total:
-            raise StorageError(f"{self.url}/{key}: stored {info.size} bytes, sent {total}")
-        return info
+        # A multipart ETag is the MD5 of the parts' MD5s and the part count; checking it
+        # (instead of reading the object back) lets a writer without read rights verify.
+        combined = hashlib.md5(b"".join(digest for _, digest in results),
+                               usedforsecurity=False).hexdigest()
+        self._check_etag(key, response.get("ETag"), f"{combined}-{len(results)}")
+        return ObjectInfo(key, total, _response_time(response))
 
-    def _upload_part(self, key: str, full: str, upload_id: str, number: int, data: bytes) -> str:
+    def _upload_part(self, key: str, full: str, upload_id: str, number: int,
+                     data: bytes) -> tuple[str, bytes]:
+        digest = _md5(data)
         with self._errors(f"upload part {number}", key):
             response = self._client.upload_part(
                 Bucket=self.bucket,
@@ -327,9 +379,11 @@ class S3Storage:
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=data,
-                ContentMD5=_md5(data),
+                ContentMD5=_content_md5(digest),
+                **self._sse_c,
             )
-        return response["ETag"]
+        self._check_etag(f"{key} part {number}", response.get("ETag"), digest.hex())
+        return response["ETag"], digest
 
     def _abort(self, key: str, full: str, upload_id: str, exc: BaseException) -> None:
         """Abort the upload; if that fails too, say so on ``exc`` without replacing it."""
@@ -344,7 +398,8 @@ class S3Storage:
     def open(self, key: str) -> BinaryIO:
         """A buffered reader over the GetObject body; read errors are StorageErrors too."""
         with self._errors("get", key):
-            body = self._client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"]
+            body = self._client.get_object(Bucket=self.bucket, Key=self._full(key),
+                                           **self._sse_c)["Body"]
         return io.BufferedReader(_Body(body, self, key), buffer_size=MiB)
 
     def read_bytes(self, key: str) -> bytes:
@@ -353,8 +408,11 @@ class S3Storage:
 
     def stat(self, key: str) -> ObjectInfo:
         with self._errors("head", key):
-            response = self._client.head_object(Bucket=self.bucket, Key=self._full(key))
-        return ObjectInfo(key, response["ContentLength"], response["LastModified"].astimezone(UTC))
+            response = self._client.head_object(Bucket=self.bucket, Key=self._full(key),
+                                                **self._sse_c)
+        until = response.get("ObjectLockRetainUntilDate")
+        return ObjectInfo(key, response["ContentLength"], response["LastModified"].astimezone(UTC),
+                          locked_until=until.astimezone(UTC) if until else None)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """ListObjectsV2 pages, in S3's key order (UTF-8 bytes, as str comparison)."""

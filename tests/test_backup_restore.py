@@ -198,7 +198,10 @@ def test_pg_dump_failure_leaves_no_backup_and_next_run_succeeds(
     assert line.startswith("pgvault: pg_dump failed") and "permission denied" in line
     root = tmp_path / "repo"
     assert manifests(root) == []
-    assert not [p for p in root.rglob("*") if p.is_file()], "no data may survive a failure"
+    # Only the run history (for `pgvault status`/`check`) records the failure.
+    left = [p.relative_to(root) for p in root.rglob("*") if p.is_file()]
+    assert [p.parts[0] for p in left] == ["status"], "no data may survive a failure"
+    assert "permission denied" in json.loads((root / left[0]).read_text())["last_failure"]["error"]
     pgvault("backup", "--dbname", url, "--repo", repo)
     assert len(manifests(root)) == 1
     with psycopg.connect(url, autocommit=True) as conn:
@@ -224,7 +227,9 @@ def test_interrupt_during_backup_leaves_nothing_and_exits_130(
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert manifests(repo_dir) == []
-    assert not [p for p in repo_dir.rglob("*") if p.is_file()]
+    # Only the run history remains, recording the interrupted run.
+    assert [p.relative_to(repo_dir).parts[0] for p in repo_dir.rglob("*") if p.is_file()] == [
+        "status"]
     pgvault("backup", "--dbname", url, "--repo", f"file://{repo_dir}")
     target = new_name()
     pgvault("restore", "--to", target, "--dbname", pg_cluster.url(), "--repo",

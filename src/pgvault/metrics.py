@@ -1,0 +1,158 @@
+"""The Prometheus view of pgvault: per-database state from the repository, process counters.
+
+Values come from ``DatabaseStatus`` (read from the repository), so a textfile written
+after a failed cron run still carries the last success, and the daemon's /metrics agrees
+with `pgvault status`. No backup id is ever a label: one series per database.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from typing import Any
+
+from pgvault.ops.status import DatabaseStatus
+
+NextRuns = Callable[[], dict[tuple[str, str], datetime]]
+"""(database, job) -> when the daemon runs that job next."""
+
+
+class Metrics:
+    """A prometheus_client collector over the latest status of each database."""
+
+    def __init__(self, *, repository_label: bool = False) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.repository_label = repository_label
+        self._lock = threading.Lock()
+        self._statuses: dict[tuple[str, str], DatabaseStatus] = {}
+        self._notification_failures: Counter[tuple[str, str]] = Counter()
+        self.next_runs: NextRuns | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def update(self, status: DatabaseStatus) -> None:
+        """Replace what is known about ``status.database`` (in ``status.repository``)."""
+        with self._lock:
+            self._statuses[(status.repository, status.database)] = status
+
+    def statuses(self) -> list[DatabaseStatus]:
+        with self._lock:
+            return list(self._statuses.values())
+
+    def notification_failed(self, database: str, sink: str) -> None:
+        with self._lock:
+            self._notification_failures[(database, sink)] += 1
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self, only: str | None = None) -> Iterator[Any]:
+        """Every metric family; ``only`` limits the per-database ones to that database."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        labels = ["database", "repository"] if self.repository_label else ["database"]
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=labels)
+
+        families = {
+            "success": gauge("pgvault_backup_last_success_timestamp_seconds",
+                             "When the newest complete backup finished (0: never)."),
+            "failure": gauge("pgvault_backup_last_failure_timestamp_seconds",
+                             "When the last failed backup run ended (0: never)."),
+            "duration": gauge("pgvault_backup_last_duration_seconds",
+                              "How long the newest complete backup took."),
+            "size": gauge("pgvault_backup_last_size_bytes",
+                          "Stored size of the newest complete backup."),
+            "backups": gauge("pgvault_backups", "Complete backups in the repository."),
+            "oldest": gauge("pgvault_oldest_backup_timestamp_seconds",
+                            "Recovery point of the oldest complete backup."),
+            "verify_success": gauge("pgvault_verify_last_success_timestamp_seconds",
+                                    "When the newest passing restore drill finished."),
+            "verify_status": gauge("pgvault_verify_last_status",
+                                   "1 if the newest restore drill passed, 0 if it failed."),
+            "restore": gauge("pgvault_restore_last_duration_seconds",
+                             "Restore time of the newest drill: the measured RTO."),
+            "rpo": gauge("pgvault_rpo_objective_seconds", "The RPO objective."),
+            "rto": gauge("pgvault_rto_objective_seconds", "The RTO objective."),
+        }
+        failures = CounterMetricFamily("pgvault_backup_failures", "Failed backup runs.",
+                                       labels=labels)
+        for status in self.statuses():
+            if only is not None and status.database != only:
+                continue
+            values = [status.database, status.repository][: len(labels)]
+            for key, value in _gauge_values(status):
+                families[key].add_metric(values, value)
+            failures.add_metric(values, status.history.failures_total)
+        yield from families.values()
+        yield failures
+        notified = CounterMetricFamily("pgvault_notification_failures",
+                                       "Notifications that failed or timed out.",
+                                       labels=["database", "sink"])
+        with self._lock:
+            counts = dict(self._notification_failures)
+        for (database, sink), count in sorted(counts.items()):
+            if only is None or database == only:
+                notified.add_metric([database, sink], count)
+        yield notified
+        if self.next_runs is not None:
+            runs = GaugeMetricFamily("pgvault_schedule_next_run_timestamp_seconds",
+                                     "When the daemon runs each job next.",
+                                     labels=["database", "job"])
+            for (database, job), when in sorted(self.next_runs().items()):
+                if only is None or database == only:
+                    runs.add_metric([database, job], when.timestamp())
+            yield runs
+
+    def render(self) -> bytes:
+        """The text exposition format, as /metrics serves it."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def only(self, database: str) -> Any:
+        """A registry holding just ``database``'s series (a Pushgateway group per database)."""
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Only(self, database))
+        return registry
+
+
+class _Only:
+    def __init__(self, metrics: Metrics, database: str) -> None:
+        self._metrics = metrics
+        self._database = database
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        return self._metrics.collect(only=self._database)
+
+
+def _gauge_values(status: DatabaseStatus) -> Iterator[tuple[str, float]]:
+    newest = status.newest
+    history = status.history
+    yield "success", newest.finished_at.timestamp() if newest else 0.0
+    failure = history.last_failure
+    yield "failure", failure.finished_at.timestamp() if failure else 0.0
+    if newest is not None:
+        yield "duration", (newest.finished_at - newest.started_at).total_seconds()
+        yield "size", float(newest.size)
+    yield "backups", float(status.backups)
+    if status.oldest_time is not None:
+        yield "oldest", status.oldest_time.timestamp()
+    drill = status.drill
+    if drill is not None:
+        yield "verify_status", 1.0 if drill.passed else 0.0
+        if drill.restore_seconds is not None:
+            yield "restore", drill.restore_seconds
+    if status.drill_last_success is not None:
+        yield "verify_success", status.drill_last_success.timestamp()
+    yield "rpo", status.rpo_hours * 3600
+    yield "rto", status.rto_minutes * 60

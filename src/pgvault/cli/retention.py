@@ -17,6 +17,7 @@ from pgvault.cli.app import (
     settings_of,
     storage_of,
 )
+from pgvault.cli.physical import recovery_window
 
 
 @cli.command("prune", epilog=EXIT_CODES)
@@ -57,7 +58,7 @@ def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, as_json: bo
     policy = Policy.from_mapping(settings.retention.model_dump())
     report = prune(storage_of(settings), policy, dry_run=dry_run, now=datetime.now(UTC),
                    lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
-                   database=database_filter(dbname))
+                   database=database_filter(dbname), recovery_window=recovery_window(settings))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -74,6 +75,9 @@ def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, as_json: bo
                        + ("to remove" if dry_run else "removed")
                        + f", {len(report.orphans_left)} left (younger than 24 hours"
                        " or not written by pgvault)")
+        if report.wal:
+            click.echo(f"\narchived WAL older than every kept base backup: {len(report.wal)} "
+                       + ("files to remove" if dry_run else "files removed"))
         if not report.databases and not report.skipped:
             click.echo("no backups yet")
     for name, why in report.skipped.items():

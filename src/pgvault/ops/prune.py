@@ -18,7 +18,7 @@ from pgvault.catalog import Catalog, Orphan, manifest_key
 from pgvault.errors import LockHeld, NotFound
 from pgvault.lock import hold
 from pgvault.model import Manifest, backup_id_time
-from pgvault.retention import Policy
+from pgvault.retention import Duration, Policy
 from pgvault.storage.base import Storage
 
 __all__ = [
@@ -68,10 +68,14 @@ class PruneReport:
     """Orphaned keys left alone: younger than the delay, or under an id pgvault never wrote."""
     skipped: dict[str, str] = field(default_factory=dict)
     """Databases not pruned because their lock was held, with the holder named."""
+    locked: dict[str, datetime] = field(default_factory=dict)
+    """Backups due for removal but kept: S3 Object Lock retains them until this time."""
+    wal: list[str] = field(default_factory=list)
+    """Keys of archived WAL removed: older than the start of every kept base backup."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: databases -> keep/remove lists of {id, time, reasons}; orphans."""
-        return {
+        found: dict[str, Any] = {
             "databases": {
                 name: {
                     "keep": [d.to_json() for d in plan.keep],
@@ -81,6 +85,11 @@ class PruneReport:
             },
             "orphans": list(self.orphans),
         }
+        if self.wal:  # only with physical backups
+            found["wal"] = list(self.wal)
+        if self.locked:  # only with S3 Object Lock
+            found["locked"] = {bid: until.isoformat() for bid, until in self.locked.items()}
+        return found
 
     def summary(self) -> str:
         """One line, e.g. "pruned app: 3 backups removed, 12 kept, 2 orphaned objects removed"."""
@@ -90,8 +99,13 @@ class PruneReport:
         kept = sum(len(plan.keep) for plan in self.databases.values())
         line = (f"pruned {names}: {_count(removed, 'backup')} {verb}, {kept} kept, "
                 f"{_count(len(self.orphans), 'orphaned object')} {verb}")
+        if self.wal:
+            line += f", {_count(len(self.wal), 'archived WAL file')} {verb}"
         if self.skipped:
             line += f"; skipped (locked): {', '.join(self.skipped)}"
+        if self.locked:
+            line += (f"; {_count(len(self.locked), 'backup')} kept under S3 Object Lock "
+                     f"(until {max(self.locked.values()):%Y-%m-%d %H:%M} UTC at the latest)")
         return line
 
 
@@ -104,8 +118,14 @@ def prune(
     orphan_delay: timedelta = ORPHAN_DELAY,
     lock_stale_after: timedelta,
     database: str | None = None,
+    recovery_window: Duration | None = None,
 ) -> PruneReport:
-    """Apply ``policy`` to every database (or only ``database``) and collect old orphans."""
+    """Apply ``policy`` to every database (or only ``database``) and collect old orphans.
+
+    For physical backups, ``recovery_window`` also keeps what restoring to any moment of
+    that span before ``now`` needs, and archived WAL older than the start of the oldest
+    kept base backup is removed (never WAL a kept base backup needs).
+    """
     catalog = Catalog(storage)
     report = PruneReport(dry_run=dry_run)
     if database is not None:
@@ -124,7 +144,7 @@ def prune(
                     report.skipped[name] = str(exc)
                     continue
             # Listed under the lock, so no backup of this database commits halfway through.
-            _prune_database(catalog, name, policy, report, now, orphan_delay)
+            _prune_database(catalog, name, policy, report, now, orphan_delay, recovery_window)
     return report
 
 
@@ -135,10 +155,12 @@ def prune_after_backup(
     database: str,
     lock_stale_after: timedelta,
     now: datetime | None = None,
+    recovery_window: Duration | None = None,
 ) -> PruneReport:
     """Prune the database just backed up, as the setting ``prune_after_backup`` asks."""
     return prune(storage, policy, dry_run=False, now=now or datetime.now(UTC),
-                 lock_stale_after=lock_stale_after, database=database)
+                 lock_stale_after=lock_stale_after, database=database,
+                 recovery_window=recovery_window)
 
 
 def roles(manifests: Iterable[Manifest], policy: Policy) -> dict[str, str]:
@@ -162,12 +184,23 @@ def _prune_database(
     report: PruneReport,
     now: datetime,
     orphan_delay: timedelta,
+    recovery_window: Duration | None = None,
 ) -> None:
     manifests = {m.id: m for m in catalog.list(name)}
-    planned = retention.plan(manifests.values(), policy, now)
     result = report.databases.setdefault(name, DatabasePlan())
-    result.keep = [_decision(manifests[i], planned.reasons[i]) for i in planned.keep]
-    for backup_id in planned.remove:
+    remove = []
+    # Logical and physical backups under one name are separate series, each with its newest.
+    for kind in sorted({m.kind for m in manifests.values()}):
+        series = [m for m in manifests.values() if m.kind == kind]
+        planned = retention.plan(series, policy, now)
+        window = (_window_keeps(series, recovery_window, now, policy.timezone)
+                  if kind == "physical" and recovery_window is not None else set())
+        result.keep += [_decision(manifests[i], planned.reasons[i]) for i in planned.keep]
+        result.keep += [_decision(manifests[i], ["recovery window"]) for i in planned.remove
+                        if i in window]
+        remove += [i for i in planned.remove if i not in window]
+    for backup_id in remove:
+        current: Manifest | None = None
         if not report.dry_run:
             # Re-read just before deleting: a pin written since the listing must win.
             try:
@@ -177,10 +210,20 @@ def _prune_database(
             if current is not None and current.pinned:
                 result.keep.append(_decision(current, ["pinned"]))
                 continue
-            if current is not None:
-                catalog.delete(current)
+        until = _locked_until(catalog, name, backup_id, now)
+        if until is not None:
+            # Deleting now would only hide it (a delete marker) while the data stays:
+            # keep it listed, whole, until its retention ends.
+            report.locked[backup_id] = until
+            result.keep.append(_decision(manifests[backup_id],
+                                         [f"object lock until {until:%Y-%m-%d %H:%M} UTC"]))
+            continue
+        if not report.dry_run and current is not None:
+            catalog.delete(current)
         result.remove.append(_decision(manifests[backup_id], []))
     result.keep.sort(key=lambda d: (d.time.astimezone(UTC), d.id), reverse=True)
+    _prune_wal(catalog, name, [manifests[d.id] for d in result.keep if d.id in manifests],
+               report)
 
     cutoff = now - orphan_delay
     for orphan in catalog.orphans(name):
@@ -189,6 +232,46 @@ def _prune_database(
             report.orphans.extend(keys)
         else:
             report.orphans_left.extend(keys)
+
+
+def _window_keeps(series: list[Manifest], window: Duration, now: datetime,
+                  timezone: str) -> set[str]:
+    """Base backups a restore to any moment of the window needs: the newest one that ended
+    before the window opened, and every later one."""
+    from zoneinfo import ZoneInfo
+
+    opens = window.before(now, ZoneInfo(timezone))
+    ended = sorted((m for m in series if m.physical is not None),
+                   key=lambda m: m.physical.stop_time if m.physical else m.finished_at)
+    before = [m for m in ended if m.physical and m.physical.stop_time <= opens]
+    return {m.id for m in ended if m not in before} | ({before[-1].id} if before else set())
+
+
+def _prune_wal(catalog: Catalog, name: str, kept: list[Manifest], report: PruneReport) -> None:
+    """Remove archived WAL older than the start of the oldest kept base backup of ``name``."""
+    from pgvault.ops import wal as archive
+    from pgvault.pg.wal import parse_lsn
+
+    physical = [m.physical for m in kept if m.physical is not None]
+    if not physical:
+        return  # no base backup yet: every archived segment may still be needed
+    oldest = min(physical, key=lambda facts: parse_lsn(facts.start_lsn))
+    keys = [f.key for f in archive.prunable(catalog.storage, name, oldest.start_wal)]
+    if keys and not report.dry_run:
+        catalog.storage.delete(keys)
+    report.wal.extend(keys)
+
+
+def _locked_until(catalog: Catalog, database: str, backup_id: str,
+                  now: datetime) -> datetime | None:
+    """When S3 Object Lock releases the backup's manifest (written last, so locked longest)."""
+    try:
+        info = catalog.storage.stat(manifest_key(database, backup_id))
+    except NotFound:
+        return None
+    if info.locked_until is not None and info.locked_until > now:
+        return info.locked_until
+    return None
 
 
 def _expired(orphan: Orphan, cutoff: datetime) -> bool:

@@ -1,0 +1,175 @@
+"""The parts of physical backups that need no server: WAL names, the tar watcher, WAL pruning."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from pgvault.catalog import Catalog, parse_wal_key, wal_identity_key, wal_object_key
+from pgvault.engines.physical import TarWatcher, needed_wal
+from pgvault.errors import UsageError
+from pgvault.model import Artifact, Manifest, PhysicalFacts
+from pgvault.ops.physical_restore import RecoveryTarget
+from pgvault.ops.prune import prune
+from pgvault.ops.wal import archived, stages_of_suffix
+from pgvault.pg import wal
+from pgvault.retention import Duration, Policy
+from pgvault.storage.memory import MemoryStorage
+
+MB = 1 << 20
+
+
+def test_lsns_and_wal_file_names_follow_postgresql() -> None:
+    assert wal.parse_lsn("16/B374D848") == 0x16B374D848
+    assert wal.format_lsn(0x16B374D848) == "16/B374D848"
+    with pytest.raises(UsageError):
+        wal.parse_lsn("16-B374D848")
+    # 16 MB segments: 256 per "log"; 1 MB segments: 4096 per log.
+    assert wal.segment_name(1, wal.segment_of(0x16B374D848, 16 * MB), 16 * MB) == \
+        "0000000100000016000000B3"
+    assert wal.segment_name(2, 4096 + 5, MB) == "000000020000000100000005"
+    # An end LSN on a segment boundary ends in the segment before it.
+    assert wal.last_segment_of(3 * MB, MB) == 2 and wal.segment_of(3 * MB, MB) == 3
+
+    segment = wal.parse_wal_name("000000020000000100000005")
+    assert segment is not None and (segment.timeline, segment.kind) == (2, "segment")
+    assert segment.segno(MB) == 4096 + 5 and segment.has_header
+    partial = wal.parse_wal_name("000000010000000000000003.partial")
+    label = wal.parse_wal_name("000000010000000000000003.00000028.backup")
+    history = wal.parse_wal_name("00000002.history")
+    assert partial and partial.kind == "partial" and partial.has_header
+    assert label and label.kind == "backup" and not label.has_header
+    assert history and (history.kind, history.timeline) == ("history", 2)
+    for junk in ("00000001000000000000000G", "000000010000000000000003.tmp", "RECOVERYXLOG",
+                 "archive_status", "00000002.HISTORY"):
+        assert wal.parse_wal_name(junk) is None, junk
+
+
+def test_wal_keys_name_the_content_and_say_how_to_decode_it() -> None:
+    digest = hashlib.sha256(b"segment").hexdigest()
+    key = wal_object_key("app cluster", "000000010000000000000003", digest, ".zst.age")
+    assert key == f"wal/app%20cluster/00000001/000000010000000000000003/{digest}.zst.age"
+    assert parse_wal_key(key) == ("app cluster", "000000010000000000000003", digest, ".zst.age")
+    assert parse_wal_key("wal/main/identity.json") is None
+    assert [s.name for s in stages_of_suffix(".zst.age")] == ["zstd", "age"]
+    assert stages_of_suffix("") == [] and stages_of_suffix(".gz")[0].name == "gzip"
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 512, 100_000])
+def test_tar_watcher_passes_bytes_through_and_keeps_the_named_members(chunk: int) -> None:
+    label = b"START WAL LOCATION: 0/2000028 (file 000000010000000000000002)\n"
+    members = {
+        "base/1/1259": b"x" * 70_000,
+        "backup_label": label,
+        "./global/pg_control": (12345).to_bytes(8, "little") + b"\0" * 8184,
+        "tablespace_map": b"",
+        "deep/" + "d" * 120 + "/file": b"long name in the ustar prefix",
+        "backup_manifest": b'{"WAL-Ranges": []}' * 1000,
+    }
+    raw = _tar(members)
+    watcher = TarWatcher(io.BytesIO(raw), {"backup_label": 1 << 20,
+                                           "global/pg_control": 1 << 20,
+                                           "backup_manifest": 10,  # too large: not kept
+                                           "tablespace_map": 10})
+    out = b"".join(iter(lambda: watcher.read(chunk), b""))
+    assert out == raw
+    assert watcher.members == {"backup_label": label, "tablespace_map": b"",
+                               "global/pg_control": members["./global/pg_control"]}
+    assert wal.control_system_identifier(watcher.members["global/pg_control"]) == 12345
+
+
+def test_recovery_targets_are_one_at_a_time_and_become_postgresql_settings() -> None:
+    when = datetime(2026, 11, 25, 9, 14, tzinfo=UTC)
+    assert RecoveryTarget(time=when, action="pause").settings() == {
+        "recovery_target_time": "2026-11-25T09:14:00+00:00",
+        "recovery_target_action": "pause", "recovery_target_inclusive": "on",
+        "recovery_target_timeline": "latest"}
+    assert RecoveryTarget(name="before").settings()["recovery_target_name"] == "before"
+    assert RecoveryTarget(immediate=True).settings()["recovery_target"] == "immediate"
+    assert RecoveryTarget().settings() == {"recovery_target_timeline": "latest"}
+    assert RecoveryTarget(action="pause").effective_action == "promote"  # no target: the end
+    for bad in ({"time": when, "lsn": "0/1"}, {"time": when.replace(tzinfo=None)},
+                {"lsn": "nope"}, {"xid": "12a"}, {"action": "explode"}):
+        with pytest.raises(UsageError):
+            RecoveryTarget(**bad)  # type: ignore[arg-type]
+
+
+def _physical(backup_id: str, start_seg: int, stop: datetime) -> Manifest:
+    size = MB
+    facts = PhysicalFacts(
+        system_identifier="7", wal_segment_size=size, timeline=1,
+        start_lsn=wal.format_lsn(start_seg * size + 0x28),
+        stop_lsn=wal.format_lsn((start_seg + 1) * size + 0x100),
+        start_wal=wal.segment_name(1, start_seg, size),
+        stop_wal=wal.segment_name(1, start_seg + 1, size), stop_timeline=1, stop_time=stop,
+        wal_included=False)
+    return Manifest(id=backup_id, kind="physical", database="main", started_at=stop,
+                    finished_at=stop, pgvault_version="test", physical=facts,
+                    artifacts=[Artifact(name="base.tar", key=f"backups/main/{backup_id}/base.tar",
+                                        size=0, sha256="0" * 64, raw_size=0)])
+
+
+def _archive(storage: MemoryStorage, names: list[str]) -> None:
+    storage.put_bytes(wal_identity_key("main"),
+                      json.dumps({"system_identifier": "7", "wal_segment_size": MB}).encode())
+    for name in names:
+        digest = hashlib.sha256(name.encode()).hexdigest()
+        storage.put_bytes(wal_object_key("main", name, digest, ".zst"), b"wal")
+
+
+def test_prune_removes_wal_older_than_every_kept_base_backup_and_nothing_they_need() -> None:
+    storage = MemoryStorage()
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    backups = [_physical(f"2026112{i}T000000.000Z-00000{i}", start, now - timedelta(days=days))
+               for i, (start, days) in enumerate([(5, 10), (10, 5), (15, 1)], start=1)]
+    catalog = Catalog(storage)
+    for manifest in backups:
+        catalog.commit(manifest)
+    names = [wal.segment_name(1, n, MB) for n in range(1, 21)]
+    names += ["00000002.history", wal.segment_name(1, 5, MB) + ".00000028.backup",
+              wal.segment_name(1, 12, MB) + ".00000028.backup"]
+    _archive(storage, names)
+
+    # The window opens 7 days back: the backup that ended 10 days ago is its start point.
+    windowed = prune(storage, Policy(last=1, daily=0, weekly=0, monthly=0), dry_run=True,
+                     now=now, lock_stale_after=timedelta(hours=1),
+                     recovery_window=Duration(days=7))
+    assert windowed.databases["main"].remove == [] and windowed.wal == [
+        f.key for f in archived(storage, "main") if f.wal.segno(MB) < 5
+        and f.wal.kind != "history"]
+
+    report = prune(storage, Policy(last=2, daily=0, weekly=0, monthly=0), dry_run=False,
+                   now=now, lock_stale_after=timedelta(hours=1))
+    assert [d.id for d in report.databases["main"].remove] == [backups[0].id]
+    left = sorted(f.wal.name for f in archived(storage, "main"))
+    assert left == sorted([wal.segment_name(1, n, MB) for n in range(10, 21)]
+                          + ["00000002.history",
+                             wal.segment_name(1, 12, MB) + ".00000028.backup"])
+    assert len(report.wal) == 9 + 1  # segments 1..9 and the old .backup label
+    assert "archived WAL file" in report.summary()
+    kept = catalog.get(backups[1].id, "main")
+    assert kept.physical is not None
+    assert set(needed_wal(kept.physical, None)) <= set(left)
+
+
+def test_prune_leaves_the_archive_alone_without_a_base_backup() -> None:
+    storage = MemoryStorage()
+    _archive(storage, [wal.segment_name(1, n, MB) for n in range(1, 5)])
+    report = prune(storage, Policy(last=1), dry_run=False, now=datetime.now(UTC),
+                   lock_stale_after=timedelta(hours=1))
+    assert report.wal == [] and len(archived(storage, "main")) == 4

@@ -393,8 +393,13 @@ query = "SELECT 1"
 def test_command_exiting_1_fails_and_its_output_tail_is_kept(
     repo: Path, drill_tmp: Path, pg_cluster: EphemeralCluster
 ) -> None:
-    command = "head -c 300000 /dev/zero | tr '\\0' x; echo; echo 'migrate status: drift'; exit 1"
-    proc = run(repo, "--json", "--server", pg_cluster.url(), drill_tmp=drill_tmp, expect=10,
+    # The server's password reaches the command in PGPASSFILE only, never in its environment
+    # (the test cluster trusts every connection; the password is only carried, not checked).
+    server = pg_cluster.url().replace("postgres@", "postgres:pw-8d1f@")
+    command = ("P=pw-; P=${P}8d1f; grep -q \":$P\\$\" \"$PGPASSFILE\" && ! env | grep -q \"$P\" "
+               "&& psql -XAtc 'SELECT 1' >/dev/null || exit 2; "
+               "head -c 300000 /dev/zero | tr '\\0' x; echo; echo 'migrate status: drift'; exit 1")
+    proc = run(repo, "--json", "--server", server, drill_tmp=drill_tmp, expect=10,
                env={"PGVAULT_VERIFY__COMMAND": command})
     report = report_of(proc)
     assert statuses(report)["command"] == "fail"

@@ -33,7 +33,8 @@ Levels (each includes the ones before):
               time; a failed Prisma migration fails the check
   assertions  [[verify.sql]] queries, each returning one boolean
   command     [verify] command run with DATABASE_URL and PG* set to the scratch
-              database; its exit status decides
+              database (a server's password only in PGPASSFILE); its exit
+              status decides
 
 \b
 Config:

@@ -543,19 +543,16 @@ def _pg_env(target: ConnInfo) -> dict[str, str]:
     names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE",
              "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT"}
     env = {var: target.params[key] for key, var in names.items() if key in target.params}
-    # Apps (Prisma, Django, Rails) read only the URL, so it carries the password; it is in
-    # the child's environment (private to this user), never on a command line.
-    url = _url(target, with_password=True)
-    env["DATABASE_URL"] = env["DIRECT_URL"] = url
+    # Like every child of pgvault, the command gets no secret: a password reaches it only
+    # through PGPASSFILE (the default ephemeral cluster needs none).
+    env["DATABASE_URL"] = env["DIRECT_URL"] = _url(target)
     return env
 
 
-def _url(target: ConnInfo, *, with_password: bool = False) -> str:
-    """A postgresql:// URL for ``target`` (without the password unless asked)."""
+def _url(target: ConnInfo) -> str:
+    """A postgresql:// URL for ``target``, without the password."""
     params = dict(target.params)
     user = quote(params.pop("user", ""), safe="")
-    if with_password and target.password:
-        user += ":" + quote(target.password, safe="")
     host = params.pop("host", "")
     port = params.pop("port", "")
     dbname = quote(params.pop("dbname", ""), safe="")

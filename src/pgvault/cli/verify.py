@@ -118,25 +118,6 @@ def summary_line(report: Any) -> str:
     return text
 
 
-def drill_after_backup(settings: Any, storage: Any, manifest: Any) -> Exception | None:
-    """`verify_after_backup`: drill the backup just taken (reporting on stderr); its failure."""
-    from pgvault.errors import PgvaultError
-    from pgvault.ops.verify import verify
-
-    try:
-        options = dataclasses.replace(verify_options(settings, storage),
-                                      on_check=lambda check: print_check(check, err=True))
-        click.echo(f"verifying {manifest.id} ({manifest.database}), level {options.level}",
-                   err=True)
-        with scratch_servers(settings) as servers:
-            report = verify(storage, manifest, options, servers)
-    except PgvaultError as exc:  # the backup is stored: say so, and still fail the run
-        return type(exc)(f"backup {manifest.id} is stored, but its restore drill could not "
-                         f"run: {exc}")
-    click.echo(summary_line(report), err=True)
-    return failure([report])
-
-
 @cli.command(epilog=VERIFY_HELP + "\n" + IDENTITY_HELP + "\n" + EXIT_CODES)
 @common
 @dbname_option

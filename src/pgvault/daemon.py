@@ -232,7 +232,7 @@ class Daemon:
             try:
                 conn = config.target_connection(db.target)
                 options = BackupOptions(
-                    stages=pipeline.configured_stages(s),
+                    stages=pipeline.configured_stages(s, storage=db.storage),
                     backup_globals=s.backup_globals,
                     lock_stale_after=timedelta(hours=s.lock_stale_after_hours))
             except PgvaultError as exc:

@@ -497,6 +497,13 @@ def test_verify_all_and_after_backup(
                    env={"TMPDIR": str(drill_tmp)}, expect=6)
     assert "(1 of 2 backups failed)" in one_line_error(proc)
 
+    # A new backup whose drill fails (too slow) is kept and reported, and prunes nothing:
+    # keep_last = 1 would otherwise remove both older backups.
+    env.update(PGVAULT_RETENTION__KEEP_LAST="1", PGVAULT_OBJECTIVES__RTO_MINUTES="0.0001")
+    proc = pgvault("backup", "--dbname", source, "--repo", f"file://{repo}", env=env, expect=10)
+    assert "rto: restore took" in proc.stderr.splitlines()[-1]
+    assert len(json.loads(pgvault("list", "--json", "--repo", f"file://{repo}").stdout)) == 3
+
 
 def test_deleting_a_backup_deletes_its_drills_and_stray_drills_are_orphans() -> None:
     storage = MemoryStorage()

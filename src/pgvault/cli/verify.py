@@ -161,9 +161,9 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
     catalog = Catalog(storage)
     database = database_filter(dbname)
     if backup_id == "all":
-        manifests = catalog.list(database)
+        manifests = [m for m in catalog.list(database) if m.kind == "logical"]
         if not manifests:
-            raise NotFound(f"no backups in {storage.url}")
+            raise NotFound(f"no logical backups in {storage.url}")
         if keep and len(manifests) > 1:
             raise UsageError("--keep keeps one drill's database: name one backup, not 'all'")
     else:
@@ -172,8 +172,7 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
     reports = []
     with scratch_servers(settings, server, keep) as servers:
         for manifest in manifests:
-            progress = ProgressLine(f"restoring {manifest.id}",
-                                    total=manifest.artifact("db.dump").size)
+            progress = ProgressLine(f"restoring {manifest.id}", total=manifest.size)
             run = dataclasses.replace(options, progress=progress,
                                       on_check=None if as_json else print_check)
             if not as_json:

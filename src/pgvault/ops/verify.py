@@ -165,6 +165,9 @@ class ScratchServers:
 def verify(storage: Storage, manifest: Manifest, options: VerifyOptions,
            servers: ScratchServers) -> VerifyReport:
     """Run one restore drill of ``manifest`` and return (and, by default, record) its report."""
+    if manifest.kind != "logical":
+        raise UsageError(f"backup {manifest.id} is a {manifest.kind} backup; these drills "
+                         "restore logical (pg_dump) backups")
     report = VerifyReport(
         backup_id=manifest.id, database=manifest.database, level=options.level,
         started_at=options.clock(), finished_at=options.clock(),

@@ -70,16 +70,25 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except PgvaultError as exc:
         if state["debug"]:
             traceback.print_exc()
-        click.echo(f"pgvault: {scrub(str(exc))}", err=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     except SystemExit:
         raise
     except Exception as exc:
         if state["debug"]:
             traceback.print_exc()
-        click.echo(f"pgvault: internal error: {type(exc).__name__}: {scrub(str(exc))}",
-                   err=True)
-        sys.exit(1)
+        _fail(f"internal error: {type(exc).__name__}: {exc}", 1)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """The one error line, scrubbed: plain text, or a JSON object with --log-format json."""
+    if state.get("log_format") == "json":
+        import json
+
+        click.echo(json.dumps({"level": "error", "message": scrub(message),
+                               "exit_code": code}), err=True)
+    else:
+        click.echo(f"pgvault: {scrub(message)}", err=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

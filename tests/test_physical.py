@@ -425,3 +425,14 @@ def test_prune_keeps_the_wal_of_kept_base_backups_and_the_oldest_still_restores(
             server_pgvault)
     restored = f"postgresql://postgres@127.0.0.1:{port}/app"
     assert order_ids(restored) == list(range(1, rows_at[1] + 1))
+
+    # The restore drill of a base backup: pg_verifybackup, replay, start, read every row.
+    drill = json.loads(pgvault("verify", oldest_kept.id, "--repo", repo, "--level", "facts",
+                               "--json").stdout)
+    assert {c["name"]: c["status"] for c in drill["checks"]} == {
+        "base.tar": "pass", "restore": "pass", "rto": "pass", "rows": "pass"}
+    assert f"{rows_at[1]} rows" in next(c["detail"] for c in drill["checks"]
+                                         if c["name"] == "rows")
+    (status,) = json.loads(pgvault("status", "--repo", repo, "--json").stdout)
+    assert status["database"] == "main" and status["archive"]["gaps"] == []
+    assert status["archive"]["recoverable_from"] == oldest_kept.physical.stop_time.isoformat()

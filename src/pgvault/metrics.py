@@ -78,6 +78,15 @@ class Metrics:
                              "Restore time of the newest drill: the measured RTO."),
             "rpo": gauge("pgvault_rpo_objective_seconds", "The RPO objective."),
             "rto": gauge("pgvault_rto_objective_seconds", "The RTO objective."),
+            "wal_last": gauge("pgvault_wal_last_archived_timestamp_seconds",
+                              "When the newest WAL segment was archived (physical clusters)."),
+            "wal_gaps": gauge("pgvault_wal_archive_gaps",
+                              "Holes in the archived WAL; point-in-time recovery cannot "
+                              "cross them."),
+            "recoverable_from": gauge("pgvault_recoverable_from_timestamp_seconds",
+                                      "Earliest moment a point-in-time restore can reach."),
+            "recoverable_to": gauge("pgvault_recoverable_to_timestamp_seconds",
+                                    "Latest moment a point-in-time restore can reach."),
         }
         failures = CounterMetricFamily("pgvault_backup_failures", "Failed backup runs.",
                                        labels=labels)
@@ -156,3 +165,12 @@ def _gauge_values(status: DatabaseStatus) -> Iterator[tuple[str, float]]:
         yield "verify_success", status.drill_last_success.timestamp()
     yield "rpo", status.rpo_hours * 3600
     yield "rto", status.rto_minutes * 60
+    archive = status.archive
+    if archive is not None:
+        yield "wal_gaps", float(len(archive.gaps))
+        if archive.last_archived_at is not None:
+            yield "wal_last", archive.last_archived_at.timestamp()
+        if archive.earliest_restore is not None:
+            yield "recoverable_from", archive.earliest_restore.timestamp()
+        if archive.latest_restore is not None:
+            yield "recoverable_to", archive.latest_restore.timestamp()

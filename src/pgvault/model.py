@@ -135,6 +135,7 @@ class PhysicalFacts(BaseModel):
     stop_time: datetime
     wal_included: bool  # True: pg_basebackup -X fetch put the WAL in base.tar
     label: str = ""
+    superuser: str = "postgres"  # the bootstrap superuser (oid 10), for restore drills
 
 
 class Pin(BaseModel):

@@ -139,6 +139,15 @@ def status(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) -
             click.echo(f"  last drill     {'PASSED' if drill.passed else 'FAILED'} "
                        f"{drill.level} of {drill.backup_id} at "
                        f"{drill.finished_at:%Y-%m-%d %H:%M}Z{restore}")
+        archive = status.archive
+        if archive is not None:
+            last = archive.last_archived_at
+            lag = f"{human_seconds((now - last).total_seconds())} ago" if last else "never"
+            start, end = archive.earliest_restore, archive.latest_restore
+            window = (f"; recoverable {start:%Y-%m-%d %H:%M:%S}Z .. {end:%Y-%m-%d %H:%M:%S}Z"
+                      if start and end else "; no recoverable window yet")
+            click.echo(f"  WAL archive    {archive.last_wal or 'empty'} archived {lag}, "
+                       f"{len(archive.gaps)} gap(s){window}")
         if status.running is not None:
             click.echo(f"  running now    {status.running.get('operation')} since "
                        f"{status.running.get('since')}")

@@ -46,6 +46,7 @@ class ClusterInfo:
     archive_mode: str
     archive_command: str | None  # None: not readable with this role
     in_recovery: bool
+    superuser: str = "postgres"
 
     @property
     def major(self) -> int:
@@ -148,12 +149,14 @@ class PhysicalEngine:
         import psycopg
 
         with self.conn.connect(autocommit=True) as connection:
-            version, version_num, segment_size, archive_mode, in_recovery = connection.execute(
-                "SELECT current_setting('server_version'),"
-                " current_setting('server_version_num')::int,"
-                " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),"
-                " current_setting('archive_mode'), pg_is_in_recovery()"
-            ).fetchone()
+            version, version_num, segment_size, archive_mode, in_recovery, superuser = \
+                connection.execute(
+                    "SELECT current_setting('server_version'),"
+                    " current_setting('server_version_num')::int,"
+                    " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),"
+                    " current_setting('archive_mode'), pg_is_in_recovery(),"
+                    " (SELECT rolname FROM pg_roles WHERE oid = 10)"
+                ).fetchone()
             try:
                 system_identifier = connection.execute(
                     "SELECT system_identifier::text FROM pg_control_system()"
@@ -172,6 +175,7 @@ class PhysicalEngine:
             version=version, version_num=version_num, system_identifier=system_identifier,
             wal_segment_size=int(segment_size), archive_mode=archive_mode,
             archive_command=archive_command, in_recovery=bool(in_recovery),
+            superuser=superuser or "postgres",
         )
         tool("pg_basebackup", self._info.major)
         return self._info
@@ -233,6 +237,7 @@ class PhysicalEngine:
             stop_time=stop_time,
             wal_included=include_wal,
             label=label.get("LABEL", ""),
+            superuser=self.info.superuser,
         )
 
 

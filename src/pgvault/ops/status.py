@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from pgvault.catalog import Catalog
 from pgvault.lock import holder
 from pgvault.model import Manifest, VerifyReport
+from pgvault.ops.wal import ArchiveStatus, archive_status
 from pgvault.storage.base import Storage
 
 HISTORY = "backup"
@@ -119,10 +120,18 @@ class DatabaseStatus:
     """When the newest passing drill finished."""
     running: dict[str, object] | None = None
     """The lock holder when a backup or prune of this database runs now."""
+    archive: ArchiveStatus | None = None
+    """The WAL archive, for a physical cluster: the newest point it can restore to."""
 
     def age(self, now: datetime) -> timedelta | None:
-        """How old the newest good backup's recovery point (its snapshot) is."""
-        return now - self.newest.started_at if self.newest is not None else None
+        """How old the newest recovery point is: the newest backup's snapshot, or, with a
+        gap-free WAL archive, the newest archived segment."""
+        if self.newest is None:
+            return None
+        point = self.newest.started_at
+        if self.archive is not None and self.archive.latest_restore is not None:
+            point = max(point, self.archive.latest_restore)
+        return now - point
 
     def rto_met(self) -> bool | None:
         """Whether the last drill's restore fitted the RTO objective; None if unknown."""
@@ -148,6 +157,10 @@ class DatabaseStatus:
         elif warn_age_hours and age > timedelta(hours=warn_age_hours):
             warning.append(f"newest backup is {_hours(age)} old (warning at "
                            f"{warn_age_hours:g}h)")
+        if self.archive is not None and self.archive.gaps:
+            first, last = self.archive.gaps[0]
+            warning.append(f"WAL archive has {len(self.archive.gaps)} gap(s), first "
+                           f"{first}..{last}: point-in-time recovery cannot cross them")
         if self.history.failing and self.history.last_failure is not None:
             failure = self.history.last_failure
             warning.append(f"last backup failed at {failure.at:%Y-%m-%d %H:%M}Z: "
@@ -213,6 +226,7 @@ class DatabaseStatus:
             },
             "rto_met": self.rto_met(),
             "running": self.running,
+            "archive": None if self.archive is None else _archive_json(self.archive),
         }
 
 
@@ -221,6 +235,7 @@ def database_status(storage: Storage, database: str, *, rpo_hours: float, rto_mi
     """Read the status of ``database`` from the repository (manifests, history, drills, lock)."""
     catalog = Catalog(storage)
     manifests = catalog.list(database)
+    physical = [m for m in manifests if m.kind == "physical"]
     reports = list(catalog.last_drills(database).values())
     drill = last_drill(reports)
     return DatabaseStatus(
@@ -235,7 +250,19 @@ def database_status(storage: Storage, database: str, *, rpo_hours: float, rto_mi
         drill=drill,
         drill_last_success=max((r.finished_at for r in reports if r.passed), default=None),
         running=holder(storage, database, stale_after=lock_stale_after),
+        archive=archive_status(storage, database, physical) if physical else None,
     )
+
+
+def _archive_json(archive: ArchiveStatus) -> dict[str, Any]:
+    def when(moment: datetime | None) -> str | None:
+        return moment.isoformat() if moment else None
+
+    return {"last_wal": archive.last_wal, "last_archived_at": when(archive.last_archived_at),
+            "files": archive.files, "stored_bytes": archive.stored_bytes,
+            "gaps": [list(gap) for gap in archive.gaps],
+            "recoverable_from": when(archive.earliest_restore),
+            "recoverable_to": when(archive.latest_restore)}
 
 
 def last_drill(reports: list[VerifyReport]) -> Drill | None:

@@ -370,3 +370,43 @@ webhook_url = "{recorder.url}/hook"
     # Nothing half-done blocks the next run: it succeeds and restores.
     pgvault("backup", "--dbname", url, "--repo", repo, "--level", "1", env=s3_env)
     restore_and_compare(url, repo, pg_cluster, new_name, name, env=s3_env)
+
+
+def test_daemon_drills_each_backup_after_taking_it(
+    pg_cluster: EphemeralCluster, new_name: NewName, recorder: Recorder, tmp_path: Path,
+    daemons: list[DaemonProcess]
+) -> None:
+    name = new_name()
+    url = create_db(pg_cluster, name, 500)
+    repo = f"file://{tmp_path / 'repo'}"
+    cfg = write_config(tmp_path, f"""
+repo = "{repo}"
+database = "{url}"
+[schedule]
+backup = "0 1 1 1 *"    # an empty repository is due at start
+verify = "after-backup"
+[verify]
+server = "{pg_cluster.url()}"
+level = "facts"
+[notify]
+events = ["backup.succeeded", "verify.succeeded", "verify.failed"]
+webhook_url = "{recorder.url}/hook"
+""")
+    daemon = DaemonProcess(tmp_path, cfg, {})
+    daemons.append(daemon)
+    hooks = recorder.wait_for("/hook", 2, timeout=60)
+    assert [h.json()["event"] for h in hooks] == ["backup.succeeded", "verify.succeeded"], (
+        daemon.log())
+    drilled = hooks[1].json()
+    assert drilled["backup_id"] == hooks[0].json()["backup_id"]
+    assert drilled["details"]["level"] == "facts" and drilled["details"]["restore_seconds"] > 0
+    one = (("database", name),)
+    daemon.wait_until("drill metrics", lambda: daemon.metrics().get(
+        ("pgvault_verify_last_status", one)) == 1)
+    samples = daemon.metrics()
+    assert samples[("pgvault_restore_last_duration_seconds", one)] > 0
+    assert samples[("pgvault_verify_last_success_timestamp_seconds", one)] > time.time() - 60
+    assert daemon.stop() == 0
+    status = json.loads(pgvault("status", "--repo", repo, "-d", name, "--json").stdout)[0]
+    assert status["last_drill"]["passed"] is True and status["rto_met"] is True
+    restore_and_compare(url, repo, pg_cluster, new_name, name)

@@ -410,3 +410,40 @@ webhook_url = "{recorder.url}/hook"
     status = json.loads(pgvault("status", "--repo", repo, "-d", name, "--json").stdout)[0]
     assert status["last_drill"]["passed"] is True and status["rto_met"] is True
     restore_and_compare(url, repo, pg_cluster, new_name, name)
+
+
+def test_a_failed_backup_is_retried_with_backoff_and_only_a_final_failure_is_announced(
+    pg_cluster: EphemeralCluster, new_name: NewName, recorder: Recorder, tmp_path: Path,
+    daemons: list[DaemonProcess]
+) -> None:
+    template, name = new_name(), new_name()
+    create_db(pg_cluster, template, 300)
+    url = pg_cluster.url(name)  # does not exist yet: the first attempts fail to connect
+    repo = f"file://{tmp_path / 'repo'}"
+    cfg = write_config(tmp_path, f"""
+repo = "{repo}"
+database = "{url}"
+[schedule]
+backup = "0 1 1 1 *"      # an empty repository is due at start
+retries = 3
+retry_backoff_seconds = 1  # attempts at 0 s, 1 s, 3 s, 7 s
+[notify]
+events = ["all"]
+webhook_url = "{recorder.url}/hook"
+""")
+    daemon = DaemonProcess(tmp_path, cfg, {})
+    daemons.append(daemon)
+    daemon.wait_until("a failed first attempt", lambda: "attempt 1 of 4 failed" in daemon.log())
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:  # appears complete at once
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template)))
+    done = recorder.wait_for("/hook", match=lambda r: r.json()["event"] == "backup.succeeded")
+    assert done, daemon.log()
+    events = [r.json()["event"] for r in recorder.on("/hook")]
+    assert "backup.failed" not in events and "backup.recovered" not in events, events
+    assert events.count("backup.started") >= 2
+    history = json.loads(pgvault("status", "--repo", repo, "-d", name, "--json").stdout)[0]
+    assert history["failures_total"] == events.count("backup.started") - 1
+    assert history["failing"] is False
+    assert daemon.stop() == 0
+    restore_and_compare(pg_cluster.url(template), repo, pg_cluster, new_name, name)

@@ -187,7 +187,7 @@ def restore_pitr(pgdata: Path, server_pgvault: str, *args: str) -> tuple[str, An
 
 
 def test_point_in_time_recovery_to_a_time_a_restore_point_and_an_lsn(
-    archiving: Archiving, repo_dir: Path, pitr_dir: Path, server_pgvault: str
+    archiving: Archiving, repo_dir: Path, pitr_dir: Path, server_pgvault: str, tmp_path: Path
 ) -> None:
     repo = f"file://{repo_dir}"
     cluster = archiving(f"--repo {repo}")
@@ -225,6 +225,17 @@ def test_point_in_time_recovery_to_a_time_a_restore_point_and_an_lsn(
     backup = Catalog(storage).get("latest", "main")
     verified = verify_physical(storage, backup, "main")
     assert any("pg_verifybackup" in check for check in verified.checks)
+    # Standard formats: the README's stock-tool recipes read the base backup and the WAL.
+    base = repo_dir / backup.artifact("base.tar").key
+    listing = subprocess.run(f"zstd -dc < {base} | tar -t", shell=True, check=True,
+                             capture_output=True, text=True).stdout.splitlines()
+    assert {"backup_label", "backup_manifest", "global/pg_control"} <= set(listing)
+    assert backup.physical is not None
+    first = backup.physical.start_wal
+    subprocess.run(f"zstd -dqc {repo_dir}/wal/main/*/{first}/*.zst > {tmp_path / 'stock'}",
+                   shell=True, check=True)
+    pgvault("wal-fetch", first, str(tmp_path / "fetched"), "--repo", repo)
+    assert (tmp_path / "stock").read_bytes() == (tmp_path / "fetched").read_bytes()
 
     targets = [("at_time", ["--target-time", noted_time.isoformat()], 100),
                ("at_name", ["--target-name", "before_batch_3"], 200),

@@ -426,8 +426,16 @@ class S3Storage:
                     yield ObjectInfo(name, obj["Size"], obj["LastModified"].astimezone(UTC))
 
     def delete(self, keys: Iterable[str]) -> None:
-        """DeleteObjects in batches of 1000; S3 already treats missing keys as deleted."""
+        """DeleteObjects in batches of 1000; S3 already treats missing keys as deleted.
+
+        A single key (a lock, a manifest) goes by DeleteObject: the same IAM action, and
+        stores and policy simulators that judge DeleteObjects by the bucket agree with it.
+        """
         names = [self._full(k) for k in keys]
+        if len(names) == 1:
+            with self._errors("delete", names[0][len(self._root) :]):
+                self._client.delete_object(Bucket=self.bucket, Key=names[0])
+            return
         for start in range(0, len(names), _DELETE_BATCH):
             batch = names[start : start + _DELETE_BATCH]
             with self._errors("delete", batch[0][len(self._root) :]):

@@ -1,0 +1,368 @@
+"""Least privilege and hardened storage: the S3 calls each command makes (as docs/security.md
+lists them), its IAM policies enforced by an S3 server, Object Lock, SSE-C.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from botocore.exceptions import ClientError
+from psycopg import sql
+
+from cli_runner import one_line_error, pgvault
+from dbcompare import assert_databases_equal
+from fixtures_iam import IamS3
+from pgvault.catalog import Catalog
+from pgvault.ops.prune import Policy, prune
+from pgvault.pg.cluster import EphemeralCluster
+from pgvault.pipeline.age import new_identity
+from pgvault.storage.s3 import S3Options, S3Storage
+from sampledb import fill_sized_database
+
+DOC = Path(__file__).parent.parent / "docs" / "security.md"
+ROLE_OF = {"backup": "writer", "list": "reader", "show": "reader", "status": "reader",
+           "restore": "reader", "verify": "reader", "prune": "pruner", "pin": "pruner",
+           "unpin": "pruner"}
+IAM_ACTION = {"PutObject": "s3:PutObject", "CreateMultipartUpload": "s3:PutObject",
+              "UploadPart": "s3:PutObject", "CompleteMultipartUpload": "s3:PutObject",
+              "AbortMultipartUpload": "s3:AbortMultipartUpload", "GetObject": "s3:GetObject",
+              "HeadObject": "s3:GetObject", "ListObjectsV2": "s3:ListBucket",
+              "DeleteObject": "s3:DeleteObject", "DeleteObjects": "s3:DeleteObject"}
+Calls = set[tuple[str, str]]
+
+
+# ---------------------------------------------------------------- what the docs say
+
+
+def documented_calls() -> dict[str, Calls]:
+    """command -> {(operation, key area)} from the table in docs/security.md."""
+    table = DOC.read_text().split("### The exact S3 calls", 1)[1].split("\n### ", 1)[0]
+    found: dict[str, Calls] = {}
+    for command, operations, areas in re.findall(r"^\| (\w+) \| ([\w, ]+) \| (.+) \|$", table,
+                                                 re.MULTILINE):
+        for op in operations.split(", "):
+            for key_area in re.findall(r"`([^`]+)`", areas):
+                found.setdefault(command, set()).add((op, key_area))
+    return found
+
+
+def documented_policy(role: str, bucket: str = "acme-backups", prefix: str = "app") -> Any:
+    """The JSON policy of ``role`` in docs/security.md, for ``bucket`` and ``prefix``."""
+    match = re.search(rf"\*\*{role}\*\*.*?```json\n(.*?)```", DOC.read_text(), re.DOTALL)
+    assert match, f"no {role} policy in {DOC}"
+    text = match[1].replace("acme-backups", bucket).replace('"app/', f'"{prefix}/') \
+        .replace("/app/", f"/{prefix}/")
+    return json.loads(text)
+
+
+def allows(policy: Any, action: str, resource: str) -> bool:
+    """A plain reading of Allow statements (actions and resources; s3:prefix conditions)."""
+    for statement in policy["Statement"]:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [
+            statement["Action"]]
+        if statement["Effect"] == "Allow" and any(fnmatch.fnmatch(action, a) for a in actions) \
+                and any(fnmatch.fnmatch(resource, r) for r in statement["Resource"]):
+            return True
+    return False
+
+
+def test_documented_policies_grant_exactly_what_each_role_needs() -> None:
+    calls = documented_calls()
+    assert set(calls) == set(ROLE_OF), "every command has rows in the table"
+    for command, needed in calls.items():
+        policy = documented_policy(ROLE_OF[command])
+        for op, key_area in needed:
+            resource = ("arn:aws:s3:::acme-backups" if op == "ListObjectsV2"
+                        else f"arn:aws:s3:::acme-backups/app/{key_area}x")
+            assert allows(policy, IAM_ACTION[op], resource), (command, op, key_area)
+    writer = documented_policy("writer")
+    for key_area in ("backups/", "manifests/", "drills/"):
+        obj = f"arn:aws:s3:::acme-backups/app/{key_area}x"
+        assert not allows(writer, "s3:DeleteObject", obj), key_area
+        assert not allows(writer, "s3:GetObject", obj), key_area
+    assert not allows(writer, "s3:ListBucket", "arn:aws:s3:::acme-backups")
+    assert not allows(documented_policy("reader"), "s3:DeleteObject",
+                      "arn:aws:s3:::acme-backups/app/backups/x")
+    assert not allows(documented_policy("pruner"), "s3:PutObject",
+                      "arn:aws:s3:::acme-backups/app/backups/x")
+    for role in ("writer", "reader", "pruner"):  # nothing outside the repository prefix
+        assert not allows(documented_policy(role), "s3:GetObject",
+                          "arn:aws:s3:::acme-backups/other/manifests/x")
+        assert not allows(documented_policy(role), "s3:PutObject",
+                          "arn:aws:s3:::acme-backups/other/backups/x")
+
+
+# ---------------------------------------------------------------- what pgvault does
+
+
+def area(key: str) -> str:
+    """The top-level folder of a repository key ("backups/", "locks/", ...)."""
+    head, slash, _ = key.partition("/")
+    return head + slash if slash else key
+
+
+@pytest.fixture
+def record(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Calls]]:
+    """Run pgvault in this process; return the S3 operations it made, by key area.
+
+    boto3 and the S3 server are real; a botocore event handler registered on each
+    S3Storage's client only observes the calls.
+    """
+    calls: Calls = set()
+    original = S3Storage.__init__
+
+    def init(self: S3Storage, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        root = self._root
+
+        def observe(params: dict[str, Any], model: Any, **_: Any) -> None:
+            keys = [params.get("Key") or params.get("Prefix") or ""]
+            if model.name == "DeleteObjects":
+                keys = [o["Key"] for o in params["Delete"]["Objects"]]
+            for key in keys:
+                calls.add((model.name, area(key[len(root):])))
+
+        self._client.meta.events.register("provide-client-params.s3", observe)
+
+    monkeypatch.setattr(S3Storage, "__init__", init)
+
+    def run(*args: str, env: dict[str, str]) -> Calls:
+        from pgvault.cli.app import cli
+
+        calls.clear()
+        with monkeypatch.context() as mp:
+            for name in [n for n in os.environ if n.startswith("PGVAULT_")]:
+                mp.delenv(name)
+            for name, value in env.items():
+                mp.setenv(name, value)
+            cli.main(args=list(args), prog_name="pgvault", standalone_mode=False)
+        return set(calls)
+
+    yield run
+
+
+@pytest.fixture(scope="module")
+def _sized_template(pg_cluster: EphemeralCluster) -> Iterator[str]:
+    name = f"sized_template_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    fill_sized_database(pg_cluster.url(name), 60000)
+    yield pg_cluster.url(name)
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def sized_db(make_db: Callable[..., str], _sized_template: str) -> str:
+    """About 9 MB of dump: above the 5 MiB part size, so uploads go multipart."""
+    return make_db(_sized_template)
+
+
+@pytest.fixture
+def new_name(pg_cluster: EphemeralCluster) -> Iterator[Callable[[], str]]:
+    names: list[str] = []
+
+    def make() -> str:
+        names.append(f"restored_{uuid.uuid4().hex[:10]}")
+        return names[-1]
+
+    yield make
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
+def encrypted_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    text, recipient = new_identity()
+    key = tmp_path / f"key-{uuid.uuid4().hex[:6]}.txt"
+    key.write_text(text)
+    return {"PGVAULT_AGE_RECIPIENTS": recipient, "PGVAULT_AGE_IDENTITY_FILE": str(key)}, key
+
+
+def test_every_s3_call_of_every_command_is_documented(
+    record: Callable[..., Calls], sized_db: str, s3_server: str, s3_bucket: str,
+    pg_cluster: EphemeralCluster, new_name: Callable[[], str], tmp_path: Path
+) -> None:
+    age, _ = encrypted_env(tmp_path)
+    env = {"PGVAULT_S3__ENDPOINT_URL": s3_server, "PGVAULT_S3__PATH_STYLE": "true",
+           "PGVAULT_S3__PART_SIZE_MB": "5", "PGVAULT_REPO": f"s3://{s3_bucket}/app", **age}
+    keep_one = {**env, "PGVAULT_RETENTION__KEEP_LAST": "1", "PGVAULT_RETENTION__KEEP_DAILY": "0",
+                "PGVAULT_RETENTION__KEEP_WEEKLY": "0", "PGVAULT_RETENTION__KEEP_MONTHLY": "0"}
+    seen: dict[str, Calls] = {}
+
+    def run(command: str, *args: str, run_env: dict[str, str] = env) -> None:
+        seen.setdefault(command, set()).update(record(command, *args, env=run_env))
+
+    first = new_name()
+    run("backup", "--dbname", sized_db, "--compression", "none")
+    run("restore", "latest", "--to", first, "--dbname", pg_cluster.url())
+    assert_databases_equal(sized_db, pg_cluster.url(first))
+    run("backup", "--dbname", sized_db, "--compression", "none")
+    for command in ("list", "show", "status"):
+        run(command)
+    run("verify", "latest", "--level", "facts")
+    run("prune", run_env=keep_one)
+    run("pin", "latest", "--reason", "audit")
+    run("unpin", "latest")
+    last = new_name()
+    run("restore", "latest", "--to", last, "--dbname", pg_cluster.url())
+    assert_databases_equal(sized_db, pg_cluster.url(last))
+
+    assert ("UploadPart", "backups/") in seen["backup"], "the multipart path was exercised"
+    assert ("DeleteObjects", "backups/") in seen["prune"], "prune removed a backup"
+    documented = documented_calls()
+    for command, calls in seen.items():
+        undocumented = calls - documented[command]
+        assert not undocumented, f"{command} makes S3 calls docs/security.md does not list: " \
+                                 f"{sorted(undocumented)}"
+    deletes = {a for op, a in seen["backup"] if op.startswith("Delete")}
+    assert deletes == {"locks/"}, "a backup deletes nothing but its lock"
+
+
+def test_each_role_can_do_its_job_and_nothing_else(
+    iam_s3: IamS3, sized_db: str, pg_cluster: EphemeralCluster,
+    new_name: Callable[[], str], tmp_path: Path
+) -> None:
+    """docs/security.md's policies on an S3 server that enforces IAM (moto: by action and
+    resource ARN; it does not check DeleteObjects per key, which the test above covers)."""
+    bucket = iam_s3.bucket()
+    age, _ = encrypted_env(tmp_path)
+    base = {"PGVAULT_S3__ENDPOINT_URL": iam_s3.endpoint, "PGVAULT_S3__PATH_STYLE": "true",
+            "PGVAULT_S3__PART_SIZE_MB": "5", "PGVAULT_REPO": f"s3://{bucket}/app", **age}
+    policies = {name: documented_policy(name, bucket) for name in ("writer", "reader", "pruner")}
+    # moto judges DeleteObjects (several keys in one request) by the bucket's ARN, where AWS
+    # judges each key; this statement, meaningless on AWS, lets prune's batches through.
+    policies["pruner"]["Statement"].append({"Effect": "Allow", "Action": "s3:DeleteObject",
+                                            "Resource": f"arn:aws:s3:::{bucket}"})
+    role = {name: {**base, **iam_s3.user(policy)} for name, policy in policies.items()}
+    at = ["--dbname", pg_cluster.url()]
+
+    pgvault("backup", "--dbname", sized_db, "--compression", "none", env=role["writer"])
+    first = new_name()
+    pgvault("restore", "latest", "--to", first, *at, env=role["reader"])
+    assert_databases_equal(sized_db, pg_cluster.url(first))
+    pgvault("backup", "--dbname", sized_db, env=role["writer"])
+    pgvault("verify", "latest", "--level", "integrity", env=role["reader"])
+    assert len(json.loads(pgvault("list", "--json", env=role["reader"]).stdout)) == 2
+
+    # The writer can neither read backups nor prune; the reader cannot write backups.
+    for args in (["list"], ["restore", "latest", "--to", new_name(), *at], ["prune"]):
+        line = one_line_error(pgvault(*args, env=role["writer"], expect=5))
+        assert "AccessDenied" in line, line
+    # (A warning that the run could not be recorded in status/ may come first.)
+    line = pgvault("backup", "--dbname", sized_db, env=role["reader"], expect=5).stderr
+    assert "AccessDenied" in line.splitlines()[-1] and "locks/" in line.splitlines()[-1]
+    line = pgvault("backup", "--dbname", sized_db, env=role["pruner"], expect=5).stderr
+    assert "AccessDenied" in line.splitlines()[-1] and "backups/" in line.splitlines()[-1]
+
+    keep_one = {**role["pruner"], "PGVAULT_RETENTION__KEEP_LAST": "1",
+                "PGVAULT_RETENTION__KEEP_DAILY": "0", "PGVAULT_RETENTION__KEEP_WEEKLY": "0",
+                "PGVAULT_RETENTION__KEEP_MONTHLY": "0"}
+    pgvault("pin", "latest", "--reason", "audit", env=role["pruner"])
+    pgvault("unpin", "latest", env=role["pruner"])
+    report = json.loads(pgvault("prune", "--json", env=keep_one).stdout)
+    assert sum(len(db["remove"]) for db in report["databases"].values()) == 1
+    last = new_name()
+    pgvault("restore", "latest", "--to", last, *at, env=role["reader"])
+    assert_databases_equal(sized_db, pg_cluster.url(last))
+
+
+# ---------------------------------------------------------------- Object Lock
+
+
+def test_object_lock_retains_every_object_and_prune_reports_locked_backups(
+    make_db: Callable[..., str], s3_server: str, s3_client: Any, pg_cluster: EphemeralCluster,
+    new_name: Callable[[], str], tmp_path: Path
+) -> None:
+    bucket = f"pgvault-lock-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    url = make_db()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v "
+                     "FROM generate_series(1, 2000) g")
+    age, _ = encrypted_env(tmp_path)
+    env = {"PGVAULT_S3__ENDPOINT_URL": s3_server, "PGVAULT_S3__PATH_STYLE": "true",
+           "PGVAULT_REPO": f"s3://{bucket}/app", "PGVAULT_S3__OBJECT_LOCK__MODE": "governance",
+           "PGVAULT_S3__OBJECT_LOCK__DAYS": "1", **age}
+    keep_one = {**env, "PGVAULT_RETENTION__KEEP_LAST": "1", "PGVAULT_RETENTION__KEEP_DAILY": "0",
+                "PGVAULT_RETENTION__KEEP_WEEKLY": "0", "PGVAULT_RETENTION__KEEP_MONTHLY": "0"}
+    pgvault("backup", "--dbname", url, env=env)
+    first = new_name()
+    pgvault("restore", "latest", "--to", first, "--dbname", pg_cluster.url(), env=env)
+    assert_databases_equal(url, pg_cluster.url(first))
+    pgvault("backup", "--dbname", url, env=env)
+
+    soon = datetime.now(UTC) + timedelta(hours=23)
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any("/manifests/" in k for k in keys) and any(".age" in k for k in keys)
+    for key in keys:
+        head = s3_client.head_object(Bucket=bucket, Key=key)
+        assert head["ObjectLockMode"] == "GOVERNANCE", key
+        assert head["ObjectLockRetainUntilDate"] > soon, key
+
+    ids = [m["id"] for m in json.loads(pgvault("list", "--json", env=env).stdout)]
+    proc = pgvault("prune", "--json", env=keep_one)
+    report = json.loads(proc.stdout)
+    assert list(report["locked"]) == [ids[0]]
+    assert [m["id"] for m in json.loads(pgvault("list", "--json", env=env).stdout)] == ids
+    assert "object lock until" in pgvault("prune", env=keep_one).stdout
+
+    # Once retention has passed (simulated clock), prune removes the backup as usual...
+    storage = S3Storage(bucket, "app", S3Options(endpoint_url=s3_server, path_style=True,
+                                                 object_lock_mode="GOVERNANCE",
+                                                 object_lock_days=1))
+    later = prune(storage, Policy(last=1, daily=0, weekly=0, monthly=0), dry_run=False,
+                  now=datetime.now(UTC) + timedelta(days=2), lock_stale_after=timedelta(hours=1))
+    assert later.locked == {}
+    assert [d.id for plan in later.databases.values() for d in plan.remove] == [ids[0]]
+    assert [m.id for m in Catalog(storage).list()] == [ids[1]]
+    # ...but the store still holds every locked version: no credential can destroy them yet.
+    versions = s3_client.list_object_versions(Bucket=bucket, Prefix="app/manifests/")
+    old = [v for v in versions["Versions"] if ids[0] in v["Key"]]
+    assert old, "the removed backup's manifest version is retained"
+    with pytest.raises(ClientError, match="AccessDenied"):
+        s3_client.delete_object(Bucket=bucket, Key=old[0]["Key"], VersionId=old[0]["VersionId"])
+    last = new_name()
+    pgvault("restore", "latest", "--to", last, "--dbname", pg_cluster.url(), env=env)
+    assert_databases_equal(url, pg_cluster.url(last))
+
+
+# ---------------------------------------------------------------- SSE-C
+
+
+def test_sse_c_key_goes_with_every_request_that_touches_object_data(
+    s3_options: S3Options, s3_bucket: str
+) -> None:
+    key = os.urandom(32)
+    storage = S3Storage(s3_bucket, "ssec", replace(s3_options, sse=None, sse_customer_key=key,
+                                                    part_size=5 << 20))
+    sent: list[tuple[str, bool]] = []
+    storage._client.meta.events.register(
+        "provide-client-params.s3",
+        lambda params, model, **_: sent.append((model.name, params.get("SSECustomerKey") == key)))
+    data = os.urandom(12 << 20)
+    import io
+
+    storage.put("big", io.BytesIO(data))
+    storage.put_bytes("small", b"x" * 100)
+    storage.create("new", b"y")
+    assert storage.open("big").read() == data
+    assert storage.stat("small").size == 100
+    data_ops = {"PutObject", "CreateMultipartUpload", "UploadPart", "GetObject", "HeadObject"}
+    assert {op for op, _ in sent} >= data_ops
+    for op, with_key in sent:
+        assert with_key == (op in data_ops), op
+    with pytest.raises(Exception, match="SSE-C"):
+        S3Options(sse="AES256", sse_customer_key=key)

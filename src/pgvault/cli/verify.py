@@ -151,9 +151,12 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
       pgvault verify --keep                    # inspect the restored copy afterwards
       pgvault verify --json | jq '.checks[] | select(.status == "fail")'
     """
+    import functools
+
     from pgvault.catalog import Catalog
     from pgvault.console import ProgressLine
     from pgvault.errors import NotFound, UsageError
+    from pgvault.ops.jobs import run_verify_job
     from pgvault.ops.verify import verify as run_verify
 
     settings = settings_of(ctx)
@@ -171,6 +174,10 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
     options = verify_options(settings, storage, level, jobs, identity_file)
     reports = []
     with scratch_servers(settings, server, keep) as servers:
+
+        def drill_one(run: Any, manifest: Any) -> Any:
+            return run_verify(storage, manifest, run, servers)
+
         for manifest in manifests:
             progress = ProgressLine(f"restoring {manifest.id}", total=manifest.size)
             run = dataclasses.replace(options, progress=progress,
@@ -179,7 +186,9 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
                 click.echo(f"verifying {manifest.id} ({manifest.database}), "
                            f"level {options.level}")
             try:
-                report = run_verify(storage, manifest, run, servers)
+                # As a job: verify.succeeded/failed reach [notify], the result [metrics].
+                report = run_verify_job(settings, storage, manifest,
+                                        functools.partial(drill_one, run))
             finally:
                 progress.finish()
             reports.append(report)

@@ -269,7 +269,8 @@ class Daemon:
 
         with self._running(f"verify:{db.name}"):
             try:
-                manifests = Catalog(db.storage).list(db.name)
+                # Drills restore logical backups (physical ones are checked by pg_verifybackup).
+                manifests = [m for m in Catalog(db.storage).list(db.name) if m.kind == "logical"]
             except PgvaultError as exc:
                 log.warning("verify of %s: cannot list backups: %s", db.name, exc)
                 return

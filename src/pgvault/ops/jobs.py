@@ -8,6 +8,7 @@ notifier, the run history or a metrics target fail it: those are logged and coun
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -189,8 +190,10 @@ def _record(storage: Storage, database: str, run: RunRecord, *, failed: bool) ->
     try:
         return record_run(storage, database, run, failed=failed)
     except Exception as exc:
-        log.warning("could not record the backup run of %s in the repository: %s", database,
-                    exc)
+        # After a failed run the storage is often the cause, and the run's own error line
+        # already says so: this is then only worth an info line.
+        log.log(logging.INFO if failed else logging.WARNING,
+                "could not record the backup run of %s in the repository: %s", database, exc)
         return None
 
 

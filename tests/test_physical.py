@@ -391,6 +391,51 @@ def test_encrypted_archive_and_base_backup_on_s3_restore_to_the_end(
         shutil.rmtree(keys, ignore_errors=True)
 
 
+def test_self_contained_base_backup_restores_without_an_archive_and_failures_leave_nothing(
+    pg_cluster: EphemeralCluster, repo_dir: Path, pitr_dir: Path, server_pgvault: str,
+    tmp_path: Path
+) -> None:
+    repo = str(repo_dir)
+    with EphemeralCluster(initdb_args=["--wal-segsize=1"], settings={"fsync": False}) as source:
+        sql(source.url(), CREATE_APP)
+        app = source.url("app")
+        sql(app, "CREATE TABLE orders (id int PRIMARY KEY, note text)", insert(1, 250),
+            "CREATE ROLE reader LOGIN")
+        # Without the REPLICATION attribute pg_basebackup is refused: one line, nothing stored.
+        failed = pgvault("basebackup", "-d", source.url().replace("postgres@", "reader@"),
+                         "--repo", repo, expect=8)
+        assert "replication" in one_line_error(failed)
+        assert not list(repo_dir.rglob("*.zst")) and not list(repo_dir.rglob("*.json"))
+
+        out = pgvault("basebackup", "-d", source.url(), "--repo", repo, "--wal-method", "fetch",
+                      "--fast-checkpoint", "--compression", "gzip", "--json")
+        manifest = json.loads(out.stdout)
+        assert manifest["physical"]["wal_included"] is True
+        assert manifest["artifacts"][0]["key"].endswith("base.tar.gz")
+        pgdata = pitr_dir / "self-contained"
+        server, _ = restore_pitr(pgdata, server_pgvault, "--repo", repo, "--target",
+                                 "immediate")
+        assert_databases_equal(app, server + "app")
+
+        # A repository cluster name is bound to one system: another server is refused.
+        foreign = _completed_segment(pg_cluster, tmp_path)
+        other_repo = tmp_path / "other"
+        pgvault("wal-push", str(foreign), "--repo", str(other_repo))
+        refused = pgvault("basebackup", "-d", source.url(), "--repo", str(other_repo),
+                          "--wal-method", "fetch", expect=3)
+        assert "REFUSED" in one_line_error(refused) and "--cluster" in refused.stderr
+
+
+def test_check_archive_fails_loudly_when_archiving_is_broken(
+    archiving: Archiving, tmp_path: Path
+) -> None:
+    cluster = archiving("--repo /proc/no-such-repository")
+    failed = pgvault("check-archive", "-d", cluster.url(), "--repo", str(tmp_path / "repo"),
+                     "--timeout", "3", expect=8)
+    line = one_line_error(failed)
+    assert "did not arrive" in line and "last archive failure" in line
+
+
 def _s3_options(endpoint: str) -> Any:
     from pgvault.storage.s3 import S3Options
 

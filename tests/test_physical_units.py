@@ -173,3 +173,29 @@ def test_prune_leaves_the_archive_alone_without_a_base_backup() -> None:
     report = prune(storage, Policy(last=1), dry_run=False, now=datetime.now(UTC),
                    lock_stale_after=timedelta(hours=1))
     assert report.wal == [] and len(archived(storage, "main")) == 4
+
+
+def test_status_reads_the_archive_gaps_staleness_and_recoverable_window() -> None:
+    from pgvault.metrics import Metrics
+    from pgvault.ops.status import WARNING, database_status
+
+    storage = MemoryStorage()
+    stop = datetime.now(UTC) - timedelta(hours=2)
+    Catalog(storage).commit(_physical("20261125T000000.000Z-000001", 3, stop))
+    _archive(storage, [wal.segment_name(1, n, MB) for n in (3, 4, 5, 8, 9)])
+    status = database_status(storage, "main", rpo_hours=24, rto_minutes=60,
+                             archive_stale_after=timedelta(microseconds=1))
+    assert status.archive is not None
+    assert status.archive.gaps == [(wal.segment_name(1, 6, MB), wal.segment_name(1, 7, MB))]
+    assert status.archive.last_wal == wal.segment_name(1, 9, MB)
+    assert status.archive.earliest_restore == stop and status.archive.latest_restore is None
+    verdict = status.verdict(datetime.now(UTC) + timedelta(seconds=1))
+    assert verdict.state == WARNING
+    assert any("gap" in r for r in verdict.reasons) and any("stale" in r for r in verdict.reasons)
+    document = status.to_json(datetime.now(UTC))["archive"]
+    assert document["gaps"] == [[wal.segment_name(1, 6, MB), wal.segment_name(1, 7, MB)]]
+    metrics = Metrics()
+    metrics.update(status)
+    text = metrics.render().decode()
+    assert 'pgvault_wal_archive_gaps{database="main"} 1.0' in text
+    assert "pgvault_wal_last_archived_timestamp_seconds" in text

@@ -215,6 +215,9 @@ class CheckSettings(Section):
 
     warn_age_hours: float = Field(default=0.0, ge=0)  # 0: no age warning below the RPO
     warn_drill_age_days: float = Field(default=8.0, ge=0)  # 0: never warn about drills
+    # Physical clusters: WARNING when the newest archived WAL segment is older than this
+    # (set it above archive_timeout); 0: only the RPO judges the archive.
+    warn_archive_minutes: float = Field(default=0.0, ge=0)
 
 
 class PhysicalSettings(Section):

@@ -201,7 +201,9 @@ def status_of(settings: Settings, storage: Storage, database: str) -> DatabaseSt
     """The monitoring status of ``database`` against this target's objectives."""
     return database_status(storage, database, rpo_hours=settings.objectives.rpo_hours,
                            rto_minutes=settings.objectives.rto_minutes,
-                           lock_stale_after=timedelta(hours=settings.lock_stale_after_hours))
+                           lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
+                           archive_stale_after=timedelta(
+                               minutes=settings.check.warn_archive_minutes) or None)
 
 
 def publish(settings: Settings, storage: Storage, database: str,

@@ -122,6 +122,8 @@ class DatabaseStatus:
     """The lock holder when a backup or prune of this database runs now."""
     archive: ArchiveStatus | None = None
     """The WAL archive, for a physical cluster: the newest point it can restore to."""
+    archive_stale_after: timedelta | None = None
+    """WARNING when the newest archived WAL segment is older than this."""
 
     def age(self, now: datetime) -> timedelta | None:
         """How old the newest recovery point is: the newest backup's snapshot, or, with a
@@ -157,6 +159,11 @@ class DatabaseStatus:
         elif warn_age_hours and age > timedelta(hours=warn_age_hours):
             warning.append(f"newest backup is {_hours(age)} old (warning at "
                            f"{warn_age_hours:g}h)")
+        archived = self.archive.last_archived_at if self.archive is not None else None
+        if self.archive_stale_after and archived is not None and \
+                now - archived > self.archive_stale_after:
+            warning.append(f"WAL archive is stale: the newest segment was archived "
+                           f"{_hours(now - archived)} ago")
         if self.archive is not None and self.archive.gaps:
             first, last = self.archive.gaps[0]
             warning.append(f"WAL archive has {len(self.archive.gaps)} gap(s), first "
@@ -231,7 +238,8 @@ class DatabaseStatus:
 
 
 def database_status(storage: Storage, database: str, *, rpo_hours: float, rto_minutes: float,
-                    lock_stale_after: timedelta = timedelta(hours=12)) -> DatabaseStatus:
+                    lock_stale_after: timedelta = timedelta(hours=12),
+                    archive_stale_after: timedelta | None = None) -> DatabaseStatus:
     """Read the status of ``database`` from the repository (manifests, history, drills, lock)."""
     catalog = Catalog(storage)
     manifests = catalog.list(database)
@@ -251,6 +259,7 @@ def database_status(storage: Storage, database: str, *, rpo_hours: float, rto_mi
         drill_last_success=max((r.finished_at for r in reports if r.passed), default=None),
         running=holder(storage, database, stale_after=lock_stale_after),
         archive=archive_status(storage, database, physical) if physical else None,
+        archive_stale_after=archive_stale_after,
     )
 
 

@@ -238,18 +238,21 @@ def test_point_in_time_recovery_to_a_time_a_restore_point_and_an_lsn(
     assert (tmp_path / "stock").read_bytes() == (tmp_path / "fetched").read_bytes()
 
     targets = [("at_time", ["--target-time", noted_time.isoformat()], 100),
-               ("at_name", ["--target-name", "before_batch_3"], 200),
+               # Paused at the target: still in (hot standby) recovery, readable, not promoted.
+               ("at_name", ["--target-name", "before_batch_3", "--target-action", "pause"], 200),
                ("at_lsn", ["--target-lsn", noted_lsn, "--target-exclusive"], 300)]
     for snapshot, target, last_id in targets:
         pgdata = pitr_dir / snapshot
         server, proc = restore_pitr(pgdata, server_pgvault, "--repo", repo, *target)
-        assert "promoted" in proc.stdout, proc.stdout
+        paused = "pause" in target
+        assert ("recovery paused" if paused else "recovery promoted") in proc.stdout
         # The dropped table is back, with exactly the rows committed before the target.
         assert order_ids(server + "app") == list(range(1, last_id + 1))
         assert_databases_equal(cluster.url(snapshot), server + "app")
         later = sql(server + "postgres", "SELECT array_agg(datname::text) FROM pg_database")
         assert snapshot not in later  # made just after the target: absent
-        assert (pgdata / "recovery.signal").exists() is False  # promoted: recovery is over
+        assert (pgdata / "recovery.signal").exists() is paused  # promoted: recovery is over
+        assert sql(server + "postgres", "SELECT pg_is_in_recovery()") is paused
         assert "archive_mode = 'off'" in (pgdata / "postgresql.auto.conf").read_text()
         _stop_server(pgdata)
 
@@ -416,6 +419,13 @@ def test_self_contained_base_backup_restores_without_an_archive_and_failures_lea
         server, _ = restore_pitr(pgdata, server_pgvault, "--repo", repo, "--target",
                                  "immediate")
         assert_databases_equal(app, server + "app")
+        # --target-action shutdown: replay to the target, then the server stops by itself.
+        stopped = pgvault("restore", "--physical", "latest", "--repo", repo, "--pgdata",
+                          str(pitr_dir / "shutdown"), "--target", "immediate",
+                          "--target-action", "shutdown", "--start", "--pgvault-bin",
+                          server_pgvault)
+        assert "shut down" in stopped.stdout
+        assert not (pitr_dir / "shutdown" / "postmaster.pid").exists()
 
         # A repository cluster name is bound to one system: another server is refused.
         foreign = _completed_segment(pg_cluster, tmp_path)

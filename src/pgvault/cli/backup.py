@@ -220,8 +220,14 @@ def show(
         stages = "+".join(s.name for s in a.stages) or "none"
         click.echo(f"artifact  {a.key}  {human_bytes(a.size)} ({stages}), "
                    f"raw {human_bytes(a.raw_size)}, sha256 {a.sha256[:16]}...")
-    rows = sum(t.rows for t in m.facts.tables)
-    click.echo(f"tables    {len(m.facts.tables)} ({rows} rows)")
+    if m.physical is not None:
+        p = m.physical
+        click.echo(f"physical  system {p.system_identifier}, timeline {p.timeline}, LSN "
+                   f"{p.start_lsn}..{p.stop_lsn}, WAL {p.start_wal}..{p.stop_wal} "
+                   + ("inside base.tar" if p.wal_included else "in the archive"))
+    else:
+        rows = sum(t.rows for t in m.facts.tables)
+        click.echo(f"tables    {len(m.facts.tables)} ({rows} rows)")
     for warning in m.warnings:
         click.echo(f"warning   {warning}")
     for drill in catalog.drills(m.database, m.id):

@@ -268,6 +268,7 @@ def test_wal_push_is_idempotent_refuses_other_content_and_foreign_systems(
     segment = _completed_segment(pg_cluster, tmp_path)
     with EphemeralCluster(initdb_args=["--wal-segsize=1"]) as other_cluster:
         foreign = _completed_segment(other_cluster, tmp_path / "foreign")
+        series = [_completed_segment(other_cluster, tmp_path / "pg_wal") for _ in range(4)]
     repo = str(repo_dir)
     env = {"PGVAULT_REPO": repo}
 
@@ -303,6 +304,21 @@ def test_wal_push_is_idempotent_refuses_other_content_and_foreign_systems(
     pgvault("wal-push", str(history), env=env)
     pgvault("wal-fetch", history.name, str(tmp_path / "h"), env=env)
     assert (tmp_path / "h").read_text() == history.read_text()
+
+    # Push-ahead: the segments the server marked ready go along, each marked done once
+    # stored; the segment asked for is left to the server to mark.
+    status = tmp_path / "pg_wal" / "archive_status"
+    status.mkdir()
+    for segment_file in series:
+        (status / f"{segment_file.name}.ready").touch()
+    ahead_repo = str(tmp_path / "ahead-repo")
+    pgvault("wal-push", str(series[0]), "--repo", ahead_repo,
+            env={"PGVAULT_PHYSICAL__PUSH_AHEAD": "2"})
+    stored = open_storage(ahead_repo)
+    assert [bool(versions(stored, "main", s.name)) for s in series] == [True, True, True, False]
+    assert sorted(p.name for p in status.iterdir()) == sorted(
+        [f"{series[0].name}.ready", f"{series[1].name}.done", f"{series[2].name}.done",
+         f"{series[3].name}.ready"])
 
     not_wal = tmp_path / "notes.txt"
     not_wal.write_text("x")

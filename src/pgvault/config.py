@@ -230,6 +230,9 @@ class PhysicalSettings(Section):
     fast_checkpoint: bool = False
     recovery_window: str | None = None  # e.g. "7d": restorable to any point in the last 7 days
     archive_wait_seconds: float = Field(default=60.0, gt=0)
+    # wal-push also pushes up to this many other ready segments in parallel, and marks
+    # them done once stored: one process start-up for several segments. 0: one at a time.
+    push_ahead: int = Field(default=4, ge=0, le=64)
 
 
 class DatabaseEntry(Section):

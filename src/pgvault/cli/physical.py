@@ -112,6 +112,8 @@ def wal_push(ctx: click.Context, /, path: str, cluster: str | None, **_: Any) ->
     sha256 of its raw bytes. Pushing the same file again succeeds without writing;
     a different file under a name already archived is refused (split brain), and so
     is a segment from another database system than the one the cluster name holds.
+    Up to [physical] push_ahead (4) more segments the server marked ready are pushed in
+    parallel and marked done once stored, so a busy server's archive keeps up.
 
     \b
     Examples:
@@ -120,15 +122,16 @@ def wal_push(ctx: click.Context, /, path: str, cluster: str | None, **_: Any) ->
     """
     with _archiver_status(quiet_missing=False):
         from pgvault import pipeline
-        from pgvault.ops.wal import push
+        from pgvault.ops.wal import push_ahead
 
         settings = settings_of(ctx)
         storage = storage_of(settings)
         stages = pipeline.configured_stages(settings, storage=storage)
-        result = push(storage, _cluster(settings, cluster), Path(path), stages)
-        if result.already_archived:
-            click.echo(f"pgvault: {result.walfile} was already archived with the same content",
-                       err=True)
+        done = push_ahead(storage, _cluster(settings, cluster), Path(path), stages,
+                          ahead=settings.physical.push_ahead)
+        if done.result.already_archived:
+            click.echo(f"pgvault: {done.result.walfile} was already archived with the same "
+                       "content", err=True)
 
 
 @cli.command("wal-fetch")

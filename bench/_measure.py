@@ -86,7 +86,9 @@ class _TreeSampler(threading.Thread):
             with contextlib.suppress(psutil.Error):
                 mem = p.memory_full_info()  # /proc/PID/smaps_rollup: ~0.2 ms
                 total += mem.rss
-                pss += getattr(mem, "pss", mem.rss)
+                # smaps_rollup and statm are read at different instants, and smaps_rollup can
+                # over-report (psutil says so); a process's PSS never exceeds its RSS.
+                pss += min(getattr(mem, "pss", mem.rss), mem.rss)
                 names[p.name()] += 1
         self.peak = max(self.peak, total)
         self.peak_pss = max(self.peak_pss, pss)

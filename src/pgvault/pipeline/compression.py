@@ -9,7 +9,7 @@ from pgvault.errors import IntegrityError
 from pgvault.pipeline.stream import CHUNK, Readable, Reader
 
 # Decoders feed the decompressor small inputs so one call's output stays bounded in memory.
-DECODE_INPUT = 64 << 10
+DECODE_INPUT = 128 << 10
 JOB_SIZE = 2 << 20
 
 
@@ -42,6 +42,7 @@ class _Decoder(Reader):
         super().__init__()
         self._source = source
         self._pending = b""
+        self._offset = 0  # served up to here; slicing the rest off each time would copy it
         self._done = False
 
     def _decompress(self, data: bytes) -> bytes:
@@ -51,15 +52,19 @@ class _Decoder(Reader):
         raise NotImplementedError
 
     def read_chunk(self, size: int) -> bytes:
-        while not self._pending and not self._done:
+        while self._offset >= len(self._pending) and not self._done:
             data = self._source.read(DECODE_INPUT)
             if not data:
                 self._done = True
                 if not self._complete():
                     raise IntegrityError(f"{self.codec} stream is truncated (no end of frame)")
                 break
-            self._pending = self._decompress(data)
-        out, self._pending = self._pending[:size], self._pending[size:]
+            self._pending, self._offset = self._decompress(data), 0
+        if self._offset == 0 and size >= len(self._pending):
+            out, self._pending = self._pending, b""
+            return out
+        out = self._pending[self._offset : self._offset + size]
+        self._offset += len(out)
         return out
 
 

@@ -139,6 +139,13 @@ def test_wrong_or_missing_identity_is_one_clear_line_distinct_from_damage(
                     f"the identity in {other} matches none")
     line = one_line_error(pgvault(*restore, expect=11))
     assert f"backup {bid} is encrypted for recipients {recipient}; no identity was given" in line
+    # verify tells which identity a backup needs in the same words; with it, the drill passes.
+    proc = pgvault("verify", "latest", "--level", "integrity", "--repo", repo,
+                   "--identity-file", str(other), expect=11)
+    assert f"is encrypted for recipients {recipient}; the identity in {other} matches none" \
+        in proc.stderr.splitlines()[-1]
+    pgvault("verify", "latest", "--level", "integrity", "--repo", repo, "--identity-file",
+            str(good))
     # The identity can come from the environment or the config file as well.
     line = one_line_error(pgvault(*restore, env={"PGVAULT_AGE_IDENTITY_FILE": str(other)},
                                   expect=11))

@@ -50,6 +50,21 @@ class IamS3:
                            aws_secret_access_key=self.admin_keys["AWS_SECRET_ACCESS_KEY"])
         return _user(iam, policy)
 
+    def rotate(self, keys: dict[str, str]) -> dict[str, str]:
+        """Give the owner of ``keys`` a new key pair and delete the old one (AWS rotation)."""
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                           aws_access_key_id=self.admin_keys["AWS_ACCESS_KEY_ID"],
+                           aws_secret_access_key=self.admin_keys["AWS_SECRET_ACCESS_KEY"])
+        for user in iam.list_users()["Users"]:
+            name = user["UserName"]
+            owned = iam.list_access_keys(UserName=name)["AccessKeyMetadata"]
+            if any(k["AccessKeyId"] == keys["AWS_ACCESS_KEY_ID"] for k in owned):
+                new = iam.create_access_key(UserName=name)["AccessKey"]
+                iam.delete_access_key(UserName=name, AccessKeyId=keys["AWS_ACCESS_KEY_ID"])
+                return {"AWS_ACCESS_KEY_ID": new["AccessKeyId"],
+                        "AWS_SECRET_ACCESS_KEY": new["SecretAccessKey"]}
+        raise KeyError(keys["AWS_ACCESS_KEY_ID"])
+
     def bucket(self, *, object_lock: bool = False) -> str:
         name = f"pgvault-iam-{uuid.uuid4().hex[:12]}"
         self.admin.create_bucket(Bucket=name, ObjectLockEnabledForBucket=object_lock)

@@ -342,3 +342,55 @@ def test_scrub_masks_registered_secrets_in_every_form() -> None:
         assert redact.contains_secret(json.dumps({"k": secret}))
     finally:
         redact.forget_all()
+
+
+def test_credentials_rotate_by_changing_only_their_files(
+    password_role: str, tmp_path: Path, iam_s3: IamS3, pg_cluster: EphemeralCluster
+) -> None:
+    """The database password and the S3 key pair live in *_FILE files: replace the files,
+    and the next run uses the new credentials with no other change."""
+    role, rest = password_role.split("://", 1)[1].split(":", 1)
+    url_without_password = password_role.replace(":" + rest.split("@", 1)[0], "")
+    bucket = iam_s3.bucket()
+    admin = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    old_keys = iam_s3.user(admin)
+    files = {name: tmp_path / name for name in ("pgpassword", "aws_key_id", "aws_secret")}
+
+    def write_credentials(password: str, keys: dict[str, str]) -> None:
+        files["pgpassword"].write_text(password)
+        files["aws_key_id"].write_text(keys["AWS_ACCESS_KEY_ID"])
+        files["aws_secret"].write_text(keys["AWS_SECRET_ACCESS_KEY"])
+
+    env = {"DATABASE_URL": url_without_password, "PGPASSWORD_FILE": str(files["pgpassword"]),
+           "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+           "AWS_ACCESS_KEY_ID_FILE": str(files["aws_key_id"]),
+           "AWS_SECRET_ACCESS_KEY_FILE": str(files["aws_secret"]),
+           "PGVAULT_REPO": f"s3://{bucket}/app", "PGVAULT_S3__ENDPOINT_URL": iam_s3.endpoint,
+           "PGVAULT_S3__PATH_STYLE": "true"}
+    write_credentials(PLANTED.db_password, old_keys)
+    pgvault("backup", "--no-globals", env=env)
+
+    new_password = f"rotated-{uuid.uuid4().hex}"
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role),
+                                                                 sql.Literal(new_password)))
+    new_keys = iam_s3.rotate(old_keys)
+    # The old credentials stop working; replacing the files is all it takes.
+    assert "password authentication failed" in pgvault("backup", env=env, expect=4).stderr
+    write_credentials(new_password, old_keys)
+    assert "InvalidAccessKeyId" in pgvault("backup", env=env, expect=5).stderr
+    write_credentials(new_password, new_keys)
+    pgvault("backup", "--no-globals", env=env)
+    listed = json.loads(pgvault("list", "--json", env=env).stdout)
+    assert len(listed) == 2
+    targets = []
+    try:
+        for backup in (listed[0], listed[-1]):
+            targets.append(restore_target(pg_cluster))
+            pgvault("restore", backup["id"], "--to", targets[-1], "--dbname", pg_cluster.url(),
+                    env={**env, "PGPASSWORD_FILE": ""})
+            assert_databases_equal(pg_cluster.url(password_role.rsplit("/", 1)[1]),
+                                   pg_cluster.url(targets[-1]))
+    finally:
+        drop(pg_cluster, *targets)

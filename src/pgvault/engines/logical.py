@@ -17,7 +17,7 @@ from pgvault.model import Facts, TableFacts
 from pgvault.pg import fingerprint
 from pgvault.pg.binaries import tool, tool_version
 from pgvault.pg.conninfo import ConnInfo
-from pgvault.pg.process import ChildOutput, StderrTail, describe_exit
+from pgvault.pg.process import ChildOutput, StderrTail, describe_exit, feed
 from pgvault.pipeline.stream import CHUNK, Readable
 
 DUMP_FORMAT = "pg_dump-custom"
@@ -214,23 +214,9 @@ class LogicalEngine:
     def _restore_streamed(self, source: Readable, argv: list[Any], env: dict[str, str]) -> None:
         proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        assert proc.stdin is not None and proc.stderr is not None
+        assert proc.stderr is not None
         tail = StderrTail(proc.stderr)
-        try:
-            broken = False
-            while data := source.read(CHUNK):
-                if broken:
-                    continue  # keep reading so the digest is still checked at the end
-                try:
-                    proc.stdin.write(data)
-                except BrokenPipeError:
-                    broken = True
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.close()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
+        feed(proc, source)
         returncode = proc.wait()
         tail.join()
         if returncode != 0:

@@ -619,7 +619,7 @@ def _url(target: ConnInfo) -> str:
 def _list_archive(stream: Readable, major: int) -> int:
     """Feed a custom-format archive to `pg_restore --list`; its entry count. Reads to EOF."""
     from pgvault.pg.binaries import tool
-    from pgvault.pg.process import StderrTail, describe_exit
+    from pgvault.pg.process import StderrTail, describe_exit, feed
 
     argv = [str(tool("pg_restore", major)), "--list"]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -630,21 +630,7 @@ def _list_archive(stream: Readable, major: int) -> int:
     stdout: IO[bytes] = proc.stdout
     lister = threading.Thread(target=lambda: listing.extend(stdout), daemon=True)
     lister.start()
-    try:
-        broken = False
-        while data := stream.read(CHUNK):
-            if broken:
-                continue  # pg_restore stops after the table of contents; the digest needs all
-            try:
-                proc.stdin.write(data)
-            except BrokenPipeError:
-                broken = True
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.close()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
+    feed(proc, stream)  # pg_restore stops after the table of contents; feed reads on
     returncode = proc.wait()
     lister.join(10)
     tail.join()

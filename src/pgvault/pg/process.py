@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import IO
 
 from pgvault.errors import PgvaultError
-from pgvault.pipeline.stream import Reader
+from pgvault.pipeline.stream import CHUNK, Readable, Reader
 
 PIPE_SIZE = 1 << 20  # fewer, larger reads from pg_dump's stdout
 F_SETPIPE_SZ = 1031
@@ -136,3 +136,28 @@ def run(
             raise error(f"{tool} was killed by signal {-proc.returncode}")
         raise error(f"{tool} failed (exit {proc.returncode}): {(errors or lines)[-1]}")
     return proc.stdout.decode("utf-8", "replace")
+
+
+def feed(proc: subprocess.Popen[bytes], source: Readable) -> None:
+    """Write all of ``source`` to the child's stdin, then close it; kill the child on error.
+
+    A child may stop reading early (pg_restore --list after the table of contents, or
+    after a failure): the rest of ``source`` is still read, because its digest is only
+    checked at its end.
+    """
+    assert proc.stdin is not None
+    try:
+        broken = False
+        while data := source.read(CHUNK):
+            if broken:
+                continue
+            try:
+                proc.stdin.write(data)
+            except BrokenPipeError:
+                broken = True
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from typing import Any
 
-from pgvault.events import Event, wanted
-from pgvault.sinks.webhook import post
+from pgvault.events import Event
+from pgvault.sinks.webhook import JsonSink
 
 TAIL_LINES = 10
 
@@ -20,38 +19,21 @@ def message(event: Event, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class SlackSink:
+class SlackSink(JsonSink):
     """Posts ``{"text": ...}`` to a Slack incoming webhook."""
 
     name = "slack"
 
-    def __init__(self, url: str, events: Sequence[str]) -> None:
-        self._url = url
-        self._events = tuple(events)
-
-    def wants(self, event: Event) -> bool:
-        return wanted(self._events, event)
-
-    def send(self, event: Event, timeout: float) -> None:
-        body = json.dumps({"text": message(event, 3000)}).encode()
-        post(self._url, body, content_type="application/json", timeout=timeout)
+    def document(self, event: Event) -> dict[str, Any]:
+        return {"text": message(event, 3000)}
 
 
-class DiscordSink:
+class DiscordSink(JsonSink):
     """Posts ``{"content": ...}`` to a Discord webhook (2000 characters, no mentions)."""
 
     name = "discord"
 
-    def __init__(self, url: str, events: Sequence[str]) -> None:
-        self._url = url
-        self._events = tuple(events)
-
-    def wants(self, event: Event) -> bool:
-        return wanted(self._events, event)
-
-    def send(self, event: Event, timeout: float) -> None:
+    def document(self, event: Event) -> dict[str, Any]:
         text = message(event, 2000).replace(":red_circle:", "🔴").replace(
             ":white_check_mark:", "✅")
-        body = json.dumps({"content": text, "username": "pgvault",
-                           "allowed_mentions": {"parse": []}}).encode()
-        post(self._url, body, content_type="application/json", timeout=timeout)
+        return {"content": text, "username": "pgvault", "allowed_mentions": {"parse": []}}

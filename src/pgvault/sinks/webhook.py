@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from pgvault import __version__
@@ -36,10 +37,10 @@ def post(url: str, body: bytes, *, content_type: str, timeout: float) -> int:
         raise SinkError(f"cannot reach the server: {exc.strerror or exc}") from None
 
 
-class WebhookSink:
-    """POSTs ``Event.to_json()``: event, database, backup id, status, times, size, error, tail."""
+class JsonSink:
+    """Base of the sinks that POST one JSON document per wanted event to a secret URL."""
 
-    name = "webhook"
+    name = "json"
 
     def __init__(self, url: str, events: Sequence[str]) -> None:
         self._url = url
@@ -48,6 +49,18 @@ class WebhookSink:
     def wants(self, event: Event) -> bool:
         return wanted(self._events, event)
 
+    def document(self, event: Event) -> dict[str, Any]:
+        raise NotImplementedError
+
     def send(self, event: Event, timeout: float) -> None:
-        body = json.dumps(event.to_json()).encode()
+        body = json.dumps(self.document(event)).encode()
         post(self._url, body, content_type="application/json", timeout=timeout)
+
+
+class WebhookSink(JsonSink):
+    """POSTs ``Event.to_json()``: event, database, backup id, status, times, size, error, tail."""
+
+    name = "webhook"
+
+    def document(self, event: Event) -> dict[str, Any]:
+        return event.to_json()

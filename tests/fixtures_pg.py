@@ -14,6 +14,7 @@ import sampledb
 from pgvault.pg.cluster import EphemeralCluster
 
 MakeDb = Callable[..., str]
+NewName = Callable[[], str]
 
 # Durability is pointless for test data and costs most of the runtime.
 _FAST_SETTINGS = {"fsync": False, "synchronous_commit": False, "full_page_writes": False}
@@ -77,3 +78,17 @@ def _rich_template(pg_cluster: EphemeralCluster) -> str:
 def rich_db(make_db: MakeDb, _rich_template: str) -> str:
     """URL of a new database filled by `sampledb.fill_rich_database` (a copy, safe to modify)."""
     return make_db(_rich_template, prefix="rich")
+
+
+@pytest.fixture
+def new_name(pg_cluster: EphemeralCluster) -> Iterator[NewName]:
+    """Fresh database names (restore targets); whatever exists under them afterwards is dropped."""
+    names: list[str] = []
+
+    def make() -> str:
+        names.append(f"target_{uuid.uuid4().hex[:10]}")
+        return names[-1]
+
+    yield make
+    for name in names:
+        _drop_db(pg_cluster, name)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -18,26 +18,9 @@ from psycopg import sql
 
 from cli_runner import PGVAULT, one_line_error, pgvault
 from dbcompare import assert_databases_equal
+from fixtures_pg import NewName
 from pgvault.pg.cluster import EphemeralCluster
 from sampledb import fill_sized_database
-
-NewName = Callable[[], str]
-
-
-@pytest.fixture
-def new_name(pg_cluster: EphemeralCluster) -> Iterator[NewName]:
-    """Names for restore targets; whatever exists under them afterwards is dropped."""
-    names: list[str] = []
-
-    def make() -> str:
-        names.append(f"restored_{uuid.uuid4().hex[:10]}")
-        return names[-1]
-
-    yield make
-    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,14 +26,12 @@ from psycopg import sql
 
 from cli_runner import PGVAULT, pgvault
 from dbcompare import assert_databases_equal
+from fixtures_pg import NewName
 from http_recorder import Recorder
 from pgvault import schedule
 from pgvault.errors import ConfigError
 from pgvault.pg.cluster import EphemeralCluster
 from sampledb import fill_sized_database
-
-NewName = Callable[[], str]
-
 
 # -- schedules (pure) -------------------------------------------------------------------
 
@@ -101,19 +98,6 @@ def test_a_run_missed_while_down_is_due_once() -> None:
 
 # -- the daemon process -----------------------------------------------------------------
 
-@pytest.fixture
-def new_name(pg_cluster: EphemeralCluster) -> Iterator[NewName]:
-    names: list[str] = []
-
-    def make() -> str:
-        names.append(f"dmn_{uuid.uuid4().hex[:10]}")
-        return names[-1]
-
-    yield make
-    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
 
 
 def create_db(pg_cluster: EphemeralCluster, name: str, rows: int) -> str:

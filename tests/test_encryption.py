@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -24,6 +24,7 @@ from psycopg import sql
 
 from cli_runner import one_line_error, pgvault
 from dbcompare import assert_databases_equal
+from fixtures_pg import NewName
 from pgvault.catalog import PASSPHRASE_IDENTITY
 from pgvault.errors import DecryptionError, IntegrityError
 from pgvault.model import StageSpec
@@ -33,24 +34,9 @@ from pgvault.pipeline.age import AgeDecoder, AgeEncoder, Keyring, new_identity, 
 from pgvault.pipeline.stream import Reader
 from pgvault.storage.memory import MemoryStorage
 
-NewName = Callable[[], str]
 CANARY = f"canary{uuid.uuid4().hex}"
 
 
-@pytest.fixture
-def new_name(pg_cluster: EphemeralCluster) -> Iterator[NewName]:
-    """Names for restore targets; whatever exists under them afterwards is dropped."""
-    names: list[str] = []
-
-    def make() -> str:
-        names.append(f"restored_{uuid.uuid4().hex[:10]}")
-        return names[-1]
-
-    yield make
-    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
 
 
 def keygen(path: Path) -> str:

@@ -25,6 +25,7 @@ from psycopg import sql
 
 from cli_runner import one_line_error, pgvault
 from dbcompare import assert_databases_equal
+from fixtures_pg import NewName
 from http_recorder import Recorder
 from pgvault.catalog import Catalog
 from pgvault.events import Event, Fanout
@@ -33,24 +34,6 @@ from pgvault.model import VerifyCheck, VerifyReport
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.storage import open_storage
 from sampledb import fill_sized_database
-
-NewName = Callable[[], str]
-
-
-@pytest.fixture
-def new_name(pg_cluster: EphemeralCluster) -> Iterator[NewName]:
-    """Database names; whatever exists under them afterwards is dropped."""
-    names: list[str] = []
-
-    def make() -> str:
-        names.append(f"mon_{uuid.uuid4().hex[:10]}")
-        return names[-1]
-
-    yield make
-    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
 
 
 @pytest.fixture

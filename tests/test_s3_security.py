@@ -169,19 +169,6 @@ def sized_db(make_db: Callable[..., str], _sized_template: str) -> str:
     return make_db(_sized_template)
 
 
-@pytest.fixture
-def new_name(pg_cluster: EphemeralCluster) -> Iterator[Callable[[], str]]:
-    names: list[str] = []
-
-    def make() -> str:
-        names.append(f"restored_{uuid.uuid4().hex[:10]}")
-        return names[-1]
-
-    yield make
-    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
 
 
 def encrypted_env(tmp_path: Path) -> tuple[dict[str, str], Path]:

@@ -294,6 +294,15 @@ def test_wal_push_is_idempotent_refuses_other_content_and_foreign_systems(
     fetched = tmp_path / "fetched"
     pgvault("wal-fetch", segment.name, str(fetched), env=env)
     assert fetched.read_bytes() == segment.read_bytes()
+    # Damage in the archive must stop recovery (status above 125), not end it quietly.
+    stored_path = repo_dir / stored.key
+    saved = stored_path.read_bytes()
+    stored_path.write_bytes(saved[:-9] + bytes([saved[-9] ^ 0xFF]) + saved[-8:])
+    damaged_fetch = pgvault("wal-fetch", segment.name, str(tmp_path / "bad"), env=env,
+                            expect=126)
+    assert "damaged" in one_line_error(damaged_fetch) or "corrupt" in damaged_fetch.stderr
+    assert not (tmp_path / "bad").exists()
+    stored_path.write_bytes(saved)
     missing = pgvault("wal-fetch", "0000000100000000000000FF", str(tmp_path / "x"), env=env,
                       expect=1)
     assert missing.stderr == "" and not (tmp_path / "x").exists()

@@ -29,7 +29,7 @@ from cli_runner import PGVAULT, one_line_error, pgvault
 from dbcompare import assert_databases_equal
 from pgvault.catalog import Catalog, wal_file_prefix
 from pgvault.ops.physical_restore import verify_physical
-from pgvault.ops.wal import archived, versions
+from pgvault.ops.wal import archived, push_failures, versions
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.storage import open_storage
 
@@ -290,6 +290,10 @@ def test_wal_push_is_idempotent_refuses_other_content_and_foreign_systems(
     other = pgvault("wal-push", str(foreign), env=env, expect=3)
     assert "database system" in one_line_error(other)
     assert not versions(open_storage(repo), "main", foreign.name)
+    # Refusals reach monitoring through the repository, not only the server's log.
+    failures = push_failures(open_storage(repo), "main")
+    assert failures.total == 2 and failures.last_wal == foreign.name
+    assert failures.last_error and "database system" in failures.last_error
 
     fetched = tmp_path / "fetched"
     pgvault("wal-fetch", segment.name, str(fetched), env=env)

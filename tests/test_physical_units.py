@@ -16,7 +16,7 @@ from pgvault.errors import UsageError
 from pgvault.model import Artifact, Manifest, PhysicalFacts
 from pgvault.ops.physical_restore import RecoveryTarget
 from pgvault.ops.prune import prune
-from pgvault.ops.wal import archived, stages_of_suffix
+from pgvault.ops.wal import archived, record_push_failure, stages_of_suffix
 from pgvault.pg import wal
 from pgvault.retention import Duration, Policy
 from pgvault.storage.memory import MemoryStorage
@@ -183,6 +183,8 @@ def test_status_reads_the_archive_gaps_staleness_and_recoverable_window() -> Non
     stop = datetime.now(UTC) - timedelta(hours=2)
     Catalog(storage).commit(_physical("20261125T000000.000Z-000001", 3, stop))
     _archive(storage, [wal.segment_name(1, n, MB) for n in (3, 4, 5, 8, 9)])
+    record_push_failure(storage, "main", wal.segment_name(1, 10, MB), "REFUSED: split brain",
+                        datetime.now(UTC) + timedelta(seconds=1))
     status = database_status(storage, "main", rpo_hours=24, rto_minutes=60,
                              archive_stale_after=timedelta(microseconds=1))
     assert status.archive is not None
@@ -192,6 +194,7 @@ def test_status_reads_the_archive_gaps_staleness_and_recoverable_window() -> Non
     verdict = status.verdict(datetime.now(UTC) + timedelta(seconds=1))
     assert verdict.state == WARNING
     assert any("gap" in r for r in verdict.reasons) and any("stale" in r for r in verdict.reasons)
+    assert any("wal-push of" in r and "split brain" in r for r in verdict.reasons)
     document = status.to_json(datetime.now(UTC))["archive"]
     assert document["gaps"] == [[wal.segment_name(1, 6, MB), wal.segment_name(1, 7, MB)]]
     metrics = Metrics()
@@ -199,3 +202,4 @@ def test_status_reads_the_archive_gaps_staleness_and_recoverable_window() -> Non
     text = metrics.render().decode()
     assert 'pgvault_wal_archive_gaps{database="main"} 1.0' in text
     assert "pgvault_wal_last_archived_timestamp_seconds" in text
+    assert 'pgvault_wal_push_failures{database="main"} 1.0' in text

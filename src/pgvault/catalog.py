@@ -8,6 +8,7 @@ Layout (the only module that knows it):
     status/<db>/<name>.json                run history (last success, last failure), overwritten
     keys/passphrase-identity.age           passphrase mode: the age identity, scrypt-wrapped
     wal/<cluster>/identity.json            the system identifier whose WAL this cluster holds
+    wal/<cluster>/push-failures.json       count and last error of failed pushes (overwritten)
     wal/<cluster>/<tli>/<walfile>/<sha256 of the raw file><suffix>   one archived WAL file
 """
 
@@ -60,6 +61,11 @@ def wal_prefix(cluster: str) -> str:
 
 def wal_identity_key(cluster: str) -> str:
     return wal_prefix(cluster) + "identity.json"
+
+
+def wal_failures_key(cluster: str) -> str:
+    """Failed pushes of a cluster: the archiver's exit status reaches no monitoring."""
+    return wal_prefix(cluster) + "push-failures.json"
 
 
 def wal_file_prefix(cluster: str, walfile: str) -> str:

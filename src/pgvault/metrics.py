@@ -87,6 +87,10 @@ class Metrics:
                                       "Earliest moment a point-in-time restore can reach."),
             "recoverable_to": gauge("pgvault_recoverable_to_timestamp_seconds",
                                     "Latest moment a point-in-time restore can reach."),
+            "wal_failures": gauge("pgvault_wal_push_failures",
+                                  "Failed wal-push runs recorded in the repository."),
+            "wal_failure": gauge("pgvault_wal_push_last_failure_timestamp_seconds",
+                                 "When the last wal-push failed (0: never)."),
         }
         failures = CounterMetricFamily("pgvault_backup_failures", "Failed backup runs.",
                                        labels=labels)
@@ -168,6 +172,9 @@ def _gauge_values(status: DatabaseStatus) -> Iterator[tuple[str, float]]:
     archive = status.archive
     if archive is not None:
         yield "wal_gaps", float(len(archive.gaps))
+        yield "wal_failures", float(archive.failures.total)
+        last = archive.failures.last_at
+        yield "wal_failure", last.timestamp() if last else 0.0
         if archive.last_archived_at is not None:
             yield "wal_last", archive.last_archived_at.timestamp()
         if archive.earliest_restore is not None:

@@ -121,14 +121,23 @@ def wal_push(ctx: click.Context, /, path: str, cluster: str | None, **_: Any) ->
       archive_command = '/opt/pgvault/bin/pgvault wal-push %p --repo s3://bk/app --cluster app'
     """
     with _archiver_status(quiet_missing=False):
+        from datetime import UTC, datetime
+
         from pgvault import pipeline
-        from pgvault.ops.wal import push_ahead
+        from pgvault.errors import PgvaultError
+        from pgvault.ops.wal import push_ahead, record_push_failure
 
         settings = settings_of(ctx)
         storage = storage_of(settings)
-        stages = pipeline.configured_stages(settings, storage=storage)
-        done = push_ahead(storage, _cluster(settings, cluster), Path(path), stages,
-                          ahead=settings.physical.push_ahead)
+        name = _cluster(settings, cluster)
+        try:
+            stages = pipeline.configured_stages(settings, storage=storage)
+            done = push_ahead(storage, name, Path(path), stages,
+                              ahead=settings.physical.push_ahead)
+        except PgvaultError as exc:
+            # PostgreSQL only logs the failure; monitoring reads this record instead.
+            record_push_failure(storage, name, Path(path).name, str(exc), datetime.now(UTC))
+            raise
         if done.result.already_archived:
             click.echo(f"pgvault: {done.result.walfile} was already archived with the same "
                        "content", err=True)

@@ -164,6 +164,10 @@ class DatabaseStatus:
                 now - archived > self.archive_stale_after:
             warning.append(f"WAL archive is stale: the newest segment was archived "
                            f"{_hours(now - archived)} ago")
+        if self.archive is not None and self.archive.failing:
+            failed = self.archive.failures
+            warning.append(f"wal-push of {failed.last_wal} failed at "
+                           f"{failed.last_at:%Y-%m-%d %H:%M}Z: {failed.last_error}")
         if self.archive is not None and self.archive.gaps:
             first, last = self.archive.gaps[0]
             warning.append(f"WAL archive has {len(self.archive.gaps)} gap(s), first "
@@ -271,7 +275,12 @@ def _archive_json(archive: ArchiveStatus) -> dict[str, Any]:
             "files": archive.files, "stored_bytes": archive.stored_bytes,
             "gaps": [list(gap) for gap in archive.gaps],
             "recoverable_from": when(archive.earliest_restore),
-            "recoverable_to": when(archive.latest_restore)}
+            "recoverable_to": when(archive.latest_restore),
+            "push_failures_total": archive.failures.total,
+            "last_push_failure": None if archive.failures.last_at is None else {
+                "at": when(archive.failures.last_at), "wal": archive.failures.last_wal,
+                "error": archive.failures.last_error},
+            "failing": archive.failing}
 
 
 def last_drill(reports: list[VerifyReport]) -> Drill | None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from pgvault import pipeline
 from pgvault.catalog import (
     parse_wal_key,
+    wal_failures_key,
     wal_file_prefix,
     wal_identity_key,
     wal_object_key,
@@ -325,6 +326,16 @@ def wait_for(storage: Storage, cluster: str, names: list[str], *, timeout: float
         delay = min(delay * 2, 2.0)
 
 
+@dataclass(frozen=True)
+class PushFailures:
+    """Failed pushes so far and the last one, as wal-push recorded them."""
+
+    total: int = 0
+    last_at: datetime | None = None
+    last_wal: str | None = None
+    last_error: str | None = None
+
+
 @dataclass
 class TimelineRange:
     """The archived segments of one timeline: first, last, and the holes between."""
@@ -349,6 +360,14 @@ class ArchiveStatus:
     last_archived_at: datetime | None
     earliest_restore: datetime | None  # the oldest restorable base backup's end
     latest_restore: datetime | None  # when the newest segment of an unbroken chain was stored
+    failures: PushFailures = field(default_factory=PushFailures)
+
+    @property
+    def failing(self) -> bool:
+        """The last push failed, and no segment was archived since."""
+        last = self.failures.last_at
+        return last is not None and (self.last_archived_at is None
+                                     or last > self.last_archived_at)
 
     @property
     def gaps(self) -> list[tuple[str, str]]:
@@ -384,6 +403,7 @@ def archive_status(storage: Storage, cluster: str, backups: list[Manifest]) -> A
         last_wal=newest.wal.name if newest else None,
         last_archived_at=max((f.info.modified for f in segments), default=None),
         earliest_restore=earliest, latest_restore=latest,
+        failures=push_failures(storage, cluster),
     )
 
 
@@ -399,6 +419,32 @@ def prunable(storage: Storage, cluster: str, keep_from: str) -> list[ArchivedFil
     limit = first.segno(size)
     return [f for f in archived(storage, cluster)
             if f.wal.kind != "history" and f.wal.segno(size) < limit]
+
+
+def record_push_failure(storage: Storage, cluster: str, walfile: str, error: str,
+                        now: datetime) -> None:
+    """Count a failed push where monitoring reads it; best effort (storage may be the cause)."""
+    from pgvault.redact import scrub
+
+    key = wal_failures_key(cluster)
+    with contextlib.suppress(Exception):
+        try:
+            total = int(json.loads(storage.read_bytes(key)).get("failures_total", 0))
+        except (NotFound, ValueError, AttributeError):
+            total = 0
+        record = {"failures_total": total + 1, "last_failure_at": now.isoformat(),
+                  "last_failed_wal": walfile, "last_error": scrub(error)[:500]}
+        storage.put_bytes(key, json.dumps(record, indent=2).encode())
+
+
+def push_failures(storage: Storage, cluster: str) -> PushFailures:
+    try:
+        record = json.loads(storage.read_bytes(wal_failures_key(cluster)))
+        return PushFailures(int(record["failures_total"]),
+                            datetime.fromisoformat(record["last_failure_at"]),
+                            record.get("last_failed_wal"), record.get("last_error"))
+    except (NotFound, ValueError, KeyError, TypeError):
+        return PushFailures()
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,12 @@ def pitr_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def archiving(server_pgvault: str) -> Iterator[Archiving]:
-    """Factory: a running cluster whose archive_command is `pgvault wal-push %p ARGS`."""
+def archiving(server_pgvault: str, repo_dir: Path) -> Iterator[Archiving]:
+    """Factory: a running cluster whose archive_command is `pgvault wal-push %p ARGS`.
+
+    It depends on ``repo_dir`` so that its clusters stop before that folder is removed
+    (a cluster still archiving would create it again).
+    """
     clusters: list[EphemeralCluster] = []
 
     def start(args: str, prefix: str = "") -> EphemeralCluster:

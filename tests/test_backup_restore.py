@@ -202,7 +202,8 @@ def test_interrupt_during_backup_leaves_nothing_and_exits_130(
     proc = subprocess.Popen([PGVAULT, "backup", "--dbname", url, "--repo", f"file://{repo_dir}",
                              "--level", "19"], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list(repo_dir.rglob(".tmp-*")):
+    # The dump's own temp file, not the lock's: then data is in flight.
+    while time.monotonic() < deadline and not list(repo_dir.glob("backups/**/.tmp-*")):
         time.sleep(0.02)
     assert proc.poll() is None, "backup finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)

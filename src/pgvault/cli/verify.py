@@ -164,9 +164,9 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
     catalog = Catalog(storage)
     database = database_filter(dbname)
     if backup_id == "all":
-        manifests = [m for m in catalog.list(database) if m.kind == "logical"]
+        manifests = catalog.list(database)
         if not manifests:
-            raise NotFound(f"no logical backups in {storage.url}")
+            raise NotFound(f"no backups in {storage.url}")
         if keep and len(manifests) > 1:
             raise UsageError("--keep keeps one drill's database: name one backup, not 'all'")
     else:

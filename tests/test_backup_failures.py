@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,14 +17,16 @@ import psycopg
 from cli_runner import PGVAULT, pgvault
 
 
-def _child_named(parent: subprocess.Popen[str], name: str, timeout: float = 30) -> psutil.Process:
+def _dumping_child(parent: subprocess.Popen[str], timeout: float = 30) -> psutil.Process:
+    """The pg_dump that streams the archive (not a short-lived `pg_dump --version`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in psutil.Process(parent.pid).children(recursive=True):
-            if child.name() == name:
-                return child
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.name() == "pg_dump" and "--format=custom" in child.cmdline():
+                    return child
         time.sleep(0.02)
-    raise AssertionError(f"no {name} child appeared")
+    raise AssertionError("no dumping pg_dump child appeared")
 
 
 def test_killed_pg_dump_fails_the_backup_with_one_line(
@@ -40,7 +43,7 @@ def test_killed_pg_dump_fails_the_backup_with_one_line(
         proc = subprocess.Popen([PGVAULT, "backup", "--dbname", url, "--repo",
                                  f"file://{repo_dir}", "--no-globals"], env=env,
                                 stderr=subprocess.PIPE, text=True)
-        _child_named(proc, "pg_dump").send_signal(signal.SIGKILL)
+        _dumping_child(proc).send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 8, err
     lines = [line for line in err.splitlines() if line.strip()]

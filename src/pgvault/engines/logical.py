@@ -7,9 +7,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pgvault.errors import BackupFailed, DatabaseError, RestoreFailed
@@ -56,6 +58,24 @@ class Snapshot:
 
     connection: Any
     snapshot_id: str | None
+    aborted: threading.Event = field(default_factory=threading.Event)
+
+    def interrupt(self, worker: threading.Thread, timeout: float = 10.0) -> None:
+        """Stop the facts being read in ``worker``: no new statement, cancel the current one.
+
+        Without this, a count waiting on a table lock would keep the connection busy and
+        the snapshot's rollback would wait for it forever.
+        """
+        self.aborted.set()
+        deadline = time.monotonic() + timeout
+        while worker.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                self.connection.cancel_safe(timeout=2)
+            worker.join(0.1)
+
+    def check(self) -> None:
+        if self.aborted.is_set():
+            raise BackupFailed("backup stopped while recording facts")
 
 
 class LogicalEngine:
@@ -111,10 +131,6 @@ class LogicalEngine:
                 snapshot_id = None
             yield Snapshot(connection=connection, snapshot_id=snapshot_id)
         finally:
-            # A facts query may still run (e.g. waiting on a lock) when the dump failed:
-            # cancel it, or the rollback would wait for it forever.
-            with contextlib.suppress(Exception):
-                connection.cancel_safe(timeout=5)
             with contextlib.suppress(Exception):
                 connection.execute("ROLLBACK")
             connection.close()
@@ -137,6 +153,7 @@ class LogicalEngine:
             query = sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(
                 sql.Identifier(schema), sql.Identifier(name)
             )
+            snapshot.check()
             # A failed count must not abort the transaction whose snapshot pg_dump imports.
             cur.execute("SAVEPOINT pgvault_count")
             try:
@@ -146,6 +163,7 @@ class LogicalEngine:
                 continue
             cur.execute("RELEASE SAVEPOINT pgvault_count")
             tables.append(TableFacts(schema_name=schema, name=name, rows=rows))
+        snapshot.check()
         return Facts(
             server_version=version,
             server_version_num=version_num,

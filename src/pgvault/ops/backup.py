@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -61,15 +62,12 @@ def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest
         backup_id = new_backup_id(started)
         written: list[str] = []
         warnings: list[str] = []
+        side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgvault-globals")
         try:
-            artifacts = []
-            if options.backup_globals:
-                try:
-                    artifacts.append(_store(engine.dump_globals(), "globals.sql", GLOBALS_FORMAT,
-                                            storage, database, backup_id, options, written))
-                except BackupFailed as exc:
-                    # Managed services often forbid reading roles; the dump itself still counts.
-                    warnings.append(f"globals not backed up: {exc}")
+            artifacts: list[Artifact] = []
+            # Roles and tool versions are small work: done beside the dump, not before it.
+            extras = side.submit(_globals_and_versions, engine, storage, database, backup_id,
+                                 options, written)
             with engine.snapshot() as snapshot:
                 facts_box: list[Facts] = []
                 errors: list[BaseException] = []
@@ -78,18 +76,27 @@ def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest
                     target=_collect, args=(engine, snapshot, facts_box, errors), daemon=True
                 )
                 counter.start()
-                artifacts.insert(0, _store(dump, "db.dump", DUMP_FORMAT, storage, database,
-                                           backup_id, options, written))
+                try:
+                    artifacts.insert(0, _store(dump, "db.dump", DUMP_FORMAT, storage, database,
+                                               backup_id, options, written))
+                except BaseException:
+                    snapshot.interrupt(counter)
+                    raise
                 counter.join()
                 if errors:
                     raise BackupFailed(f"could not record facts: {errors[0]}")
+            globals_artifact, versions, globals_warning = extras.result()
+            if globals_artifact is not None:
+                artifacts.append(globals_artifact)
+            if globals_warning:
+                warnings.append(globals_warning)
             manifest = Manifest(
                 id=backup_id,
                 database=database,
                 started_at=started,
                 finished_at=options.clock(),
                 pgvault_version=__version__,
-                tool_versions={**engine.tool_versions(), "server": server.version},
+                tool_versions={**versions, "server": server.version},
                 artifacts=artifacts,
                 facts=facts_box[0],
                 warnings=warnings,
@@ -97,10 +104,29 @@ def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest
             Catalog(storage).commit(manifest)
             return manifest
         except BaseException:
+            side.shutdown(wait=True, cancel_futures=True)  # it may still be writing
             # Best effort: a writer without delete rights leaves orphans for prune.
             with contextlib.suppress(Exception):
                 storage.delete(written)
             raise
+        finally:
+            side.shutdown(wait=False)
+
+
+def _globals_and_versions(
+    engine: LogicalEngine, storage: Storage, database: str, backup_id: str,
+    options: BackupOptions, written: list[str],
+) -> tuple[Artifact | None, dict[str, str], str | None]:
+    """The globals artifact (or why there is none) and the client tools' versions."""
+    versions = engine.tool_versions()
+    if not options.backup_globals:
+        return None, versions, None
+    try:
+        return _store(engine.dump_globals(), "globals.sql", GLOBALS_FORMAT, storage, database,
+                      backup_id, options, written), versions, None
+    except BackupFailed as exc:
+        # Managed services often forbid reading roles; the dump itself still counts.
+        return None, versions, f"globals not backed up: {exc}"
 
 
 def _collect(engine: LogicalEngine, snapshot: Snapshot, box: list[Facts],

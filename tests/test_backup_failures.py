@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import time
@@ -12,9 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-import psycopg
 
-from cli_runner import PGVAULT, pgvault
+from cli_runner import pgvault, stalled_backup
 
 
 def _dumping_child(parent: subprocess.Popen[str], timeout: float = 30) -> psutil.Process:
@@ -34,15 +32,8 @@ def test_killed_pg_dump_fails_the_backup_with_one_line(
 ) -> None:
     url = make_db()
     repo_dir = tmp_path / "repo"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGVAULT_")}
-    with psycopg.connect(url) as blocker:
-        blocker.execute("CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 1000)")
-        blocker.commit()
-        # pg_dump waits for this lock, so it is alive and mid-dump when we kill it.
-        blocker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
-        proc = subprocess.Popen([PGVAULT, "backup", "--dbname", url, "--repo",
-                                 f"file://{repo_dir}", "--no-globals"], env=env,
-                                stderr=subprocess.PIPE, text=True)
+    # pg_dump waits on a locked table, so it is alive and mid-dump when we kill it.
+    with stalled_backup(url, f"file://{repo_dir}", "--no-globals") as proc:
         _dumping_child(proc).send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 8, err

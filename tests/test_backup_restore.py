@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cli_runner import PGVAULT, one_line_error, pgvault
+from cli_runner import PGVAULT, one_line_error, pgvault, stalled_backup
 from dbcompare import assert_databases_equal
 from fixtures_pg import NewName
 from pgvault.pg.cluster import EphemeralCluster
@@ -245,15 +245,8 @@ def test_two_backups_at_once_the_second_fails_fast(
 ) -> None:
     url = make_db()
     repo_dir = tmp_path / "repo"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PGVAULT_")}
-    with psycopg.connect(url) as blocker:
-        # An exclusive table lock stalls the first backup's pg_dump while it holds our lock.
-        blocker.execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
-        blocker.commit()
-        blocker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
-        first = subprocess.Popen([PGVAULT, "backup", "--dbname", url, "--repo",
-                                  f"file://{repo_dir}"], env=env, stderr=subprocess.PIPE,
-                                 text=True)
+    # The first backup's pg_dump waits on a table lock while it holds the repository lock.
+    with stalled_backup(url, f"file://{repo_dir}") as first:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not list(repo_dir.rglob("*.lock")):
             time.sleep(0.02)

@@ -8,19 +8,16 @@ DeleteObjects); docs/security.md's policies are tested against it as far as it g
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
 
-from fixtures_s3 import _free_port, _wait_ready
+from fixtures_s3 import moto_server
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -92,24 +89,9 @@ def _set_auth(endpoint: str, after: str) -> None:
 @pytest.fixture(scope="session")
 def iam_s3(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[IamS3]:
     """A moto server of its own (auth is server-wide), enforcing IAM from the first request."""
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log_path: Path = tmp_path_factory.mktemp("iam") / "moto.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait_ready(endpoint, proc)
-            iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
-            admin = _user(iam, {"Version": "2012-10-17", "Statement": [
-                {"Effect": "Allow", "Action": "*", "Resource": "*"}]})
-            _set_auth(endpoint, "0")
-            yield IamS3(endpoint, admin)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with moto_server(tmp_path_factory.mktemp("iam") / "moto.log") as endpoint:
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+        admin = _user(iam, {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "*", "Resource": "*"}]})
+        _set_auth(endpoint, "0")
+        yield IamS3(endpoint, admin)

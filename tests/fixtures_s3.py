@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -71,9 +72,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         empty: Path = tmp_path_factory.mktemp("aws")
         mp.setenv("AWS_CONFIG_FILE", str(empty / "config"))
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        log = (empty / "moto.log").open("wb")
+        with moto_server(empty / "moto.log") as url:
+            yield url
+
+
+@contextlib.contextmanager
+def moto_server(log_path: Path) -> Iterator[str]:
+    """A moto server process on a free loopback port, stopped afterwards; yields its URL."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=log,
@@ -89,7 +97,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            log.close()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 from pgvault import pipeline
 from pgvault.errors import IntegrityError
 from pgvault.pipeline.digest import HashingReader, VerifyingReader
+from pgvault.pipeline.pump import Prefetch
 
 DATA = os.urandom(1 << 20) + b"pgvault " * 300_000  # incompressible and compressible parts
 
@@ -100,3 +101,43 @@ def test_verifying_reader_names_the_damage(stored: bytes, message: str) -> None:
 def test_unknown_stage_on_decode_is_an_integrity_error() -> None:
     with pytest.raises(IntegrityError, match="lacks"):
         pipeline.decode(io.BytesIO(b""), [pipeline.StageSpec(name="rot13")])
+
+
+class _Source:
+    """Yields ``data`` in ``step``-byte reads, then raises ``error`` if given (else EOF)."""
+
+    def __init__(self, data: bytes, step: int, error: BaseException | None = None) -> None:
+        self.data, self.step, self.error, self.pos = data, step, error, 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self.pos >= len(self.data) and self.error is not None:
+            raise self.error
+        out = self.data[self.pos:self.pos + min(size, self.step)]
+        self.pos += len(out)
+        return out
+
+
+def test_prefetch_yields_the_source_unchanged() -> None:
+    data = os.urandom(3 << 20)
+    ahead = Prefetch(_Source(data, 100_000))
+    assert b"".join(iter(lambda: ahead.read(77_777), b"")) == data
+    assert ahead.read(10) == b""
+
+
+def test_prefetch_raises_the_source_error_unchanged() -> None:
+    error = IntegrityError("backup X: sha256 mismatch")
+    ahead = Prefetch(_Source(b"x" * 5000, 1000, error))
+    with pytest.raises(IntegrityError) as raised:
+        while ahead.read(1 << 20):
+            pass
+    assert raised.value is error
+
+
+def test_prefetch_stops_reading_when_closed() -> None:
+    endless = _Source(b"", 0)
+    endless.read = lambda size=-1: b"y" * 1000  # type: ignore[method-assign]
+    ahead = Prefetch(endless)
+    assert ahead.read(10) == b"y" * 10
+    ahead.close()
+    ahead._thread.join(timeout=5)
+    assert not ahead._thread.is_alive()

@@ -11,12 +11,8 @@ from an identity file or, in passphrase mode, from the repository's passphrase-w
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
-import io
 import os
-import queue
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,7 +27,8 @@ from pgvault.errors import (
     NotFound,
     PgvaultError,
 )
-from pgvault.pipeline.stream import CHUNK, Readable, Reader
+from pgvault.pipeline.pump import Pump, pushing
+from pgvault.pipeline.stream import Readable, Reader
 
 if TYPE_CHECKING:
     from pgvault.model import StageSpec
@@ -40,10 +37,6 @@ if TYPE_CHECKING:
 AGE_MAGIC = b"age-encryption.org/v1"
 ARMOR_MAGIC = b"-----BEGIN AGE ENCRYPTED FILE-----"
 SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
-QUEUE_DEPTH = 4
-"""Chunks of up to CHUNK bytes in flight between the pyrage thread and the consumer."""
-STOP_POLL = 0.2
-"""How often a blocked hand-over checks whether the consumer has gone away (seconds)."""
 
 
 # ---------------------------------------------------------------- recipients
@@ -244,153 +237,7 @@ class Keyring:
         )
 
 
-# ---------------------------------------------------------------- streaming bridge
-
-class _Stopped(Exception):
-    """Raised inside the pyrage thread when the consumer has gone away."""
-
-
-_END = object()
-
-
-def _offer(chunks: queue.Queue[object], stop: threading.Event, item: object) -> None:
-    """Put ``item``, waiting for room, unless the consumer stops first."""
-    while not stop.is_set():
-        try:
-            chunks.put(item, timeout=STOP_POLL)
-            return
-        except queue.Full:
-            continue
-    raise _Stopped
-
-
-class _SourceReader(io.RawIOBase):
-    """The pipeline source as the file-like object pyrage reads; keeps the source's error."""
-
-    def __init__(self, source: Readable, stop: threading.Event) -> None:
-        super().__init__()
-        self._source = source
-        self._stop = stop
-        self.error: BaseException | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self._stop.is_set():
-            raise _Stopped
-        try:
-            data = self._source.read(len(buffer))
-        except BaseException as exc:
-            self.error = exc
-            raise
-        buffer[: len(data)] = data
-        return len(data)
-
-
-class _QueueWriter(io.RawIOBase):
-    """The file-like object pyrage writes to: gathers CHUNK-sized pieces into the queue."""
-
-    def __init__(self, chunks: queue.Queue[object], stop: threading.Event) -> None:
-        super().__init__()
-        self._chunks = chunks
-        self._stop = stop
-        self._buffer = bytearray()
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        self._buffer += data
-        if len(self._buffer) >= CHUNK:
-            self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        if self._buffer:
-            data, self._buffer = bytes(self._buffer), bytearray()
-            _offer(self._chunks, self._stop, data)
-
-
-Work = Callable[[Any, Any], None]
-Translate = Callable[[BaseException], BaseException]
-
-
-def _run(work: Work, source: Readable, chunks: queue.Queue[object], stop: threading.Event,
-         translate: Translate, drain: bool) -> None:
-    """Thread body. Holds no reference to the consumer, so dropping it ends the thread."""
-    reader = _SourceReader(source, stop)
-    buffered = io.BufferedReader(reader, CHUNK)
-    writer = _QueueWriter(chunks, stop)
-    result: object = _END
-    try:
-        work(buffered, writer)
-        writer.flush()
-        if drain and buffered.read():
-            raise IntegrityError("data after the end of the age stream")
-    except _Stopped:
-        return
-    except BaseException as exc:
-        if stop.is_set():
-            return
-        result = reader.error if reader.error is not None else translate(exc)
-    with contextlib.suppress(_Stopped):
-        _offer(chunks, stop, result)
-
-
-class _Pump(Reader):
-    """Runs ``work(reader, writer)`` in a thread and yields what it writes, in order.
-
-    Memory stays bounded by QUEUE_DEPTH chunks. An error in the thread is raised by the
-    next read; an error of the source is raised unchanged. ``close`` (or dropping the
-    reader) stops the thread at its next read or write.
-    """
-
-    def __init__(self, source: Readable, work: Work, translate: Translate, *,
-                 drain: bool = False) -> None:
-        super().__init__()
-        self._chunks: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
-        self._stop = threading.Event()
-        self._pending = b""
-        self._offset = 0
-        self._done = False
-        self._thread = threading.Thread(
-            target=_run, args=(work, source, self._chunks, self._stop, translate, drain),
-            name="pgvault-age", daemon=True)
-        self._thread.start()
-
-    def _next(self) -> None:
-        """Take the next chunk from the thread; raise its error; mark the end."""
-        item = self._chunks.get()
-        if item is _END:
-            self._done = True
-        elif isinstance(item, BaseException):
-            self._done = True
-            self._stop.set()
-            raise item
-        else:
-            assert isinstance(item, bytes)
-            self._pending, self._offset = item, 0
-
-    def read_chunk(self, size: int) -> bytes:
-        while self._offset >= len(self._pending):
-            if self._done:
-                return b""
-            self._next()
-        out = self._pending[self._offset : self._offset + size]
-        self._offset += len(out)
-        return out
-
-    def close(self) -> None:
-        if not self.closed:
-            self._stop.set()
-            with contextlib.suppress(queue.Empty):
-                while True:  # free the queued chunks now, not when the thread notices
-                    self._chunks.get_nowait()
-        super().close()
-
-
-class AgeEncoder(_Pump):
+class AgeEncoder(Pump):
     """Reads plaintext and yields one age file encrypted to ``recipients``."""
 
     def __init__(self, source: Readable, recipients: Sequence[str]) -> None:
@@ -406,10 +253,10 @@ class AgeEncoder(_Pump):
         def translate(exc: BaseException) -> BaseException:
             return PgvaultError(f"age encryption failed: {exc}")
 
-        super().__init__(source, work, translate)
+        super().__init__(pushing(source, work, translate))
 
 
-class AgeDecoder(_Pump):
+class AgeDecoder(Pump):
     """Reads an age file and yields its plaintext; fails at once if no identity matches."""
 
     def __init__(self, source: Readable, keys: list[Any], *,
@@ -427,7 +274,7 @@ class AgeDecoder(_Pump):
             return IntegrityError(f"{what}: the age stream is damaged or truncated "
                                   f"(authentication failed: {exc})")
 
-        super().__init__(source, work, translate, drain=True)
+        super().__init__(pushing(source, work, translate, drain=True))
         # The header is read first: a wrong identity fails here, before any restore starts.
         if not self._done:
             self._next()

@@ -247,8 +247,10 @@ def show(
 @click.argument("backup_id", default="latest", metavar="[ID|latest]")
 @click.option("--to", "target", metavar="DB",
               help="New database name on the configured server, or a URL.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=1,
-              help="Parallel pg_restore jobs (the archive is spooled to a private temp file).")
+@click.option("-j", "--jobs", type=click.IntRange(0, 64), default=0, show_default="0: auto",
+              help="Parallel pg_restore jobs; 0 means one per CPU, up to 4. More than one "
+                   "spools the archive to a private file in TMPDIR (its uncompressed size); "
+                   "1 streams it with no temporary copy.")
 @click.option("--clean", is_flag=True, help="Replace the target if it exists and is not empty.")
 @click.option("--schema", "schemas", multiple=True, help="Restore only this schema (repeatable).")
 @click.option("--table", "tables", multiple=True, help="Restore only this table (repeatable).")
@@ -290,7 +292,7 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
     settings = settings_of(ctx)
     conn = config.connection(settings, dbname)
     storage = storage_of(settings)
-    manifest = resolve(storage, backup_id, source_db)
+    manifest = resolve(storage, backup_id, source_db or _source_database(storage, dbname))
     if manifest.kind == "physical":
         raise UsageError(f"backup {manifest.id} is a physical backup: restore it with "
                          "--physical --pgdata DIR")
@@ -324,3 +326,11 @@ def demo(repo: str | None, rows: int) -> None:
     ok = run_demo(repo=repo, rows=rows, echo=click.echo)
     if not ok:
         raise SystemExit(1)
+
+
+def _source_database(storage: Any, dbname: str | None) -> str | None:
+    """--dbname names the backups' database too, if the repository holds backups of it."""
+    from pgvault.catalog import Catalog
+
+    wanted = database_filter(dbname)
+    return wanted if wanted and wanted in Catalog(storage).databases() else None

@@ -53,7 +53,7 @@ naming the first failure; every drill's report is stored beside its backup
 """
 
 
-def verify_options(settings: Any, storage: Any, level: str | None = None, jobs: int = 1,
+def verify_options(settings: Any, storage: Any, level: str | None = None, jobs: int = 0,
                    identity_file: str | None = None) -> Any:
     """VerifyOptions from the [verify] and [objectives] settings (a flag may set the level)."""
     from pgvault.ops.verify import VerifyOptions
@@ -129,8 +129,9 @@ def summary_line(report: Any) -> str:
               "DATABASE) instead of an ephemeral local cluster [config verify.server].")
 @click.option("--keep", is_flag=True, help="Leave the scratch database (and cluster) for "
               "debugging, and print how to connect and how to remove it.")
-@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=1,
-              help="Parallel pg_restore jobs, as the real restore would use.")
+@click.option("-j", "--jobs", type=click.IntRange(0, 64), default=0, show_default="0: auto",
+              help="Parallel pg_restore jobs, as the real restore would use (0: one per "
+                   "CPU, up to 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report(s) as JSON.")
 @click.pass_context
 def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str | None,

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +15,7 @@ from typing import Any
 
 from pgvault import pipeline
 from pgvault.catalog import Catalog
+from pgvault.console import human_bytes
 from pgvault.engines.logical import LogicalEngine
 from pgvault.errors import DatabaseError, RestoreFailed, UsageError
 from pgvault.model import Artifact, Manifest
@@ -20,6 +25,11 @@ from pgvault.pipeline.age import Keyring
 from pgvault.pipeline.digest import VerifyingReader
 from pgvault.pipeline.stream import Readable
 from pgvault.storage.base import Storage
+
+log = logging.getLogger(__name__)
+
+MAX_AUTO_JOBS = 4  # beyond this, index builds and COPYs mostly queue on the server's disks
+SPOOL_MARGIN = 256 << 20
 
 USER_OBJECTS_SQL = """
 SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -33,7 +43,7 @@ class RestoreOptions:
     """How to restore: where to, how parallel, what part."""
 
     target: str
-    jobs: int = 1
+    jobs: int = 0  # 0: auto_jobs()
     clean: bool = False
     schemas: tuple[str, ...] = ()
     tables: tuple[str, ...] = ()
@@ -99,12 +109,13 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
                 sql.Literal(manifest.facts.encoding or "UTF8")))
         except Exception:
             admin.execute(create)
+        jobs = restore_jobs(options.jobs, artifact.raw_size)
         try:
             engine = LogicalEngine(target.with_dbname(scratch))
             engine.restore(open_artifact(storage, manifest, artifact, progress=options.progress,
                                          identities=options.identities),
                            target.with_dbname(scratch),
-                           jobs=options.jobs, schemas=options.schemas, tables=options.tables,
+                           jobs=jobs, schemas=options.schemas, tables=options.tables,
                            no_owner=options.no_owner)
             if exists:
                 admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
@@ -119,6 +130,23 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
     # The stream was checked at its end: exactly artifact.size bytes were read.
     return RestoreResult(manifest=manifest, target=target,
                          seconds=time.monotonic() - started, bytes_read=artifact.size)
+
+
+def restore_jobs(asked: int, spool_bytes: int) -> int:
+    """How many pg_restore jobs to run: as asked, or (0) one per CPU up to MAX_AUTO_JOBS.
+
+    More than one job needs the archive spooled to a temporary file; without room for it
+    (plus SPOOL_MARGIN) the restore streams with one job instead.
+    """
+    jobs = asked or min(os.cpu_count() or 1, MAX_AUTO_JOBS)
+    if jobs > 1:
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+        if free < spool_bytes + SPOOL_MARGIN:
+            log.warning("restore: %s free in %s, the archive needs %s: restoring with one job, "
+                        "streamed (set TMPDIR to a roomier place to restore in parallel)",
+                        human_bytes(free), tempfile.gettempdir(), human_bytes(spool_bytes))
+            return 1
+    return jobs
 
 
 def open_artifact(storage: Storage, manifest: Manifest, artifact: Artifact, *,

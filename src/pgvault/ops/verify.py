@@ -75,7 +75,7 @@ class VerifyOptions:
     command: str | None = None
     command_timeout: float = 600.0
     rto_objective_seconds: float = 3600.0
-    jobs: int = 1
+    jobs: int = 0  # pg_restore jobs of the drill's restore; 0: auto, as `pgvault restore`
     identities: Keyring | None = None
     """For age-encrypted backups."""
     record: bool = True

@@ -6,9 +6,13 @@ Everything else in pgvault receives the plain values this module resolves.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,12 +24,6 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
-)
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from pgvault import redact
@@ -250,12 +248,10 @@ class DatabaseEntry(Section):
     notify: NotifySettings = Field(default_factory=NotifySettings)
 
 
-class Settings(BaseSettings):
+class Settings(BaseModel):
     """Every setting pgvault knows; unknown keys are an error that names the key."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="PGVAULT_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     repo: str = Field(default_factory=default_repo)
     database: str | None = None
@@ -293,46 +289,121 @@ class Settings(BaseSettings):
             raise ValueError("use file:///path or s3://bucket/prefix")
         return value
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if _CONFIG_FILE is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_CONFIG_FILE))
-        return tuple(sources)
 
-
-_CONFIG_FILE: Path | None = None
+ENV_PREFIX = "PGVAULT_"
+ENV_NESTED = "__"
 
 
 def load(config_file: str | None = None, **flags: Any) -> Settings:
     """Settings from flags (non-None values), environment and the TOML file."""
-    global _CONFIG_FILE
     path = config_file or os.environ.get("PGVAULT_CONFIG")
-    _CONFIG_FILE = None
+    values: dict[str, Any] = {}
     if path:
-        _CONFIG_FILE = Path(path).expanduser()
-        if not _CONFIG_FILE.is_file():
-            raise ConfigError(f"config file {_CONFIG_FILE} does not exist")
-        _warn_if_exposed(_CONFIG_FILE, _check_toml(_CONFIG_FILE))
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist")
+        values = _check_toml(file)
+        _warn_if_exposed(file, values)
     overrides = {key: value for key, value in flags.items() if value is not None}
     age_env = _age_env()
     if age_env:
         overrides["encryption"] = {**age_env, **overrides.get("encryption", {})}
+    values = _deep_update(_deep_update(values, _env_values()), overrides)
     try:
-        settings = Settings(**overrides)
+        settings = Settings.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
-    finally:
-        _CONFIG_FILE = None
     _register_secrets(settings)
     return settings
+
+
+def _env_values() -> dict[str, Any]:
+    """PGVAULT_<KEY> and PGVAULT_<SECTION>__<KEY> (any case) as nested values.
+
+    A value for a section, list or table is JSON (PGVAULT_NOTIFY__EVENTS='["all"]');
+    any other stays a string for validation to convert. Variables that name no setting
+    (PGVAULT_CONFIG, PGVAULT_AGE_RECIPIENTS, ...) are not settings and are skipped.
+    """
+    found: dict[str, Any] = {}
+    nested: list[tuple[list[str], str, str]] = []
+    prefix = ENV_PREFIX.lower()
+    for variable, raw in os.environ.items():
+        name = variable.lower()
+        if not name.startswith(prefix):
+            continue
+        path = name[len(prefix) :].split(ENV_NESTED)
+        if path[0] not in Settings.model_fields:
+            continue
+        if len(path) == 1:
+            found[path[0]] = _env_value(variable, raw, _annotation(Settings, path))
+        else:
+            nested.append((path, variable, raw))
+    # Section variables refine a whole section given as JSON, as they would a file's table.
+    for path, variable, raw in sorted(nested):
+        if not isinstance(found.get(path[0], {}), dict):
+            continue
+        target = found
+        for key in path[:-1]:
+            current = target.get(key)
+            target = target.setdefault(key, {}) if current is None else current
+            if not isinstance(target, dict):
+                break
+        else:
+            target[path[-1]] = _env_value(variable, raw, _annotation(Settings, path))
+    return found
+
+
+def _annotation(model: type[BaseModel], path: list[str]) -> Any:
+    """The type of the setting at ``path`` (None for a key no section has)."""
+    annotation: Any = model
+    for key in path:
+        section = _section_type(annotation)
+        field = section.model_fields.get(key) if section is not None else None
+        if field is None:
+            return None
+        annotation = field.annotation
+    return annotation
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The model class of a section, also when it is optional."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _section_type(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _is_structured(annotation: Any) -> bool:
+    """Sections, lists and tables come from the environment as JSON."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_structured(arg) for arg in typing.get_args(annotation))
+    kind = typing.get_origin(annotation) or annotation
+    return isinstance(kind, type) and not issubclass(kind, str | bytes) and issubclass(
+        kind, BaseModel | Mapping | Sequence | set | frozenset)
+
+
+def _env_value(variable: str, raw: str, annotation: Any) -> Any:
+    if not _is_structured(annotation):
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"{variable} must be JSON (it sets a section or a list)") from None
+
+
+def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` laid over it; tables merge key by key, other values replace."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = _deep_update(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _age_env() -> dict[str, Any]:
@@ -471,9 +542,11 @@ def export_file_secrets() -> None:
 
 def age_recipients(settings: Settings) -> list[str]:
     """The age recipients: the setting (or PGVAULT_AGE_RECIPIENTS) plus recipients_file."""
+    encryption = settings.encryption
+    if not encryption.recipients and not encryption.recipients_file:
+        return []  # without importing the age stage: most backups are not encrypted
     from pgvault.pipeline.age import canonical_recipient, recipients_from_text
 
-    encryption = settings.encryption
     found = [canonical_recipient(r) for r in encryption.recipients]
     if encryption.recipients_file:
         path = Path(encryption.recipients_file).expanduser()

@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from cli_runner import pgvault
 from dbcompare import assert_databases_equal
 from fixtures_pg import MakeDb, NewName
 from pgvault.pg.archive import OFFSET_SET, OffsetFinder, read_toc
@@ -113,3 +114,25 @@ def test_compressed_archives_are_not_searched(many_tables_db: str) -> None:
     archive = dump(many_tables_db, "-Z1")
     assert read_toc(archive).compressed
     assert find(archive, [1 << 16] * 10).offsets == {}
+
+
+def test_parallel_restore_of_many_tables_whole_and_selected(
+    many_tables_db: str, tmp_path: Path, new_name: NewName, pg_cluster: EphemeralCluster
+) -> None:
+    # Tables start loading while the archive is still being spooled; the rest go to -j.
+    repo = f"file://{tmp_path / 'repo'}"
+    pgvault("backup", "--dbname", many_tables_db, "--repo", repo)
+    whole = new_name()
+    pgvault("restore", "latest", "--to", whole, "--dbname", pg_cluster.url(), "--repo", repo,
+            "-j", "3")
+    assert_databases_equal(many_tables_db, pg_cluster.url(whole))
+    some = new_name()
+    pgvault("restore", "latest", "--to", some, "--dbname", pg_cluster.url(), "--repo", repo,
+            "-j", "2", "--table", "t7", "--table", "t39")
+    with psycopg.connect(pg_cluster.url(some)) as conn:
+        counts = dict(conn.execute(
+            "SELECT relname, (xpath('/row/c/text()', query_to_xml("
+            "format('SELECT count(*) AS c FROM %I', relname), false, true, '')))[1]::text::int "
+            "FROM pg_class WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace"
+        ).fetchall())
+    assert counts == {"t7": (7 * 977) % 3001, "t39": (39 * 977) % 3001}

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -14,15 +10,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgvault.errors import BackupFailed, DatabaseError, RestoreFailed
+from pgvault.engines.pg_restore import restore_spooled, restore_streamed
+from pgvault.errors import BackupFailed, DatabaseError
 from pgvault.model import Facts, TableFacts
 from pgvault.pg import fingerprint
-from pgvault.pg.archive import OffsetFinder
 from pgvault.pg.binaries import tool, tool_version
 from pgvault.pg.conninfo import ConnInfo
-from pgvault.pg.process import ChildOutput, StderrTail, describe_exit, feed
-from pgvault.pipeline.pump import Prefetch
-from pgvault.pipeline.stream import CHUNK, Readable
+from pgvault.pg.process import ChildOutput
+from pgvault.pipeline.stream import Readable
 
 DUMP_FORMAT = "pg_dump-custom"
 GLOBALS_FORMAT = "sql"
@@ -220,82 +215,13 @@ class LogicalEngine:
         no_owner: bool = False,
     ) -> None:
         """Feed a custom-format archive to pg_restore; reads ``source`` to its end."""
+        selection = [f"--schema={s}" for s in schemas] + [f"--table={t}" for t in tables]
         argv: list[Any] = [tool("pg_restore", self.server.major), "--exit-on-error",
-                           "--no-password", f"--dbname={target.dsn()}"]
-        argv += [f"--schema={s}" for s in schemas] + [f"--table={t}" for t in tables]
+                           "--no-password", f"--dbname={target.dsn()}", *selection]
         if no_owner:
             argv += ["--no-owner", "--no-acl"]
         with target.child_env() as env:
             if jobs > 1:
-                self._restore_spooled(source, argv, env, jobs)
+                restore_spooled(source, argv, env, jobs, selection)
             else:
-                self._restore_streamed(source, argv, env)
-
-    def _restore_streamed(self, source: Readable, argv: list[Any], env: dict[str, str]) -> None:
-        restore = _PgRestore.start(argv, env, stdin=subprocess.PIPE)
-        with contextlib.closing(Prefetch(source)) as ahead:
-            feed(restore.proc, ahead)
-        restore.finish()
-
-    def _restore_spooled(self, source: Readable, argv: list[Any], env: dict[str, str],
-                         jobs: int) -> None:
-        # pg_restore --jobs needs a seekable archive: spool it, privately, then remove it.
-        # The spool gets the data offsets pg_dump could not write into a pipe, and the
-        # schema (pre-data) is restored while the data is still being spooled.
-        folder = tempfile.mkdtemp(prefix="pgvault-restore-")
-        schema: _PgRestore | None = None
-        try:
-            path = os.path.join(folder, "db.dump")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            offsets = OffsetFinder()
-            with os.fdopen(fd, "wb") as spool, contextlib.closing(Prefetch(source)) as ahead:
-                while data := ahead.read(CHUNK):
-                    spool.write(data)
-                    offsets.feed(data)
-                    if schema is None and offsets.toc is not None:
-                        spool.flush()
-                        schema = _PgRestore.start([*argv, "--section=pre-data", path], env)
-                spool.flush()
-                offsets.patch(spool.fileno())
-            if schema is None:
-                rest = [*argv, f"--jobs={jobs}", path]
-            else:
-                schema.finish()
-                rest = [*argv, "--section=data", "--section=post-data", f"--jobs={jobs}", path]
-            _PgRestore.start(rest, env).finish()
-        finally:
-            if schema is not None:
-                schema.kill()
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-@dataclass
-class _PgRestore:
-    """A running pg_restore and the tail of its stderr."""
-
-    proc: subprocess.Popen[bytes]
-    tail: StderrTail
-
-    @classmethod
-    def start(cls, argv: list[Any], env: dict[str, str],
-              stdin: int = subprocess.DEVNULL) -> _PgRestore:
-        proc = subprocess.Popen([str(a) for a in argv], stdin=stdin,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        assert proc.stderr is not None
-        return cls(proc, StderrTail(proc.stderr))
-
-    def finish(self) -> None:
-        """Wait; kill it if the wait is interrupted; one clear line if it failed."""
-        try:
-            returncode = self.proc.wait()
-        except BaseException:
-            self.kill()
-            raise
-        self.tail.join()
-        if returncode != 0:
-            raise RestoreFailed(describe_exit("pg_restore", returncode, self.tail))
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+                restore_streamed(source, argv, env)

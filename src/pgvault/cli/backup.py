@@ -274,6 +274,7 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
       pgvault restore latest --to app_restored
       pgvault restore 20261125T010000 --to postgresql://admin@other-host/app_copy -j 4
       pgvault restore latest --to app --clean          # replace an existing database
+      pgvault restore latest --to app_copy -j 1        # streamed: no temporary file
       pgvault restore latest --to app_copy --identity-file restore-key.txt   # encrypted
       pgvault restore --physical latest --pgdata /srv/pg-pitr \\
           --target-time '2026-11-25 09:14:00+00' --start --port 5499

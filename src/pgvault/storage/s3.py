@@ -10,6 +10,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import mmap
 import re
 import threading
 from collections.abc import Iterable, Iterator
@@ -17,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import urlsplit
 
 from pgvault.errors import (
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 MiB = 1 << 20
 GiB = 1 << 30
+_READ = MiB  # a part buffer is filled by reads of at most this: its one transient copy
+_SEND = 64 << 10  # botocore reads a part in slices of at most this (hashing, sending)
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 MAX_PART_SIZE = 5 * GiB
 MAX_PARTS = 10_000
@@ -63,8 +66,8 @@ _URL = re.compile(r"\w+://\S+")
 def part_size(number: int, base: int) -> int:
     """Size of part ``number`` (1-based): ``base``, doubled every 800 parts, at most 5 GiB.
 
-    With base 8 MiB, parts 1-800 are 8 MiB (6.25 GiB), 801-1600 16 MiB (18.75 GiB in all),
-    and so on; 10,000 parts hold 13.6 TiB even from base 5 MiB, beyond S3's 5 TiB objects.
+    With base 5 MiB, parts 1-800 are 5 MiB (3.9 GiB), 801-1600 10 MiB (11.7 GiB in all),
+    and so on; 10,000 parts hold 13.6 TiB, beyond S3's 5 TiB objects.
     """
     return min(base << ((number - 1) // DOUBLE_EVERY), MAX_PART_SIZE)
 
@@ -79,8 +82,9 @@ class S3Options:
     sse: str | None = "AES256"  # "AES256", "aws:kms", or None for stores without SSE
     kms_key_id: str | None = None
     verify_tls: bool = True
-    part_size: int = 8 * MiB
-    max_concurrency: int = 4
+    # Memory: up to max_concurrency + 1 part buffers (15 MiB by default); see _put_multipart.
+    part_size: int = 5 * MiB
+    max_concurrency: int = 2
     sse_customer_key: bytes | None = field(default=None, repr=False)
     """SSE-C: a 32-byte key the store encrypts with and forgets; every request sends it."""
     object_lock_mode: str | None = None  # "GOVERNANCE" or "COMPLIANCE"
@@ -108,7 +112,7 @@ class S3Options:
             raise ConfigError("s3 max_concurrency must be at least 1")
 
 
-def _md5(data: bytes) -> bytes:
+def _md5(data: bytes | memoryview) -> bytes:
     return hashlib.md5(data, usedforsecurity=False).digest()
 
 
@@ -126,16 +130,80 @@ def _response_time(response: Any) -> datetime:
         return datetime.now(UTC)
 
 
-def _read_part(stream: BinaryIO, size: int) -> bytes:
-    """Up to ``size`` bytes; fewer only at the end of the stream."""
-    data = stream.read(size)
-    if len(data) == size or not data:
-        return data  # the usual case: a buffered read(n) blocks until n bytes or EOF
-    chunks, have = [data], len(data)
-    while have < size and (chunk := stream.read(size - have)):
-        chunks.append(chunk)
+def _fill(stream: BinaryIO, view: memoryview) -> int:
+    """Read into ``view`` until it is full or the stream ends; the number of bytes read."""
+    have = 0
+    while have < len(view) and (chunk := stream.read(min(_READ, len(view) - have))):
+        view[have : have + len(chunk)] = chunk
         have += len(chunk)
-    return b"".join(chunks)
+    return have
+
+
+class _Buffers:
+    """The part buffers of one upload, each reused once its part is acknowledged.
+
+    Anonymous maps rather than bytes: pages a short part never touches cost nothing, and a
+    dropped buffer goes back to the system at once, where malloc would keep freed parts.
+    """
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    def fill(self, stream: BinaryIO, size: int) -> tuple[mmap.mmap, int]:
+        """A buffer holding the stream's next ``size`` bytes (fewer only at its end)."""
+        with self._lock:
+            buffer = self._free.pop() if self._free else None
+        if buffer is None or len(buffer) < size:  # parts grow: a smaller buffer is dropped
+            buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        try:
+            return buffer, _fill(stream, memoryview(buffer)[:size])
+        except BaseException:
+            self.give(buffer)
+            raise
+
+    def give(self, buffer: mmap.mmap) -> None:
+        """Return a buffer whose bytes are no longer needed."""
+        with self._lock:
+            self._free.append(buffer)
+
+
+class _Part(io.RawIOBase):
+    """A part's bytes for botocore to hash and send: slices of a buffer, never a whole copy."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True  # botocore measures the body by seeking and rewinds it to retry
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, start + offset)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        # Short reads are allowed; small ones keep each sending thread's copies small.
+        left = max(0, len(self._view) - self._pos)
+        n = left if size is None or size < 0 else min(size, _SEND, left)
+        data = self._view[self._pos : self._pos + n].tobytes()
+        self._pos += n
+        return data
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        target = memoryview(buffer).cast("B")
+        n = min(len(target), max(0, len(self._view) - self._pos))
+        target[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
 
 
 def _one_line(text: str) -> str:
@@ -178,8 +246,9 @@ class S3Storage:
     """Objects under ``prefix`` in ``bucket``; SSE on every write unless options say none."""
 
     def __init__(self, bucket: str, prefix: str, options: S3Options) -> None:
-        # Imported here: boto3 takes 0.15 s or more to import, which file repositories need not pay.
-        import boto3
+        # Imported here: botocore takes 0.15 s or more to import, which file repositories need
+        # not pay. botocore alone, not boto3: its resources and s3transfer cost 3 MB of memory.
+        import botocore.session
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -211,7 +280,7 @@ class S3Storage:
             user_agent_extra="pgvault",
         )
         try:
-            self._client: S3Client = boto3.session.Session().client(
+            client = botocore.session.get_session().create_client(
                 "s3",
                 region_name=options.region,
                 endpoint_url=options.endpoint_url,
@@ -222,6 +291,7 @@ class S3Storage:
             raise ConfigError(
                 f"{self.url}: cannot set up the S3 client: {_one_line(str(exc))}"
             ) from exc
+        self._client = cast("S3Client", client)
         self._endpoint = urlsplit(self._client.meta.endpoint_url).netloc.rpartition("@")[2]
 
     @property
@@ -267,12 +337,14 @@ class S3Storage:
         """One PutObject below one part; else a multipart upload, aborted on any failure."""
         full = self._full(key)
         base = self._options.part_size
-        head = [_read_part(stream, base)]
-        if len(head[0]) == base:
-            head.append(_read_part(stream, part_size(2, base)))
-        if len(head) == 1 or not head[1]:
-            return self._put_single(key, full, head[0])
-        return self._put_multipart(key, full, stream, head)
+        buffers = _Buffers()
+        head = [buffers.fill(stream, base)]
+        if head[0][1] == base:
+            head.append(buffers.fill(stream, part_size(2, base)))
+        if len(head) == 1 or not head[1][1]:
+            buffer, size = head[0]
+            return self._put_single(key, full, memoryview(buffer)[:size] if size else b"")
+        return self._put_multipart(key, full, stream, buffers, head)
 
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
         return self._put_single(key, self._full(key), bytes(data))
@@ -295,20 +367,31 @@ class S3Storage:
             raise StorageError(f"s3://{self.bucket}/{self._root}{key}: the store's checksum "
                                f"(ETag {etag}) does not match the data sent ({expected})")
 
-    def _put_single(self, key: str, full: str, data: bytes, **extra: Any) -> ObjectInfo:
+    def _put_single(
+        self, key: str, full: str, data: bytes | memoryview, **extra: Any
+    ) -> ObjectInfo:
         digest = _md5(data)
+        body = data if isinstance(data, bytes) else cast(BinaryIO, _Part(data))
         with self._errors("put", key):
             response = self._client.put_object(
-                Bucket=self.bucket, Key=full, Body=data, ContentMD5=_content_md5(digest),
+                Bucket=self.bucket, Key=full, Body=body, ContentMD5=_content_md5(digest),
                 **self._sse, **self._sse_c, **self._lock(), **extra
             )
         self._check_etag(key, response.get("ETag"), digest.hex())
         return ObjectInfo(key, len(data), _response_time(response))
 
     def _put_multipart(
-        self, key: str, full: str, stream: BinaryIO, head: list[bytes]
+        self,
+        key: str,
+        full: str,
+        stream: BinaryIO,
+        buffers: _Buffers,
+        head: list[tuple[mmap.mmap, int]],
     ) -> ObjectInfo:
-        """Upload parts with at most ``max_concurrency`` in flight and one more being read."""
+        """Upload parts with at most ``max_concurrency`` in flight and one more being read.
+
+        So at most ``max_concurrency + 1`` part buffers exist, reused part after part.
+        """
         with self._errors("create multipart upload", key):
             upload_id = self._client.create_multipart_upload(
                 Bucket=self.bucket, Key=full, **self._sse, **self._sse_c, **self._lock()
@@ -328,21 +411,21 @@ class S3Storage:
         pool = ThreadPoolExecutor(workers, thread_name_prefix="pgvault-s3")
         try:
             number = 1
-            data = head.pop(0)
-            while data:
+            buffer, size = head.pop(0)
+            while size:
                 if number > MAX_PARTS:
                     raise StorageError(f"{self.url}/{key}: stream exceeds {MAX_PARTS} parts")
                 slots.acquire()
                 if failed.is_set():
                     break  # stop reading; the failed part's error is raised below
-                total += len(data)
-                future = pool.submit(self._upload_part, key, full, upload_id, number, data)
+                total += size
+                future = pool.submit(self._upload_part, key, full, upload_id, number,
+                                     buffers, buffer, size)
                 future.add_done_callback(done)
                 futures.append(future)
                 number += 1
-                # Drop our reference first so at most workers + 1 parts are in memory.
-                data = b""
-                data = head.pop(0) if head else _read_part(stream, part_size(number, base))
+                buffer, size = (head.pop(0) if head
+                                else buffers.fill(stream, part_size(number, base)))
             results = [f.result() for f in futures]
             parts: list[CompletedPartTypeDef] = [
                 {"PartNumber": n, "ETag": etag} for n, (etag, _) in enumerate(results, 1)
@@ -370,18 +453,23 @@ class S3Storage:
         return ObjectInfo(key, total, _response_time(response))
 
     def _upload_part(self, key: str, full: str, upload_id: str, number: int,
-                     data: bytes) -> tuple[str, bytes]:
-        digest = _md5(data)
-        with self._errors(f"upload part {number}", key):
-            response = self._client.upload_part(
-                Bucket=self.bucket,
-                Key=full,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=data,
-                ContentMD5=_content_md5(digest),
-                **self._sse_c,
-            )
+                     buffers: _Buffers, buffer: mmap.mmap, size: int) -> tuple[str, bytes]:
+        """Upload one part; its buffer is free again before the next part may be read."""
+        try:
+            data = memoryview(buffer)[:size]
+            digest = _md5(data)
+            with self._errors(f"upload part {number}", key):
+                response = self._client.upload_part(
+                    Bucket=self.bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=cast(BinaryIO, _Part(data)),
+                    ContentMD5=_content_md5(digest),
+                    **self._sse_c,
+                )
+        finally:
+            buffers.give(buffer)
         self._check_etag(f"{key} part {number}", response.get("ETag"), digest.hex())
         return response["ETag"], digest
 

@@ -8,6 +8,7 @@ import os
 import secrets
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from pgvault.catalog import lock_key
@@ -49,11 +50,18 @@ def holder(storage: Storage, database: str, *, stale_after: timedelta) -> dict[s
     return current
 
 
-@contextlib.contextmanager
-def hold(
+@dataclass(frozen=True)
+class Lock:
+    """A lock this process took: its key and the token that proves it is ours."""
+
+    key: str
+    token: str
+
+
+def acquire(
     storage: Storage, database: str, operation: str, *, stale_after: timedelta
-) -> Iterator[None]:
-    """Hold the lock of ``database`` for the block; LockHeld names the holder."""
+) -> Lock:
+    """Take the lock of ``database`` (a stale one is taken over); LockHeld names the holder."""
     key = lock_key(database)
     token = secrets.token_hex(8)
     now = datetime.now(UTC)
@@ -68,7 +76,7 @@ def hold(
     for attempt in range(2):
         try:
             storage.create(key, data)
-            break
+            return Lock(key, token)
         except AlreadyExists:
             try:
                 holder = json.loads(storage.read_bytes(key))
@@ -85,10 +93,24 @@ def hold(
                 f"since {holder.get('since', '?')}); if that process is gone, "
                 f"remove {storage.url}/{key}"
             ) from None
+    raise LockHeld(f"database {database!r}: its lock keeps changing hands; try again")
+
+
+def release(storage: Storage, lock: Lock) -> None:
+    """Remove the lock if it is still ours (best effort: a stale lock is taken over anyway)."""
+    with contextlib.suppress(Exception):
+        current = json.loads(storage.read_bytes(lock.key))
+        if current.get("token") == lock.token:
+            storage.delete([lock.key])
+
+
+@contextlib.contextmanager
+def hold(
+    storage: Storage, database: str, operation: str, *, stale_after: timedelta
+) -> Iterator[None]:
+    """Hold the lock of ``database`` for the block; LockHeld names the holder."""
+    lock = acquire(storage, database, operation, stale_after=stale_after)
     try:
         yield
     finally:
-        with contextlib.suppress(Exception):
-            current = json.loads(storage.read_bytes(key))
-            if current.get("token") == token:
-                storage.delete([key])
+        release(storage, lock)

@@ -88,14 +88,23 @@ class LogicalEngine:
             self._server = self.preflight()
         return self._server
 
-    def preflight(self) -> ServerInfo:
-        """Connect, learn the server version and make sure a suitable pg_dump exists."""
-        with self.conn.connect() as connection:
-            row = connection.execute(
-                "SELECT current_database(), current_setting('server_version'),"
-                " current_setting('server_version_num')::int,"
-                " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
-            ).fetchone()
+    def session(self) -> Any:
+        """A connection for ``preflight`` and then ``snapshot``: one connect instead of two."""
+        return self.conn.connect(autocommit=True)
+
+    def preflight(self, connection: Any = None) -> ServerInfo:
+        """Learn the server version and make sure a suitable pg_dump exists.
+
+        Asks on ``connection`` (left open) when given, else on a connection of its own.
+        """
+        if connection is None:
+            with self.conn.connect() as own:
+                return self.preflight(own)
+        row = connection.execute(
+            "SELECT current_database(), current_setting('server_version'),"
+            " current_setting('server_version_num')::int,"
+            " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+        ).fetchone()
         info = ServerInfo(
             database=row[0], version=row[1], version_num=row[2], is_superuser=bool(row[3])
         )
@@ -111,11 +120,16 @@ class LogicalEngine:
         }
 
     @contextlib.contextmanager
-    def snapshot(self) -> Iterator[Snapshot]:
-        """Open a repeatable-read transaction and export its snapshot for pg_dump."""
+    def snapshot(self, connection: Any = None) -> Iterator[Snapshot]:
+        """Open a repeatable-read transaction and export its snapshot for pg_dump.
+
+        Runs on ``connection`` (a ``session()``) when given, else on a new one; either is
+        closed at the end.
+        """
         import psycopg
 
-        connection = self.conn.connect(autocommit=True)
+        if connection is None:
+            connection = self.session()
         try:
             connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             snapshot_id: str | None

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pgvault import __version__, pipeline
 from pgvault.catalog import Catalog, artifact_key
-from pgvault.engines.logical import DUMP_FORMAT, GLOBALS_FORMAT, LogicalEngine, Snapshot
+from pgvault.engines.logical import (
+    DUMP_FORMAT,
+    GLOBALS_FORMAT,
+    LogicalEngine,
+    ServerInfo,
+    Snapshot,
+)
 from pgvault.errors import BackupFailed
-from pgvault.lock import hold
+from pgvault.lock import Lock, acquire, release
 from pgvault.model import Artifact, Facts, Manifest, StageSpec, new_backup_id
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput
@@ -55,9 +62,8 @@ class BackupOptions:
 def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest:
     """Take one logical backup; the manifest is written only when every artifact is stored."""
     engine = LogicalEngine(conn)
-    server = engine.preflight()
-    database = server.database
-    with hold(storage, database, "backup", stale_after=options.lock_stale_after):
+    with _preflight_and_lock(engine, storage, options.lock_stale_after) as (session, server):
+        database = server.database
         started = options.clock()
         backup_id = new_backup_id(started)
         written: list[str] = []
@@ -65,10 +71,7 @@ def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest
         side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgvault-globals")
         try:
             artifacts: list[Artifact] = []
-            # Roles and tool versions are small work: done beside the dump, not before it.
-            extras = side.submit(_globals_and_versions, engine, storage, database, backup_id,
-                                 options, written)
-            with engine.snapshot() as snapshot:
+            with engine.snapshot(session) as snapshot:
                 facts_box: list[Facts] = []
                 errors: list[BaseException] = []
                 dump = engine.dump(snapshot.snapshot_id)
@@ -76,6 +79,9 @@ def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest
                     target=_collect, args=(engine, snapshot, facts_box, errors), daemon=True
                 )
                 counter.start()
+                # Roles and tool versions are small work: done beside the dump, once it runs.
+                extras = side.submit(_globals_and_versions, engine, storage, database,
+                                     backup_id, options, written)
                 try:
                     artifacts.insert(0, _store(dump, "db.dump", DUMP_FORMAT, storage, database,
                                                backup_id, options, written))
@@ -111,6 +117,55 @@ def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest
             raise
         finally:
             side.shutdown(wait=False)
+
+
+@contextlib.contextmanager
+def _preflight_and_lock(
+    engine: LogicalEngine, storage: Storage, stale_after: timedelta
+) -> Iterator[tuple[Any, ServerInfo]]:
+    """Preflight on the session the snapshot will use, while the repository lock is taken.
+
+    Both mostly wait (on the server, on the repository), so they overlap when the connection
+    names its database. A failed preflight still wins over a lock error and leaves no lock.
+    """
+    guess = engine.conn.dbname
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgvault-lock")
+    locking = pool.submit(acquire, storage, guess, "backup", stale_after=stale_after) \
+        if guess else None
+    pool.shutdown(wait=False)
+    session = None
+    try:
+        session = engine.session()
+        server = engine.preflight(session)
+        lock = _settle(locking, storage, server.database, guess)
+        if lock is None:
+            lock = acquire(storage, server.database, "backup", stale_after=stale_after)
+    except BaseException:
+        if session is not None:
+            session.close()
+        if locking is not None:
+            _settle(locking, storage, None, guess)
+        raise
+    try:
+        yield session, server
+    finally:
+        session.close()
+        release(storage, lock)
+
+
+def _settle(locking: Future[Lock] | None, storage: Storage, database: str | None,
+            guess: str | None) -> Lock | None:
+    """The lock taken for ``guess`` if it is the one for ``database``; else released, None.
+
+    Raises the lock's own error (LockHeld, a storage error) only when it is the right one.
+    """
+    if locking is None:
+        return None
+    if database is not None and database == guess:
+        return locking.result()
+    with contextlib.suppress(Exception):
+        release(storage, locking.result())
+    return None
 
 
 def _globals_and_versions(

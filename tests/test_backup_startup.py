@@ -1,0 +1,117 @@
+"""A backup's start: preflight and the repository lock overlap, and a failure of either
+leaves the repository as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli_runner import one_line_error, pgvault
+from fixtures_pg import NewName
+from pgvault.catalog import lock_key
+from pgvault.engines.logical import ServerInfo
+from pgvault.errors import LockHeld
+from pgvault.lock import acquire
+from pgvault.ops.backup import _preflight_and_lock
+from pgvault.pg.cluster import EphemeralCluster
+from pgvault.pg.conninfo import ConnInfo
+from pgvault.storage.memory import MemoryStorage
+
+HOUR = timedelta(hours=1)
+
+
+def test_failed_preflight_leaves_no_lock_and_wins_over_a_held_one(
+    pg_cluster: EphemeralCluster, new_name: NewName, tmp_path: Path
+) -> None:
+    missing = new_name()  # never created: connecting fails after the lock attempt began
+    repo = tmp_path / "repo"
+    proc = pgvault("backup", "--dbname", pg_cluster.url(missing), "--repo", f"file://{repo}",
+                   expect=4)
+    assert missing in one_line_error(proc)
+    assert not list(repo.rglob("*.lock"))
+
+    lock = repo / "locks" / f"{missing}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "operation": "backup",
+                         "since": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+                         "token": "theirs"})
+    lock.write_text(holder)
+    proc = pgvault("backup", "--dbname", pg_cluster.url(missing), "--repo", f"file://{repo}",
+                   expect=4)
+    assert "cannot connect" in one_line_error(proc)
+    assert lock.read_text() == holder, "another process's lock is never touched"
+
+
+@dataclass
+class _Session:
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class _Engine:
+    """Names one database in its connection while the server reports another."""
+
+    conn: ConnInfo
+    database: str
+    session_made: _Session | None = None
+
+    def session(self) -> _Session:
+        self.session_made = _Session()
+        return self.session_made
+
+    def preflight(self, connection: Any) -> ServerInfo:
+        return ServerInfo(database=self.database, version="15.0", version_num=150000,
+                          is_superuser=True)
+
+
+def _locks(storage: MemoryStorage) -> list[str]:
+    return [info.key for info in storage.list("locks/")]
+
+
+def test_the_lock_follows_the_database_the_server_names() -> None:
+    storage = MemoryStorage()
+    engine: Any = _Engine(ConnInfo.parse("dbname=guessed"), database="actual")
+    with _preflight_and_lock(engine, storage, HOUR) as (session, server):
+        assert server.database == "actual"
+        assert _locks(storage) == [lock_key("actual")]
+    assert session.closed and _locks(storage) == []
+
+
+def test_a_held_lock_fails_the_start_and_closes_the_session() -> None:
+    storage = MemoryStorage()
+    theirs = acquire(storage, "app", "backup", stale_after=HOUR)
+    engine: Any = _Engine(ConnInfo.parse("dbname=app"), database="app")
+    with pytest.raises(LockHeld, match="locked by backup"), \
+            _preflight_and_lock(engine, storage, HOUR):
+        pytest.fail("the block must not run without the lock")
+    assert engine.session_made.closed
+    assert _locks(storage) == [theirs.key]
+
+
+def test_without_a_database_name_the_lock_waits_for_preflight(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    taken: list[str] = []
+    real_acquire: Callable[..., Any] = acquire
+
+    def spy(storage: Any, database: str, *args: Any, **kwargs: Any) -> Any:
+        taken.append(database)
+        return real_acquire(storage, database, *args, **kwargs)
+
+    monkeypatch.setattr("pgvault.ops.backup.acquire", spy)
+    storage = MemoryStorage()
+    engine: Any = _Engine(ConnInfo.parse("host=localhost"), database="postgres")
+    with _preflight_and_lock(engine, storage, HOUR):
+        assert _locks(storage) == [lock_key("postgres")]
+    assert taken == ["postgres"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -48,12 +49,21 @@ def settings_of(ctx: click.Context) -> Any:
 
 
 def storage_of(settings: Any) -> Any:
-    """The repository the settings name."""
+    """The repository the settings name; a command asks for it once it is set up."""
     from pgvault import config
     from pgvault.storage import open_storage
 
     options = config.s3_options(settings) if settings.repo.startswith("s3://") else None
-    return open_storage(settings.repo, options)
+    storage = open_storage(settings.repo, options)
+    startup_done()
+    return storage
+
+
+def startup_done() -> None:
+    """Resume garbage collection (main() pauses it), sparing the start-up heap from now on."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def common(func: Callable[..., Any]) -> Callable[..., Any]:

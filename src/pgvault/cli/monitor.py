@@ -16,6 +16,7 @@ from pgvault.cli.app import (
     database_filter,
     dbname_option,
     settings_of,
+    startup_done,
     state,
     storage_of,
 )
@@ -287,6 +288,7 @@ def daemon(ctx: click.Context, /, listen: str | None, **_: Any) -> None:
 
     logs.configure(state.get("log_format", "text"), show_events=True, debug=state["debug"])
     settings = settings_of(ctx)
+    startup_done()  # the daemon runs for months: collect garbage from the start
     runner = Daemon(settings, open_storage=storage_of, listen=listen, drill=_drill)
     code = runner.run()
     if runner.stuck:

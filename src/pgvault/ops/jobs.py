@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any
 from pgvault import logs
 from pgvault.errors import Interrupted, PgvaultError
 from pgvault.events import Event, Fanout, Sink
-from pgvault.metrics import Metrics
 from pgvault.ops.backup import BackupOptions, backup
 from pgvault.ops.status import DatabaseStatus, RunRecord, database_status, record_run
 from pgvault.storage.base import Storage
 
 if TYPE_CHECKING:
     from pgvault.config import Settings
+    from pgvault.metrics import Metrics
     from pgvault.model import Manifest, VerifyReport
-    from pgvault.ops.prune import PruneReport
+    from pgvault.ops.prune import Policy, PruneReport
     from pgvault.pg.conninfo import ConnInfo
 
 log = logs.get("jobs")
@@ -92,13 +92,10 @@ def run_backup_job(settings: Settings, conn: ConnInfo, storage: Storage,
     will be retried); ``stale`` says a stale alert is open, so success means recovered.
     Raises what the backup raised, after recording and reporting it.
     """
-    from pgvault.ops.prune import Policy, prune_after_backup
-
     context = context or JobContext()
     database = database_of(conn)
     # Built before the backup, so a bad [retention] fails fast instead of after an hour's dump.
-    policy = (Policy.from_mapping(settings.retention.model_dump())
-              if settings.prune_after_backup else None)
+    policy = _policy(settings) if settings.prune_after_backup else None
     fanout = context.fanout(settings, database)
     options = replace(options, progress=_abortable(options.progress, context.cancel))
     started = context.clock()
@@ -154,6 +151,8 @@ def run_backup_job(settings: Settings, conn: ConnInfo, storage: Storage,
                             manifest.id)
                 policy = None
         if policy is not None:
+            from pgvault.ops.prune import prune_after_backup
+
             try:
                 result.prune = prune_after_backup(storage, policy, database=database,
                                                   lock_stale_after=options.lock_stale_after)
@@ -168,6 +167,13 @@ def run_backup_job(settings: Settings, conn: ConnInfo, storage: Storage,
                             database, exc)
     publish(settings, storage, database, context)
     return result
+
+
+def _policy(settings: Settings) -> Policy:
+    """The retention policy of ``settings`` (the planner is imported only when pruning)."""
+    from pgvault.ops.prune import Policy
+
+    return Policy.from_mapping(settings.retention.model_dump())
 
 
 def _abortable(progress: Callable[[int], None] | None,
@@ -214,7 +220,12 @@ def publish(settings: Settings, storage: Storage, database: str,
     wanted = settings.metrics.textfile or settings.metrics.pushgateway_url
     if context.metrics is None and not wanted:
         return
-    metrics = context.metrics or Metrics()
+    if context.metrics is None:
+        from pgvault.metrics import Metrics
+
+        metrics = Metrics()
+    else:
+        metrics = context.metrics
     try:
         metrics.update(status_of(settings, storage, database))
     except Exception as exc:

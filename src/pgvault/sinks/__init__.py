@@ -14,23 +14,30 @@ if TYPE_CHECKING:
 def sinks_for(notify: NotifySettings) -> list[Sink]:
     """The log sink plus every notifier ``notify`` configures (URLs registered as secrets)."""
     from pgvault import redact
-    from pgvault.sinks.chat import DiscordSink, SlackSink
     from pgvault.sinks.log import LogSink
-    from pgvault.sinks.ping import PingSink
-    from pgvault.sinks.smtp import EmailSink
-    from pgvault.sinks.webhook import WebhookSink
 
+    # Each notifier is imported only when configured (smtplib and urllib cost start-up time).
     sinks: list[Sink] = [LogSink()]
     events = notify.events
     if notify.webhook_url is not None:
+        from pgvault.sinks.webhook import WebhookSink
+
         sinks.append(WebhookSink(notify.webhook_url.get_secret_value(), events))
     if notify.slack_webhook_url is not None:
+        from pgvault.sinks.chat import SlackSink
+
         sinks.append(SlackSink(notify.slack_webhook_url.get_secret_value(), events))
     if notify.discord_webhook_url is not None:
+        from pgvault.sinks.chat import DiscordSink
+
         sinks.append(DiscordSink(notify.discord_webhook_url.get_secret_value(), events))
     if notify.ping_url is not None:
+        from pgvault.sinks.ping import PingSink
+
         sinks.append(PingSink(notify.ping_url.get_secret_value()))
     if notify.email is not None:
+        from pgvault.sinks.smtp import EmailSink
+
         sinks.append(EmailSink(notify.email, events))
         if notify.email.password is not None:
             redact.register(notify.email.password.get_secret_value())

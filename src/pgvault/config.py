@@ -71,9 +71,9 @@ class S3Settings(Section):
     sse: Literal["AES256", "aws:kms", "sse-c", "none"] = "AES256"
     kms_key_id: str | None = None
     verify_tls: bool = True
-    # An upload holds up to max_concurrency + 1 parts in memory (15 MiB by default).
+    # An upload holds up to max_concurrency + 1 parts in memory (25 MiB by default).
     part_size_mb: int = Field(default=5, ge=5, le=5120)
-    max_concurrency: int = Field(default=2, ge=1, le=64)
+    max_concurrency: int = Field(default=4, ge=1, le=64)
     object_lock: ObjectLockSettings | None = None
 
 

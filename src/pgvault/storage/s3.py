@@ -82,9 +82,9 @@ class S3Options:
     sse: str | None = "AES256"  # "AES256", "aws:kms", or None for stores without SSE
     kms_key_id: str | None = None
     verify_tls: bool = True
-    # Memory: up to max_concurrency + 1 part buffers (15 MiB by default); see _put_multipart.
+    # Memory: up to max_concurrency + 1 part buffers (25 MiB by default); see _put_multipart.
     part_size: int = 5 * MiB
-    max_concurrency: int = 2
+    max_concurrency: int = 4
     sse_customer_key: bytes | None = field(default=None, repr=False)
     """SSE-C: a 32-byte key the store encrypts with and forgets; every request sends it."""
     object_lock_mode: str | None = None  # "GOVERNANCE" or "COMPLIANCE"

@@ -1,5 +1,5 @@
 """Least privilege and hardened storage: the S3 calls each command makes (as docs/security.md
-lists them), its IAM policies enforced by an S3 server, Object Lock, SSE-C.
+lists them, logical and physical), its IAM policies enforced by an S3 server, Object Lock, SSE-C.
 """
 
 from __future__ import annotations
@@ -7,7 +7,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import pwd
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -20,20 +22,29 @@ import pytest
 from botocore.exceptions import ClientError
 from psycopg import sql
 
+import test_physical as physical
 from cli_runner import one_line_error, pgvault
 from dbcompare import assert_databases_equal
 from fixtures_iam import IamS3
 from pgvault.catalog import Catalog
 from pgvault.ops.prune import Policy, prune
+from pgvault.ops.wal import archived
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.pipeline.age import new_identity
+from pgvault.storage import open_storage
 from pgvault.storage.s3 import S3Options, S3Storage
 from sampledb import fill_sized_database
+
+# Archiving clusters as tests/test_physical.py sets them up: its fixtures, requested by name.
+from test_physical import archiving, pitr_dir, repo_dir, server_pgvault  # noqa: F401
 
 DOC = Path(__file__).parent.parent / "docs" / "security.md"
 ROLE_OF = {"backup": "writer", "list": "reader", "show": "reader", "status": "reader",
            "restore": "reader", "verify": "reader", "prune": "pruner", "pin": "pruner",
-           "unpin": "pruner"}
+           "unpin": "pruner", "basebackup": "writer", "wal-push": "archiver",
+           "wal-fetch": "reader", "check-archive": "reader", "restore --physical": "reader"}
+ROLES = ("writer", "reader", "pruner", "archiver")
+PHYSICAL = ("basebackup", "wal-push", "wal-fetch", "check-archive", "restore --physical")
 IAM_ACTION = {"PutObject": "s3:PutObject", "CreateMultipartUpload": "s3:PutObject",
               "UploadPart": "s3:PutObject", "CompleteMultipartUpload": "s3:PutObject",
               "AbortMultipartUpload": "s3:AbortMultipartUpload", "GetObject": "s3:GetObject",
@@ -49,8 +60,8 @@ def documented_calls() -> dict[str, Calls]:
     """command -> {(operation, key area)} from the table in docs/security.md."""
     table = DOC.read_text().split("### The exact S3 calls", 1)[1].split("\n### ", 1)[0]
     found: dict[str, Calls] = {}
-    for command, operations, areas in re.findall(r"^\| (\w+) \| ([\w, ]+) \| (.+) \|$", table,
-                                                 re.MULTILINE):
+    rows = re.findall(r"^\| ([\w-]+(?: --[\w-]+)?) \| ([\w, ]+) \| (.+) \|$", table, re.MULTILINE)
+    for command, operations, areas in rows:
         for op in operations.split(", "):
             for key_area in re.findall(r"`([^`]+)`", areas):
                 found.setdefault(command, set()).add((op, key_area))
@@ -66,15 +77,29 @@ def documented_policy(role: str, bucket: str = "acme-backups", prefix: str = "ap
     return json.loads(text)
 
 
-def allows(policy: Any, action: str, resource: str) -> bool:
-    """A plain reading of Allow statements (actions and resources; s3:prefix conditions)."""
+def allows(policy: Any, action: str, resource: str, prefix: str | None = None) -> bool:
+    """A plain reading of Allow statements: actions, resources and s3:prefix conditions.
+
+    ``prefix`` is what a list asks for; S3 also judges a read of a missing key by the
+    right to list that key (404 if the caller may, else 403).
+    """
     for statement in policy["Statement"]:
         actions = statement["Action"] if isinstance(statement["Action"], list) else [
             statement["Action"]]
+        condition = statement.get("Condition", {})
+        assert set(condition) <= {"StringLike"}, condition
+        prefixes = condition.get("StringLike", {}).get("s3:prefix")
+        listed = prefixes is None or (
+            prefix is not None and any(fnmatch.fnmatch(prefix, p) for p in prefixes))
         if statement["Effect"] == "Allow" and any(fnmatch.fnmatch(action, a) for a in actions) \
-                and any(fnmatch.fnmatch(resource, r) for r in statement["Resource"]):
+                and any(fnmatch.fnmatch(resource, r) for r in statement["Resource"]) and listed:
             return True
     return False
+
+
+def example_key(key_area: str) -> str:
+    """A key in ``key_area`` of repository ``app``, for cluster ``main``."""
+    return "app/" + key_area.replace("*", "main") + ("x" if key_area.endswith("/") else "")
 
 
 def test_documented_policies_grant_exactly_what_each_role_needs() -> None:
@@ -83,32 +108,49 @@ def test_documented_policies_grant_exactly_what_each_role_needs() -> None:
     for command, needed in calls.items():
         policy = documented_policy(ROLE_OF[command])
         for op, key_area in needed:
-            resource = ("arn:aws:s3:::acme-backups" if op == "ListObjectsV2"
-                        else f"arn:aws:s3:::acme-backups/app/{key_area}x")
-            assert allows(policy, IAM_ACTION[op], resource), (command, op, key_area)
-    writer = documented_policy("writer")
+            key = example_key(key_area)
+            allowed = (allows(policy, "s3:ListBucket", "arn:aws:s3:::acme-backups", key)
+                       if op == "ListObjectsV2"
+                       else allows(policy, IAM_ACTION[op], f"arn:aws:s3:::acme-backups/{key}"))
+            assert allowed, (command, op, key_area)
+    bucket, obj = "arn:aws:s3:::acme-backups", "arn:aws:s3:::acme-backups/app/{}".format
+    writer, reader, pruner, archiver = (documented_policy(role) for role in ROLES)
     for key_area in ("backups/", "manifests/", "drills/"):
-        obj = f"arn:aws:s3:::acme-backups/app/{key_area}x"
-        assert not allows(writer, "s3:DeleteObject", obj), key_area
-        assert not allows(writer, "s3:GetObject", obj), key_area
-    assert not allows(writer, "s3:ListBucket", "arn:aws:s3:::acme-backups")
-    assert not allows(documented_policy("reader"), "s3:DeleteObject",
-                      "arn:aws:s3:::acme-backups/app/backups/x")
-    assert not allows(documented_policy("pruner"), "s3:PutObject",
-                      "arn:aws:s3:::acme-backups/app/backups/x")
-    for role in ("writer", "reader", "pruner"):  # nothing outside the repository prefix
-        assert not allows(documented_policy(role), "s3:GetObject",
-                          "arn:aws:s3:::acme-backups/other/manifests/x")
-        assert not allows(documented_policy(role), "s3:PutObject",
-                          "arn:aws:s3:::acme-backups/other/backups/x")
+        assert not allows(writer, "s3:DeleteObject", obj(key_area + "x")), key_area
+        assert not allows(writer, "s3:GetObject", obj(key_area + "x")), key_area
+        assert not allows(writer, "s3:ListBucket", bucket, f"app/{key_area}"), key_area
+    assert not allows(writer, "s3:ListBucket", bucket)
+    assert not allows(reader, "s3:DeleteObject", obj("backups/x"))
+    assert not allows(pruner, "s3:PutObject", obj("backups/x"))
+    segment = "wal/main/00000001/000000010000000000000003/" + "0" * 64 + ".zst.age"
+    # Only the archiver writes WAL; it writes nothing else, and reads no WAL back.
+    for role in (writer, reader, pruner):
+        assert not allows(role, "s3:PutObject", obj(segment))
+    for key_area in ("backups/", "manifests/", "locks/", "status/", "drills/", "keys/"):
+        for action in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject"):
+            assert not allows(archiver, action, obj(key_area + "x")), (action, key_area)
+        assert not allows(archiver, "s3:ListBucket", bucket, f"app/{key_area}")
+    assert not allows(archiver, "s3:GetObject", obj(segment))
+    assert not allows(archiver, "s3:DeleteObject", obj(segment))
+    # Records read before they may exist: the role may list their key, so S3 says 404.
+    for role, record in ((writer, "identity.json"), (pruner, "identity.json"),
+                         (archiver, "identity.json"), (archiver, "push-failures.json")):
+        assert allows(role, "s3:ListBucket", bucket, f"app/wal/main/{record}"), record
+    for role in (writer, reader, pruner, archiver):  # nothing outside the repository prefix
+        assert not allows(role, "s3:GetObject", "arn:aws:s3:::acme-backups/other/manifests/x")
+        assert not allows(role, "s3:PutObject", "arn:aws:s3:::acme-backups/other/wal/x")
+        assert not allows(role, "s3:ListBucket", bucket, "other/wal/")
 
 
 # ---------------------------------------------------------------- what pgvault does
 
 
 def area(key: str) -> str:
-    """The top-level folder of a repository key ("backups/", "locks/", ...)."""
-    head, slash, _ = key.partition("/")
+    """The top-level folder of a repository key ("backups/", "locks/", ...); the WAL
+    archive's two records by name ("wal/*/identity.json"), as policies grant them."""
+    head, slash, rest = key.partition("/")
+    if head == "wal" and rest.count("/") == 1 and rest.endswith(".json"):
+        return "wal/*/" + rest.partition("/")[2]
     return head + slash if slash else key
 
 
@@ -137,7 +179,7 @@ def record(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Calls]]:
 
     monkeypatch.setattr(S3Storage, "__init__", init)
 
-    def run(*args: str, env: dict[str, str]) -> Calls:
+    def run(*args: str, env: dict[str, str], exit_code: int = 0) -> Calls:
         from pgvault.cli.app import cli
 
         calls.clear()
@@ -146,7 +188,12 @@ def record(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Calls]]:
                 mp.delenv(name)
             for name, value in env.items():
                 mp.setenv(name, value)
-            cli.main(args=list(args), prog_name="pgvault", standalone_mode=False)
+            try:  # wal-push and wal-fetch report failures by exit status, as the server reads it
+                cli.main(args=list(args), prog_name="pgvault", standalone_mode=False)
+                code: object = 0
+            except SystemExit as exc:
+                code = exc.code
+        assert code == exit_code, f"pgvault {' '.join(args)} exited {code}, not {exit_code}"
         return set(calls)
 
     yield run
@@ -218,6 +265,103 @@ def test_every_s3_call_of_every_command_is_documented(
     assert deletes == {"locks/"}, "a backup deletes nothing but its lock"
 
 
+def physical_config(folder: Path, endpoint: str, repo: str, recipient: str) -> Path:
+    """The config file an archiving server's wal-push reads (it sees no test environment)."""
+    config = folder / "pgvault.toml"
+    config.write_text(f'repo = "{repo}"\n[s3]\nendpoint_url = "{endpoint}"\npath_style = true\n'
+                      f'[encryption]\nrecipients = ["{recipient}"]\n')
+    return config
+
+
+def postgres_owned_keys(folder: Path) -> tuple[Path, str]:
+    """An age identity file in ``folder`` the postgres OS user can read; its recipient."""
+    text, recipient = new_identity()
+    identity = folder / "identity.txt"
+    identity.write_text(text)
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        os.chown(identity, owner.pw_uid, owner.pw_gid)
+    return identity, recipient
+
+
+def test_every_s3_call_of_the_physical_commands_is_documented(
+    record: Callable[..., Calls], request: pytest.FixtureRequest, s3_server: str,
+    s3_bucket: str, pg_cluster: EphemeralCluster, tmp_path: Path
+) -> None:
+    """basebackup, wal-push (new, repeated, refused, multipart), wal-fetch, check-archive,
+    restore --physical; and status, verify, prune once the repository holds base backups."""
+    start_archiving = request.getfixturevalue("archiving")
+    keys = physical._postgres_owned_dir("pgvault-keys-")
+    request.addfinalizer(lambda: shutil.rmtree(keys, ignore_errors=True))
+    identity, recipient = postgres_owned_keys(keys)
+    repo = f"s3://{s3_bucket}/app"
+    config = physical_config(keys, s3_server, repo, recipient)
+    env = {"PGVAULT_S3__ENDPOINT_URL": s3_server, "PGVAULT_S3__PATH_STYLE": "true",
+           "PGVAULT_REPO": repo, "PGVAULT_AGE_RECIPIENTS": recipient,
+           "PGVAULT_AGE_IDENTITY_FILE": str(identity)}
+    seen: dict[str, Calls] = {}
+
+    def run(command: str, *args: str, run_env: dict[str, str] = env, exit_code: int = 0,
+            label: str | None = None) -> None:
+        calls = record(command, *args, env=run_env, exit_code=exit_code)
+        seen.setdefault(label or command, set()).update(calls)
+
+    cluster = start_archiving(f"--config {config}")  # the server's own wal-push: not recorded
+    admin = cluster.url()
+    physical.sql(admin, physical.CREATE_APP)
+    physical.sql(cluster.url("app"), "CREATE TABLE orders (id int PRIMARY KEY, note text)",
+                 physical.insert(1, 500))
+    # Uncompressed, base.tar is above the 5 MiB part size: the multipart path.
+    run("basebackup", "-d", admin, "--fast-checkpoint", "--compression", "none")
+    physical.sql(cluster.url("app"), physical.insert(501, 1000))
+    run("check-archive", "-d", admin)
+
+    storage = open_storage(repo, S3Options(endpoint_url=s3_server, path_style=True))
+    walfile = max(f.wal.name for f in archived(storage, "main") if f.wal.kind == "segment")
+    fetched = tmp_path / "fetched" / walfile
+    fetched.parent.mkdir()
+    run("wal-fetch", walfile, str(fetched))
+    run("wal-fetch", "0000000100000000000000FF", str(tmp_path / "missing"), exit_code=1)
+    run("wal-push", str(fetched))  # already archived: found, not written
+    damaged = tmp_path / "damaged" / walfile
+    damaged.parent.mkdir()
+    data = bytearray(fetched.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    run("wal-push", str(damaged), exit_code=6)  # split brain: refused, and recorded
+    run("wal-push", str(fetched), "--cluster", "copy")  # first push: binds the name
+    big = physical._completed_segment(pg_cluster, tmp_path / "big")  # 16 MB: a multipart upload
+    run("wal-push", str(big), "--cluster", "big",
+        run_env={**env, "PGVAULT_COMPRESSION__ALGORITHM": "none"})
+    run("restore", "--physical", "latest", "--pgdata", str(tmp_path / "restored"),
+        label="restore --physical")
+
+    run("basebackup", "-d", admin, "--fast-checkpoint")
+    run("status")
+    run("verify", "latest", "--level", "integrity")
+    run("prune", run_env={**env, "PGVAULT_RETENTION__KEEP_LAST": "1",
+                          "PGVAULT_RETENTION__KEEP_DAILY": "0",
+                          "PGVAULT_RETENTION__KEEP_WEEKLY": "0",
+                          "PGVAULT_RETENTION__KEEP_MONTHLY": "0"})
+    assert ("UploadPart", "backups/") in seen["basebackup"], "multipart base.tar"
+    assert ("UploadPart", "wal/") in seen["wal-push"], "multipart WAL"
+    assert ("PutObject", "wal/*/push-failures.json") in seen["wal-push"], "a failure recorded"
+    assert ("DeleteObjects", "wal/") in seen["prune"], "prune removed archived WAL"
+    documented = documented_calls()
+    for command, calls in seen.items():
+        undocumented = calls - documented[command]
+        assert not undocumented, f"{command} makes S3 calls docs/security.md does not list: " \
+                                 f"{sorted(undocumented)}"
+    # The other way too: a row no physical call needs any more would be a grant too many.
+    for command in (*PHYSICAL, "status", "verify", "prune"):
+        rows = {(op, a) for op, a in documented[command] - seen[command]
+                if op != "AbortMultipartUpload" and (command in PHYSICAL or a.startswith("wal/"))}
+        assert not rows, f"{command} no longer makes these documented calls: {sorted(rows)}"
+    assert {a for op, a in seen["basebackup"] if op.startswith("Delete")} == {"locks/"}
+    assert not [op for op, _ in seen["wal-push"] if op.startswith("Delete")]
+    assert ("GetObject", "wal/") not in seen["wal-push"], "wal-push reads no WAL back"
+
+
 def test_each_role_can_do_its_job_and_nothing_else(
     iam_s3: IamS3, sized_db: str, pg_cluster: EphemeralCluster,
     new_name: Callable[[], str], tmp_path: Path
@@ -264,6 +408,88 @@ def test_each_role_can_do_its_job_and_nothing_else(
     last = new_name()
     pgvault("restore", "latest", "--to", last, *at, env=role["reader"])
     assert_databases_equal(sized_db, pg_cluster.url(last))
+
+
+def test_physical_roles_archive_back_up_restore_and_prune_under_iam(
+    iam_s3: IamS3, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The server archives as the archiver, basebackup runs as the writer, check-archive,
+    wal-fetch and restore --physical (and the restored server's restore_command) as the
+    reader, prune as the pruner: each under its policy from docs/security.md."""
+    start_archiving = request.getfixturevalue("archiving")
+    restores: Path = request.getfixturevalue("pitr_dir")
+    server_bin: str = request.getfixturevalue("server_pgvault")
+    keys = physical._postgres_owned_dir("pgvault-keys-")
+    request.addfinalizer(lambda: shutil.rmtree(keys, ignore_errors=True))
+    identity, recipient = postgres_owned_keys(keys)
+    bucket = iam_s3.bucket()
+    config = physical_config(keys, iam_s3.endpoint, f"s3://{bucket}/app", recipient)
+    policies = {name: documented_policy(name, bucket) for name in ROLES}
+    # As above: moto judges DeleteObjects by the bucket's ARN.
+    policies["pruner"]["Statement"].append({"Effect": "Allow", "Action": "s3:DeleteObject",
+                                            "Resource": f"arn:aws:s3:::{bucket}"})
+    credentials = {name: iam_s3.user(policy) for name, policy in policies.items()}
+    role = {name: {**creds, "PGVAULT_CONFIG": str(config),
+                   "PGVAULT_AGE_IDENTITY_FILE": str(identity)}
+            for name, creds in credentials.items()}
+
+    archiver = " ".join(f"{k}={v}" for k, v in credentials["archiver"].items())
+    cluster = start_archiving(f"--config {config}", prefix=f"{archiver} ")
+    admin, app = cluster.url(), cluster.url("app")
+    physical.sql(admin, physical.CREATE_APP)
+    physical.sql(app, "CREATE TABLE orders (id int PRIMARY KEY, note text)",
+                 physical.insert(1, 500))
+    first = json.loads(pgvault("basebackup", "-d", admin, "--fast-checkpoint", "--json",
+                               env=role["writer"]).stdout)
+    assert first["physical"]["wal_included"] is False, "its WAL came through the archiver"
+    physical.sql(app, physical.insert(501, 1000))
+    checked = json.loads(pgvault("check-archive", "-d", admin, "--json",
+                                 env=role["reader"]).stdout)
+    walfile = checked["checked"]["walfile"]
+
+    fetched = tmp_path / "fetched" / walfile
+    fetched.parent.mkdir()
+    pgvault("wal-fetch", walfile, str(fetched), env=role["reader"])
+    # The archiver cannot read the archive back (126: recovery would stop, not end early).
+    denied = pgvault("wal-fetch", walfile, str(tmp_path / "x"), env=role["archiver"],
+                     expect=126)
+    assert "AccessDenied" in one_line_error(denied)
+    # A refused push is counted where monitoring reads it: the archiver reads and rewrites it.
+    damaged = tmp_path / "damaged" / walfile
+    damaged.parent.mkdir()
+    data = bytearray(fetched.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    for _ in range(2):
+        refused = pgvault("wal-push", str(damaged), env=role["archiver"], expect=6)
+        assert "split brain" in refused.stderr
+    (status,) = json.loads(pgvault("status", "--json", env=role["reader"]).stdout)
+    assert status["archive"]["push_failures_total"] == 2
+    # Only the archiver writes WAL; it cannot write backups.
+    for name in ("writer", "reader", "pruner"):
+        line = one_line_error(pgvault("wal-push", str(fetched), "--cluster", "other",
+                                      env=role[name], expect=5))
+        assert "AccessDenied" in line and "wal/other/" in line, (name, line)
+    line = one_line_error(pgvault("basebackup", "-d", admin, env=role["archiver"], expect=5))
+    assert "AccessDenied" in line and "locks/" in line, line
+
+    pgdata, port = restores / "end", physical._free_port()
+    pgvault("restore", "--physical", "latest", "--pgdata", str(pgdata), "--start", "--port",
+            str(port), "--pgvault-bin", server_bin, env=role["reader"])
+    try:
+        restored = f"postgresql://postgres@127.0.0.1:{port}/app"
+        assert physical.order_ids(restored) == list(range(1, 1001))
+    finally:
+        physical._stop_server(pgdata)
+
+    pgvault("basebackup", "-d", admin, "--fast-checkpoint", env=role["writer"])
+    keep_one = {**role["pruner"], "PGVAULT_RETENTION__KEEP_LAST": "1",
+                "PGVAULT_RETENTION__KEEP_DAILY": "0", "PGVAULT_RETENTION__KEEP_WEEKLY": "0",
+                "PGVAULT_RETENTION__KEEP_MONTHLY": "0"}
+    report = json.loads(pgvault("prune", "--json", env=keep_one).stdout)
+    assert [d["id"] for d in report["databases"]["main"]["remove"]] == [first["id"]]
+    assert report["wal"], "archived WAL older than the kept base backup was removed"
+    pgvault("check-archive", "--no-switch", env=role["reader"])  # and no gap was made
 
 
 # ---------------------------------------------------------------- Object Lock

@@ -1,5 +1,5 @@
 """A backup's start: preflight and the repository lock overlap, and a failure of either
-leaves the repository as it was."""
+leaves the repository as it was; facts are counted beside the dump without parallel workers."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from cli_runner import one_line_error, pgvault
 from fixtures_pg import NewName
 from pgvault.catalog import lock_key
-from pgvault.engines.logical import ServerInfo
+from pgvault.engines.logical import LogicalEngine, ServerInfo
 from pgvault.errors import LockHeld
 from pgvault.lock import acquire
 from pgvault.ops.backup import _preflight_and_lock
@@ -115,3 +116,16 @@ def test_without_a_database_name_the_lock_waits_for_preflight(
     with _preflight_and_lock(engine, storage, HOUR):
         assert _locks(storage) == [lock_key("postgres")]
     assert taken == ["postgres"]
+
+
+def test_facts_count_exactly_without_parallel_workers(make_db: Callable[..., str]) -> None:
+    url = make_db()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS x")
+    engine = LogicalEngine(ConnInfo.parse(url))
+    with engine.snapshot() as snapshot:
+        facts = engine.facts(snapshot)
+        (workers,) = snapshot.connection.execute(
+            "SELECT current_setting('max_parallel_workers_per_gather')").fetchone()
+    assert workers == "0", "the counts run serially, leaving the CPU to pg_dump's backend"
+    assert [(t.name, t.rows) for t in facts.tables] == [("t", 1000)]

@@ -16,6 +16,7 @@ from typing import BinaryIO
 from pgvault.errors import AlreadyExists, NotFound, StorageError
 from pgvault.storage.base import TEMP_PREFIX, ObjectInfo, check_key
 
+WRITEBACK_EVERY = 8 << 20
 _CHUNK = 1 << 20
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
@@ -133,11 +134,20 @@ class LocalStorage:
                 os.fchmod(fd, _FILE_MODE)
             except OSError as exc:
                 raise _error("write", tmp, exc) from exc
+            written = flushed = 0
             while chunk := stream.read(_CHUNK):
                 try:
                     _write_all(fd, chunk)
                 except OSError as exc:
                     raise _error("write", tmp, exc) from exc
+                written += len(chunk)
+                if written - flushed >= WRITEBACK_EVERY:
+                    # Start writeback now, so the final fsync has little left to wait for;
+                    # backups are written once and not read back, so their pages can go.
+                    with contextlib.suppress(OSError, AttributeError):
+                        os.posix_fadvise(fd, flushed, written - flushed,
+                                         os.POSIX_FADV_DONTNEED)
+                    flushed = written
             try:
                 os.fsync(fd)
                 return tmp, os.fstat(fd)

@@ -119,7 +119,7 @@ def test_compressed_archives_are_not_searched(many_tables_db: str) -> None:
 def test_parallel_restore_of_many_tables_whole_and_selected(
     many_tables_db: str, tmp_path: Path, new_name: NewName, pg_cluster: EphemeralCluster
 ) -> None:
-    # Tables start loading while the archive is still being spooled; the rest go to -j.
+    # Spooled with offsets, the schema created while spooling, then data and indexes with -j.
     repo = f"file://{tmp_path / 'repo'}"
     pgvault("backup", "--dbname", many_tables_db, "--repo", repo)
     whole = new_name()

@@ -246,13 +246,13 @@ class LogicalEngine:
         no_owner: bool = False,
     ) -> None:
         """Feed a custom-format archive to pg_restore; reads ``source`` to its end."""
-        selection = [f"--schema={s}" for s in schemas] + [f"--table={t}" for t in tables]
         argv: list[Any] = [tool("pg_restore", self.server.major), "--exit-on-error",
-                           "--no-password", f"--dbname={target.dsn()}", *selection]
+                           "--no-password", f"--dbname={target.dsn()}"]
+        argv += [f"--schema={s}" for s in schemas] + [f"--table={t}" for t in tables]
         if no_owner:
             argv += ["--no-owner", "--no-acl"]
         with target.child_env() as env:
             if jobs > 1:
-                restore_spooled(source, argv, env, jobs, selection)
+                restore_spooled(source, argv, env, jobs)
             else:
                 restore_streamed(source, argv, env)

@@ -11,7 +11,6 @@ ReadToc) and pg_backup_custom.c (_ReadExtraToc, _StartData, _EndData).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 MAGIC = b"PGDMP"
@@ -202,19 +201,14 @@ class OffsetFinder:
     def _give_up(self) -> None:
         self._done, self._head = True, bytearray()
 
-    def complete(self) -> list[int]:
-        """Dump ids of the blocks known to have ended: each one before the last found."""
-        return list(self.offsets)[:-1]
-
-    def patch(self, fd: int, dump_ids: Iterable[int] | None = None) -> int:
-        """Write offsets found (all, or those of ``dump_ids``) into the spooled archive ``fd``."""
+    def patch(self, fd: int) -> int:
+        """Write the offsets found into the table of contents of the spooled archive ``fd``."""
         if self.toc is None:
             return 0
-        wanted = self.offsets.keys() if dump_ids is None else set(dump_ids)
         written = 0
         for entry in self.toc.entries:
             offset = self.offsets.get(entry.dump_id)
-            if offset is not None and entry.has_data and entry.dump_id in wanted:
+            if offset is not None and entry.has_data:
                 value = bytes([OFFSET_SET]) + offset.to_bytes(self.toc.off_size, "little")
                 os.pwrite(fd, value, entry.offset_at)
                 written += 1

@@ -293,7 +293,9 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
     settings = settings_of(ctx)
     conn = config.connection(settings, dbname)
     storage = storage_of(settings)
-    manifest = resolve(storage, backup_id, source_db or _source_database(storage, dbname))
+    if source_db is None and backup_id == "latest":
+        source_db = _source_database(storage, dbname)
+    manifest = resolve(storage, backup_id, source_db)
     if manifest.kind == "physical":
         raise UsageError(f"backup {manifest.id} is a physical backup: restore it with "
                          "--physical --pgdata DIR")

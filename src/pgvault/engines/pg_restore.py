@@ -43,9 +43,6 @@ class PgRestore:
         assert proc.stderr is not None
         return cls(proc, StderrTail(proc.stderr))
 
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
     def finish(self) -> None:
         """Wait; kill it if the wait is interrupted; one clear line if it failed."""
         try:

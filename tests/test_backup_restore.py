@@ -309,3 +309,16 @@ def test_help_teaches_with_examples(command: str) -> None:
     assert "Usage: pgvault " + command in out
     if command != "demo":
         assert "Example" in out
+
+
+def test_restore_jobs_default_to_the_cpus_and_fall_back_to_streaming_without_room(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    from pgvault.ops.restore import MAX_AUTO_JOBS, restore_jobs
+
+    assert restore_jobs(0, 1 << 20) == min(os.cpu_count() or 1, MAX_AUTO_JOBS)
+    assert restore_jobs(3, 1 << 20) == 3
+    assert restore_jobs(1, 1 << 60) == 1
+    # An exabyte does not fit in TMPDIR: one job, streamed, and the log says why.
+    assert restore_jobs(3, 1 << 60) == 1
+    assert "restoring with one job, streamed" in caplog.text

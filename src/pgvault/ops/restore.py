@@ -28,7 +28,7 @@ from pgvault.storage.base import Storage
 
 log = logging.getLogger(__name__)
 
-MAX_AUTO_JOBS = 4  # beyond this, index builds and COPYs mostly queue on the server's disks
+MAX_AUTO_JOBS = 4  # a cap for big client hosts; measured only on 2 CPUs here
 SPOOL_MARGIN = 256 << 20
 
 USER_OBJECTS_SQL = """
@@ -43,7 +43,7 @@ class RestoreOptions:
     """How to restore: where to, how parallel, what part."""
 
     target: str
-    jobs: int = 0  # 0: auto_jobs()
+    jobs: int = 0  # 0: restore_jobs() picks
     clean: bool = False
     schemas: tuple[str, ...] = ()
     tables: tuple[str, ...] = ()

@@ -127,7 +127,7 @@ def test_partial_restore_of_one_table(
 
 
 def test_restore_refuses_a_non_empty_database_unless_clean(
-    rich_db: str, repo: str, new_name: NewName, pg_cluster: EphemeralCluster
+    rich_db: str, repo: str, new_name: NewName, pg_cluster: EphemeralCluster, tmp_path: Path
 ) -> None:
     pgvault("backup", "--dbname", rich_db, "--repo", repo)
     target = new_name()
@@ -135,9 +135,13 @@ def test_restore_refuses_a_non_empty_database_unless_clean(
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target)))
     with psycopg.connect(pg_cluster.url(target), autocommit=True) as conn:
         conn.execute("CREATE TABLE precious (x int)")
+    spools = tmp_path / "spools"
+    spools.mkdir()
+    # -j 2 spools, and the spool starts before the target is looked at: the refusal stops it.
     proc = pgvault("restore", "--to", target, "--dbname", pg_cluster.url(), "--repo", repo,
-                   expect=9)
+                   "-j", "2", expect=9, env={"TMPDIR": str(spools)})
     assert "not empty" in one_line_error(proc)
+    assert list(spools.iterdir()) == []
     with psycopg.connect(pg_cluster.url(target)) as conn:
         assert conn.execute("SELECT to_regclass('precious')").fetchone() == ("precious",)
     pgvault("restore", "--to", target, "--dbname", pg_cluster.url(), "--repo", repo, "--clean")
@@ -154,10 +158,13 @@ def test_restore_of_a_damaged_backup_fails_and_leaves_no_database(
     dump.write_bytes(bytes(data))
     before = databases(pg_cluster)
     target = new_name()
+    spools = tmp_path / "spools"
+    spools.mkdir()
     proc = pgvault("restore", "--to", target, "--dbname", pg_cluster.url(), "--repo", repo,
-                   expect=6)
+                   "-j", "2", expect=6, env={"TMPDIR": str(spools)})
     assert "db.dump" in one_line_error(proc) or "zstd" in proc.stderr
     assert databases(pg_cluster) == before
+    assert list(spools.iterdir()) == []
 
     dump.write_bytes(bytes(data[: len(data) // 2]))
     proc = pgvault("restore", "--to", target, "--dbname", pg_cluster.url(), "--repo", repo,

@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgvault.engines.pg_restore import restore_spooled, restore_streamed
+from pgvault.engines.pg_restore import Spool, restore_spooled, restore_streamed
 from pgvault.errors import BackupFailed, DatabaseError
 from pgvault.model import Facts, TableFacts
 from pgvault.pg import fingerprint
@@ -237,7 +237,7 @@ class LogicalEngine:
 
     def restore(
         self,
-        source: Readable,
+        source: Readable | Spool,
         target: ConnInfo,
         *,
         jobs: int = 1,
@@ -245,14 +245,17 @@ class LogicalEngine:
         tables: tuple[str, ...] = (),
         no_owner: bool = False,
     ) -> None:
-        """Feed a custom-format archive to pg_restore; reads ``source`` to its end."""
+        """Feed a custom-format archive to pg_restore; reads ``source`` to its end.
+
+        A ``Spool`` (already filling) means ``jobs`` > 1; a stream with one job is not spooled.
+        """
         argv: list[Any] = [tool("pg_restore", self.server.major), "--exit-on-error",
                            "--no-password", f"--dbname={target.dsn()}"]
         argv += [f"--schema={s}" for s in schemas] + [f"--table={t}" for t in tables]
         if no_owner:
             argv += ["--no-owner", "--no-acl"]
         with target.child_env() as env:
-            if jobs > 1:
-                restore_spooled(source, argv, env, jobs)
+            if jobs > 1 or isinstance(source, Spool):
+                restore_spooled(source, argv, env, max(jobs, 2))
             else:
                 restore_streamed(source, argv, env)

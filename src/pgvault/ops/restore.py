@@ -17,6 +17,7 @@ from pgvault import pipeline
 from pgvault.catalog import Catalog
 from pgvault.console import human_bytes
 from pgvault.engines.logical import LogicalEngine
+from pgvault.engines.pg_restore import Spool
 from pgvault.errors import DatabaseError, RestoreFailed, UsageError
 from pgvault.model import Artifact, Manifest
 from pgvault.ops.backup import CountingReader
@@ -87,49 +88,64 @@ def _admin(target: ConnInfo) -> Any:
 def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
             options: RestoreOptions) -> RestoreResult:
     """Restore ``manifest`` into a new database; a failure leaves no database behind."""
-    from psycopg import sql
-
     target = target_connection(conn, options.target)
     name = target.dbname
     if not name:
         raise UsageError("restore needs a target database name (--to NAME)")
     artifact = manifest.artifact("db.dump")
     started = time.monotonic()
-    with _admin(target) as admin:
-        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
-        if exists and _has_user_objects(target) and not options.clean:
-            raise RestoreFailed(
-                f"database {name!r} already exists and is not empty; restore into a new "
-                "name, or pass --clean to replace it"
-            )
-        scratch = f"pgvault_tmp_{secrets.token_hex(6)}"
-        create = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(scratch))
-        try:
-            admin.execute(create + sql.SQL(" ENCODING {}").format(
-                sql.Literal(manifest.facts.encoding or "UTF8")))
-        except Exception:
-            admin.execute(create)
-        jobs = restore_jobs(options.jobs, artifact.raw_size)
-        try:
-            engine = LogicalEngine(target.with_dbname(scratch))
-            engine.restore(open_artifact(storage, manifest, artifact, progress=options.progress,
-                                         identities=options.identities),
-                           target.with_dbname(scratch),
-                           jobs=jobs, schemas=options.schemas, tables=options.tables,
-                           no_owner=options.no_owner)
-            if exists:
-                admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
-                    sql.Identifier(name)))
-            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                sql.Identifier(scratch), sql.Identifier(name)))
-        except BaseException:
-            with contextlib.suppress(Exception):
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(scratch)))
-            raise
+    jobs = restore_jobs(options.jobs, artifact.raw_size)
+    stream = open_artifact(storage, manifest, artifact, progress=options.progress,
+                           identities=options.identities)
+    # A parallel restore spools the archive first: start now, while the database is made.
+    spool = Spool(stream) if jobs > 1 else None
+    try:
+        with _admin(target) as admin:
+            _create_scratch_and_restore(admin, target, manifest, options, spool or stream, jobs)
+    finally:
+        if spool is not None:
+            spool.close()
     # The stream was checked at its end: exactly artifact.size bytes were read.
     return RestoreResult(manifest=manifest, target=target,
                          seconds=time.monotonic() - started, bytes_read=artifact.size)
+
+
+def _create_scratch_and_restore(admin: Any, target: ConnInfo, manifest: Manifest,
+                                options: RestoreOptions, source: Readable | Spool,
+                                jobs: int) -> None:
+    """Restore into a new scratch database, then give it the target's name."""
+    from psycopg import sql
+
+    name = target.dbname
+    assert name is not None  # restore() checked
+    exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    if exists and _has_user_objects(target) and not options.clean:
+        raise RestoreFailed(
+            f"database {name!r} already exists and is not empty; restore into a new "
+            "name, or pass --clean to replace it"
+        )
+    scratch = f"pgvault_tmp_{secrets.token_hex(6)}"
+    create = sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(scratch))
+    try:
+        admin.execute(create + sql.SQL(" ENCODING {}").format(
+            sql.Literal(manifest.facts.encoding or "UTF8")))
+    except Exception:
+        admin.execute(create)
+    try:
+        engine = LogicalEngine(target.with_dbname(scratch))
+        engine.restore(source, target.with_dbname(scratch), jobs=jobs,
+                       schemas=options.schemas, tables=options.tables,
+                       no_owner=options.no_owner)
+        if exists:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+        admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+            sql.Identifier(scratch), sql.Identifier(name)))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(scratch)))
+        raise
 
 
 def restore_jobs(asked: int, spool_bytes: int) -> int:

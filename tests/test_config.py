@@ -96,6 +96,38 @@ def test_prisma_parameters_are_stripped() -> None:
     assert conn.password == "pw" and "pw" not in conn.dsn()
 
 
+LIBPQ_CASES = [
+    "postgresql://u@127.0.0.1:1/db",
+    "postgres://h",
+    "postgresql://h/",
+    "postgresql://u:@h/db",
+    "postgresql://u:p%40ss%3Aw@h:6432/d%20b?sslmode=require&application_name=a%2Bb+c",
+    "postgresql:///db?host=%2Ftmp&port=5433",
+    "postgresql://%2Fvar%2Frun%2Fpostgresql/db",
+    "postgresql://h1:5432,h2:5433/db?target_session_attrs=read-write",  # libpq's path
+    "postgresql://[::1]:5432/db",  # libpq's path
+    "postgresql://h/db?ssl=true",  # libpq's path: it maps ssl=true to sslmode=require
+    "",
+    "plain_name",
+    "host=h port=5 dbname='a b' user=o\\'k",  # libpq's path
+]
+
+
+@pytest.mark.parametrize("spec", LIBPQ_CASES)
+def test_connection_strings_read_as_libpq_reads_them(spec: str) -> None:
+    """URLs are read without psycopg when they are simple: the result must be libpq's."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    conn = ConnInfo.parse(spec, password="fallback")
+    text = spec if "://" in spec or "=" in spec or not spec else f"dbname={spec}"
+    expected = {k: str(v) for k, v in conninfo_to_dict(text).items() if v is not None}
+    assert conn.password == expected.pop("password", None) or "fallback"
+    if "ssl=true" not in spec:  # psycopg's parse keeps 'ssl'; pgvault keeps known keys
+        assert dict(conn.params) == expected
+    assert conninfo_to_dict(conn.dsn()) == conninfo_to_dict(make_conninfo("", **conn.params))
+    assert conn.dsn() == make_conninfo("", **conn.params)
+
+
 def test_password_reaches_children_through_a_private_passfile() -> None:
     conn = ConnInfo.parse("postgresql://u@h/db", password="hunter2")
     with conn.child_env() as env:

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pgvault.errors import ConfigError
 
@@ -26,10 +26,43 @@ ORM_PARAMS = {
 }
 
 
+# libpq's keywords as of PostgreSQL 17. A URL using only these (and ORM_PARAMS) is parsed
+# here without importing psycopg (~0.15 s); anything else goes to libpq's own parser.
+COMMON_KEYWORDS = frozenset({
+    "application_name", "channel_binding", "client_encoding", "connect_timeout", "dbname",
+    "fallback_application_name", "gssdelegation", "gssencmode", "gsslib", "host", "hostaddr",
+    "keepalives", "keepalives_count", "keepalives_idle", "keepalives_interval", "krbsrvname",
+    "load_balance_hosts", "options", "passfile", "password", "port", "replication",
+    "require_auth", "requirepeer", "service", "ssl_max_protocol_version",
+    "ssl_min_protocol_version", "sslcert", "sslcertmode", "sslcompression", "sslcrl",
+    "sslcrldir", "sslkey", "sslmode", "sslnegotiation", "sslpassword", "sslrootcert", "sslsni",
+    "target_session_attrs", "tcp_user_timeout", "user",
+})
+
+
 def _libpq_keywords() -> set[str]:
     from psycopg import pq
 
     return {opt.keyword.decode() for opt in pq.Conninfo.get_defaults()}
+
+
+def _simple_url(text: str) -> dict[str, str] | None:
+    """libpq's reading of a one-host URL with common parameters; None for any other URL."""
+    parts = urlsplit(text)
+    if "," in parts.netloc or "[" in parts.netloc or parts.fragment:
+        return None
+    items = [item for item in parts.query.split("&") if item]
+    if any("=" not in item for item in items):
+        return None
+    query = dict(item.split("=", 1) for item in items)
+    if len(query) != len(items) or not set(query) <= COMMON_KEYWORDS | ORM_PARAMS:
+        return None
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    host, _, port = hostport.partition(":")
+    found = {"user": user, "password": password, "dbname": parts.path[1:], "host": host,
+             "port": port} | query
+    return {key: unquote(value) for key, value in found.items() if value}
 
 
 @dataclass(frozen=True)
@@ -43,10 +76,17 @@ class ConnInfo:
     @classmethod
     def parse(cls, spec: str | None, password: str | None = None) -> ConnInfo:
         """Parse a database name, a postgres:// URL or a key=value string."""
-        from psycopg.conninfo import conninfo_to_dict
-
         schema = None
         text = (spec or "").strip()
+        simple = _simple_url(text) if text.startswith(("postgres://", "postgresql://")) else \
+            ({"dbname": text} if text and "=" not in text else None if text else {})
+        if simple is not None:
+            schema = simple.get("schema")
+            params = {k: v for k, v in simple.items() if k not in ORM_PARAMS}
+            secret = params.pop("password", None) or password
+            return cls(params=params, password=secret, schema=schema)
+        from psycopg.conninfo import conninfo_to_dict
+
         if text.startswith(("postgres://", "postgresql://")):
             parts = urlsplit(text)
             query = parse_qsl(parts.query, keep_blank_values=True)
@@ -78,9 +118,7 @@ class ConnInfo:
 
     def dsn(self) -> str:
         """A key=value string without the password, safe for argv and logs."""
-        from psycopg.conninfo import make_conninfo
-
-        return make_conninfo("", **self.params)
+        return " ".join(f"{key}={_param_escape(value)}" for key, value in self.params.items())
 
     def redacted(self) -> str:
         """A short human description: user@host:port/db."""
@@ -142,6 +180,14 @@ CHILD_HIDDEN = frozenset({
     "PGPASSWORD", "DATABASE_URL", "DIRECT_URL", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "AWS_SECURITY_TOKEN", "PGVAULT_AGE_PASSPHRASE", "PGVAULT_S3_SSE_C_KEY", "PGVAULT_DATABASE",
 })
+
+
+def _param_escape(value: str) -> str:
+    """A value as libpq reads it in key=value form (as psycopg's make_conninfo writes it)."""
+    if not value:
+        return "''"
+    value = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{value}'" if any(c.isspace() for c in value) else value
 
 
 def _quote(value: str) -> str:

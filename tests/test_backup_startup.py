@@ -129,3 +129,64 @@ def test_facts_count_exactly_without_parallel_workers(make_db: Callable[..., str
             "SELECT current_setting('max_parallel_workers_per_gather')").fetchone()
     assert workers == "0", "the counts run serially, leaving the CPU to pg_dump's backend"
     assert [(t.name, t.rows) for t in facts.tables] == [("t", 1000)]
+
+
+STARTS_PG_DUMP = """
+import subprocess, sys
+real = subprocess.Popen.__init__
+def spy(self, args, *a, **k):
+    if "--format=custom" in [str(x) for x in args]:
+        print("psycopg imported before pg_dump:", "psycopg" in sys.modules, file=sys.stderr)
+    real(self, args, *a, **k)
+subprocess.Popen.__init__ = spy
+from pgvault.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_pg_dump_starts_before_psycopg_is_imported(
+    make_db: Callable[..., str], new_name: NewName, tmp_path: Path
+) -> None:
+    """psql holds the snapshot, so the ~0.15 s of psycopg's import and connect overlap the dump."""
+    import subprocess
+    import sys
+
+    from cli_runner import clean_env
+
+    url = make_db()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT generate_series(1, 100) AS x")
+    proc = subprocess.run(
+        [sys.executable, "-c", STARTS_PG_DUMP, "backup", "--dbname", url, "--repo",
+         f"file://{tmp_path / 'repo'}"],
+        env=clean_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "psycopg imported before pg_dump: False" in proc.stderr
+    restored = new_name()
+    target = url.rsplit("/", 1)[0] + "/" + restored
+    pgvault("restore", "--dbname", url, "--to", restored, "--repo", f"file://{tmp_path / 'repo'}")
+    with psycopg.connect(target) as conn:
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (100,)
+
+
+def test_a_refused_snapshot_export_or_import_still_records_facts(
+    make_db: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Poolers may refuse to export or import a snapshot: the facts then use their own."""
+    from pgvault.engines.logical import Snapshot
+    from pgvault.pg import psql
+
+    url = make_db()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t AS SELECT generate_series(1, 7) AS x")
+    engine = LogicalEngine(ConnInfo.parse(url))
+    monkeypatch.setattr(psql, "EXPORT_SQL", psql.EXPORT_SQL.replace(
+        "pg_export_snapshot()", "pg_export_snapshot_refused()"))
+    with engine.snapshot() as snapshot:
+        assert snapshot.snapshot_id is None
+        assert [(t.name, t.rows) for t in engine.facts(snapshot).tables] == [("t", 7)]
+    unknown = Snapshot(snapshot_id="0000000F-0000FFFF-1")  # not exported by anyone
+    try:
+        assert [(t.name, t.rows) for t in engine.facts(unknown).tables] == [("t", 7)]
+    finally:
+        unknown.connection.close()

@@ -17,6 +17,7 @@ from pgvault.pg import fingerprint
 from pgvault.pg.binaries import tool, tool_version
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput
+from pgvault.pg.psql import PsqlSession
 from pgvault.pipeline.stream import Readable
 
 DUMP_FORMAT = "pg_dump-custom"
@@ -51,10 +52,13 @@ class ServerInfo:
 
 @dataclass
 class Snapshot:
-    """An open transaction whose snapshot pg_dump imports; facts are read inside it."""
+    """A snapshot pg_dump imports; ``facts`` reads in it on a connection of its own.
 
-    connection: Any
+    The exporting transaction stays open in psql (``PsqlSession``) until the dump is done.
+    """
+
     snapshot_id: str | None
+    connection: Any = None  # the facts connection, once ``facts`` has made it
     aborted: threading.Event = field(default_factory=threading.Event)
 
     def interrupt(self, worker: threading.Thread, timeout: float = 10.0) -> None:
@@ -66,8 +70,9 @@ class Snapshot:
         self.aborted.set()
         deadline = time.monotonic() + timeout
         while worker.is_alive() and time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                self.connection.cancel_safe(timeout=2)
+            if self.connection is not None:
+                with contextlib.suppress(Exception):
+                    self.connection.cancel_safe(timeout=2)
             worker.join(0.1)
 
     def check(self) -> None:
@@ -104,26 +109,31 @@ class LogicalEngine:
             self._server = self.preflight()
         return self._server
 
-    def session(self) -> Any:
-        """A connection for ``preflight`` and then ``snapshot``: one connect instead of two."""
-        return self.conn.connect(autocommit=True)
+    def session(self) -> PsqlSession:
+        """A psql session for ``preflight`` and then ``snapshot``: it starts in milliseconds."""
+        return PsqlSession(self.conn)
 
     def preflight(self, connection: Any = None) -> ServerInfo:
         """Learn the server version and make sure a suitable pg_dump exists.
 
-        Asks on ``connection`` (left open) when given, else on a connection of its own.
+        Asks a ``session()`` (left open) or a psycopg connection when given, else a psycopg
+        connection of its own.
         """
-        if connection is None:
+        if isinstance(connection, PsqlSession):
+            told = connection.preflight()
+            info = ServerInfo(database=told.database, version=told.version,
+                              version_num=told.version_num, is_superuser=told.is_superuser)
+        elif connection is None:
             with self.conn.connect() as own:
                 return self.preflight(own)
-        row = connection.execute(
-            "SELECT current_database(), current_setting('server_version'),"
-            " current_setting('server_version_num')::int,"
-            " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
-        ).fetchone()
-        info = ServerInfo(
-            database=row[0], version=row[1], version_num=row[2], is_superuser=bool(row[3])
-        )
+        else:
+            row = connection.execute(
+                "SELECT current_database(), current_setting('server_version'),"
+                " current_setting('server_version_num')::int,"
+                " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
+            ).fetchone()
+            info = ServerInfo(database=row[0], version=row[1], version_num=row[2],
+                              is_superuser=bool(row[3]))
         self._server = info
         tool("pg_dump", info.major)
         return info
@@ -136,38 +146,60 @@ class LogicalEngine:
         }
 
     @contextlib.contextmanager
-    def snapshot(self, connection: Any = None) -> Iterator[Snapshot]:
-        """Open a repeatable-read transaction and export its snapshot for pg_dump.
+    def snapshot(self, session: PsqlSession | None = None) -> Iterator[Snapshot]:
+        """Export a repeatable-read snapshot for pg_dump, held open until the block ends.
 
-        Runs on ``connection`` (a ``session()``) when given, else on a new one; either is
-        closed at the end.
+        Runs on ``session`` (after its ``preflight``) when given, else on a new one; either is
+        closed at the end, with the facts connection if one was made.
+        """
+        if session is None:
+            session = self.session()
+            try:
+                session.preflight()
+            except BaseException:
+                session.close()
+                raise
+        snapshot = Snapshot(snapshot_id=None)
+        try:
+            snapshot.snapshot_id = session.export_snapshot()
+            yield snapshot
+        finally:
+            if snapshot.connection is not None:
+                with contextlib.suppress(Exception):
+                    snapshot.connection.execute("ROLLBACK")
+                snapshot.connection.close()
+            session.close()
+
+    def _facts_connection(self, snapshot: Snapshot) -> Any:
+        """A connection in a repeatable-read transaction that sees ``snapshot``.
+
+        Made beside the running dump, so importing psycopg and connecting cost no wall time.
+        Where the snapshot cannot be imported, the facts are read in a snapshot of their own,
+        as when it could not be exported.
         """
         import psycopg
+        from psycopg import sql
 
-        if connection is None:
-            connection = self.session()
-        try:
-            connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            snapshot_id: str | None
+        connection = self.conn.connect(autocommit=True)
+        snapshot.connection = connection
+        snapshot.check()
+        connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        if snapshot.snapshot_id:
             try:
-                snapshot_id = connection.execute("SELECT pg_export_snapshot()").fetchone()[0]
+                connection.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                    sql.Literal(snapshot.snapshot_id)))
             except psycopg.Error:
-                # Some poolers and old standbys cannot export; pg_dump then takes its own.
                 connection.execute("ROLLBACK")
                 connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                snapshot_id = None
-            yield Snapshot(connection=connection, snapshot_id=snapshot_id)
-        finally:
-            with contextlib.suppress(Exception):
-                connection.execute("ROLLBACK")
-            connection.close()
+        return connection
 
     def facts(self, snapshot: Snapshot) -> Facts:
         """Exact row counts and server facts, read in the dump's snapshot."""
         import psycopg
         from psycopg import sql
 
-        cur = snapshot.connection.cursor()
+        connection = snapshot.connection or self._facts_connection(snapshot)
+        cur = connection.cursor()
         version, version_num, size, encoding = cur.execute(
             "SELECT current_setting('server_version'), current_setting('server_version_num')::int,"
             " pg_database_size(current_database()),"

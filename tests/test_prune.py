@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import psycopg
 import pytest
 from psycopg import sql
@@ -19,7 +20,7 @@ from dbcompare import assert_databases_equal
 from pgvault.catalog import Catalog, artifact_key
 from pgvault.errors import StorageError, UsageError
 from pgvault.lock import hold
-from pgvault.model import Artifact, Manifest, Pin, backup_id_time, new_backup_id
+from pgvault.model import Artifact, Manifest, Pin, backup_id_time, from_json, new_backup_id
 from pgvault.ops.pin import pin, unpin
 from pgvault.ops.prune import ORPHAN_DELAY, Policy, PruneReport, prune, prune_after_backup, roles
 from pgvault.pg.cluster import EphemeralCluster
@@ -144,9 +145,9 @@ def test_a_pin_written_after_planning_wins_over_the_plan() -> None:
             if key.endswith(f"/{self.target}.json"):
                 self.reads += 1
                 if self.reads == 2:  # the first read planned; pin before the second
-                    manifest = Manifest.model_validate_json(super().read_bytes(key))
-                    Catalog(self).update(manifest.model_copy(
-                        update={"pin": Pin(reason="late", at=at("2026-03-02T00:00"))}))
+                    manifest = from_json(Manifest, super().read_bytes(key))
+                    Catalog(self).update(msgspec.structs.replace(
+                        manifest, pin=Pin(reason="late", at=at("2026-03-02T00:00"))))
             return super().read_bytes(key)
 
     storage = PinDuringPrune()
@@ -426,8 +427,8 @@ def test_prune_through_the_cli_then_every_survivor_restores(
     for backup_id, faked in zip(ids, FAKED_TIMES, strict=True):
         manifest = catalog.get(backup_id)
         took = manifest.finished_at - manifest.started_at
-        catalog.update(manifest.model_copy(update={"started_at": at(faked),
-                                                    "finished_at": at(faked) + took}))
+        catalog.update(msgspec.structs.replace(manifest, started_at=at(faked),
+                                               finished_at=at(faked) + took))
 
     out = pgvault("pin", ids[0][:20], "--reason", "audit 2026", env=env).stdout
     assert out.startswith(f"pinned {ids[0]} (") and "audit 2026" in out

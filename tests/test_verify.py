@@ -12,6 +12,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from dbcompare import assert_databases_equal
 from pgvault import config
 from pgvault.catalog import Catalog
 from pgvault.errors import ConfigError
-from pgvault.model import LEVELS, Manifest, VerifyReport
+from pgvault.model import LEVELS, Manifest, VerifyReport, from_dict, from_json
 from pgvault.ops.verify import OUTPUT_TAIL
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.storage.memory import MemoryStorage
@@ -156,7 +157,7 @@ def run(repo: Path | str, *args: str, drill_tmp: Path, expect: int | None = 0,
 
 
 def report_of(proc: subprocess.CompletedProcess[str]) -> VerifyReport:
-    return VerifyReport.model_validate_json(proc.stdout)
+    return from_json(VerifyReport, proc.stdout)
 
 
 def statuses(report: VerifyReport) -> dict[str, str]:
@@ -355,7 +356,7 @@ def test_failed_prisma_migration_fails_the_facts_check(
         conn.execute(FAILED_PRISMA_ROW)
     repo = tmp_path / "repo"
     pgvault("backup", "--dbname", url, "--repo", f"file://{repo}")
-    recorded = Manifest.model_validate_json(manifest_file(repo).read_text()).facts.migrations
+    recorded = from_json(Manifest, manifest_file(repo).read_bytes()).facts.migrations
     assert recorded is not None and recorded[0].failed == ["20260404_broken"]
     proc = run(repo, "--level", "facts", "--server", pg_cluster.url(), "--keep",
                drill_tmp=drill_tmp, expect=10)
@@ -508,7 +509,7 @@ def test_verify_all_and_after_backup(
 def test_deleting_a_backup_deletes_its_drills_and_stray_drills_are_orphans() -> None:
     storage = MemoryStorage()
     catalog = Catalog(storage)
-    now = Manifest.model_validate({
+    now = from_dict(Manifest, {
         "id": "20261125T010000.000Z-aaaaaa", "database": "app",
         "started_at": "2026-11-25T01:00:00Z", "finished_at": "2026-11-25T01:00:01Z",
         "pgvault_version": "test", "artifacts": [{"name": "db.dump", "key":
@@ -519,7 +520,8 @@ def test_deleting_a_backup_deletes_its_drills_and_stray_drills_are_orphans() -> 
     for minute in (10, 20):
         catalog.record_drill(VerifyReport(
             backup_id=now.id, database="app", level="integrity",
-            started_at=f"2026-11-25T01:{minute}:00Z", finished_at=f"2026-11-25T01:{minute}:01Z"))
+            started_at=datetime(2026, 11, 25, 1, minute, 0, tzinfo=UTC),
+            finished_at=datetime(2026, 11, 25, 1, minute, 1, tzinfo=UTC)))
     assert [d.started_at.minute for d in catalog.drills("app", now.id)] == [10, 20]
     assert catalog.orphans() == []
     catalog.delete(now)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
-from pydantic import ValidationError
+import msgspec
 
 from pgvault.errors import IntegrityError, NotFound, UsageError
-from pgvault.model import Manifest, VerifyReport, new_backup_id
+from pgvault.model import Manifest, VerifyReport, from_json, new_backup_id, to_json
 from pgvault.storage.base import ObjectInfo, Storage
 
 MANIFESTS = "manifests/"
@@ -157,7 +157,7 @@ class Catalog:
         """Write the manifest: from now on the backup exists."""
         self.storage.put_bytes(
             manifest_key(manifest.database, manifest.id),
-            manifest.model_dump_json(indent=2).encode(),
+            to_json(manifest),
         )
 
     def _manifest_keys(self, database: str | None) -> Iterator[ObjectInfo]:
@@ -170,8 +170,8 @@ class Catalog:
         """Parse one manifest; a damaged one is an IntegrityError naming the key."""
         data = self.storage.read_bytes(key)
         try:
-            return Manifest.model_validate(json.loads(data))
-        except (ValueError, ValidationError) as exc:
+            return from_json(Manifest, data)
+        except (ValueError, msgspec.MsgspecError) as exc:
             raise IntegrityError(f"manifest {key} is damaged: {exc}") from None
 
     def list(self, database: str | None = None) -> list[Manifest]:
@@ -234,7 +234,7 @@ class Catalog:
     def record_drill(self, report: VerifyReport) -> str:
         """Store a restore drill's report beside its backup; returns the key."""
         key = drill_key(report)
-        self.storage.put_bytes(key, report.model_dump_json(indent=2).encode())
+        self.storage.put_bytes(key, to_json(report))
         return key
 
     def drills(self, database: str, backup_id: str) -> builtins.list[VerifyReport]:
@@ -256,8 +256,8 @@ class Catalog:
     def _read_drill(self, key: str) -> VerifyReport:
         data = self.storage.read_bytes(key)
         try:
-            return VerifyReport.model_validate(json.loads(data))
-        except (ValueError, ValidationError) as exc:
+            return from_json(VerifyReport, data)
+        except (ValueError, msgspec.MsgspecError) as exc:
             raise IntegrityError(f"drill record {key} is damaged: {exc}") from None
 
     def orphans(self, database: str | None = None) -> builtins.list[Orphan]:

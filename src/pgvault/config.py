@@ -6,25 +6,21 @@ Everything else in pgvault receives the plain values this module resolves.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
 import stat
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-)
+import msgspec
+from msgspec import Meta, field
 
 from pgvault import redact
 from pgvault.errors import ConfigError
@@ -48,15 +44,53 @@ def default_repo() -> str:
     return "file://" + os.path.join(data_home, "pgvault", "repo")
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Secret:
+    """A secret setting: its repr and str never show the value (as pydantic's SecretStr did)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    def __str__(self) -> str:
+        return "**********" if self._value else ""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __len__(self) -> int:
+        return len(self._value)
 
 
-class ObjectLockSettings(Section):
+def _dec_hook(kind: type, value: Any) -> Any:
+    """msgspec's conversion of the types it does not know itself."""
+    if kind is Secret:
+        if isinstance(value, Secret):
+            return value
+        if isinstance(value, str):
+            return Secret(value)
+        raise TypeError(f"Expected `str`, got `{type(value).__name__}`")
+    raise NotImplementedError(f"cannot convert to {kind!r}")
+
+
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A table of the config file; unknown keys are errors."""
+
+
+class ObjectLockSettings(Section, kw_only=True):
     """S3 Object Lock retention applied to every object written (ransomware protection)."""
 
     mode: Literal["governance", "compliance"] = "governance"
-    days: int = Field(ge=1, le=36500)
+    days: Annotated[int, Meta(ge=1, le=36500)]
 
 
 class S3Settings(Section):
@@ -72,8 +106,8 @@ class S3Settings(Section):
     kms_key_id: str | None = None
     verify_tls: bool = True
     # An upload holds up to max_concurrency + 1 parts in memory (25 MiB by default).
-    part_size_mb: int = Field(default=5, ge=5, le=5120)
-    max_concurrency: int = Field(default=4, ge=1, le=64)
+    part_size_mb: Annotated[int, Meta(ge=5, le=5120)] = 5
+    max_concurrency: Annotated[int, Meta(ge=1, le=64)] = 4
     object_lock: ObjectLockSettings | None = None
 
 
@@ -81,8 +115,8 @@ class CompressionSettings(Section):
     """How artifacts are compressed before they are stored."""
 
     algorithm: Literal["zstd", "gzip", "none"] = "zstd"
-    level: int | None = Field(default=None, ge=-7, le=22)
-    threads: int = Field(default=2, ge=0, le=64)
+    level: Annotated[int, Meta(ge=-7, le=22)] | None = None
+    threads: Annotated[int, Meta(ge=0, le=64)] = 2
 
 
 class EncryptionSettings(Section):
@@ -92,7 +126,7 @@ class EncryptionSettings(Section):
     itself only comes from PGVAULT_AGE_PASSPHRASE or PGVAULT_AGE_PASSPHRASE_FILE.
     """
 
-    recipients: list[str] = Field(default_factory=list)
+    recipients: list[str] = field(default_factory=list)
     recipients_file: str | None = None
     identity_file: str | None = None
     passphrase: bool = False
@@ -113,8 +147,8 @@ class RetentionSettings(Section):
 class ObjectivesSettings(Section):
     """The recovery objectives that monitoring and restore drills hold backups to."""
 
-    rpo_hours: float = Field(default=24.0, gt=0)
-    rto_minutes: float = Field(default=60.0, gt=0)
+    rpo_hours: Annotated[float, Meta(gt=0)] = 24.0
+    rto_minutes: Annotated[float, Meta(gt=0)] = 60.0
 
 
 VerifyLevel = Literal["integrity", "restore", "facts", "assertions", "command"]
@@ -123,18 +157,18 @@ VerifyLevel = Literal["integrity", "restore", "facts", "assertions", "command"]
 class SqlAssertion(Section):
     """One `[[verify.sql]]` check: a query returning one boolean, true when all is well."""
 
-    name: str = Field(min_length=1)
-    query: str = Field(min_length=1)
+    name: Annotated[str, Meta(min_length=1)]
+    query: Annotated[str, Meta(min_length=1)]
 
 
 class VerifySettings(Section):
     """Restore drills (`pgvault verify`): where to restore, how deep, what to run."""
 
-    server: SecretStr | None = None  # a server URL; None: an ephemeral local cluster
+    server: Secret | None = None  # a server URL; None: an ephemeral local cluster
     level: VerifyLevel | None = None  # None: the deepest level this section allows
     command: str | None = None  # run by `sh -c` with DATABASE_URL/PG* set to the restore
-    command_timeout_seconds: float = Field(default=600.0, gt=0)
-    sql: list[SqlAssertion] = Field(default_factory=list)
+    command_timeout_seconds: Annotated[float, Meta(gt=0)] = 600.0
+    sql: list[SqlAssertion] = field(default_factory=list)
 
     def default_level(self) -> VerifyLevel:
         if self.level is not None:
@@ -149,146 +183,152 @@ class ScheduleSettings(Section):
     verify: str | None = None  # a schedule, "after-backup", or None for no verify job
     freshness: str = "@every 5m"  # how often the RPO objective is checked
     timezone: str = "UTC"
-    jitter_seconds: int = Field(default=0, ge=0)
+    jitter_seconds: Annotated[int, Meta(ge=0)] = 0
     run_on_start: bool = False
-    retries: int = Field(default=2, ge=0, le=20)
-    retry_backoff_seconds: float = Field(default=60.0, ge=0)
+    retries: Annotated[int, Meta(ge=0, le=20)] = 2
+    retry_backoff_seconds: Annotated[float, Meta(ge=0)] = 60.0
 
 
 class DaemonSettings(Section):
     """The daemon process: where it serves HTTP, how many jobs at once, how long to drain."""
 
     listen: str = "127.0.0.1:9847"
-    max_concurrency: int = Field(default=1, ge=1, le=32)
-    grace_seconds: float = Field(default=300.0, ge=0)
+    max_concurrency: Annotated[int, Meta(ge=1, le=32)] = 1
+    grace_seconds: Annotated[float, Meta(ge=0)] = 300.0
 
 
-class EmailSettings(Section):
+class EmailSettings(Section, kw_only=True):
     """Notification e-mail over SMTP."""
 
     smtp_host: str
     smtp_port: int = 587
     security: Literal["starttls", "ssl", "none"] = "starttls"
     username: str | None = None
-    password: SecretStr | None = None
+    password: Secret | None = None
     sender: str
-    to: list[str] = Field(min_length=1)
+    to: Annotated[list[str], Meta(min_length=1)]
 
 
 DEFAULT_EVENTS = ["backup.failed", "verify.failed", "backup.stale", "backup.recovered"]
 
 
 class NotifySettings(Section):
-    """Where events go; every URL is a secret (SecretStr: never printed)."""
+    """Where events go; every URL is a secret (Secret: never printed)."""
 
-    events: list[str] = Field(default_factory=lambda: list(DEFAULT_EVENTS))
-    timeout_seconds: float = Field(default=5.0, gt=0, le=120)
-    webhook_url: SecretStr | None = None
-    slack_webhook_url: SecretStr | None = None
-    discord_webhook_url: SecretStr | None = None
-    ping_url: SecretStr | None = None  # healthchecks-style: <url>/start, <url>, <url>/fail
+    events: list[str] = field(default_factory=lambda: list(DEFAULT_EVENTS))
+    timeout_seconds: Annotated[float, Meta(gt=0, le=120)] = 5.0
+    webhook_url: Secret | None = None
+    slack_webhook_url: Secret | None = None
+    discord_webhook_url: Secret | None = None
+    ping_url: Secret | None = None  # healthchecks-style: <url>/start, <url>, <url>/fail
     email: EmailSettings | None = None
 
-    @field_validator("events")
-    @classmethod
-    def _known_events(cls, value: list[str]) -> list[str]:
+    def __post_init__(self) -> None:
         from pgvault.events import EVENT_KINDS
 
-        unknown = [kind for kind in value if kind not in EVENT_KINDS and kind != "all"]
+        unknown = [kind for kind in self.events if kind not in EVENT_KINDS and kind != "all"]
         if unknown:
-            raise ValueError(f"unknown event {unknown[0]!r} (known: all, "
+            raise ValueError(f"[events] unknown event {unknown[0]!r} (known: all, "
                              f"{', '.join(EVENT_KINDS)})")
-        return value
 
 
 class MetricsSettings(Section):
     """Prometheus output for runs without the daemon: a node_exporter textfile, a Pushgateway."""
 
     textfile: str | None = None
-    pushgateway_url: SecretStr | None = None
+    pushgateway_url: Secret | None = None
     pushgateway_job: str = "pgvault"
 
 
 class CheckSettings(Section):
     """WARNING thresholds of `pgvault check` (CRITICAL comes from [objectives])."""
 
-    warn_age_hours: float = Field(default=0.0, ge=0)  # 0: no age warning below the RPO
-    warn_drill_age_days: float = Field(default=8.0, ge=0)  # 0: never warn about drills
+    warn_age_hours: Annotated[float, Meta(ge=0)] = 0.0  # 0: no age warning below the RPO
+    warn_drill_age_days: Annotated[float, Meta(ge=0)] = 8.0  # 0: never warn about drills
     # Physical clusters: WARNING when the newest archived WAL segment is older than this
     # (set it above archive_timeout); 0: only the RPO judges the archive.
-    warn_archive_minutes: float = Field(default=0.0, ge=0)
+    warn_archive_minutes: Annotated[float, Meta(ge=0)] = 0.0
 
 
 class PhysicalSettings(Section):
     """Base backups, WAL archiving and point-in-time recovery of one PostgreSQL cluster."""
 
-    cluster: str = Field(default="main", min_length=1)  # its name (folder) in the repository
+    cluster: Annotated[str, Meta(min_length=1)] = "main"  # its name (folder) in the repository
     # fetch: pg_basebackup -X fetch puts the WAL in base.tar; archive: -X none, the WAL comes
     # from the archive (wal-push); auto: archive when the server archives with wal-push.
     wal_method: Literal["auto", "fetch", "archive"] = "auto"
     fast_checkpoint: bool = False
     recovery_window: str | None = None  # e.g. "7d": restorable to any point in the last 7 days
-    archive_wait_seconds: float = Field(default=60.0, gt=0)
+    archive_wait_seconds: Annotated[float, Meta(gt=0)] = 60.0
     # wal-push also pushes up to this many other ready segments in parallel, and marks
     # them done once stored: one process start-up for several segments. 0: one at a time.
-    push_ahead: int = Field(default=4, ge=0, le=64)
+    push_ahead: Annotated[int, Meta(ge=0, le=64)] = 4
 
 
-class DatabaseEntry(Section):
+_ENTRY_SECTIONS = ("compression", "retention", "objectives", "schedule", "notify")
+
+
+class DatabaseEntry(Section, dict=True):
     """One `[[databases]]` entry: a database and the settings it overrides."""
 
-    name: str = Field(min_length=1)
-    url: SecretStr | None = None
+    name: Annotated[str, Meta(min_length=1)]
+    url: Secret | None = None
     url_env: str | None = None
     backup_globals: bool | None = None
     prune_after_backup: bool | None = None
-    compression: CompressionSettings = Field(default_factory=CompressionSettings)
-    retention: RetentionSettings = Field(default_factory=RetentionSettings)
-    objectives: ObjectivesSettings = Field(default_factory=ObjectivesSettings)
-    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
-    notify: NotifySettings = Field(default_factory=NotifySettings)
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    objectives: ObjectivesSettings = field(default_factory=ObjectivesSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
+
+    def given(self, section: str) -> frozenset[str]:
+        """The keys of ``section`` this entry sets (overriding the top-level settings).
+
+        load() records them from the file and environment; for an entry built in code,
+        the keys whose value is not the default.
+        """
+        recorded = self.__dict__.get("_given")
+        if recorded is not None:
+            return recorded.get(section, frozenset())  # type: ignore[no-any-return]
+        value = getattr(self, section)
+        default = type(value)()
+        return frozenset(name for name in value.__struct_fields__
+                         if getattr(value, name) != getattr(default, name))
 
 
-class Settings(BaseModel):
+class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Every setting pgvault knows; unknown keys are an error that names the key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-    repo: str = Field(default_factory=default_repo)
+    repo: str = field(default_factory=default_repo)
     database: str | None = None
     backup_globals: bool = True
-    lock_stale_after_hours: float = Field(default=12.0, gt=0)
+    lock_stale_after_hours: Annotated[float, Meta(gt=0)] = 12.0
     prune_after_backup: bool = False
     verify_after_backup: bool = False
-    s3: S3Settings = Field(default_factory=S3Settings)
-    compression: CompressionSettings = Field(default_factory=CompressionSettings)
-    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
-    retention: RetentionSettings = Field(default_factory=RetentionSettings)
-    objectives: ObjectivesSettings = Field(default_factory=ObjectivesSettings)
-    verify: VerifySettings = Field(default_factory=VerifySettings)
-    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
-    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
-    notify: NotifySettings = Field(default_factory=NotifySettings)
-    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
-    check: CheckSettings = Field(default_factory=CheckSettings)
-    physical: PhysicalSettings = Field(default_factory=PhysicalSettings)
-    databases: list[DatabaseEntry] = Field(default_factory=list)
+    s3: S3Settings = field(default_factory=S3Settings)
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
+    encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    objectives: ObjectivesSettings = field(default_factory=ObjectivesSettings)
+    verify: VerifySettings = field(default_factory=VerifySettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    notify: NotifySettings = field(default_factory=NotifySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    check: CheckSettings = field(default_factory=CheckSettings)
+    physical: PhysicalSettings = field(default_factory=PhysicalSettings)
+    databases: list[DatabaseEntry] = field(default_factory=list)
 
-    @field_validator("databases")
-    @classmethod
-    def _unique_names(cls, value: list[DatabaseEntry]) -> list[DatabaseEntry]:
-        names = [entry.name for entry in value]
+    def __post_init__(self) -> None:
+        # "[key] message": _describe names the key (msgspec names only the section).
+        names = [entry.name for entry in self.databases]
         for name in names:
             if names.count(name) > 1:
-                raise ValueError(f"database {name!r} is listed twice")
-        return value
-
-    @field_validator("repo")
-    @classmethod
-    def _repo_scheme(cls, value: str) -> str:
-        if "://" in value and not value.startswith(("file://", "s3://", "memory://")):
-            raise ValueError("use file:///path or s3://bucket/prefix")
-        return value
+                raise ValueError(f"[databases] database {name!r} is listed twice")
+        repo = self.repo
+        if "://" in repo and not repo.startswith(("file://", "s3://", "memory://")):
+            raise ValueError("[repo] use file:///path or s3://bucket/prefix")
 
 
 ENV_PREFIX = "PGVAULT_"
@@ -311,9 +351,13 @@ def load(config_file: str | None = None, **flags: Any) -> Settings:
         overrides["encryption"] = {**age_env, **overrides.get("encryption", {})}
     values = _deep_update(_deep_update(values, _env_values()), overrides)
     try:
-        settings = Settings.model_validate(values)
-    except ValidationError as exc:
+        settings = msgspec.convert(values, Settings, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    for entry, raw in zip(settings.databases, values.get("databases") or (), strict=False):
+        if isinstance(raw, dict):
+            entry.__dict__["_given"] = {key: frozenset(raw[key]) for key in _ENTRY_SECTIONS
+                                        if isinstance(raw.get(key), dict)}
     _register_secrets(settings)
     return settings
 
@@ -333,7 +377,7 @@ def _env_values() -> dict[str, Any]:
         if not name.startswith(prefix):
             continue
         path = name[len(prefix) :].split(ENV_NESTED)
-        if path[0] not in Settings.model_fields:
+        if path[0] not in Settings.__struct_fields__:
             continue
         if len(path) == 1:
             found[path[0]] = _env_value(variable, raw, _annotation(Settings, path))
@@ -354,21 +398,25 @@ def _env_values() -> dict[str, Any]:
     return found
 
 
-def _annotation(model: type[BaseModel], path: list[str]) -> Any:
+@functools.cache
+def _hints(model: type[msgspec.Struct]) -> dict[str, Any]:
+    return typing.get_type_hints(model)
+
+
+def _annotation(model: type[msgspec.Struct], path: list[str]) -> Any:
     """The type of the setting at ``path`` (None for a key no section has)."""
     annotation: Any = model
     for key in path:
         section = _section_type(annotation)
-        field = section.model_fields.get(key) if section is not None else None
-        if field is None:
+        if section is None or key not in section.__struct_fields__:
             return None
-        annotation = field.annotation
+        annotation = _hints(section)[key]
     return annotation
 
 
-def _section_type(annotation: Any) -> type[BaseModel] | None:
+def _section_type(annotation: Any) -> type[msgspec.Struct] | None:
     """The model class of a section, also when it is optional."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
         return annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         for arg in typing.get_args(annotation):
@@ -384,11 +432,18 @@ def _is_structured(annotation: Any) -> bool:
         return any(_is_structured(arg) for arg in typing.get_args(annotation))
     kind = typing.get_origin(annotation) or annotation
     return isinstance(kind, type) and not issubclass(kind, str | bytes) and issubclass(
-        kind, BaseModel | Mapping | Sequence | set | frozenset)
+        kind, msgspec.Struct | Mapping | Sequence | set | frozenset)
+
+
+# The words pydantic's lax mode took for booleans (msgspec knows only true/false/1/0).
+_BOOLEANS = {"true": True, "1": True, "yes": True, "y": True, "on": True, "t": True,
+             "false": False, "0": False, "no": False, "n": False, "off": False, "f": False}
 
 
 def _env_value(variable: str, raw: str, annotation: Any) -> Any:
     if not _is_structured(annotation):
+        if annotation in (bool, bool | None) and raw.strip().lower() in _BOOLEANS:
+            return _BOOLEANS[raw.strip().lower()]
         return raw
     try:
         return json.loads(raw)
@@ -478,10 +533,10 @@ def _register_secrets(settings: Settings) -> None:
     """Tell the redactor every secret the settings hold, so nothing prints them."""
 
     def walk(value: Any) -> None:
-        if isinstance(value, SecretStr):
+        if isinstance(value, Secret):
             redact.register_url(value.get_secret_value())
-        elif isinstance(value, BaseModel):
-            for name in type(value).model_fields:
+        elif isinstance(value, msgspec.Struct):
+            for name in value.__struct_fields__:
                 walk(getattr(value, name))
         elif isinstance(value, list | tuple):
             for item in value:
@@ -492,16 +547,33 @@ def _register_secrets(settings: Settings) -> None:
     walk(settings)
 
 
-def _describe(exc: ValidationError) -> str:
-    """One line per problem, naming the key as the user wrote it (never its value)."""
-    lines = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
-        if error["type"] == "extra_forbidden":
-            lines.append(f"unknown setting {key!r}")
-        else:
-            lines.append(f"setting {key!r}: {error['msg']}")
-    return "invalid configuration: " + "; ".join(lines)
+def _describe(exc: msgspec.ValidationError) -> str:
+    """The problem on one line, naming the key as the user wrote it (never its value).
+
+    msgspec reports the first problem as "<message> - at `$.section[0].key`".
+    """
+    message, at, where = str(exc).rpartition(" - at `")
+    if not at:
+        message, where = str(exc), "$`"
+    path = re.findall(r"\.(\w+)|\[(\d+)\]", where[:-1])
+    keys = [name or index for name, index in path]
+    named = re.match(r"\[(\w+)\] (.*)", message, re.DOTALL)
+    if named:  # a check of one key (see Settings.__post_init__)
+        keys.append(named[1])
+        message = named[2]
+    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", message, re.DOTALL)
+    if unknown:
+        return f"invalid configuration: unknown setting {'.'.join([*keys, unknown[1]])!r}"
+    missing = re.fullmatch(r"Object missing required field `(.*)`", message, re.DOTALL)
+    if missing:
+        keys.append(missing[1])
+        message = "Field required"
+    if message.startswith("Invalid enum value"):  # it quotes the value: name the choices
+        choices = [c for c in typing.get_args(_annotation(
+            Settings, [key for key in keys if not key.isdigit()])) if isinstance(c, str)]
+        message = ("Input should be " + ", ".join(repr(c) for c in choices[:-1]) + " or "
+                   + repr(choices[-1])) if choices else "Input should be an allowed value"
+    return f"invalid configuration: setting {'.'.join(keys)!r}: {message}"
 
 
 def secret_env(name: str) -> str | None:
@@ -647,13 +719,14 @@ def _merged(settings: Settings, entry: DatabaseEntry) -> Settings:
     for key in ("backup_globals", "prune_after_backup"):
         if getattr(entry, key) is not None:
             update[key] = getattr(entry, key)
-    for key in ("compression", "retention", "objectives", "schedule", "notify"):
+    for key in _ENTRY_SECTIONS:
         section = getattr(entry, key)
-        if section.model_fields_set:
+        given = entry.given(key)
+        if given:
             base = getattr(settings, key)
-            update[key] = base.model_copy(
-                update={name: getattr(section, name) for name in section.model_fields_set})
-    return settings.model_copy(update=update)
+            update[key] = msgspec.structs.replace(
+                base, **{name: getattr(section, name) for name in given})
+    return msgspec.structs.replace(settings, **update)
 
 
 def target_connection(target: Target, dbname: str | None = None) -> ConnInfo:

@@ -7,11 +7,14 @@ import json
 import re
 import secrets
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+import msgspec
+from msgspec import field
 
 MANIFEST_FORMAT = 1
+
+T = TypeVar("T")
 
 
 def new_backup_id(now: datetime) -> str:
@@ -35,52 +38,143 @@ def backup_id_time(backup_id: str) -> datetime | None:
     return stamp + timedelta(milliseconds=int(match[2]))
 
 
-class StageSpec(BaseModel):
-    """One encoding applied to an artifact, recorded so restore never depends on config."""
+class StageSpec:
+    """One encoding applied to an artifact, recorded so restore never depends on config.
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    Keys it does not know (written by a newer pgvault) are kept in ``extra`` and written
+    back when the manifest is rewritten (pin, unpin).
+    """
+
+    __slots__ = ("extra", "level", "name", "passphrase", "recipients", "threads")
+
+    name: str
+    level: int | None
+    threads: int | None
+    # age: the public recipients (age1... or SSH public keys), never a secret key.
+    recipients: tuple[str, ...] | None
+    # age: the repository's passphrase-wrapped identity is among the recipients.
+    passphrase: bool | None
+    extra: dict[str, Any]
+
+    def __init__(self, *, name: str, level: int | None = None, threads: int | None = None,
+                 recipients: tuple[str, ...] | None = None, passphrase: bool | None = None,
+                 **extra: Any) -> None:
+        set_ = object.__setattr__
+        set_(self, "name", name)
+        set_(self, "level", level)
+        set_(self, "threads", threads)
+        set_(self, "recipients", recipients)
+        set_(self, "passphrase", passphrase)
+        set_(self, "extra", extra)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"StageSpec is frozen: cannot set {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StageSpec):
+            return NotImplemented
+        return (self.name, self.level, self.threads, self.recipients, self.passphrase,
+                self.extra) == (other.name, other.level, other.threads, other.recipients,
+                                other.passphrase, other.extra)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.level, self.threads, self.recipients, self.passphrase))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{key}={value!r}" for key, value in self.to_dict().items())
+        return f"StageSpec({fields})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form: the known keys in order, then any unknown ones."""
+        return {"name": self.name, "level": self.level, "threads": self.threads,
+                "recipients": None if self.recipients is None else list(self.recipients),
+                "passphrase": self.passphrase, **self.extra}
+
+
+class _StageFields(msgspec.Struct):
+    """The keys of a stored StageSpec that this version knows (others are ignored)."""
 
     name: str
     level: int | None = None
     threads: int | None = None
-    # age: the public recipients (age1... or SSH public keys), never a secret key.
     recipients: tuple[str, ...] | None = None
-    # age: the repository's passphrase-wrapped identity is among the recipients.
     passphrase: bool | None = None
 
 
-class Artifact(BaseModel):
-    """One stored object of a backup: its key, stored size and sha256, and how it was encoded."""
+_STAGE_KEYS = frozenset(_StageFields.__struct_fields__)
 
-    model_config = ConfigDict(frozen=True)
+
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is StageSpec:
+        try:
+            known = msgspec.convert(value, _StageFields)
+        except msgspec.ValidationError as exc:
+            raise ValueError(str(exc)) from None
+        extra = {key: item for key, item in value.items() if key not in _STAGE_KEYS}
+        return StageSpec(name=known.name, level=known.level, threads=known.threads,
+                         recipients=known.recipients, passphrase=known.passphrase, **extra)
+    raise NotImplementedError(f"cannot decode {kind!r}")
+
+
+def _enc_hook(value: Any) -> Any:
+    if isinstance(value, StageSpec):
+        return value.to_dict()
+    raise NotImplementedError(f"cannot encode {type(value)!r}")
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=_enc_hook)
+_DECODERS: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+def to_json(value: Any) -> bytes:
+    """``value`` (a model) as indented JSON, the form stored in the repository."""
+    return msgspec.json.format(_ENCODER.encode(value), indent=2)
+
+
+def from_json(kind: type[T], data: bytes | str) -> T:
+    """Parse and validate JSON as ``kind``; msgspec.ValidationError or DecodeError if bad."""
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        decoder = _DECODERS[kind] = msgspec.json.Decoder(kind, dec_hook=_dec_hook)
+    return decoder.decode(data)  # type: ignore[no-any-return]
+
+
+def to_dict(value: Any) -> Any:
+    """``value`` as JSON-ready builtins (datetimes as ISO 8601 text)."""
+    return msgspec.to_builtins(value, enc_hook=_enc_hook)
+
+
+def from_dict(kind: type[T], value: Any) -> T:
+    """Validate already-parsed JSON (dicts, lists, text) as ``kind``."""
+    return msgspec.convert(value, kind, dec_hook=_dec_hook)
+
+
+class Artifact(msgspec.Struct, frozen=True):
+    """One stored object of a backup: its key, stored size and sha256, and how it was encoded."""
 
     name: str
     key: str
     size: int
     sha256: str
     raw_size: int
-    stages: list[StageSpec] = Field(default_factory=list)
+    stages: list[StageSpec] = field(default_factory=list)
     format: str = ""
 
 
-class TableFacts(BaseModel):
+class TableFacts(msgspec.Struct, frozen=True):
     """What was true of one table in the backup's snapshot."""
-
-    model_config = ConfigDict(frozen=True)
 
     schema_name: str
     name: str
     rows: int
 
 
-class SchemaFingerprint(BaseModel):
+class SchemaFingerprint(msgspec.Struct, frozen=True):
     """sha256 of a canonical listing of the user schema, whole and per kind of object."""
 
-    model_config = ConfigDict(frozen=True)
-
     sha256: str
-    sections: dict[str, str] = Field(default_factory=dict)
-    objects: dict[str, int] = Field(default_factory=dict)
+    sections: dict[str, str] = field(default_factory=dict)
+    objects: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_sections(cls, sections: dict[str, list[str]]) -> SchemaFingerprint:
@@ -92,28 +186,26 @@ class SchemaFingerprint(BaseModel):
                    objects={name: len(lines) for name, lines in sorted(sections.items())})
 
 
-class MigrationTable(BaseModel):
+class MigrationTable(msgspec.Struct, frozen=True):
     """A migration tool's table (_prisma_migrations, alembic_version, ...) in the snapshot."""
-
-    model_config = ConfigDict(frozen=True)
 
     schema_name: str
     name: str
     rows: int
     sha256: str
     latest: str | None = None
-    failed: list[str] = Field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
 
-class Facts(BaseModel):
+class Facts(msgspec.Struct):
     """Facts captured in the same snapshot as the dump, for later verification."""
 
     server_version: str = ""
     server_version_num: int = 0
     database_size: int = 0
     encoding: str = ""
-    extensions: dict[str, str] = Field(default_factory=dict)
-    tables: list[TableFacts] = Field(default_factory=list)
+    extensions: dict[str, str] = field(default_factory=dict)
+    tables: list[TableFacts] = field(default_factory=list)
     snapshot: str | None = None
     # None: not recorded (older pgvault, or the catalog could not be read).
     schema_filter: str | None = None
@@ -121,7 +213,7 @@ class Facts(BaseModel):
     migrations: list[MigrationTable] | None = None
 
 
-class PhysicalFacts(BaseModel):
+class PhysicalFacts(msgspec.Struct):
     """What a base backup needs for a restore: its cluster, WAL range and where the WAL is."""
 
     system_identifier: str  # a uint64, kept as text so JSON tools keep every digit
@@ -138,14 +230,14 @@ class PhysicalFacts(BaseModel):
     superuser: str = "postgres"  # the bootstrap superuser (oid 10), for restore drills
 
 
-class Pin(BaseModel):
+class Pin(msgspec.Struct):
     """Why a backup must never be pruned."""
 
     reason: str
     at: datetime
 
 
-class Manifest(BaseModel):
+class Manifest(msgspec.Struct, kw_only=True):
     """The commit record of one backup; its existence is what makes the backup exist."""
 
     format: int = MANIFEST_FORMAT
@@ -155,10 +247,10 @@ class Manifest(BaseModel):
     started_at: datetime
     finished_at: datetime
     pgvault_version: str
-    tool_versions: dict[str, str] = Field(default_factory=dict)
+    tool_versions: dict[str, str] = field(default_factory=dict)
     artifacts: list[Artifact]
-    facts: Facts = Field(default_factory=Facts)
-    warnings: list[str] = Field(default_factory=list)
+    facts: Facts = field(default_factory=Facts)
+    warnings: list[str] = field(default_factory=list)
     pin: Pin | None = None
     physical: PhysicalFacts | None = None  # set when kind == "physical"
 
@@ -204,7 +296,7 @@ LEVELS = ("integrity", "restore", "facts", "assertions", "command")
 """Restore drill levels, shallowest first; each includes the ones before it."""
 
 
-class VerifyCheck(BaseModel):
+class VerifyCheck(msgspec.Struct):
     """One check of a restore drill: what was checked, at which level, the outcome and why."""
 
     level: str
@@ -213,7 +305,7 @@ class VerifyCheck(BaseModel):
     detail: str = ""
 
 
-class VerifyReport(BaseModel):
+class VerifyReport(msgspec.Struct, kw_only=True):
     """The result of one restore drill of one backup; stored beside the backup as its record."""
 
     format: int = 1
@@ -223,7 +315,7 @@ class VerifyReport(BaseModel):
     started_at: datetime
     finished_at: datetime
     where: str = ""
-    checks: list[VerifyCheck] = Field(default_factory=list)
+    checks: list[VerifyCheck] = field(default_factory=list)
     restore_seconds: float | None = None
     bytes_read: int = 0
     rto_objective_seconds: float = 3600.0

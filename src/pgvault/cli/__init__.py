@@ -54,7 +54,7 @@ def _scrub_output() -> None:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Console entry point: one line per error on stderr, exit code by error kind."""
-    # Start-up creates ~100k objects that live until exit (click, pydantic, psycopg); the
+    # Start-up creates many objects that live until exit (click, psycopg, boto3); the
     # collector walking them while they are created costs 15-30 ms of every command. It
     # resumes once a command has what it needs (app.startup_done).
     gc.disable()
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         _run(argv)
     finally:
         # What is alive now dies with the process: keep the collector from walking it again
-        # at interpreter exit (pydantic and psycopg make that 30-70 ms of every command).
+        # at interpreter exit (30-70 ms of every command when pydantic was still imported).
         gc.freeze()
 
 

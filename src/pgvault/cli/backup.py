@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import click
+import msgspec
 
 from pgvault.cli.app import (
     CONNECTION_HELP,
@@ -21,6 +22,7 @@ from pgvault.cli.app import (
 from pgvault.cli.physical import PHYSICAL_HELP, physical_restore_options, restore_physical
 from pgvault.cli.security import IDENTITY_HELP, identity_option, keyring_of
 from pgvault.errors import PgvaultError
+from pgvault.model import to_json
 
 
 @cli.command(epilog=CONNECTION_HELP + "\n" + EXIT_CODES)
@@ -131,7 +133,7 @@ def _report_backup(run: Any, as_json: bool) -> Exception | None:
     if run.prune is not None:
         click.echo(run.prune.summary(), err=True)
     if as_json:
-        click.echo(manifest.model_dump_json(indent=2))
+        click.echo(to_json(manifest).decode())
         return drill_error
     seconds = (manifest.finished_at - manifest.started_at).total_seconds()
     ratio = manifest.raw_size / manifest.size if manifest.size else 0
@@ -169,7 +171,7 @@ def list_(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) ->
     if not manifests:
         click.echo("no backups yet")
         return
-    role = roles(manifests, Policy.from_mapping(settings.retention.model_dump()))
+    role = roles(manifests, Policy.from_mapping(msgspec.structs.asdict(settings.retention)))
     click.echo(f"{'ID':<30} {'DATABASE':<20} {'STARTED (UTC)':<20} {'SIZE':>10} {'TOOK':>8}"
                f"  {'LAST DRILL':<18}  ROLE")
     for m in manifests:
@@ -212,7 +214,7 @@ def show(
     catalog = Catalog(storage_of(settings))
     m = catalog.get(backup_id, database_filter(dbname))
     if as_json:
-        click.echo(m.model_dump_json(indent=2))
+        click.echo(to_json(m).decode())
         return
     click.echo(f"backup    {m.id}\ndatabase  {m.database}\nstarted   {m.started_at}\n"
                f"finished  {m.finished_at}\nserver    PostgreSQL {m.facts.server_version}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 
 from pgvault.cli.app import (
     CONNECTION_HELP,
@@ -29,6 +30,7 @@ from pgvault.cli.app import (
     settings_of,
     storage_of,
 )
+from pgvault.model import to_json
 
 FETCH_FATAL = 126
 """wal-fetch's status for a damaged or unreadable archive: PostgreSQL aborts recovery
@@ -231,7 +233,7 @@ def basebackup(ctx: click.Context, /, dbname: str | None, cluster: str | None,
         progress=progress,
     )
     # Built first, so a bad [retention] fails before the backup rather than after it.
-    policy = (Policy.from_mapping(settings.retention.model_dump())
+    policy = (Policy.from_mapping(msgspec.structs.asdict(settings.retention))
               if settings.prune_after_backup else None)
     window = recovery_window(settings)
     try:
@@ -248,7 +250,7 @@ def basebackup(ctx: click.Context, /, dbname: str | None, cluster: str | None,
             click.echo(f"warning: base backup {manifest.id} is stored, but pruning failed: "
                        f"{exc}", err=True)
     if as_json:
-        click.echo(manifest.model_dump_json(indent=2))
+        click.echo(to_json(manifest).decode())
         return
     facts = manifest.physical
     assert facts is not None

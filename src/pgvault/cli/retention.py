@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import click
+import msgspec
 
 from pgvault.cli.app import (
     EXIT_CODES,
@@ -55,7 +56,7 @@ def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, as_json: bo
     from pgvault.retention import describe
 
     settings = settings_of(ctx)
-    policy = Policy.from_mapping(settings.retention.model_dump())
+    policy = Policy.from_mapping(msgspec.structs.asdict(settings.retention))
     report = prune(storage_of(settings), policy, dry_run=dry_run, now=datetime.now(UTC),
                    lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
                    database=database_filter(dbname), recovery_window=recovery_window(settings))

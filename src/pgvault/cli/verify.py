@@ -18,6 +18,7 @@ from pgvault.cli.app import (
     storage_of,
 )
 from pgvault.cli.security import IDENTITY_HELP, identity_option, keyring_of
+from pgvault.model import to_dict
 
 LEVEL_NAMES = ["integrity", "restore", "facts", "assertions", "command"]
 
@@ -198,7 +199,7 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
     for line in servers.kept:
         click.echo(line, err=True)
     if as_json:
-        data = [r.model_dump(mode="json") for r in reports]
+        data = [to_dict(r) for r in reports]
         click.echo(json.dumps(data if backup_id == "all" else data[0], indent=2))
     error = failure(reports)
     if error is not None:

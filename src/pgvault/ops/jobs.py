@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from pgvault import logs
 from pgvault.errors import Interrupted, PgvaultError
 from pgvault.events import Event, Fanout, Sink
@@ -173,7 +175,7 @@ def _policy(settings: Settings) -> Policy:
     """The retention policy of ``settings`` (the planner is imported only when pruning)."""
     from pgvault.ops.prune import Policy
 
-    return Policy.from_mapping(settings.retention.model_dump())
+    return Policy.from_mapping(msgspec.structs.asdict(settings.retention))
 
 
 def _abortable(progress: Callable[[int], None] | None,

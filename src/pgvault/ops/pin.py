@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import msgspec
+
 from pgvault.catalog import Catalog
 from pgvault.errors import UsageError
 from pgvault.model import Manifest, Pin
@@ -18,7 +20,7 @@ def pin(
         raise UsageError("a pin needs a reason, e.g. --reason 'before migration 42'")
     catalog = Catalog(storage)
     manifest = catalog.get(ref, database)
-    pinned = manifest.model_copy(update={"pin": Pin(reason=reason.strip(), at=now)})
+    pinned = msgspec.structs.replace(manifest, pin=Pin(reason=reason.strip(), at=now))
     catalog.update(pinned)
     return pinned
 
@@ -31,6 +33,6 @@ def unpin(
     manifest = catalog.get(ref, database)
     if manifest.pin is None:
         return manifest, None
-    unpinned = manifest.model_copy(update={"pin": None})
+    unpinned = msgspec.structs.replace(manifest, pin=None)
     catalog.update(unpinned)
     return unpinned, manifest.pin

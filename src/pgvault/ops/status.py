@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+import msgspec
 
 from pgvault.catalog import Catalog
 from pgvault.lock import holder
-from pgvault.model import Manifest, VerifyReport
+from pgvault.model import Manifest, VerifyReport, from_dict, to_dict
 from pgvault.ops.wal import ArchiveStatus, archive_status
 from pgvault.storage.base import Storage
 
@@ -27,7 +27,7 @@ OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 
 
-class RunRecord(BaseModel):
+class RunRecord(msgspec.Struct):
     """One backup run as the history keeps it."""
 
     at: datetime
@@ -40,7 +40,7 @@ class RunRecord(BaseModel):
     """False when nobody was told (a failed attempt that was retried, a shutdown)."""
 
 
-class RunHistory(BaseModel):
+class RunHistory(msgspec.Struct):
     """Status record of one database: last success, last failure, failures so far."""
 
     last_success: RunRecord | None = None
@@ -60,21 +60,20 @@ def read_history(storage: Storage, database: str) -> RunHistory:
     if record is None:
         return RunHistory()
     try:
-        return RunHistory.model_validate(record)
-    except ValidationError:
+        return from_dict(RunHistory, record)
+    except msgspec.ValidationError:
         return RunHistory()
 
 
 def record_run(storage: Storage, database: str, run: RunRecord, *, failed: bool) -> RunHistory:
     """Add ``run`` to the history of ``database``; returns the history as it was before."""
     before = read_history(storage, database)
-    after = before.model_copy(deep=True)
     if failed:
-        after.last_failure = run
-        after.failures_total += 1
+        after = msgspec.structs.replace(before, last_failure=run,
+                                        failures_total=before.failures_total + 1)
     else:
-        after.last_success = run
-    Catalog(storage).write_status(database, HISTORY, after.model_dump(mode="json"))
+        after = msgspec.structs.replace(before, last_success=run)
+    Catalog(storage).write_status(database, HISTORY, to_dict(after))
     return before
 
 
@@ -224,7 +223,7 @@ class DatabaseStatus:
             "rpo_met": None if age is None else age <= timedelta(hours=self.rpo_hours),
             "oldest_at": self.oldest_time.isoformat() if self.oldest_time else None,
             "last_failure": None if self.history.last_failure is None
-            else self.history.last_failure.model_dump(mode="json"),
+            else to_dict(self.history.last_failure),
             "failing": self.history.failing,
             "failures_total": self.history.failures_total,
             "last_drill": None if drill is None else {

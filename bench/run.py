@@ -106,6 +106,9 @@ class OpResult:
     op: str
     command: str
     samples: list[Sample] = field(default_factory=list)
+    # Runs with the memory sampler on: it costs pgvault's many-process tree ~0.4 s of CPU
+    # at 300 MB (the floor's one process ~0.05 s), so wall and CPU come from the other runs.
+    memory: list[Sample] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     verified: list[bool] = field(default_factory=list)
     status: str = "ok"  # ok | n/a | failed
@@ -115,7 +118,8 @@ class OpResult:
         """Median of a Sample attribute over the runs, or None if there are none."""
         if self.status != "ok" or not self.samples:
             return None
-        return float(statistics.median(getattr(s, attr) for s in self.samples))
+        runs = self.memory if attr.startswith("peak_") and self.memory else self.samples
+        return float(statistics.median(getattr(s, attr) for s in runs))
 
     def median_size(self) -> int | None:
         """Median output size in bytes, or None."""
@@ -226,24 +230,27 @@ class Bench:
             for op in S3_OPS:
                 res[op].status, res[op].note = "n/a", self.s3_note
 
-        for i in range(1, runs + 1):
-            log(f"[{info.name}] run {i}/{runs}: backups")
+        for i in range(1, runs + 2):
+            mem = i > runs  # the last run samples memory; the others are timed undisturbed
+            log(f"[{info.name}] run {i}/{runs}: backups" if not mem else
+                f"[{info.name}] memory run (sampled; not in the wall and CPU medians): backups")
             s = self._check(measure([str(PG_BIN / "pg_dump"), "-Fc", "-Z0", src],
-                                    env=self.env()), LABELS[FLOOR])
-            self._add(res[FLOOR], s, info.reference_dump_bytes)
+                                    env=self.env(), sample=mem), LABELS[FLOOR])
+            self._add(res[FLOOR], s, info.reference_dump_bytes, memory=mem)
 
             gz.unlink(missing_ok=True)
             s = self._check(measure(["bash", "-c", STRATEGY_BACKUP],
-                                    env=self.env(DATABASE_URL=src, DUMP_FILE=str(gz))),
+                                    env=self.env(DATABASE_URL=src, DUMP_FILE=str(gz)),
+                                    sample=mem),
                             LABELS[STRAT_B])
-            self._add(res[STRAT_B], s, gz.stat().st_size)
+            self._add(res[STRAT_B], s, gz.stat().st_size, memory=mem)
 
             if res[VAULT_B].status == "ok":
                 shutil.rmtree(repo, ignore_errors=True)
                 repo.mkdir()
-                s = measure(vault_backup, env=vault_env)
+                s = measure(vault_backup, env=vault_env, sample=mem)
                 if self._pgvault_ok(res[VAULT_B], s):
-                    self._add(res[VAULT_B], s, _tree_size(repo))
+                    self._add(res[VAULT_B], s, _tree_size(repo), memory=mem)
                 else:
                     for op in (VAULT_R, VAULT_RJ2):
                         res[op].status, res[op].note = "n/a", "pgvault backup failed"
@@ -252,34 +259,37 @@ class Bench:
                 log(f"[{info.name}] run {i}/{runs}: backups to S3 ({self.s3.url})")
                 self.s3.clear(s3_prefix)
                 s = self._check(measure(["bash", "-c", s3_baseline],
-                                        env=self.s3_env(DATABASE_URL=src)), LABELS[S3_BASE])
-                self._add(res[S3_BASE], s, self.s3.size(s3_prefix))
+                                        env=self.s3_env(DATABASE_URL=src), sample=mem),
+                                LABELS[S3_BASE])
+                self._add(res[S3_BASE], s, self.s3.size(s3_prefix), memory=mem)
                 self.s3.clear(s3_prefix)
                 if res[VAULT_S3].status == "ok":
-                    s = measure(vault_s3, env=self.s3_env(DATABASE_URL=src))
+                    s = measure(vault_s3, env=self.s3_env(DATABASE_URL=src), sample=mem)
                     if self._pgvault_ok(res[VAULT_S3], s):
-                        self._add(res[VAULT_S3], s, self.s3.size(s3_prefix))
+                        self._add(res[VAULT_S3], s, self.s3.size(s3_prefix), memory=mem)
                 self.s3.clear(s3_prefix)
 
             log(f"[{info.name}] run {i}/{runs}: restores")
             self._create_db(restore_db)
             s = measure(["bash", "-c", STRATEGY_RESTORE], env=self.env(
-                DUMP_FILE=str(gz), DATABASE_URL_RESTORE=self.cluster.url(restore_db)))
+                DUMP_FILE=str(gz), DATABASE_URL_RESTORE=self.cluster.url(restore_db)),
+                sample=mem)
             self._check(s, LABELS[STRAT_R])
-            self._add(res[STRAT_R], s, None, self._verify(restore_db, expected, s))
+            self._add(res[STRAT_R], s, None, self._verify(restore_db, expected, s), memory=mem)
 
             self._create_db(restore_db)
             s = measure([str(PG_BIN / "pg_restore"), "-j", str(self.restore_jobs), "-d",
-                         self.cluster.url(restore_db), str(ref)], env=self.env())
+                         self.cluster.url(restore_db), str(ref)], env=self.env(), sample=mem)
             self._check(s, LABELS[PGR_J2])
-            self._add(res[PGR_J2], s, None, self._verify(restore_db, expected, s))
+            self._add(res[PGR_J2], s, None, self._verify(restore_db, expected, s), memory=mem)
 
             for op, argv in ((VAULT_R, vault_restore), (VAULT_RJ2, vault_restore_j2)):
                 if res[op].status == "ok":
                     self._drop_db(restore_db)
-                    s = measure(argv, env=vault_env)
+                    s = measure(argv, env=vault_env, sample=mem)
                     if self._pgvault_ok(res[op], s):
-                        self._add(res[op], s, None, self._verify(restore_db, expected, s))
+                        self._add(res[op], s, None, self._verify(restore_db, expected, s),
+                                  memory=mem)
             self._drop_db(restore_db)
         return res
 
@@ -469,10 +479,10 @@ class Bench:
 
     @staticmethod
     def _add(r: OpResult, s: Sample, size: int | None, verified: bool = True,
-             label: str = "") -> None:
-        """Append one run to r and log its figures."""
-        r.samples.append(s)
-        if size is not None:
+             label: str = "", memory: bool = False) -> None:
+        """Append one run to r (a memory run to r.memory) and log its figures."""
+        (r.memory if memory else r.samples).append(s)
+        if size is not None and not memory:
             r.sizes.append(size)
         r.verified.append(verified)
         extra = f", {size / MB:.1f} MB" if size is not None else ""
@@ -673,8 +683,8 @@ def _op_note(op: str, r: OpResult) -> str:
     notes = [r.note] if r.note else []
     if not all(r.verified):
         notes.append("RESTORE MISMATCH")
-    if op.startswith("restore.") and r.samples:
-        n = max(s.procs.get("pg_restore", 0) for s in r.samples)
+    if op.startswith("restore.") and (r.memory or r.samples):
+        n = max(s.procs.get("pg_restore", 0) for s in r.memory or r.samples)
         if n:
             notes.append(f"pg_restore processes at once: {n}")
     return "; ".join(notes)
@@ -713,6 +723,7 @@ def report(info: DatasetInfo, res: dict[str, OpResult], runs: int) -> dict[str, 
             "restore_verified": r.verified,
             "runs": [{**asdict(s), "output_bytes": r.sizes[i] if i < len(r.sizes) else None}
                      for i, s in enumerate(r.samples)],
+            "memory_runs": [asdict(s) for s in r.memory],
         }
     print()
     head = (f"{'target: wall ratio (lower is better)':<38} {'ratio':>7} {'target':>8} "

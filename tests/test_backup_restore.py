@@ -80,13 +80,14 @@ def test_rich_database_round_trip_s3(
         assert head["ServerSideEncryption"] == "AES256", key
 
 
-@pytest.mark.parametrize("extra", [["--compression", "gzip"], ["--compression", "none"]])
+@pytest.mark.parametrize("extra", [["--compression", "gzip"], ["--compression", "none"],
+                                   ["--level", "3"]])
 def test_other_compressions_round_trip(
     extra: list[str], rich_db: str, repo: str, new_name: NewName, pg_cluster: EphemeralCluster,
     tmp_path: Path
 ) -> None:
     pgvault("backup", "--dbname", rich_db, "--repo", repo, *extra)
-    suffix = {"gzip": ".gz", "none": ""}[extra[1]]
+    suffix = {"gzip": ".gz", "none": "", "3": ".zst"}[extra[1]]
     assert list((tmp_path / "repo").rglob(f"db.dump{suffix}"))
     target = new_name()
     pgvault("restore", "latest", "--to", target, "--dbname", pg_cluster.url(), "--repo", repo)

@@ -30,7 +30,9 @@ from pgvault.model import to_json
 @dbname_option
 @click.option("--compression", type=click.Choice(["zstd", "gzip", "none"]), default=None,
               help="Compression (default zstd) [config compression.algorithm].")
-@click.option("--level", type=int, default=None, help="Compression level (zstd 1-19, gzip 1-9).")
+@click.option("--level", type=int, default=None,
+              help="Compression level (zstd 1-19, default 1; gzip 1-9, default 6). zstd 3 "
+                   "stores ~14% less and takes ~15% longer on a 2-CPU client.")
 @click.option("--no-globals", is_flag=True, help="Skip roles and tablespaces (pg_dumpall -g).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from pgvault.storage.base import Storage
 
 SUFFIXES = {"zstd": ".zst", "gzip": ".gz", "age": ".age"}
+# Level 1 keeps a backup at pg_dump's own speed on a 2-CPU client: at 1 GB it took 1.01x
+# the floor against 1.16x at level 3, whose output is 14% smaller (3.67x vs 3.16x).
+DEFAULT_ZSTD_LEVEL = 1
 
 
 def compression_spec(algorithm: str, level: int | None, threads: int) -> list[StageSpec]:
@@ -26,7 +29,8 @@ def compression_spec(algorithm: str, level: int | None, threads: int) -> list[St
     if algorithm == "none":
         return []
     if algorithm == "zstd":
-        return [StageSpec(name="zstd", level=3 if level is None else level, threads=threads)]
+        return [StageSpec(name="zstd", level=DEFAULT_ZSTD_LEVEL if level is None else level,
+                          threads=threads)]
     if algorithm == "gzip":
         return [StageSpec(name="gzip", level=6 if level is None else level)]
     raise ConfigError(f"unknown compression {algorithm!r} (choose zstd, gzip or none)")

@@ -11,9 +11,9 @@ from pgvault.pipeline.stream import CHUNK, Readable, Reader
 # Decoders feed the decompressor small inputs so one call's output stays bounded in memory.
 DECODE_INPUT = 128 << 10
 JOB_SIZE = 2 << 20
-# Level 3 (the default) looks for matches of 6 bytes instead of 5: on pg_dump output it
-# compressed 7% faster and 1.7% smaller (shop dump), and alike on pgbench's. The format
-# is unchanged: any zstd decoder reads it.
+# Level 3 looks for matches of 6 bytes instead of 5: on pg_dump output it compressed 7%
+# faster and 1.7% smaller (shop dump), and alike on pgbench's. The format is unchanged:
+# any zstd decoder reads it.
 LEVEL_TUNING: dict[int, dict[str, int]] = {3: {"min_match": 6}}
 
 

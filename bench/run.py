@@ -671,6 +671,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def _paired(a: OpResult, b: OpResult) -> float | None:
+    """Median of run-by-run wall ratios: each run of a follows its run of b within a minute,
+    so the machine's slow drifts (other tenants, CPU credits) cancel out of each pair."""
+    pairs = [x.wall_s / y.wall_s for x, y in zip(a.samples, b.samples, strict=False)
+             if y.wall_s > 0]
+    ok = a.status == "ok" and b.status == "ok" and pairs
+    return float(statistics.median(pairs)) if ok else None
+
+
 def _verdict(ratio: float | None, limit: float) -> str:
     """PASS, MISS or n/a for a measured value against an upper limit."""
     return "n/a" if ratio is None else ("PASS" if ratio <= limit else "MISS")
@@ -727,7 +736,7 @@ def report(info: DatasetInfo, res: dict[str, OpResult], runs: int) -> dict[str, 
         }
     print()
     head = (f"{'target: wall ratio (lower is better)':<38} {'ratio':>7} {'target':>8} "
-            f"{'result':>6} {'CPU ratio':>10} {'RSS ratio':>10}")
+            f"{'result':>6} {'CPU ratio':>10} {'RSS ratio':>10} {'paired':>7}")
     print(head)
     print("-" * len(head))
     targets_json: list[dict[str, Any]] = []
@@ -735,12 +744,14 @@ def report(info: DatasetInfo, res: dict[str, OpResult], runs: int) -> dict[str, 
         vals = {k: _ratio(res[t.op].median(k), res[t.base].median(k))
                 for k in ("wall_s", "cpu_s", "peak_rss_bytes")}
         verdict = _verdict(vals["wall_s"], t.limit)
+        paired = _paired(res[t.op], res[t.base])
         targets_json.append({"target": t.name, "op": t.op, "base": t.base, "limit": t.limit,
                              "ratio": vals["wall_s"], "result": verdict,
-                             "cpu_ratio": vals["cpu_s"], "rss_ratio": vals["peak_rss_bytes"]})
+                             "cpu_ratio": vals["cpu_s"], "rss_ratio": vals["peak_rss_bytes"],
+                             "paired_ratio": paired})
         print(f"{t.name:<38} {_fmt(vals['wall_s'], '.2f', 'x'):>7} {f'<={t.limit:.2f}x':>8} "
               f"{verdict:>6} {_fmt(vals['cpu_s'], '.2f', 'x'):>10} "
-              f"{_fmt(vals['peak_rss_bytes'], '.2f', 'x'):>10}")
+              f"{_fmt(vals['peak_rss_bytes'], '.2f', 'x'):>10} {_fmt(paired, '.2f', 'x'):>7}")
     return {"dataset": asdict(info), "operations": ops_json, "targets": targets_json}
 
 

@@ -141,3 +141,26 @@ def test_prefetch_stops_reading_when_closed() -> None:
     ahead.close()
     ahead._thread.join(timeout=5)
     assert not ahead._thread.is_alive()
+
+
+def test_decoding_very_compressible_data_keeps_memory_bounded() -> None:
+    """pgbench-like rows (~100x): one decoder call must not expand into tens of MB."""
+    import tracemalloc
+
+    import zstandard
+
+    raw = b"".join(b"%d\t%d\t0\t" % (i, i // 100000) + b" " * 84 + b"\n"
+                   for i in range(400_000))
+    packed = zstandard.ZstdCompressor(level=1).compress(raw)
+    assert len(raw) / len(packed) > 20
+    decoder = pipeline.decode(io.BytesIO(packed), [pipeline.StageSpec(name="zstd", level=1)])
+    tracemalloc.start()
+    try:
+        digest = hashlib.sha256()
+        while chunk := decoder.read(1 << 20):
+            digest.update(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert digest.digest() == hashlib.sha256(raw).digest()
+    assert peak < 8 << 20, f"decoding peaked at {peak >> 20} MiB"

@@ -798,8 +798,9 @@ def report_memory(points: list[tuple[DatasetInfo, dict[str, OpResult]]]) -> dict
         for op in ops:
             r = res.get(op)
             ok = r is not None and r.status == "ok" and bool(r.samples)
-            pss = max(s.peak_pss_bytes for s in r.samples) if r is not None and ok else None
-            rss = max(s.peak_rss_bytes for s in r.samples) if r is not None and ok else None
+            sampled = (r.memory or r.samples) if r is not None else []
+            pss = max(s.peak_pss_bytes for s in sampled) if ok else None
+            rss = max(s.peak_rss_bytes for s in sampled) if ok else None
             verdict = _verdict(None if pss is None else pss / MB, limit)
             cells.append(f"{pss / MB:.1f} ({rss / MB:.1f}) {verdict}"
                          if pss is not None and rss is not None

@@ -18,12 +18,13 @@ import pytest
 from cli_runner import one_line_error, pgvault
 from fixtures_pg import NewName
 from pgvault.catalog import lock_key
-from pgvault.engines.logical import LogicalEngine, ServerInfo
+from pgvault.engines.logical import LogicalEngine
 from pgvault.errors import LockHeld
 from pgvault.lock import acquire
 from pgvault.ops.backup import _preflight_and_lock
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.pg.conninfo import ConnInfo
+from pgvault.pg.psql import ServerInfo
 from pgvault.storage.memory import MemoryStorage
 
 HOUR = timedelta(hours=1)

@@ -17,7 +17,7 @@ from pgvault.pg import fingerprint
 from pgvault.pg.binaries import tool, tool_version
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput
-from pgvault.pg.psql import PsqlSession
+from pgvault.pg.psql import PsqlSession, ServerInfo
 from pgvault.pipeline.stream import Readable
 
 DUMP_FORMAT = "pg_dump-custom"
@@ -34,20 +34,6 @@ WHERE (c.relkind = 'r' OR (c.relkind = 'm' AND c.relispopulated))
   AND (%(schema)s::text IS NULL OR n.nspname = %(schema)s::text)
 ORDER BY 1, 2
 """
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    """What preflight learned about the server and the database."""
-
-    database: str
-    version: str
-    version_num: int
-    is_superuser: bool
-
-    @property
-    def major(self) -> int:
-        return self.version_num // 10000
 
 
 @dataclass
@@ -113,27 +99,18 @@ class LogicalEngine:
         """A psql session for ``preflight`` and then ``snapshot``: it starts in milliseconds."""
         return PsqlSession(self.conn)
 
-    def preflight(self, connection: Any = None) -> ServerInfo:
+    def preflight(self, session: PsqlSession | None = None) -> ServerInfo:
         """Learn the server version and make sure a suitable pg_dump exists.
 
-        Asks a ``session()`` (left open) or a psycopg connection when given, else a psycopg
-        connection of its own.
+        Asks ``session`` (left open) when given, else a psql session of its own.
         """
-        if isinstance(connection, PsqlSession):
-            told = connection.preflight()
-            info = ServerInfo(database=told.database, version=told.version,
-                              version_num=told.version_num, is_superuser=told.is_superuser)
-        elif connection is None:
-            with self.conn.connect() as own:
+        if session is None:
+            own = self.session()
+            try:
                 return self.preflight(own)
-        else:
-            row = connection.execute(
-                "SELECT current_database(), current_setting('server_version'),"
-                " current_setting('server_version_num')::int,"
-                " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)"
-            ).fetchone()
-            info = ServerInfo(database=row[0], version=row[1], version_num=row[2],
-                              is_superuser=bool(row[3]))
+            finally:
+                own.close()
+        info = session.preflight()
         self._server = info
         tool("pg_dump", info.major)
         return info

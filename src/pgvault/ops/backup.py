@@ -16,7 +16,6 @@ from pgvault.engines.logical import (
     DUMP_FORMAT,
     GLOBALS_FORMAT,
     LogicalEngine,
-    ServerInfo,
     Snapshot,
 )
 from pgvault.errors import BackupFailed
@@ -24,6 +23,7 @@ from pgvault.lock import Lock, acquire, release
 from pgvault.model import Artifact, Facts, Manifest, StageSpec, new_backup_id
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput
+from pgvault.pg.psql import ServerInfo
 from pgvault.pipeline.digest import HashingReader
 from pgvault.pipeline.stream import Readable, Reader
 from pgvault.storage.base import Storage

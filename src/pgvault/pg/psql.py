@@ -40,13 +40,17 @@ EXPORT_SQL = (
 
 
 @dataclass(frozen=True)
-class Preflight:
-    """What the server said about itself and the connecting role."""
+class ServerInfo:
+    """What preflight learned about the server and the database."""
 
     database: str
     version: str
     version_num: int
     is_superuser: bool
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000
 
 
 def psql_path() -> Path:
@@ -99,12 +103,12 @@ class PsqlSession:
             raise DatabaseError(f"cannot connect to {self.conn.redacted()}: {message}")
         return raw.decode("utf-8", "replace").rstrip("\n")
 
-    def preflight(self) -> Preflight:
+    def preflight(self) -> ServerInfo:
         fields = self._line().split(SEPARATOR)
         if len(fields) != 4:
             raise DatabaseError(f"unexpected preflight answer from psql: {fields!r}")
         name, version, version_num, superuser = fields
-        return Preflight(database=bytes.fromhex(name).decode("utf-8", "replace"),
+        return ServerInfo(database=bytes.fromhex(name).decode("utf-8", "replace"),
                          version=version, version_num=int(version_num),
                          is_superuser=superuser == "t")
 

@@ -220,8 +220,8 @@ def test_interrupt_during_backup_leaves_nothing_and_exits_130(
     assert "interrupted" in err
     assert manifests(repo_dir) == []
     # Only the run history remains, recording the interrupted run.
-    assert [p.relative_to(repo_dir).parts[0] for p in repo_dir.rglob("*") if p.is_file()] == [
-        "status"]
+    left = [p.relative_to(repo_dir) for p in repo_dir.rglob("*") if p.is_file()]
+    assert [p.parts[0] for p in left] == ["status"], (left, err)
     pgvault("backup", "--dbname", url, "--repo", f"file://{repo_dir}")
     target = new_name()
     pgvault("restore", "--to", target, "--dbname", pg_cluster.url(), "--repo",

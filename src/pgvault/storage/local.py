@@ -121,13 +121,12 @@ class LocalStorage:
                 raise _error("create", exc.filename or tmp, exc) from exc
         raise StorageError(f"cannot create {tmp}: its folder keeps being removed")
 
-    def _write_temp(self, path: Path, stream: BinaryIO) -> tuple[Path, os.stat_result]:
-        """Copy ``stream`` into a synced temp file beside ``path``.
+    def _write_temp(self, tmp: Path, stream: BinaryIO) -> os.stat_result:
+        """Copy ``stream`` into the synced temp file ``tmp``.
 
         The stream's own exceptions propagate unchanged; ours become StorageError.
-        The caller removes the temp file on failure.
+        The caller removes ``tmp`` on any failure, an interrupt included.
         """
-        tmp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(8)}")
         fd = self._create_temp(tmp)
         try:
             try:
@@ -150,27 +149,37 @@ class LocalStorage:
                     flushed = written
             try:
                 os.fsync(fd)
-                return tmp, os.fstat(fd)
+                return os.fstat(fd)
             except OSError as exc:
                 raise _error("write", tmp, exc) from exc
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def _temp_beside(self, path: Path) -> Iterator[Path]:
+        """A temp file name beside ``path``, removed on leaving unless renamed away.
+
+        Everything from its creation to its rename happens inside this block: a Ctrl-C that
+        lands between open(2) returning and the next statement (seen in CI on a loaded host)
+        must not leave the file behind.
+        """
+        tmp = path.with_name(f"{TEMP_PREFIX}{secrets.token_hex(8)}")
+        try:
+            yield tmp
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def put(self, key: str, stream: BinaryIO) -> ObjectInfo:
         """Write a temp file, fsync it, rename it over ``key`` and fsync the folder."""
         path = self._path(key)
-        tmp, st = self._write_temp(path, stream)
-        try:
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise _error("write", path, exc) from exc
+        with self._temp_beside(path) as tmp:
+            st = self._write_temp(tmp, stream)
+            try:
+                os.replace(tmp, path)
+                _fsync_dir(path.parent)
+            except OSError as exc:
+                raise _error("write", path, exc) from exc
         return _info(key, st)
 
     def put_bytes(self, key: str, data: bytes) -> ObjectInfo:
@@ -179,21 +188,19 @@ class LocalStorage:
     def create(self, key: str, data: bytes) -> ObjectInfo:
         """Hard-link a complete temp file to ``key``: link(2) refuses an existing name."""
         path = self._path(key)
-        tmp, st = self._write_temp(path, io.BytesIO(data))
-        try:
-            os.link(tmp, path)
-            _fsync_dir(path.parent)
-        except FileExistsError:
-            raise AlreadyExists(f"{path} already exists") from None
-        except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP):
-                raise StorageError(
-                    f"cannot create {path}: the file system does not support hard links"
-                ) from exc
-            raise _error("create", path, exc) from exc
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        with self._temp_beside(path) as tmp:
+            st = self._write_temp(tmp, io.BytesIO(data))
+            try:
+                os.link(tmp, path)
+                _fsync_dir(path.parent)
+            except FileExistsError:
+                raise AlreadyExists(f"{path} already exists") from None
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.EOPNOTSUPP):
+                    raise StorageError(
+                        f"cannot create {path}: the file system does not support hard links"
+                    ) from exc
+                raise _error("create", path, exc) from exc
         return _info(key, st)
 
     def open(self, key: str) -> BinaryIO:

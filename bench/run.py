@@ -57,11 +57,11 @@ LABELS = {
 PGVAULT_OPS = (VAULT_B, VAULT_S3, VAULT_R, VAULT_RJ2)
 # --breakdown: the parts of a pgvault backup, each measured alone (compare with the floor).
 BREAKDOWN = {
-    "bd.zstd_cli": "pg_dump -Fc -Z0 | zstd -3 -T2 > file (pgvault's codec, stock CLI)",
+    "bd.zstd_cli": "pg_dump -Fc -Z0 | zstd -1 -T2 > file (pgvault's codec, stock CLI)",
     "bd.globals": "pg_dumpall --globals-only > /dev/null",
     "bd.facts": "count(*) of every table, one psql session",
     "bd.vault_noglobals": "pgvault backup --no-globals",
-    "bd.vault_level1": "pgvault backup --no-globals --level 1",
+    "bd.vault_level3": "pgvault backup --no-globals --level 3",
     "bd.vault_none": "pgvault backup --no-globals --compression none",
 }
 S3_OPS = (S3_BASE, VAULT_S3)
@@ -304,7 +304,7 @@ class Bench:
                  "--no-globals"]
         shell = {
             "bd.zstd_cli": 'set -euo pipefail\npg_dump -Fc -Z0 "$DATABASE_URL" | '
-                           'zstd -3 -T2 -q -c > "$OUT"',
+                           'zstd -1 -T2 -q -c > "$OUT"',
             "bd.globals": 'pg_dumpall --globals-only -d "$DATABASE_URL" > /dev/null',
             "bd.facts": 'psql -X -q -v ON_ERROR_STOP=1 -d "$DATABASE_URL" -f "$COUNTS" '
                         "> /dev/null",
@@ -312,7 +312,7 @@ class Bench:
         argvs: dict[str, list[str]] = {op: ["bash", "-c", cmd] for op, cmd in shell.items()}
         if self.pgvault is not None:
             argvs.update({"bd.vault_noglobals": vault,
-                          "bd.vault_level1": [*vault, "--level", "1"],
+                          "bd.vault_level3": [*vault, "--level", "3"],
                           "bd.vault_none": [*vault, "--compression", "none"]})
         res = {op: OpResult(op, shell.get(op, " ".join(argv)).replace("\n", "; "))
                for op, argv in argvs.items()}
@@ -895,9 +895,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--startup-runs", type=int, default=10,
                    help="runs of pgvault --version and pgvault list (default 10; 0 skips)")
     p.add_argument("--breakdown", action="store_true",
-                   help="also time the parts of a pgvault backup alone: stock zstd -3 -T2, "
+                   help="also time the parts of a pgvault backup alone: stock zstd -1 -T2, "
                         "pg_dumpall -g, count(*) of every table, pgvault without globals, "
-                        "at level 1, without compression")
+                        "at level 3, without compression")
     p.add_argument("--profile", action="store_true",
                    help="afterwards, profile pgvault backup and restore once each (py-spy, "
                         "perf) on the shop dataset")

@@ -164,3 +164,27 @@ def test_decoding_very_compressible_data_keeps_memory_bounded() -> None:
         tracemalloc.stop()
     assert digest.digest() == hashlib.sha256(raw).digest()
     assert peak < 8 << 20, f"decoding peaked at {peak >> 20} MiB"
+
+
+def test_child_output_reads_a_chattering_child_in_few_large_reads() -> None:
+    """A child writing 4 KiB at a time (pg_dump on a pipe) is read in far fewer, larger reads."""
+    import sys
+
+    from pgvault.errors import BackupFailed
+    from pgvault.pg.process import ChildOutput
+
+    # Bursts of 4 writes with a short sleep between, like pg_dump waiting on its server:
+    # read as it came, every burst was at least one read of its own.
+    bursts, size = 2560, 4096
+    script = (f"import os, time\nb = b'x' * {size}\n"
+              f"for _ in range({bursts}):\n"
+              f"    for _ in range(4): os.write(1, b)\n"
+              f"    time.sleep(0.0001)\n")
+    child = ChildOutput([sys.executable, "-c", script], env=dict(os.environ),
+                        error=BackupFailed)
+    reads = total = 0
+    while data := child.read(1 << 20):
+        reads += 1
+        total += len(data)
+    assert total == bursts * 4 * size
+    assert reads < bursts // 2, reads

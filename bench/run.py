@@ -545,6 +545,21 @@ def export_revision(rev: str, dest: Path) -> tuple[Path, str]:
     return script, commit
 
 
+def working_tree_commit() -> str:
+    """HEAD of the checkout the venv's pgvault runs from, '+dirty' if src/ has changes."""
+    import subprocess
+
+    repo = str(BENCH_DIR.parent)
+    try:
+        head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--", "src"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
+
+
 def find_pgvault(explicit: str | None) -> tuple[Path | None, str]:
     """Locate a working pgvault CLI that has backup and restore; else (None, reason)."""
     path = Path(explicit) if explicit else Path(sys.executable).parent / "pgvault"
@@ -994,6 +1009,8 @@ def main(argv: list[str] | None = None) -> int:
                 pgvault, note = find_pgvault(str(script))
             else:
                 pgvault, note = find_pgvault(args.pgvault)
+                if args.pgvault is None:
+                    pgvault_commit = working_tree_commit()
             log(f"pgvault: {pgvault or note}")
             s3, s3_note, aws = start_s3(args, stack, scratch)
             bench = Bench(cluster, scratch / "work", pgvault, note, args.restore_jobs,

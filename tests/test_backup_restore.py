@@ -149,6 +149,53 @@ def test_restore_refuses_a_non_empty_database_unless_clean(
     assert_databases_equal(rich_db, pg_cluster.url(target))
 
 
+def test_restore_into_a_hostile_database_name_and_over_it_with_clean(
+    make_db: Callable[..., str], repo: str, pg_cluster: EphemeralCluster
+) -> None:
+    # restore's CREATE/DROP/RENAME go through psql: quotes, a semicolon, a backslash
+    # command and a psql variable in the name must reach the server as one identifier.
+    url = make_db()
+    fill_sized_database(url, 2_000)
+    pgvault("backup", "--dbname", url, "--repo", repo)
+    target = f"odd 'db' \"x\"; \\echo :HOST {uuid.uuid4().hex[:6]}"
+    before = databases(pg_cluster)
+    try:
+        pgvault("restore", "--to", target, "--dbname", pg_cluster.url(), "--repo", repo)
+        assert databases(pg_cluster) - before == {target}
+        pgvault("restore", "--to", target, "--dbname", pg_cluster.url(), "--repo", repo,
+                "--clean")
+        assert databases(pg_cluster) - before == {target}
+        with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+            name = conn.execute("SELECT datname FROM pg_database WHERE datname = %s",
+                                (target,)).fetchone()
+        assert name == (target,)
+        assert_databases_equal(url, pg_cluster.url(target))
+    finally:
+        with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(target)))
+
+
+def test_restore_without_the_right_to_create_a_database_fails_in_one_line(
+    make_db: Callable[..., str], repo: str, new_name: NewName, pg_cluster: EphemeralCluster
+) -> None:
+    url = make_db()
+    pgvault("backup", "--dbname", url, "--repo", repo)
+    role = f"nocreate_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOCREATEDB").format(sql.Identifier(role)))
+    before = databases(pg_cluster)
+    try:
+        weak = pg_cluster.url().replace("postgres@", f"{role}@")
+        proc = pgvault("restore", "--to", new_name(), "--dbname", weak, "--repo", repo,
+                       expect=4)
+        assert "permission denied to create database" in one_line_error(proc)
+        assert databases(pg_cluster) == before
+    finally:
+        with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
 def test_restore_of_a_damaged_backup_fails_and_leaves_no_database(
     rich_db: str, repo: str, new_name: NewName, pg_cluster: EphemeralCluster, tmp_path: Path
 ) -> None:

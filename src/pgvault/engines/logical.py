@@ -85,9 +85,10 @@ def _serial_scans(cur: Any) -> None:
 class LogicalEngine:
     """Produces and consumes the artifacts of a logical backup of one database."""
 
-    def __init__(self, conn: ConnInfo) -> None:
+    def __init__(self, conn: ConnInfo, server: ServerInfo | None = None) -> None:
+        """``server``: what a preflight on another database of that server already learned."""
         self.conn = conn
-        self._server: ServerInfo | None = None
+        self._server = server
 
     @property
     def server(self) -> ServerInfo:

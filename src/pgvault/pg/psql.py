@@ -39,6 +39,16 @@ EXPORT_SQL = (
 )
 
 
+def identifier(name: str) -> str:
+    """``name`` as a quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def text_literal(value: str) -> str:
+    """``value`` as a SQL expression that reads the same whatever the quoting settings."""
+    return f"convert_from(decode('{value.encode().hex()}', 'hex'), 'UTF8')"
+
+
 @dataclass(frozen=True)
 class ServerInfo:
     """What preflight learned about the server and the database."""
@@ -74,6 +84,7 @@ class PsqlSession:
         self._stack = ExitStack()
         env = dict(self._stack.enter_context(conn.child_env()))
         env.setdefault("PGCONNECT_TIMEOUT", "15")
+        env["PGCLIENTENCODING"] = "UTF8"  # names in statements are sent as UTF-8
         argv = [str(psql_path()), "--no-psqlrc", "--no-align", "--tuples-only", "--quiet",
                 "--no-password", "--set=ON_ERROR_STOP=1", f"--field-separator={SEPARATOR}",
                 f"--dbname={conn.dsn()}"]
@@ -111,6 +122,24 @@ class PsqlSession:
         return ServerInfo(database=bytes.fromhex(name).decode("utf-8", "replace"),
                          version=version, version_num=int(version_num),
                          is_superuser=superuser == "t")
+
+    def run(self, statement: str) -> list[list[str]]:
+        """Run one statement after ``preflight``; its rows as text fields.
+
+        A failed statement raises DatabaseError with the server's message and leaves the
+        session usable (psql's ERROR and LAST_ERROR_MESSAGE variables, psql 11 and later).
+        """
+        self._send(f"\\set ON_ERROR_STOP 0\n{statement};\n"
+                   f"\\echo {READY} :ERROR :LAST_ERROR_MESSAGE\n")
+        rows = []
+        while not (line := self._line()).startswith(READY + " "):
+            rows.append(line.split(SEPARATOR))
+        _, failed, message = [*line.split(" ", 2), "", ""][:3]
+        if failed == "true":
+            raise DatabaseError(message or "statement failed")
+        if failed != "false":
+            raise DatabaseError(f"{psql_path()} is too old to report errors (psql 11 or later)")
+        return rows
 
     def export_snapshot(self) -> str | None:
         """Begin a repeatable-read transaction and export its snapshot; None if refused."""

@@ -377,3 +377,24 @@ def test_restore_jobs_default_to_the_cpus_and_fall_back_to_streaming_without_roo
     # An exabyte does not fit in TMPDIR: one job, streamed, and the log says why.
     assert restore_jobs(3, 1 << 60) == 1
     assert "restoring with one job, streamed" in caplog.text
+
+
+def test_psql_session_reports_a_failed_statement_and_stays_usable(
+    pg_cluster: EphemeralCluster,
+) -> None:
+    from pgvault.errors import DatabaseError
+    from pgvault.pg.conninfo import ConnInfo
+    from pgvault.pg.psql import PsqlSession, text_literal
+
+    session = PsqlSession(ConnInfo.parse(pg_cluster.url()))
+    try:
+        session.preflight()
+        # A message over two lines must not leak into the next statement's rows.
+        with pytest.raises(DatabaseError, match="first line"):
+            session.run("DO $$BEGIN RAISE EXCEPTION E'first line\\nsecond line'; END$$")
+        assert session.run("SELECT 42, 'x'") == [["42", "x"]]
+        odd = "it's a \"name\"; \\echo :HOST"
+        assert session.run("SELECT " + text_literal(odd)) == [[odd]]
+        assert session.run("SELECT 1 WHERE false") == []
+    finally:
+        session.close()

@@ -22,6 +22,7 @@ from pgvault.pg.process import StderrTail
 
 SEPARATOR = "\x1f"  # never in a version string or a hex-encoded name
 READY = "pgvault-ready"
+DONE = "pgvault-done"
 _SNAPSHOT_ID = re.compile(r"^[0-9A-F]+-[0-9A-F]+(-[0-9]+)?$")
 
 # The name travels hex-encoded: a database name may hold any character but NUL.
@@ -129,14 +130,17 @@ class PsqlSession:
         A failed statement raises DatabaseError with the server's message and leaves the
         session usable (psql's ERROR and LAST_ERROR_MESSAGE variables, psql 11 and later).
         """
-        self._send(f"\\set ON_ERROR_STOP 0\n{statement};\n"
-                   f"\\echo {READY} :ERROR :LAST_ERROR_MESSAGE\n")
+        self._send(f"\\set ON_ERROR_STOP 0\n{statement};\n\\echo {READY} :ERROR\n"
+                   f"\\echo :LAST_ERROR_MESSAGE\n\\echo {DONE}\n")
         rows = []
         while not (line := self._line()).startswith(READY + " "):
             rows.append(line.split(SEPARATOR))
-        _, failed, message = [*line.split(" ", 2), "", ""][:3]
+        failed = line.removeprefix(READY + " ")
+        message = []  # a message may span lines (it can quote a name holding a newline)
+        while (line := self._line()) != DONE:
+            message.append(line)
         if failed == "true":
-            raise DatabaseError(message or "statement failed")
+            raise DatabaseError(" ".join(message).strip() or "statement failed")
         if failed != "false":
             raise DatabaseError(f"{psql_path()} is too old to report errors (psql 11 or later)")
         return rows

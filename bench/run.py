@@ -871,6 +871,25 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform(), "load_avg_at_start": os.getloadavg()}
 
 
+def cpu_times() -> dict[str, float]:
+    """The machine's CPU seconds so far by kind (/proc/stat's first line); empty elsewhere."""
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return {}
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {name: int(value) / ticks for name, value in zip(names, fields, strict=False)}
+
+
+def stolen_share(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Share of the machine's CPU time the hypervisor gave to others between two samples."""
+    if not before or not after:
+        return None
+    total = sum(after.values()) - sum(before.values())
+    return (after.get("steal", 0) - before.get("steal", 0)) / total if total > 0 else None
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -973,6 +992,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = dt.datetime.now(dt.UTC)
     host = machine()
+    cpu_at_start = cpu_times()
     res_dir = Path(args.results_dir)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     server_version = "?"
@@ -1079,6 +1099,11 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(sig, signal.SIG_IGN)  # let the cleanup below finish
         log("stopping the servers")
 
+    steal = stolen_share(cpu_at_start, cpu_times())
+    host["cpu_stolen_share"] = steal
+    if steal is not None:
+        # Steal makes wall times noisy: a figure from a run with much of it is weak evidence.
+        print(f"\nCPU time stolen by the hypervisor during the run: {100 * steal:.1f}%")
     results = {
         "started_at": started.isoformat(),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import random
 import subprocess
 from pathlib import Path
@@ -12,9 +14,12 @@ import pytest
 from cli_runner import pgvault
 from dbcompare import assert_databases_equal
 from fixtures_pg import MakeDb, NewName
+from pgvault.engines.spool import Spool
+from pgvault.errors import IntegrityError
 from pgvault.pg.archive import OFFSET_SET, OffsetFinder, read_toc
 from pgvault.pg.binaries import tool
 from pgvault.pg.cluster import EphemeralCluster
+from pgvault.pipeline.compression import FrameSplit, ZstdEncoder
 
 PG_DUMP = tool("pg_dump", 15)
 PG_RESTORE = tool("pg_restore", 15)
@@ -136,3 +141,80 @@ def test_parallel_restore_of_many_tables_whole_and_selected(
             "FROM pg_class WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace"
         ).fetchall())
     assert counts == {"t7": (7 * 977) % 3001, "t39": (39 * 977) % 3001}
+
+
+def framed(archive: bytes) -> tuple[bytes, list[tuple[int, int, int]]]:
+    """The archive as a framed backup stores it: zstd frames, and where each begins."""
+    split = FrameSplit(OffsetFinder())
+    blob = ZstdEncoder(io.BytesIO(archive), level=1, threads=2, split=split).read()
+    return blob, [tuple(start) for start in split.starts]  # type: ignore[misc]
+
+
+def test_a_framed_spool_is_the_archive_pg_dump_writes_to_a_file(
+    many_tables_db: str, tmp_path: Path, new_name: NewName, pg_cluster: EphemeralCluster
+) -> None:
+    seekable = tmp_path / "file.dump"
+    subprocess.run([PG_DUMP, "-Fc", "-Z0", f"--file={seekable}", f"--dbname={many_tables_db}"],
+                   check=True)
+    piped = dump(many_tables_db, "-Z0")
+    blob, frames = framed(piped)
+    assert len([f for f in frames if f[0]]) == 41  # each table's data and the large objects
+    spool = Spool(io.BytesIO(blob), frames, len(piped))
+    try:
+        assert spool.wait_toc()
+        path = Path(spool.wait())
+        spooled = path.read_bytes()
+        assert recorded_offsets(spooled) == recorded_offsets(seekable.read_bytes())
+        toc_end = read_toc(piped).end
+        assert spooled[toc_end:] == piped[toc_end:]
+        target = new_name()
+        with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{target}"')
+        subprocess.run([PG_RESTORE, "--exit-on-error", "-j", "3",
+                        f"--dbname={pg_cluster.url(target)}", path], check=True)
+    finally:
+        spool.close()
+    assert not path.exists()
+    assert_databases_equal(many_tables_db, pg_cluster.url(target))
+
+
+@pytest.mark.parametrize("damage", ["frame-moved", "raw-offset-moved", "cut-at-a-frame",
+                                    "bit-flipped"])
+def test_a_framed_spool_refuses_what_does_not_add_up(damage: str, many_tables_db: str) -> None:
+    piped = dump(many_tables_db, "-Z0")
+    blob, frames = framed(piped)
+    middle = len(frames) // 2
+    name, offset, raw = frames[middle]
+    if damage == "frame-moved":
+        frames[middle] = (name, offset + 1, raw)
+    elif damage == "raw-offset-moved":
+        frames[middle] = (name, offset, raw - 1)
+    elif damage == "cut-at-a-frame":
+        blob = blob[:offset]
+    else:
+        flipped = bytearray(blob)
+        flipped[offset + 100] ^= 0x04
+        blob = bytes(flipped)
+    spool = Spool(io.BytesIO(blob), frames, len(piped))
+    try:
+        with pytest.raises(IntegrityError, match=r"zstd|frame"):
+            spool.wait()
+    finally:
+        spool.close()
+
+
+def test_backups_are_framed_and_older_unframed_ones_still_restore_in_parallel(
+    many_tables_db: str, tmp_path: Path, new_name: NewName, pg_cluster: EphemeralCluster
+) -> None:
+    repo = f"file://{tmp_path / 'repo'}"
+    pgvault("backup", "--dbname", many_tables_db, "--repo", repo)
+    (manifest,) = (tmp_path / "repo").glob("manifests/**/*.json")
+    recorded = json.loads(manifest.read_text())
+    dump_artifact = recorded["artifacts"][0]
+    assert dump_artifact["name"] == "db.dump" and len(dump_artifact["frames"]) >= 41
+    del dump_artifact["frames"]  # as written before frames existed
+    manifest.write_text(json.dumps(recorded))
+    target = new_name()
+    pgvault("restore", "latest", "--to", target, "--dbname", pg_cluster.url(), "--repo", repo,
+            "-j", "2")
+    assert_databases_equal(many_tables_db, pg_cluster.url(target))

@@ -9,9 +9,12 @@ import os
 import subprocess
 
 import pytest
+import zstandard
 
 from pgvault import pipeline
 from pgvault.errors import IntegrityError
+from pgvault.pipeline import compression
+from pgvault.pipeline.compression import FRAME_RAW_MAX
 from pgvault.pipeline.digest import HashingReader, VerifyingReader
 from pgvault.pipeline.pump import Prefetch
 
@@ -54,10 +57,48 @@ def test_flipped_bit_is_refused(algorithm: str) -> None:
         pipeline.decode(io.BytesIO(bytes(damaged)), stages).read()
 
 
-def test_trailing_garbage_is_refused() -> None:
+@pytest.mark.parametrize("junk", [b"junk", b"\x28\xb5", b"\x00" * 40])
+def test_trailing_garbage_is_refused(junk: bytes) -> None:
+    # The decoder reads frame after frame (framed backups): junk is a frame that is not one.
     blob, stages = encoded("zstd")
-    with pytest.raises(IntegrityError, match="after its end"):
-        pipeline.decode(io.BytesIO(blob + b"junk"), stages).read()
+    with pytest.raises(IntegrityError, match=r"corrupt|truncated"):
+        pipeline.decode(io.BytesIO(blob + junk), stages).read()
+
+
+class Marks:
+    """Boundaries at fixed offsets, reported only once the stream has gone 10 bytes past."""
+
+    def __init__(self, at: dict[int, int]) -> None:
+        self.at, self.seen, self.offsets = at, 0, {}
+
+    def feed(self, data: bytes) -> None:
+        self.seen += len(data)
+        self.offsets = {k: v for k, v in self.at.items() if v + 10 <= self.seen}
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_split_frames_decode_alone_and_as_one_stream(threads: int) -> None:
+    data = DATA * 9  # 30 MiB: frames end at the marks and every FRAME_RAW_MAX bytes
+    marks = {7: 1000, 8: 5 << 20, 9: (5 << 20) + 1, 10: len(data) - 20}
+    split = compression.FrameSplit(Marks(marks))
+    blob = compression.ZstdEncoder(io.BytesIO(data), level=1, threads=threads,
+                                   split=split).read()
+    starts = split.starts
+    assert {s.name: s.raw_offset for s in starts if s.name} == marks
+    raw = [s.raw_offset for s in starts]
+    assert raw == sorted(raw) and max(b - a for a, b in zip([0, *raw], [*raw, len(data)],
+                                                           strict=True)) <= FRAME_RAW_MAX
+    bounds = list(zip([(0, 0), *[(s.offset, s.raw_offset) for s in starts]],
+                      [*[(s.offset, s.raw_offset) for s in starts], (len(blob), len(data))],
+                      strict=True))
+    for (offset, raw_offset), (end, raw_end) in bounds:
+        frame = zstandard.ZstdDecompressor().decompressobj()
+        assert frame.decompress(blob[offset:end]) == data[raw_offset:raw_end]
+        assert frame.eof and not frame.unused_data
+    stages = pipeline.compression_spec("zstd", 1, threads)
+    assert pipeline.decode(io.BytesIO(blob), stages).read() == data
+    out = subprocess.run(["zstd", "-d", "-c"], input=blob, capture_output=True, check=True)
+    assert out.stdout == data
 
 
 def test_stock_tools_decode_our_streams() -> None:

@@ -159,6 +159,10 @@ class Artifact(msgspec.Struct, frozen=True):
     raw_size: int
     stages: list[StageSpec] = field(default_factory=list)
     format: str = ""
+    # Where each zstd frame after the first begins: (pg_dump dump id of the table data that
+    # starts there, or 0; offset in the zstd stream; offset in the archive). A restore
+    # decompresses frames in parallel and knows where each table's data is without looking.
+    frames: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class TableFacts(msgspec.Struct, frozen=True):

@@ -10,7 +10,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgvault.engines.pg_restore import Spool, restore_spooled, restore_streamed
+from pgvault.engines.pg_restore import restore_spooled, restore_streamed
+from pgvault.engines.spool import Spool
 from pgvault.errors import BackupFailed, DatabaseError
 from pgvault.model import Facts, TableFacts
 from pgvault.pg import fingerprint

@@ -21,9 +21,11 @@ from pgvault.engines.logical import (
 from pgvault.errors import BackupFailed
 from pgvault.lock import Lock, acquire, release
 from pgvault.model import Artifact, Facts, Manifest, StageSpec, new_backup_id
+from pgvault.pg.archive import OffsetFinder
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput
 from pgvault.pg.psql import ServerInfo
+from pgvault.pipeline.compression import FrameSplit
 from pgvault.pipeline.digest import HashingReader
 from pgvault.pipeline.stream import Readable, Reader
 from pgvault.storage.base import Storage
@@ -204,11 +206,15 @@ def _store(
 ) -> Artifact:
     key = artifact_key(database, backup_id, name + pipeline.suffix(options.stages))
     raw = CountingReader(child, options.progress if name == "db.dump" else None)
-    stored = HashingReader(pipeline.encode(raw, options.stages))
+    # zstd frames that decompress alone, and where each table's data is: see engines.spool.
+    split = (FrameSplit(OffsetFinder()) if fmt == DUMP_FORMAT and options.stages
+             and options.stages[0].name == "zstd" else None)
+    stored = HashingReader(pipeline.encode(raw, options.stages, split=split))
     try:
         written.append(key)
         storage.put(key, stored)  # type: ignore[arg-type]
     finally:
         child.close()
     return Artifact(name=name, key=key, size=stored.size, sha256=stored.sha256,
-                    raw_size=raw.size, stages=options.stages, format=fmt)
+                    raw_size=raw.size, stages=options.stages, format=fmt,
+                    frames=list(split.starts) if split else [])

@@ -17,7 +17,7 @@ from pgvault import pipeline
 from pgvault.catalog import Catalog
 from pgvault.console import human_bytes
 from pgvault.engines.logical import LogicalEngine
-from pgvault.engines.pg_restore import Spool
+from pgvault.engines.spool import Spool
 from pgvault.errors import DatabaseError, RestoreFailed, UsageError
 from pgvault.model import Artifact, Manifest
 from pgvault.ops.backup import CountingReader
@@ -104,10 +104,13 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
     artifact = manifest.artifact("db.dump")
     started = time.monotonic()
     jobs = restore_jobs(options.jobs, artifact.raw_size)
-    stream = open_artifact(storage, manifest, artifact, progress=options.progress,
-                           identities=options.identities)
     # A parallel restore spools the archive first: start now, while the database is made.
-    spool = Spool(stream) if jobs > 1 else None
+    # An archive in zstd frames arrives still compressed, and the spool decompresses them.
+    framed = jobs > 1 and bool(artifact.frames) and artifact.stages[0].name == "zstd"
+    stream = open_artifact(storage, manifest, artifact, progress=options.progress,
+                           identities=options.identities, keep_zstd=framed)
+    spool = (Spool(stream, artifact.frames if framed else (), artifact.raw_size)
+             if jobs > 1 else None)
     try:
         admin, server = _admin(target)
         try:
@@ -177,19 +180,21 @@ def restore_jobs(asked: int, spool_bytes: int) -> int:
 
 def open_artifact(storage: Storage, manifest: Manifest, artifact: Artifact, *,
                   progress: Callable[[int], None] | None = None,
-                  identities: Keyring | None = None) -> Readable:
+                  identities: Keyring | None = None, keep_zstd: bool = False) -> Readable:
     """The decoded content of a stored artifact, checked against the manifest as it is read.
 
     Every reader of backup data goes through here: size and sha256 are verified at the end
     of the stream (IntegrityError naming the artifact), then each recorded stage is undone.
     An encrypted artifact needs ``identities``; DecryptionError names the recipients it needs.
+    ``keep_zstd``: leave the first stage, zstd, undone (the spool of a framed archive does).
     """
     source = VerifyingReader(storage.open(artifact.key), size=artifact.size,
                              sha256=artifact.sha256,
                              what=f"backup {manifest.id} artifact {artifact.key}")
     # Reading and hashing run a stage ahead of decoding: a 300 MB restore's spool took
     # 0.47-0.55 s instead of 0.63-0.78 s with both in one thread.
-    return pipeline.decode(CountingReader(Prefetch(source), progress), artifact.stages,
+    stages = artifact.stages[1:] if keep_zstd else artifact.stages
+    return pipeline.decode(CountingReader(Prefetch(source), progress), stages,
                            identities=identities, what=f"backup {manifest.id}")
 
 

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING
 
 from pgvault.errors import ConfigError, IntegrityError
 from pgvault.model import StageSpec
-from pgvault.pipeline.compression import GzipDecoder, GzipEncoder, ZstdDecoder, ZstdEncoder
+from pgvault.pipeline.compression import (
+    FrameSplit,
+    GzipDecoder,
+    GzipEncoder,
+    ZstdDecoder,
+    ZstdEncoder,
+)
 from pgvault.pipeline.stream import Readable
 
 if TYPE_CHECKING:
@@ -80,12 +86,17 @@ def suffix(stages: list[StageSpec]) -> str:
     return "".join(SUFFIXES.get(stage.name, "." + stage.name) for stage in stages)
 
 
-def encode(source: Readable, stages: list[StageSpec]) -> Readable:
-    """Wrap ``source`` in each stage's encoder, first stage innermost."""
+def encode(source: Readable, stages: list[StageSpec], *,
+           split: FrameSplit | None = None) -> Readable:
+    """Wrap ``source`` in each stage's encoder, first stage innermost.
+
+    ``split``: where a zstd stage ends frames, and where it records them (see ZstdEncoder).
+    """
     stream = source
     for stage in stages:
         if stage.name == "zstd":
-            stream = ZstdEncoder(stream, level=stage.level or 3, threads=stage.threads or 0)
+            stream = ZstdEncoder(stream, level=stage.level or 3, threads=stage.threads or 0,
+                                 split=split)
         elif stage.name == "gzip":
             stream = GzipEncoder(stream, level=stage.level or 6)
         elif stage.name == "age":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import zlib
-from typing import Any, cast
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, cast
 
 from pgvault.errors import IntegrityError
 from pgvault.pipeline.stream import CHUNK, Readable, Reader
@@ -20,10 +22,50 @@ JOB_SIZE = 2 << 20
 LEVEL_TUNING: dict[int, dict[str, int]] = {3: {"min_match": 6}}
 
 
-class ZstdEncoder(Reader):
-    """Reads raw bytes and yields one zstd frame."""
+class Boundaries(Protocol):
+    """Watches a stream go by and names the offsets where a new frame should begin."""
 
-    def __init__(self, source: Readable, *, level: int, threads: int) -> None:
+    @property
+    def offsets(self) -> Mapping[int, int]:
+        """A name for each boundary found so far -> its offset in the stream."""
+
+    def feed(self, data: bytes) -> None: ...
+
+
+# A boundary is reported once the bytes that follow it have been seen: this many at most.
+# Holding them back keeps every boundary ahead of what was compressed.
+BOUNDARY_LOOKAHEAD = 64
+# Frames end at least this often, so a restore can decompress several at once; at zstd's
+# levels 1-3 (windows of 0.5-1 MiB) it costs no measurable ratio.
+FRAME_RAW_MAX = 8 << 20
+
+
+class FrameStart(NamedTuple):
+    """Where a zstd frame begins: in the compressed stream and in the raw one."""
+
+    name: int  # the boundary's name (a pg_dump dump id), 0 where only size ended the frame
+    offset: int
+    raw_offset: int
+
+
+@dataclass
+class FrameSplit:
+    """Where to end zstd frames (at ``boundaries``, and every FRAME_RAW_MAX bytes), and where
+    each frame after the first began."""
+
+    boundaries: Boundaries
+    starts: list[FrameStart] = field(default_factory=list)
+
+
+class ZstdEncoder(Reader):
+    """Reads raw bytes and yields one zstd frame, or a series of them when ``split`` is given.
+
+    Each frame of a series decompresses alone, so a restore can decompress them in parallel,
+    and any zstd decoder reads the series as one stream.
+    """
+
+    def __init__(self, source: Readable, *, level: int, threads: int,
+                 split: FrameSplit | None = None) -> None:
         super().__init__()
         import zstandard
 
@@ -34,11 +76,81 @@ class ZstdEncoder(Reader):
             **LEVEL_TUNING.get(level, {}),
         )
         compressor = zstandard.ZstdCompressor(compression_params=params)
-        self._reader: Any = compressor.stream_reader(cast(Any, source), read_size=CHUNK)
+        self._split = split
+        if split is None:
+            self._reader: Any = compressor.stream_reader(cast(Any, source), read_size=CHUNK)
+            return
+        self._source = source
+        self._compressor = compressor
+        self._frame: Any = compressor.compressobj()
+        self._finish = zstandard.COMPRESSOBJ_FLUSH_FINISH
+        self._seen: set[int] = set()
+        self._held = b""  # read, not yet compressed: where a boundary may still be found
+        self._in = 0  # raw bytes compressed so far
+        self._frame_in = 0  # raw offset where the current frame began
+        self._out = 0  # compressed bytes produced so far
+        self._pending = b""
+        self._done = False
 
     def read_chunk(self, size: int) -> bytes:
-        data: bytes = self._reader.read(size)
-        return data
+        if self._split is None:
+            data: bytes = self._reader.read(size)
+            return data
+        while not self._pending and not self._done:
+            self._pending = self._next_output()
+        out, self._pending = self._pending[:size], self._pending[size:]
+        return out
+
+    def _next_output(self) -> bytes:
+        assert self._split is not None
+        data = self._source.read(CHUNK)
+        if data:
+            self._split.boundaries.feed(data)
+        buffer = self._held + data
+        keep = BOUNDARY_LOOKAHEAD if data else 0
+        release, self._held = buffer[:len(buffer) - keep], buffer[len(buffer) - keep:]
+        end = self._in + len(release)
+        named = sorted((offset, name) for name, offset in self._split.boundaries.offsets.items()
+                       if name not in self._seen and offset < end)
+        self._seen.update(name for _, name in named)
+        # A boundary behind what is compressed (a lookahead too short) gets no frame.
+        cuts = [(offset, name) for offset, name in named if offset >= self._in]
+        parts = []
+        pos = self._in
+        while True:
+            by_size = self._frame_in + FRAME_RAW_MAX
+            offset, name = cuts[0] if cuts else (end, 0)
+            if by_size < offset:
+                offset, name = by_size, 0
+            elif cuts:
+                cuts.pop(0)
+            if offset >= end:
+                break
+            last = self._split.starts[-1] if self._split.starts else None
+            if last is not None and last.raw_offset == offset:  # the frame just began here
+                self._split.starts[-1] = last._replace(name=name or last.name)
+                continue
+            parts.append(self._compress(release[pos - self._in:offset - self._in]))
+            parts.append(self._end_frame())
+            self._split.starts.append(FrameStart(name, self._out, offset))
+            self._frame_in = pos = offset
+        parts.append(self._compress(release[pos - self._in:]))
+        if not data:
+            parts.append(self._end_frame())
+            self._done = True
+        self._in = end
+        return b"".join(parts)
+
+    def _compress(self, raw: bytes) -> bytes:
+        out: bytes = self._frame.compress(raw)
+        self._out += len(out)
+        return out
+
+    def _end_frame(self) -> bytes:
+        out: bytes = self._frame.flush(self._finish)
+        self._out += len(out)
+        self._frame = self._compressor.compressobj()
+        return out
 
 
 class _Decoder(Reader):
@@ -83,7 +195,7 @@ class _Decoder(Reader):
 
 
 class ZstdDecoder(_Decoder):
-    """Decodes one zstd frame; trailing garbage or a missing end of frame is an error."""
+    """Decodes zstd frames one after another; a missing end of frame is an error."""
 
     codec = "zstd"
 
@@ -91,19 +203,21 @@ class ZstdDecoder(_Decoder):
         super().__init__(source)
         import zstandard
 
-        self._obj: Any = zstandard.ZstdDecompressor().decompressobj()
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._obj: Any = self._decompressor.decompressobj()
         self._error: type[Exception] = zstandard.ZstdError
 
     def _decompress(self, data: bytes) -> bytes:
-        if self._obj.eof:
-            raise IntegrityError("zstd stream has data after its end")
-        try:
-            out: bytes = self._obj.decompress(data)
-        except self._error as exc:
-            raise IntegrityError(f"zstd stream is corrupt: {exc}") from None
-        if self._obj.eof and self._obj.unused_data:
-            raise IntegrityError("zstd stream has data after its end")
-        return out
+        parts = []
+        while data:
+            if self._obj.eof:  # the next frame
+                self._obj = self._decompressor.decompressobj()
+            try:
+                parts.append(self._obj.decompress(data))
+            except self._error as exc:
+                raise IntegrityError(f"zstd stream is corrupt: {exc}") from None
+            data = self._obj.unused_data if self._obj.eof else b""
+        return b"".join(parts)
 
     def _complete(self) -> bool:
         return bool(self._obj.eof)

@@ -27,8 +27,8 @@ from pgvault.pipeline.pump import Prefetch
 from pgvault.pipeline.stream import CHUNK, Readable
 
 DECODERS = 2
-QUEUED_FRAMES = 2 * DECODERS  # frames held in memory at once: at most 8 MiB raw each
-FRAME_INPUT = 256 << 10  # compressed bytes per decompression call: bounds each call's output
+QUEUED_FRAMES = DECODERS + 1  # frames held in memory at once: at most 8 MiB raw each
+FRAME_INPUT = 64 << 10  # compressed bytes per decompression call: bounds its output (6 MiB at 100x)
 
 
 class Spool:

@@ -90,15 +90,17 @@ class ZstdEncoder(Reader):
         self._frame_in = 0  # raw offset where the current frame began
         self._out = 0  # compressed bytes produced so far
         self._pending = b""
+        self._sent = 0  # of _pending
         self._done = False
 
     def read_chunk(self, size: int) -> bytes:
         if self._split is None:
             data: bytes = self._reader.read(size)
             return data
-        while not self._pending and not self._done:
-            self._pending = self._next_output()
-        out, self._pending = self._pending[:size], self._pending[size:]
+        while self._sent >= len(self._pending) and not self._done:
+            self._pending, self._sent = self._next_output(), 0
+        out = self._pending[self._sent:self._sent + size]
+        self._sent += len(out)
         return out
 
     def _next_output(self) -> bytes:
@@ -106,10 +108,11 @@ class ZstdEncoder(Reader):
         data = self._source.read(CHUNK)
         if data:
             self._split.boundaries.feed(data)
-        buffer = self._held + data
-        keep = BOUNDARY_LOOKAHEAD if data else 0
-        release, self._held = buffer[:len(buffer) - keep], buffer[len(buffer) - keep:]
-        end = self._in + len(release)
+        # What may be compressed now: the bytes held back last time, then ``data`` but its
+        # last BOUNDARY_LOOKAHEAD; read in place, since a 1 MiB copy per chunk showed in RSS.
+        held, view = self._held, memoryview(data)
+        keep = min(BOUNDARY_LOOKAHEAD, len(data)) if data else 0
+        end = self._in + len(held) + len(data) - keep
         named = sorted((offset, name) for name, offset in self._split.boundaries.offsets.items()
                        if name not in self._seen and offset < end)
         self._seen.update(name for _, name in named)
@@ -117,6 +120,15 @@ class ZstdEncoder(Reader):
         cuts = [(offset, name) for offset, name in named if offset >= self._in]
         parts = []
         pos = self._in
+
+        def compress_to(stop: int) -> None:
+            first = self._in + len(held)  # stream offset of data[0]
+            if pos < first:
+                parts.append(self._compress(memoryview(held)[pos - self._in:
+                                                             min(stop, first) - self._in]))
+            if stop > first:
+                parts.append(self._compress(view[max(pos, first) - first:stop - first]))
+
         while True:
             by_size = self._frame_in + FRAME_RAW_MAX
             offset, name = cuts[0] if cuts else (end, 0)
@@ -130,18 +142,19 @@ class ZstdEncoder(Reader):
             if last is not None and last.raw_offset == offset:  # the frame just began here
                 self._split.starts[-1] = last._replace(name=name or last.name)
                 continue
-            parts.append(self._compress(release[pos - self._in:offset - self._in]))
+            compress_to(offset)
             parts.append(self._end_frame())
             self._split.starts.append(FrameStart(name, self._out, offset))
             self._frame_in = pos = offset
-        parts.append(self._compress(release[pos - self._in:]))
+        compress_to(end)
         if not data:
             parts.append(self._end_frame())
             self._done = True
+        self._held = data[len(data) - keep:] if data else b""
         self._in = end
         return b"".join(parts)
 
-    def _compress(self, raw: bytes) -> bytes:
+    def _compress(self, raw: memoryview) -> bytes:
         out: bytes = self._frame.compress(raw)
         self._out += len(out)
         return out
@@ -231,6 +244,7 @@ class GzipEncoder(Reader):
         self._source = source
         self._obj = zlib.compressobj(level, zlib.DEFLATED, 31)
         self._pending = b""
+        self._sent = 0  # of _pending
         self._done = False
 
     def read_chunk(self, size: int) -> bytes:

@@ -379,6 +379,70 @@ def test_restore_jobs_default_to_the_cpus_and_fall_back_to_streaming_without_roo
     assert "restoring with one job, streamed" in caplog.text
 
 
+def test_restore_limits_index_build_workers_while_it_runs_and_leaves_no_setting(
+    make_db: Callable[..., str], repo: str, new_name: NewName, pg_cluster: EphemeralCluster
+) -> None:
+    """One job per CPU leaves no CPU for parallel index builds: pg_restore's sessions run
+    with none, and the restored database keeps no trace of the setting."""
+    from pgvault.ops.restore import index_build_workers
+    from pgvault.pg.conninfo import ConnInfo
+
+    jobs = os.cpu_count() or 1
+    assert index_build_workers(ConnInfo.parse(pg_cluster.url()), jobs) == 0
+    url = make_db()
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.execute("SHOW max_parallel_maintenance_workers").fetchone() != ("0",)
+        # The constraint holds only in a session with the setting pgvault gives pg_restore's.
+        conn.execute("SET max_parallel_maintenance_workers = 0")
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, CHECK (id > 0 AND "
+                     "current_setting('max_parallel_maintenance_workers') = '0'))")
+        conn.execute("INSERT INTO t SELECT generate_series(1, 1000)")
+    pgvault("backup", "--dbname", url, "--repo", repo)
+    target = new_name()
+    pgvault("restore", "latest", "--to", target, "--jobs", str(jobs),
+            "--dbname", pg_cluster.url(), "--repo", repo)
+    assert_databases_equal(url, pg_cluster.url(target))
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
+            " WHERE d.datname = %s", (target,)).fetchone() == (0,)
+
+
+def test_a_failed_parallel_restore_names_the_workers_error_not_its_death() -> None:
+    import io
+
+    from pgvault.pg.process import StderrTail, describe_exit
+
+    stderr = io.BytesIO(
+        b'pg_restore: error: COPY failed for table "t": ERROR:  new row for relation "t" '
+        b'violates check constraint "t_check"\n'
+        b"pg_restore: error: a worker process died unexpectedly\n")
+    tail = StderrTail(stderr)
+    tail.join()
+    assert describe_exit("pg_restore", 1, tail) == (
+        'pg_restore failed (exit 1): pg_restore: error: COPY failed for table "t": ERROR:  '
+        'new row for relation "t" violates check constraint "t_check"')
+    alone = StderrTail(io.BytesIO(b"pg_restore: error: a worker process died unexpectedly\n"))
+    alone.join()
+    assert alone.last_error().endswith("died unexpectedly")
+
+
+def test_index_build_workers_only_for_a_server_on_this_host() -> None:
+    from pgvault.ops.restore import index_build_workers
+    from pgvault.pg.conninfo import ConnInfo
+
+    cpus = os.cpu_count() or 1
+    for local in ("postgresql://u@127.0.0.1:5432/db", "postgresql://u@localhost/db",
+                  "host=/var/run/postgresql dbname=db", "postgresql://u@[::1]/db"):
+        assert ConnInfo.parse(local).on_this_host(), local
+        assert index_build_workers(ConnInfo.parse(local), 1) == max(0, cpus - 1)
+        assert index_build_workers(ConnInfo.parse(local), cpus) == 0
+    for remote in ("postgresql://u@db.example.com/db", "host=10.0.0.5 dbname=db",
+                   "host=localhost,db.example.com dbname=db"):
+        assert not ConnInfo.parse(remote).on_this_host(), remote
+        assert index_build_workers(ConnInfo.parse(remote), 2) is None
+
+
 def test_psql_session_reports_a_failed_statement_and_stays_usable(
     pg_cluster: EphemeralCluster,
 ) -> None:

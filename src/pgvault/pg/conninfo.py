@@ -129,6 +129,13 @@ class ConnInfo:
         db = p.get("dbname") or os.environ.get("PGDATABASE") or user
         return f"{user + '@' if user else ''}{host}:{port}/{db}"
 
+    def on_this_host(self) -> bool:
+        """Whether the server is reached over a Unix socket or loopback, so shares our CPUs."""
+        hosts = self.params.get("hostaddr") or self.params.get("host") \
+            or os.environ.get("PGHOSTADDR") or os.environ.get("PGHOST") or ""
+        return all(host.startswith(("/", "@")) or host in LOOPBACK or host.startswith("127.")
+                   for host in hosts.split(","))
+
     def connect(self, **kwargs: Any) -> Any:
         """A psycopg connection; failures become one-line DatabaseErrors."""
         import psycopg
@@ -174,6 +181,8 @@ class ConnInfo:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
 
+
+LOOPBACK = frozenset({"", "localhost", "::1"})
 
 # Never handed to child processes (the password goes through PGPASSFILE instead).
 CHILD_HIDDEN = frozenset({

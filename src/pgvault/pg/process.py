@@ -25,6 +25,10 @@ SHORT_READ = 256 << 10
 COALESCE_PAUSE = 0.002
 
 
+# What pg_restore --jobs's leader says after a worker failed; the worker said why, earlier.
+CONSEQUENCES = ("a worker process died unexpectedly",)
+
+
 class StderrTail:
     """Collects a child's stderr lines in the background, keeping the last few."""
 
@@ -42,11 +46,12 @@ class StderrTail:
         self._thread.join(timeout=10)
 
     def last_error(self) -> str:
-        """The most telling line: the last one mentioning an error, else the last one."""
-        for line in reversed(self.lines):
-            if "error" in line.lower() or "fatal" in line.lower():
-                return line
-        return self.lines[-1] if self.lines else "no message"
+        """The most telling line: the last one mentioning an error (not merely the news that
+        a parallel worker died of one), else the last one."""
+        errors = [line for line in self.lines
+                  if "error" in line.lower() or "fatal" in line.lower()]
+        causes = [line for line in errors if not line.endswith(CONSEQUENCES)]
+        return (causes or errors or list(self.lines) or ["no message"])[-1]
 
 
 def describe_exit(tool: str, returncode: int, tail: StderrTail) -> str:

@@ -27,27 +27,8 @@ from pgvault.pg.process import ChildOutput
 from pgvault.pg.psql import ServerInfo
 from pgvault.pipeline.compression import FrameSplit
 from pgvault.pipeline.digest import HashingReader
-from pgvault.pipeline.stream import Readable, Reader
+from pgvault.pipeline.stream import CountingReader, Progress
 from pgvault.storage.base import Storage
-
-Progress = Callable[[int], None]
-
-
-class CountingReader(Reader):
-    """Counts raw bytes on their way into the pipeline and reports progress."""
-
-    def __init__(self, source: Readable, progress: Progress | None) -> None:
-        super().__init__()
-        self._source = source
-        self._progress = progress
-        self.size = 0
-
-    def read_chunk(self, size: int) -> bytes:
-        data = self._source.read(size)
-        self.size += len(data)
-        if self._progress is not None and data:
-            self._progress(len(data))
-        return data
 
 
 @dataclass

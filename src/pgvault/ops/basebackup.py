@@ -22,10 +22,9 @@ from pgvault.errors import BackupFailed
 from pgvault.lock import hold
 from pgvault.model import Artifact, Facts, Manifest, StageSpec, new_backup_id
 from pgvault.ops import wal as archive
-from pgvault.ops.backup import CountingReader, Progress
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pipeline.digest import HashingReader
-from pgvault.pipeline.stream import Readable
+from pgvault.pipeline.stream import CountingReader, Progress, Readable
 from pgvault.storage.base import Storage
 
 WAL_METHODS = ("auto", "fetch", "archive")

@@ -20,13 +20,12 @@ from pgvault.engines.logical import LogicalEngine
 from pgvault.engines.spool import Spool
 from pgvault.errors import DatabaseError, RestoreFailed, UsageError
 from pgvault.model import Artifact, Manifest
-from pgvault.ops.backup import CountingReader
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.psql import PsqlSession, ServerInfo, identifier, text_literal
 from pgvault.pipeline.age import Keyring
 from pgvault.pipeline.digest import VerifyingReader
 from pgvault.pipeline.pump import Prefetch
-from pgvault.pipeline.stream import Readable
+from pgvault.pipeline.stream import CountingReader, Readable
 from pgvault.storage.base import Storage
 
 log = logging.getLogger(__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Protocol
 
 CHUNK = 1 << 20  # 1 MiB: large enough that per-chunk Python overhead vanishes
@@ -38,3 +39,23 @@ class Reader(io.RawIOBase):
         data = self.read_chunk(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+
+Progress = Callable[[int], None]
+
+
+class CountingReader(Reader):
+    """Counts raw bytes on their way into the pipeline and reports progress."""
+
+    def __init__(self, source: Readable, progress: Progress | None) -> None:
+        super().__init__()
+        self._source = source
+        self._progress = progress
+        self.size = 0
+
+    def read_chunk(self, size: int) -> bytes:
+        data = self._source.read(size)
+        self.size += len(data)
+        if self._progress is not None and data:
+            self._progress(len(data))
+        return data

@@ -178,17 +178,20 @@ def _limit_index_workers(admin: PsqlSession, database: str, workers: int | None)
 
 
 def index_build_workers(target: ConnInfo, jobs: int) -> int | None:
-    """Parallel workers per index build, so ``jobs`` builds at once use no more CPUs than
-    the server has; None (the server's setting) unless it shares this host's CPUs.
+    """Parallel workers per index build for ``jobs`` pg_restore sessions; None (the server's
+    own setting) unless the server shares this host's CPUs.
 
-    With the default two workers, two jobs ran six processes on this machine's 2 CPUs;
-    without them, pg_restore -j2 of the bench's 300 MB database took 3.36 s instead of
-    3.60 s (mean of 10 alternating runs), and a pgvault restore 3.75 s instead of 4.00 s
-    (median of 16).
+    The CPUs left over per job, and one at least: builds overlap only part of the time, and
+    a build running alone (the last, or a database with one big table) then uses the CPU the
+    other jobs leave idle. pg_restore -j2 on 2 CPUs, alternating runs (medians of 7 and 8):
+    the bench's 300 MB shop 3.39 and 3.33 s with one worker, 3.60 and 3.50 with the default
+    two (six processes when two builds overlap); pgbench 3.24 and 3.51 s against 3.45 and
+    3.71. With none, pgbench took 3.33 s: its one big index then builds alone on one CPU.
     """
     if not target.on_this_host():
         return None
-    return max(0, (os.cpu_count() or 1) // max(jobs, 1) - 1)
+    cpus = os.cpu_count() or 1
+    return min(cpus - 1, max(1, cpus // max(jobs, 1) - 1))
 
 
 def restore_jobs(asked: int, spool_bytes: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -377,6 +378,35 @@ def test_restore_jobs_default_to_the_cpus_and_fall_back_to_streaming_without_roo
     # An exabyte does not fit in TMPDIR: one job, streamed, and the log says why.
     assert restore_jobs(3, 1 << 60) == 1
     assert "restoring with one job, streamed" in caplog.text
+
+
+def test_a_default_restore_streams_when_one_table_holds_most_of_the_data(
+    make_db: Callable[..., str], repo: str, new_name: NewName, pg_cluster: EphemeralCluster,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing to load beside one big table: the default restore saves the spool."""
+    from pgvault.catalog import Catalog
+    from pgvault.ops.restore import SOLO_SHARE, largest_table_share, restore_jobs
+    from pgvault.storage.local import LocalStorage
+
+    url = make_db()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE big AS SELECT g AS id, md5(g::text) AS v "
+                     "FROM generate_series(1, 200000) g")
+        conn.execute("CREATE TABLE small AS SELECT g AS id FROM generate_series(1, 100) g")
+    pgvault("backup", "--dbname", url, "--repo", repo)
+    storage = LocalStorage(Path(repo.removeprefix("file://")))
+    artifact = Catalog(storage).get("latest", None).artifact("db.dump")
+    share = largest_table_share(artifact)
+    assert 0.99 < share <= 1.0
+    caplog.set_level(logging.INFO, logger="pgvault")
+    assert restore_jobs(0, artifact.raw_size, share) == 1
+    assert "one table holds 100% of the data" in caplog.text
+    assert restore_jobs(2, artifact.raw_size, share) == 2  # asked for: done as asked
+    assert restore_jobs(0, artifact.raw_size, SOLO_SHARE - 0.01) > 1 or os.cpu_count() == 1
+    target = new_name()
+    pgvault("restore", "latest", "--to", target, "--dbname", pg_cluster.url(), "--repo", repo)
+    assert_databases_equal(url, pg_cluster.url(target))
 
 
 def test_restore_limits_index_build_workers_while_it_runs_and_leaves_no_setting(

@@ -412,14 +412,14 @@ def test_a_default_restore_streams_when_one_table_holds_most_of_the_data(
 def test_restore_limits_index_build_workers_while_it_runs_and_leaves_no_setting(
     make_db: Callable[..., str], repo: str, new_name: NewName, pg_cluster: EphemeralCluster
 ) -> None:
-    """One job per CPU leaves one parallel worker per index build at most: pg_restore's
-    sessions run with that, and the restored database keeps no trace of the setting."""
+    """One job per CPU leaves no CPU for parallel index builds: pg_restore's sessions run
+    without, and the restored database keeps no trace of the setting."""
     from pgvault.ops.restore import index_build_workers
     from pgvault.pg.conninfo import ConnInfo
 
     jobs = os.cpu_count() or 1
     workers = index_build_workers(ConnInfo.parse(pg_cluster.url()), jobs)
-    assert workers == (0 if jobs == 1 else 1)
+    assert workers == 0
     url = make_db()
     with psycopg.connect(url, autocommit=True) as conn:
         assert conn.execute("SHOW max_parallel_maintenance_workers").fetchone() == ("2",)
@@ -467,7 +467,7 @@ def test_index_build_workers_only_for_a_server_on_this_host() -> None:
                   "host=/var/run/postgresql dbname=db", "postgresql://u@[::1]/db"):
         assert ConnInfo.parse(local).on_this_host(), local
         assert index_build_workers(ConnInfo.parse(local), 1) == max(0, cpus - 1)
-        assert index_build_workers(ConnInfo.parse(local), cpus) == min(1, cpus - 1)
+        assert index_build_workers(ConnInfo.parse(local), cpus) == 0
     for remote in ("postgresql://u@db.example.com/db", "host=10.0.0.5 dbname=db",
                    "host=localhost,db.example.com dbname=db"):
         assert not ConnInfo.parse(remote).on_this_host(), remote

@@ -181,20 +181,17 @@ def _limit_index_workers(admin: PsqlSession, database: str, workers: int | None)
 
 
 def index_build_workers(target: ConnInfo, jobs: int) -> int | None:
-    """Parallel workers per index build for ``jobs`` pg_restore sessions; None (the server's
-    own setting) unless the server shares this host's CPUs.
+    """Parallel workers per index build, so ``jobs`` sessions building at once use no more
+    CPUs than the server has; None (its own setting) unless it shares this host's CPUs.
 
-    The CPUs left over per job, and one at least: builds overlap only part of the time, and
-    a build running alone (the last, or a database with one big table) then uses the CPU the
-    other jobs leave idle. pg_restore -j2 on 2 CPUs, alternating runs (medians of 7 and 8):
-    the bench's 300 MB shop 3.39 and 3.33 s with one worker, 3.60 and 3.50 with the default
-    two (six processes when two builds overlap); pgbench 3.24 and 3.51 s against 3.45 and
-    3.71. With none, pgbench took 3.33 s: its one big index then builds alone on one CPU.
+    pg_restore -j2 of the bench's 300 MB shop on 2 CPUs, alternating runs: 3.36 s without
+    workers against 3.60 s with the default two (six processes when two builds overlap;
+    means of 10); one worker each was no better than none (3.23-3.39 s). A database whose
+    one big index builds alone is restored with one job (SOLO_SHARE), which gets CPUs - 1.
     """
     if not target.on_this_host():
         return None
-    cpus = os.cpu_count() or 1
-    return min(cpus - 1, max(1, cpus // max(jobs, 1) - 1))
+    return max(0, (os.cpu_count() or 1) // max(jobs, 1) - 1)
 
 
 def restore_jobs(asked: int, spool_bytes: int, largest_share: float = 0.0) -> int:

@@ -405,7 +405,9 @@ def test_a_default_restore_streams_when_one_table_holds_most_of_the_data(
     assert restore_jobs(2, artifact.raw_size, share) == 2  # asked for: done as asked
     assert restore_jobs(0, artifact.raw_size, SOLO_SHARE - 0.01) > 1 or os.cpu_count() == 1
     target = new_name()
-    pgvault("restore", "latest", "--to", target, "--dbname", pg_cluster.url(), "--repo", repo)
+    out = pgvault("--log-format", "json", "restore", "latest", "--to", target,
+                  "--dbname", pg_cluster.url(), "--repo", repo)
+    assert "restoring with one job, streamed" in out.stderr  # the real restore took that path
     assert_databases_equal(url, pg_cluster.url(target))
 
 

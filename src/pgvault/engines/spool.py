@@ -28,7 +28,8 @@ from pgvault.pipeline.stream import CHUNK, Readable
 
 DECODERS = 2
 QUEUED_FRAMES = DECODERS + 1  # frames held in memory at once: at most 8 MiB raw each
-FRAME_INPUT = 64 << 10  # compressed bytes per decompression call: bounds its output (6 MiB at 100x)
+FRAME_INPUT = 64 << 10  # compressed bytes the decoder takes at a time
+FRAME_OUTPUT = 256 << 10  # decoded bytes written at a time, from one buffer per frame
 
 
 class Spool:
@@ -92,7 +93,7 @@ class Spool:
                         if not last and at + len(buffer) < bounds[index + 1][0]:
                             break
                         size = len(buffer) if last else bounds[index + 1][0] - at
-                        frame = bytes(buffer[:size])
+                        frame = buffer[:size]
                         del buffer[:size]
                         at += size
                         end = self._raw_size if last else bounds[index + 1][1]
@@ -120,7 +121,7 @@ class Spool:
             os.close(self._fd)
             self._toc.set()
 
-    def _read_head(self, frame: bytes, offset: int, end: int,
+    def _read_head(self, frame: bytes | bytearray, offset: int, end: int,
                    head: bytearray) -> bytearray | None:
         """Decode a frame of the archive's start here; set the TOC once it is whole."""
         self._decode(frame, offset, end, keep=head)
@@ -137,26 +138,33 @@ class Spool:
         self._toc.set()
         return None
 
-    def _decode(self, frame: bytes, offset: int, end: int,
+    def _decode(self, frame: bytes | bytearray, offset: int, end: int,
                 keep: bytearray | None = None) -> None:
-        """Decompress one frame into the file at ``offset``; it must end at ``end``."""
+        """Decompress one frame into the file at ``offset``; it must end at ``end``.
+
+        Into one reused buffer, not a new bytes object per call: the bench's 300 MB spool took
+        0.29 s instead of 0.33 (medians of 10 alternating). The reader cannot tell whether a
+        frame's last bytes (its checksum) were there; the artifact's sha256 covers them.
+        """
         import zstandard
 
-        decoder = zstandard.ZstdDecompressor().decompressobj()
-        view = memoryview(frame)
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            frame, read_size=FRAME_INPUT, read_across_frames=True)
+        out = memoryview(bytearray(FRAME_OUTPUT))
         pos = offset
         try:
-            for start in range(0, len(frame), FRAME_INPUT):
-                out = decoder.decompress(view[start:start + FRAME_INPUT])
+            while n := reader.readinto(out):
+                if pos + n > end:
+                    break
                 if keep is not None:
-                    keep += out
+                    keep += out[:n]
                 done = 0
-                while done < len(out):
-                    done += os.pwrite(self._fd, out[done:] if done else out, pos + done)
-                pos += len(out)
+                while done < n:
+                    done += os.pwrite(self._fd, out[done:n], pos + done)
+                pos += n
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"zstd stream is corrupt: {exc}") from None
-        if not decoder.eof or decoder.unused_data or pos != end:
+        if pos != end:
             raise IntegrityError("a zstd frame of the archive does not end where it should")
 
     def wait_toc(self) -> bool:

@@ -767,7 +767,15 @@ def report(info: DatasetInfo, res: dict[str, OpResult], runs: int) -> dict[str, 
         print(f"{t.name:<38} {_fmt(vals['wall_s'], '.2f', 'x'):>7} {f'<={t.limit:.2f}x':>8} "
               f"{verdict:>6} {_fmt(vals['cpu_s'], '.2f', 'x'):>10} "
               f"{_fmt(vals['peak_rss_bytes'], '.2f', 'x'):>10} {_fmt(paired, '.2f', 'x'):>7}")
-    return {"dataset": asdict(info), "operations": ops_json, "targets": targets_json}
+    # 1b's limit in units of the floor moves with the host's gzip speed against its COPY
+    # speed; where the strategy is fast, no single pg_dump stream can pass it.
+    strategy = _ratio(res[STRAT_B].median("wall_s"), res[FLOOR].median("wall_s"))
+    limit = next(t.limit for t in TARGETS if (t.op, t.base) == (VAULT_B, STRAT_B))
+    if strategy is not None:
+        print(f"the strategy backup took {strategy:.2f}x the floor (the issue measured ~3.7x): "
+              f"1b asks for a backup within {limit * strategy:.2f}x the floor")
+    return {"dataset": asdict(info), "operations": ops_json, "targets": targets_json,
+            "strategy_over_floor": strategy}
 
 
 def report_breakdown(res: dict[str, OpResult], main: dict[str, OpResult]) -> dict[str, Any]:

@@ -43,6 +43,8 @@ FLOOR, STRAT_B, VAULT_B = "backup.floor", "backup.strategy", "backup.pgvault"
 S3_BASE, VAULT_S3 = "s3.baseline", "s3.pgvault"
 STRAT_R, PGR_J2 = "restore.strategy", "restore.pg_restore_j2"
 VAULT_R, VAULT_RJ2 = "restore.pgvault", "restore.pgvault_j1"
+# Not targets: the opt-in split backup (--streams 2) and the restore of that backup.
+VAULT_BS, VAULT_RS = "backup.pgvault_streams2", "restore.pgvault_streams2"
 LABELS = {
     FLOOR: "pg_dump -Fc -Z0 > /dev/null (floor)",
     STRAT_B: "pg_dump | gzip > file (strategy)",
@@ -53,8 +55,10 @@ LABELS = {
     PGR_J2: "pg_restore -j 2 (-Fc -Z0 file)",
     VAULT_R: "pgvault restore latest",
     VAULT_RJ2: "pgvault restore latest -j 1 (streamed)",
+    VAULT_BS: "pgvault backup --streams 2",
+    VAULT_RS: "pgvault restore of that (split) backup",
 }
-PGVAULT_OPS = (VAULT_B, VAULT_S3, VAULT_R, VAULT_RJ2)
+PGVAULT_OPS = (VAULT_B, VAULT_S3, VAULT_R, VAULT_RJ2, VAULT_BS, VAULT_RS)
 # --breakdown: the parts of a pgvault backup, each measured alone (compare with the floor).
 BREAKDOWN = {
     "bd.zstd_cli": "pg_dump -Fc -Z0 | zstd -1 -T2 > file (pgvault's codec, stock CLI)",
@@ -202,6 +206,11 @@ class Bench:
         vault_restore = [vault, "restore", "latest", "--to", restore_db, "--dbname", src,
                          "--repo", repo_url]
         vault_restore_j2 = [*vault_restore, "-j", "1"]
+        split_repo = work / "pgvault-split-repo"
+        vault_split = [vault, "backup", "--dbname", src, "--repo", f"file://{split_repo}",
+                       "--streams", "2"]
+        vault_split_restore = [vault, "restore", "latest", "--to", restore_db, "--dbname",
+                               src, "--repo", f"file://{split_repo}"]
         vault_env = self.env(DATABASE_URL=src, PGVAULT_REPO=repo_url)
         s3_prefix = f"{info.name}/"
         s3_repo = f"s3://{BUCKET}/{s3_prefix}pgvault"
@@ -220,6 +229,8 @@ class Bench:
             PGR_J2: OpResult(PGR_J2, f"pg_restore -j {self.restore_jobs} -d <new db> {ref}"),
             VAULT_R: OpResult(VAULT_R, " ".join(vault_restore)),
             VAULT_RJ2: OpResult(VAULT_RJ2, " ".join(vault_restore_j2)),
+            VAULT_BS: OpResult(VAULT_BS, " ".join(vault_split)),
+            VAULT_RS: OpResult(VAULT_RS, " ".join(vault_split_restore)),
         }
         if tool != "aws s3 cp -":
             res[S3_BASE].note = f"upload by {tool} (aws CLI not found)"
@@ -254,6 +265,14 @@ class Bench:
                 else:
                     for op in (VAULT_R, VAULT_RJ2):
                         res[op].status, res[op].note = "n/a", "pgvault backup failed"
+            if res[VAULT_BS].status == "ok":
+                shutil.rmtree(split_repo, ignore_errors=True)
+                split_repo.mkdir()
+                s = measure(vault_split, env=vault_env, sample=mem)
+                if self._pgvault_ok(res[VAULT_BS], s):
+                    self._add(res[VAULT_BS], s, _tree_size(split_repo), memory=mem)
+                else:
+                    res[VAULT_RS].status, res[VAULT_RS].note = "n/a", "split backup failed"
 
             if self.s3 is not None:
                 log(f"[{info.name}] run {i}/{runs}: backups to S3 ({self.s3.url})")
@@ -283,7 +302,8 @@ class Bench:
             self._check(s, LABELS[PGR_J2])
             self._add(res[PGR_J2], s, None, self._verify(restore_db, expected, s), memory=mem)
 
-            for op, argv in ((VAULT_R, vault_restore), (VAULT_RJ2, vault_restore_j2)):
+            for op, argv in ((VAULT_R, vault_restore), (VAULT_RJ2, vault_restore_j2),
+                             (VAULT_RS, vault_split_restore)):
                 if res[op].status == "ok":
                     self._drop_db(restore_db)
                     s = measure(argv, env=vault_env, sample=mem)
@@ -774,8 +794,18 @@ def report(info: DatasetInfo, res: dict[str, OpResult], runs: int) -> dict[str, 
     if strategy is not None:
         print(f"the strategy backup took {strategy:.2f}x the floor (the issue measured ~3.7x): "
               f"1b asks for a backup within {limit * strategy:.2f}x the floor")
+    split = {"backup_over_floor": _ratio(res[VAULT_BS].median("wall_s"),
+                                         res[FLOOR].median("wall_s")),
+             "backup_over_strategy": _ratio(res[VAULT_BS].median("wall_s"),
+                                            res[STRAT_B].median("wall_s")),
+             "restore_over_pg_restore": _ratio(res[VAULT_RS].median("wall_s"),
+                                               res[PGR_J2].median("wall_s"))}
+    if None not in split.values():
+        print(f"--streams 2 (opt-in, not a target): backup {split['backup_over_floor']:.2f}x "
+              f"the floor, {split['backup_over_strategy']:.2f}x the strategy; its restore "
+              f"{split['restore_over_pg_restore']:.2f}x pg_restore -j2")
     return {"dataset": asdict(info), "operations": ops_json, "targets": targets_json,
-            "strategy_over_floor": strategy}
+            "strategy_over_floor": strategy, "split_streams2": split}
 
 
 def report_breakdown(res: dict[str, OpResult], main: dict[str, OpResult]) -> dict[str, Any]:

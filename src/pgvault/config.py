@@ -303,6 +303,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     repo: str = field(default_factory=default_repo)
     database: str | None = None
     backup_globals: bool = True
+    # pg_dump streams at once, the largest tables' data apart (0: one per CPU, up to 4).
+    backup_streams: Annotated[int, Meta(ge=0, le=16)] = 1
     lock_stale_after_hours: Annotated[float, Meta(gt=0)] = 12.0
     prune_after_backup: bool = False
     verify_after_backup: bool = False

@@ -233,7 +233,7 @@ class Daemon:
                 conn = config.target_connection(db.target)
                 options = BackupOptions(
                     stages=pipeline.configured_stages(s, storage=db.storage),
-                    backup_globals=s.backup_globals,
+                    backup_globals=s.backup_globals, streams=s.backup_streams,
                     lock_stale_after=timedelta(hours=s.lock_stale_after_hours))
             except PgvaultError as exc:
                 now = datetime.now(UTC)

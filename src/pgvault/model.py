@@ -13,6 +13,10 @@ import msgspec
 from msgspec import field
 
 MANIFEST_FORMAT = 1
+# A logical backup whose dump is split in several archives (db.dump and db.data-N.dump):
+# format 1 readers would restore db.dump alone, so such a manifest says it needs more.
+SPLIT_MANIFEST_FORMAT = 2
+READABLE_FORMATS = (MANIFEST_FORMAT, SPLIT_MANIFEST_FORMAT)
 
 T = TypeVar("T")
 

@@ -34,10 +34,15 @@ from pgvault.model import to_json
               help="Compression level (zstd 1-19, default 1; gzip 1-9, default 6). zstd 3 "
                    "stores ~14% less and takes ~15% longer on a 2-CPU client.")
 @click.option("--no-globals", is_flag=True, help="Skip roles and tablespaces (pg_dumpall -g).")
+@click.option("--streams", type=click.IntRange(0, 16), default=None, metavar="N",
+              help="pg_dumps at once under one snapshot, each of the N-1 largest tables "
+                   "(64 MiB and more) in an archive of its own; 0 is one per CPU, up to 4. "
+                   "Default 1, a single archive: on 2 CPUs, 2 streams backed up ~15% faster "
+                   "and restored ~15% slower [config backup_streams].")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
 def backup(ctx: click.Context, /, dbname: str | None, compression: str | None, level: int | None,
-           no_globals: bool, as_json: bool, **_: Any) -> None:
+           no_globals: bool, streams: int | None, as_json: bool, **_: Any) -> None:
     """Back up one database: pg_dump streamed through zstd into the repository.
 
     Nothing is written to local disk. The backup becomes visible only when every
@@ -51,6 +56,7 @@ def backup(ctx: click.Context, /, dbname: str | None, compression: str | None, l
       pgvault backup -d postgresql://app@localhost/app --repo file:///srv/backups
       DATABASE_URL=postgresql://... pgvault backup --repo s3://bucket/app
       pgvault backup --compression gzip --level 6      # .gz artifacts
+      pgvault backup --streams 0       # big tables dumped beside the rest, one per CPU
     """
     from pgvault import config, pipeline
     from pgvault.console import ProgressLine
@@ -76,6 +82,7 @@ def backup(ctx: click.Context, /, dbname: str | None, compression: str | None, l
         progress = ProgressLine(f"backing up {conn.redacted()}")
         options = BackupOptions(stages=stages,
                                 backup_globals=settings.backup_globals and not no_globals,
+                                streams=settings.backup_streams if streams is None else streams,
                                 lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
                                 progress=progress)
         drill = _drill_reporting(settings, storage) if settings.verify_after_backup else None
@@ -303,7 +310,8 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
     if manifest.kind == "physical":
         raise UsageError(f"backup {manifest.id} is a physical backup: restore it with "
                          "--physical --pgdata DIR")
-    progress = ProgressLine(f"restoring {manifest.id}", total=manifest.artifact("db.dump").size)
+    progress = ProgressLine(f"restoring {manifest.id}", total=sum(
+        a.size for a in manifest.artifacts if a.name.startswith("db.")))
     options = RestoreOptions(target=target, jobs=jobs, clean=clean, schemas=schemas,
                              tables=tables, no_owner=no_owner, progress=progress,
                              identities=keyring_of(settings, identity_file, storage))

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgvault.engines.pg_restore import restore_spooled, restore_streamed
+from pgvault.engines.pg_restore import restore_split, restore_spooled, restore_streamed
 from pgvault.engines.spool import Spool
 from pgvault.errors import BackupFailed, DatabaseError
 from pgvault.model import Facts, TableFacts
@@ -18,11 +19,20 @@ from pgvault.pg import fingerprint
 from pgvault.pg.binaries import tool, tool_version
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput
-from pgvault.pg.psql import PsqlSession, ServerInfo
+from pgvault.pg.psql import PsqlSession, ServerInfo, identifier, text_literal
 from pgvault.pipeline.stream import Readable
 
 DUMP_FORMAT = "pg_dump-custom"
+# A custom-format archive of some tables' data only, taken beside the main archive (which
+# then leaves that data out) under the same snapshot; restored between its pre-data and
+# its data sections.
+DATA_FORMAT = "pg_dump-custom-data"
+DUMP_FORMATS = (DUMP_FORMAT, DATA_FORMAT)
 GLOBALS_FORMAT = "sql"
+# A table of at least this much gets a pg_dump of its own when the rest holds as much too.
+# The bench's 300 MB shop (events 58% of it): one stream 3.39 s, two 2.47 s, compressed.
+SPLIT_MIN_BYTES = 64 << 20
+MAX_STREAMS = 4
 
 TABLES_SQL = """
 SELECT n.nspname, c.relname
@@ -35,6 +45,55 @@ WHERE (c.relkind = 'r' OR (c.relkind = 'm' AND c.relispopulated))
   AND (%(schema)s::text IS NULL OR n.nspname = %(schema)s::text)
 ORDER BY 1, 2
 """
+
+
+LARGEST_TABLES_SQL = """
+SELECT encode(convert_to(n.nspname, 'UTF8'), 'hex'), encode(convert_to(c.relname, 'UTF8'), 'hex'),
+       pg_table_size(c.oid), sum(pg_table_size(c.oid)) OVER ()
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+  {schema}
+ORDER BY 3 DESC NULLS LAST LIMIT {limit}
+"""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table by schema and name, with its size on disk when it was chosen."""
+
+    schema: str
+    name: str
+    size: int = 0
+
+    def pattern(self) -> str:
+        """A pg_dump --table pattern matching exactly this table (quoted: no wildcards)."""
+        return identifier(self.schema) + "." + identifier(self.name)
+
+
+def dump_streams(asked: int) -> int:
+    """How many pg_dump streams a backup may run at once: as asked, or one per CPU."""
+    return asked if asked > 0 else min(os.cpu_count() or 1, MAX_STREAMS)
+
+
+def split_tables(sizes: list[Table], total: int, streams: int,
+                 min_bytes: int = SPLIT_MIN_BYTES) -> list[Table]:
+    """The tables to dump apart, one stream each, largest first; the rest stays together.
+
+    A table goes apart if it holds ``min_bytes`` and what stays in the main archive still
+    does: splitting a database that is one big table would only add a process.
+    """
+    chosen: list[Table] = []
+    rest = total
+    for table in sizes[:max(streams - 1, 0)]:
+        if table.size < min_bytes or rest - table.size < min_bytes:
+            break
+        chosen.append(table)
+        rest -= table.size
+    return chosen
 
 
 @dataclass
@@ -217,13 +276,37 @@ class LogicalEngine:
             migrations=fingerprint.migration_tables(cur, self.conn.schema),
         )
 
-    def dump(self, snapshot_id: str | None) -> ChildOutput:
-        """pg_dump's custom-format archive as a stream (uncompressed: the pipeline compresses)."""
+    def largest_tables(self, session: PsqlSession, count: int) -> tuple[list[Table], int]:
+        """The ``count`` largest tables whose data a dump holds, and all such tables' size.
+
+        A speed-up only: where the catalog cannot be read, no table (one stream).
+        """
+        schema = (f"AND n.nspname = {text_literal(self.conn.schema)}" if self.conn.schema
+                  else "")
+        try:
+            rows = session.run(LARGEST_TABLES_SQL.format(
+                schema=schema, limit=int(count)))
+        except DatabaseError:
+            return [], 0
+        tables = [Table(bytes.fromhex(s).decode(), bytes.fromhex(n).decode(), int(size or 0))
+                  for s, n, size, _ in rows]
+        return tables, int(rows[0][3] or 0) if rows else 0
+
+    def dump(self, snapshot_id: str | None, *, without_data: tuple[Table, ...] = (),
+             data_of: tuple[Table, ...] = ()) -> ChildOutput:
+        """pg_dump's custom-format archive as a stream (uncompressed: the pipeline compresses).
+
+        ``without_data``: leave these tables' rows out; ``data_of``: only these tables' rows.
+        """
         argv: list[Any] = [tool("pg_dump", self.server.major), "--format=custom",
                            "--compress=0", "--no-password"]
         if snapshot_id:
             argv.append(f"--snapshot={snapshot_id}")
-        if self.conn.schema:
+        argv += [f"--exclude-table-data={t.pattern()}" for t in without_data]
+        if data_of:
+            argv += ["--data-only", "--strict-names"]
+            argv += [f"--table={t.pattern()}" for t in data_of]
+        elif self.conn.schema:
             argv.append(f"--schema={self.conn.schema}")
         argv.append(f"--dbname={self.conn.dsn()}")
         return self._child(argv, BackupFailed)
@@ -252,6 +335,8 @@ class LogicalEngine:
         target: ConnInfo,
         *,
         jobs: int = 1,
+        parts: Sequence[Callable[[], Readable]] = (),
+        again: Callable[[], Readable] | None = None,
         schemas: tuple[str, ...] = (),
         tables: tuple[str, ...] = (),
         no_owner: bool = False,
@@ -259,6 +344,8 @@ class LogicalEngine:
         """Feed a custom-format archive to pg_restore; reads ``source`` to its end.
 
         A ``Spool`` (already filling) means ``jobs`` > 1; a stream with one job is not spooled.
+        ``parts``: the data-only archives taken apart from it, each opened when it is due;
+        ``again`` reopens an unspooled ``source`` for its post-data (see restore_split).
         """
         argv: list[Any] = [tool("pg_restore", self.server.major), "--exit-on-error",
                            "--no-password", f"--dbname={target.dsn()}"]
@@ -266,7 +353,11 @@ class LogicalEngine:
         if no_owner:
             argv += ["--no-owner", "--no-acl"]
         with target.child_env() as env:
-            if jobs > 1 or isinstance(source, Spool):
+            if parts:
+                if again is None:
+                    raise ValueError("a split archive restored without a spool needs `again`")
+                restore_split(source, parts, again, argv, env, jobs)
+            elif jobs > 1 or isinstance(source, Spool):
                 restore_spooled(source, argv, env, max(jobs, 2))
             else:
                 restore_streamed(source, argv, env)

@@ -16,15 +16,19 @@ of one pg_restore per load and per index, loads fed from the arriving frames (5-
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pgvault.engines.spool import Spool
 from pgvault.errors import RestoreFailed
+from pgvault.pg.archive import needing_data_apart
 from pgvault.pg.process import StderrTail, describe_exit, feed
 from pgvault.pipeline.pump import Prefetch
-from pgvault.pipeline.stream import Readable
+from pgvault.pipeline.stream import Readable, Reader
 
 
 @dataclass
@@ -58,10 +62,84 @@ class PgRestore:
             self.proc.kill()
         self.proc.wait()
 
+    def finish_beside(self, loads: Sequence[_Load]) -> None:
+        """``finish``, but stop at once with the error of any of ``loads`` that fails."""
+        try:
+            while self.proc.poll() is None:
+                for load in loads:
+                    load.check()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(0.1)
+        except BaseException:
+            self.kill()
+            raise
+        self.finish()
 
-def restore_streamed(source: Readable, argv: list[Any], env: dict[str, str]) -> None:
+
+class _Stopped(Reader):
+    """A stream that ends in an error once ``stop`` is set: its consumer then gives up."""
+
+    def __init__(self, source: Readable, stop: threading.Event) -> None:
+        super().__init__()
+        self._source = source
+        self._stop = stop
+
+    def read_chunk(self, size: int) -> bytes:
+        if self._stop.is_set():
+            raise RestoreFailed("restore stopped")
+        return self._source.read(size)
+
+
+class _Load:
+    """A data-only archive streamed into a pg_restore of its own, on a thread."""
+
+    def __init__(self, source: Callable[[], Readable], argv: list[Any],
+                 env: dict[str, str]) -> None:
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._restore: PgRestore | None = None
+        self._thread = threading.Thread(target=self._run, args=(source, argv, env),
+                                        name="pgvault-load", daemon=True)
+        self._thread.start()
+
+    def _run(self, source: Callable[[], Readable], argv: list[Any],
+             env: dict[str, str]) -> None:
+        try:
+            restore_streamed(_Stopped(source(), self._stop), argv, env, started=self._started)
+        except BaseException as exc:  # raised again by check() or join(), in the caller
+            self._error = exc
+
+    def _started(self, restore: PgRestore) -> None:
+        self._restore = restore
+        if self._stop.is_set():
+            restore.proc.kill()
+
+    def check(self) -> None:
+        """Raise the load's error if it failed."""
+        if self._error is not None and not self._stop.is_set():
+            raise self._error
+
+    def join(self) -> None:
+        while self._thread.is_alive():
+            self._thread.join(0.2)  # a timed join keeps Ctrl-C deliverable
+        self.check()
+
+    def stop(self) -> None:
+        """Kill the load's pg_restore, make its next read fail, and wait for it."""
+        self._stop.set()
+        if self._restore is not None:
+            with contextlib.suppress(OSError):
+                self._restore.proc.kill()
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+
+
+def restore_streamed(source: Readable, argv: list[Any], env: dict[str, str],
+                     started: Callable[[PgRestore], None] | None = None) -> None:
     """One pg_restore reading the archive from a pipe: no temporary copy."""
     restore = PgRestore.start(argv, env, stdin=subprocess.PIPE)
+    if started is not None:
+        started(restore)
     with contextlib.closing(Prefetch(source)) as ahead:
         feed(restore.proc, ahead)
     restore.finish()
@@ -86,3 +164,70 @@ def restore_spooled(source: Readable | Spool, argv: list[Any], env: dict[str, st
         if schema is not None:
             schema.kill()
         spool.close()
+
+
+def _passes(spool: Spool) -> tuple[list[str], list[str] | None]:
+    """pg_restore options for the pass run beside the loads and the pass after them (None:
+    nothing left for it).
+
+    Indexes and constraints of the other tables are built while the big tables load, as one
+    pg_restore --jobs would schedule them. Without a table of contents this can read, all
+    of post-data waits.
+    """
+    toc = spool.finder.toc
+    if toc is None:
+        return ["--section=data"], ["--section=post-data"]
+    waiting = needing_data_apart(toc)
+    early = _use_list(spool, "beside", [e.dump_id for e in toc.entries
+                                        if e.dump_id not in waiting])
+    if not waiting:
+        return ["--section=data", "--section=post-data", *early], None
+    return (["--section=data", "--section=post-data", *early],
+            ["--section=post-data", *_use_list(spool, "after", [
+                e.dump_id for e in toc.entries if e.dump_id in waiting])])
+
+
+def _use_list(spool: Spool, name: str, dump_ids: list[int]) -> list[str]:
+    """``pg_restore -L FILE`` restoring only ``dump_ids`` (of the sections it is also given).
+
+    In the archive's order: pg_restore takes the list's order, and an entry without a
+    section of its own (a comment, a grant) belongs to the section of the one before it.
+    """
+    path = os.path.join(spool.folder, f"{name}.list")
+    with open(path, "w", encoding="ascii") as out:
+        out.writelines(f"{dump_id};\n" for dump_id in dump_ids)
+    return ["-L", path]
+
+
+def restore_split(main: Readable | Spool, parts: Sequence[Callable[[], Readable]],
+                  again: Callable[[], Readable], argv: list[Any], env: dict[str, str],
+                  jobs: int) -> None:
+    """Restore a main archive and the data-only archives taken apart from it.
+
+    The tables come from the main archive's pre-data, then its data and every part load at
+    once, then its post-data (indexes, constraints) over all of them. A spooled main archive
+    is read once; a streamed one (one job, no room to spool) twice: ``again`` reopens it.
+    """
+    if not isinstance(main, Spool):
+        restore_streamed(main, [*argv, "--section=pre-data", "--section=data"], env)
+        for part in parts:
+            restore_streamed(part(), argv, env)
+        restore_streamed(again(), [*argv, "--section=post-data"], env)
+        return
+    loads: list[_Load] = []
+    try:
+        path = main.path if main.wait_toc() else main.wait()
+        PgRestore.start([*argv, "--section=pre-data", path], env).finish()
+        loads = [_Load(part, argv, env) for part in parts]
+        beside, after = _passes(main)
+        path = main.wait()
+        PgRestore.start([*argv, *beside, f"--jobs={jobs}", path],
+                        env).finish_beside(loads)
+        for load in loads:
+            load.join()
+        if after is not None:
+            PgRestore.start([*argv, *after, f"--jobs={jobs}", path], env).finish()
+    finally:
+        for load in loads:
+            load.stop()
+        main.close()

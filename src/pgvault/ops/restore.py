@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pgvault import pipeline
 from pgvault.catalog import Catalog
 from pgvault.console import human_bytes
-from pgvault.engines.logical import LogicalEngine
+from pgvault.engines.logical import DATA_FORMAT, LogicalEngine
 from pgvault.engines.spool import Spool
 from pgvault.errors import DatabaseError, RestoreFailed, UsageError
-from pgvault.model import Artifact, Manifest
+from pgvault.model import READABLE_FORMATS, Artifact, Manifest
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.psql import PsqlSession, ServerInfo, identifier, text_literal
 from pgvault.pipeline.age import Keyring
@@ -103,34 +103,47 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
     name = target.dbname
     if not name:
         raise UsageError("restore needs a target database name (--to NAME)")
+    if manifest.format not in READABLE_FORMATS:
+        raise RestoreFailed(f"backup {manifest.id} was written by a newer pgvault (manifest "
+                            f"format {manifest.format}): upgrade pgvault to restore it")
     artifact = manifest.artifact("db.dump")
+    parts = [a for a in manifest.artifacts if a.format == DATA_FORMAT]
     started = time.monotonic()
-    jobs = restore_jobs(options.jobs, artifact.raw_size, largest_table_share(artifact))
+    # Tables taken apart are streamed beside the rest, never spooled: no one-table rule.
+    jobs = restore_jobs(options.jobs, artifact.raw_size,
+                        0.0 if parts else largest_table_share(artifact))
+
+    def reader(item: Artifact, keep_zstd: bool = False) -> Callable[[], Readable]:
+        return lambda: open_artifact(storage, manifest, item, progress=options.progress,
+                                     identities=options.identities, keep_zstd=keep_zstd)
+
     # A parallel restore spools the archive first: start now, while the database is made.
     # An archive in zstd frames arrives still compressed, and the spool decompresses them.
     framed = jobs > 1 and bool(artifact.frames) and artifact.stages[0].name == "zstd"
-    stream = open_artifact(storage, manifest, artifact, progress=options.progress,
-                           identities=options.identities, keep_zstd=framed)
+    stream = reader(artifact, framed)()
     spool = (Spool(stream, artifact.frames if framed else (), artifact.raw_size)
              if jobs > 1 else None)
     try:
         admin, server = _admin(target)
         try:
             _create_scratch_and_restore(admin, server, target, manifest, options,
-                                        spool or stream, jobs)
+                                        spool or stream, jobs,
+                                        [reader(part) for part in parts], reader(artifact))
         finally:
             admin.close()
     finally:
         if spool is not None:
             spool.close()
-    # The stream was checked at its end: exactly artifact.size bytes were read.
-    return RestoreResult(manifest=manifest, target=target,
-                         seconds=time.monotonic() - started, bytes_read=artifact.size)
+    # Each stream was checked at its end: exactly its artifact's size was read.
+    return RestoreResult(manifest=manifest, target=target, seconds=time.monotonic() - started,
+                         bytes_read=artifact.size + sum(part.size for part in parts))
 
 
 def _create_scratch_and_restore(admin: PsqlSession, server: ServerInfo, target: ConnInfo,
                                 manifest: Manifest, options: RestoreOptions,
-                                source: Readable | Spool, jobs: int) -> None:
+                                source: Readable | Spool, jobs: int,
+                                parts: list[Callable[[], Readable]],
+                                again: Callable[[], Readable]) -> None:
     """Restore into a new scratch database, then give it the target's name."""
     name = target.dbname
     assert name is not None  # restore() checked
@@ -152,8 +165,8 @@ def _create_scratch_and_restore(admin: PsqlSession, server: ServerInfo, target: 
     try:
         workers = _limit_index_workers(admin, scratch, index_build_workers(target, jobs))
         engine = LogicalEngine(target.with_dbname(scratch), server)
-        engine.restore(source, target.with_dbname(scratch), jobs=jobs,
-                       schemas=options.schemas, tables=options.tables,
+        engine.restore(source, target.with_dbname(scratch), jobs=jobs, parts=parts,
+                       again=again, schemas=options.schemas, tables=options.tables,
                        no_owner=options.no_owner)
         if workers is not None:
             admin.run(f"ALTER DATABASE {identifier(scratch)} "

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlencode
 
 from pgvault import __version__
 from pgvault.catalog import Catalog, manifest_key
-from pgvault.engines.logical import DUMP_FORMAT, GLOBALS_FORMAT, LogicalEngine
+from pgvault.engines.logical import DUMP_FORMATS, GLOBALS_FORMAT, LogicalEngine
 from pgvault.errors import (
     DatabaseError,
     IntegrityError,
@@ -281,7 +281,7 @@ class _Drill:
             problem = self.stored(artifact)
             if problem is not None:
                 ok = self.check("integrity", artifact.name, False, problem)
-            elif not self.options.includes("restore") or artifact.format != DUMP_FORMAT:
+            elif not self.options.includes("restore") or artifact.format not in DUMP_FORMATS:
                 # Deeper levels read the dump while restoring it: one download, not two.
                 ok = self.read_through(artifact) and ok
         return ok
@@ -312,7 +312,7 @@ class _Drill:
             stream = open_artifact(self.storage, self.manifest, artifact,
                                    identities=self.options.identities)
             detail = f"{artifact.size} bytes, sha256 and decoding verified"
-            if artifact.format == DUMP_FORMAT:
+            if artifact.format in DUMP_FORMATS:
                 entries = _list_archive(stream, self.major())
                 detail += f", {entries} archive entries listed by pg_restore"
             elif artifact.format == GLOBALS_FORMAT and self.options.includes("restore"):
@@ -347,8 +347,15 @@ class _Drill:
                     admin.execute(statement)
         return True
 
+    def dumps_read(self, dumps: list[Artifact]) -> None:
+        """Each dump archive was read whole, its digest checked, by a restore that ran."""
+        for dump in dumps:
+            self.check("integrity", dump.name, True,
+                       f"{dump.size} bytes, sha256 and decoding verified while restoring")
+
     def restore(self, place: _Place, scratch: str, roles: bool) -> bool:
-        dump = next(a for a in self.manifest.artifacts if a.format == DUMP_FORMAT)
+        dumps = [a for a in self.manifest.artifacts if a.format in DUMP_FORMATS]
+        dump = dumps[0]
         options = RestoreOptions(target=scratch, jobs=self.options.jobs, no_owner=not roles,
                                  progress=self.options.progress,
                                  identities=self.options.identities)
@@ -361,11 +368,9 @@ class _Drill:
         except IntegrityError as exc:
             return self.check("integrity", dump.name, False, f"{dump.key}: {exc}")
         except RestoreFailed as exc:
-            self.check("integrity", dump.name, True,
-                       f"{dump.size} bytes, sha256 and decoding verified while restoring")
+            self.dumps_read(dumps)
             return self.check("restore", "restore", False, f"{exc} (into {place.where})")
-        self.check("integrity", dump.name, True,
-                   f"{dump.size} bytes, sha256 and decoding verified while restoring")
+        self.dumps_read(dumps)
         seconds = result.seconds
         self.report.restore_seconds = round(seconds, 3)
         self.report.bytes_read = result.bytes_read

@@ -34,6 +34,9 @@ class TocEntry:
     desc: str
     offset_at: int  # file position of the offset's flag byte
     has_data: bool
+    namespace: str = ""
+    tag: str = ""
+    deps: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,21 +102,48 @@ def read_toc(buf: bytes | bytearray) -> Toc:
         dump_id = cur.int()
         cur.int()  # had a data dumper
         cur.str(), cur.str()  # catalog table oid, oid
-        cur.str()  # tag
+        tag = cur.str() or ""
         desc = cur.str() or ""
         cur.int()  # section
-        for _ in range(6):  # defn, drop, copy, namespace, tablespace, table access method
-            cur.str()
+        cur.str(), cur.str(), cur.str()  # defn, drop, copy
+        namespace = cur.str() or ""
+        cur.str(), cur.str()  # tablespace, table access method
         if version >= (1, 16):
             cur.int()  # relkind
         cur.str(), cur.str()  # owner, "with oids"
-        while cur.str() is not None:  # dependencies, ended by a null string
-            pass
+        deps = []
+        while (dep := cur.str()) is not None:  # dependencies, ended by a null string
+            deps.append(int(dep))
         offset_at = cur.pos
         state = cur.byte()
         cur.take(off_size)
-        entries.append(TocEntry(dump_id, desc, offset_at, state == OFFSET_NOT_SET))
+        entries.append(TocEntry(dump_id, desc, offset_at, state == OFFSET_NOT_SET,
+                                namespace, tag, tuple(deps)))
     return Toc(version, cur.int_size, off_size, compressed, entries, cur.pos)
+
+
+def needing_data_apart(toc: Toc) -> set[int]:
+    """The entries that must wait for the tables whose data is not in this archive.
+
+    Such a table has a TABLE entry and no TABLE DATA one. What depends on it, directly or
+    through other entries (its indexes, foreign keys to its keys), waits; so does every
+    materialized view's refresh, which may read it. Other tables (a partition, an
+    inheritance child) do not wait for it, nor their data. A table without data of its own
+    (a partitioned one) counts as apart: its entries then only wait, which is always safe.
+    """
+    with_data = {(e.namespace, e.tag) for e in toc.entries if e.desc == "TABLE DATA"}
+    apart = {e.dump_id for e in toc.entries
+             if e.desc == "TABLE" and (e.namespace, e.tag) not in with_data}
+    waiting = {e.dump_id for e in toc.entries if e.desc == "MATERIALIZED VIEW DATA"}
+    changed = True
+    while changed:  # a fixed point: dependencies may point either way in dump id order
+        changed = False
+        for entry in toc.entries:
+            if (entry.dump_id not in waiting and entry.desc != "TABLE"
+                    and any(d in apart or d in waiting for d in entry.deps)):
+                waiting.add(entry.dump_id)
+                changed = True
+    return waiting
 
 
 @dataclass

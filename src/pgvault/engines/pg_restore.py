@@ -25,7 +25,7 @@ from typing import Any
 
 from pgvault.engines.spool import Spool
 from pgvault.errors import RestoreFailed
-from pgvault.pg.archive import needing_data_apart
+from pgvault.pg.archive import after_loads
 from pgvault.pg.process import StderrTail, describe_exit, feed
 from pgvault.pipeline.pump import Prefetch
 from pgvault.pipeline.stream import Readable, Reader
@@ -61,19 +61,6 @@ class PgRestore:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-
-    def finish_beside(self, loads: Sequence[_Load]) -> None:
-        """``finish``, but stop at once with the error of any of ``loads`` that fails."""
-        try:
-            while self.proc.poll() is None:
-                for load in loads:
-                    load.check()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(0.1)
-        except BaseException:
-            self.kill()
-            raise
-        self.finish()
 
 
 class _Stopped(Reader):
@@ -118,6 +105,12 @@ class _Load:
         """Raise the load's error if it failed."""
         if self._error is not None and not self._stop.is_set():
             raise self._error
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, seconds: float) -> None:
+        self._thread.join(seconds)
 
     def join(self) -> None:
         while self._thread.is_alive():
@@ -166,25 +159,34 @@ def restore_spooled(source: Readable | Spool, argv: list[Any], env: dict[str, st
         spool.close()
 
 
-def _passes(spool: Spool) -> tuple[list[str], list[str] | None]:
-    """pg_restore options for the pass run beside the loads and the pass after them (None:
-    nothing left for it).
+@dataclass
+class _Passes:
+    """pg_restore options for the passes after pre-data: ``beside`` the loads, ``ready`` once
+    they are done (None: nothing to run then), ``last`` after both (None: nothing left)."""
 
-    Indexes and constraints of the other tables are built while the big tables load, as one
-    pg_restore --jobs would schedule them. Without a table of contents this can read, all
-    of post-data waits.
+    beside: list[str]
+    ready: list[str] | None
+    last: list[str] | None
+
+
+def _passes(spool: Spool) -> _Passes:
+    """The passes, from the main archive's table of contents (pg/archive.py's after_loads).
+
+    Indexes and constraints of the other tables are built while the big tables load, and
+    theirs as soon as they are loaded, as one pg_restore --jobs would schedule them.
+    Without a table of contents this can read, all of post-data waits for the loads.
     """
     toc = spool.finder.toc
     if toc is None:
-        return ["--section=data"], ["--section=post-data"]
-    waiting = needing_data_apart(toc)
-    early = _use_list(spool, "beside", [e.dump_id for e in toc.entries
-                                        if e.dump_id not in waiting])
-    if not waiting:
-        return ["--section=data", "--section=post-data", *early], None
-    return (["--section=data", "--section=post-data", *early],
-            ["--section=post-data", *_use_list(spool, "after", [
-                e.dump_id for e in toc.entries if e.dump_id in waiting])])
+        return _Passes(["--section=data"], None, ["--section=post-data"])
+    after = after_loads(toc)
+    beside = _use_list(spool, "beside", [e.dump_id for e in toc.entries
+                                         if e.dump_id not in after.waiting])
+    lists = [_use_list(spool, name, [e.dump_id for e in toc.entries if e.dump_id in ids])
+             if ids else None for name, ids in (("ready", after.ready), ("last", after.last))]
+    return _Passes(["--section=data", "--section=post-data", *beside],
+                   *(None if found is None else ["--section=post-data", *found]
+                     for found in lists))
 
 
 def _use_list(spool: Spool, name: str, dump_ids: list[int]) -> list[str]:
@@ -215,19 +217,37 @@ def restore_split(main: Readable | Spool, parts: Sequence[Callable[[], Readable]
         restore_streamed(again(), [*argv, "--section=post-data"], env)
         return
     loads: list[_Load] = []
+    running: list[PgRestore] = []
     try:
         path = main.path if main.wait_toc() else main.wait()
         PgRestore.start([*argv, "--section=pre-data", path], env).finish()
         loads = [_Load(part, argv, env) for part in parts]
-        beside, after = _passes(main)
+        passes = _passes(main)
         path = main.wait()
-        PgRestore.start([*argv, *beside, f"--jobs={jobs}", path],
-                        env).finish_beside(loads)
+        running.append(PgRestore.start(
+            [*argv, *passes.beside, f"--jobs={max(1, jobs - len(parts))}", path], env))
+        ready = passes.ready
+        while running or ready is not None:
+            for load in loads:
+                load.check()
+            for restore in [r for r in running if r.proc.poll() is not None]:
+                running.remove(restore)
+                restore.finish()
+            if ready is not None and not any(load.alive() for load in loads):
+                for load in loads:
+                    load.join()
+                running.append(PgRestore.start(
+                    [*argv, *ready, f"--jobs={max(1, jobs - len(running))}", path], env))
+                ready = None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                (running[0].proc.wait(0.05) if running else loads[0].wait(0.05))
         for load in loads:
             load.join()
-        if after is not None:
-            PgRestore.start([*argv, *after, f"--jobs={jobs}", path], env).finish()
+        if passes.last is not None:
+            PgRestore.start([*argv, *passes.last, f"--jobs={jobs}", path], env).finish()
     finally:
+        for restore in running:
+            restore.kill()
         for load in loads:
             load.stop()
         main.close()

@@ -11,12 +11,14 @@ ReadToc) and pg_backup_custom.c (_ReadExtraToc, _StartData, _EndData).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAGIC = b"PGDMP"
 ARCH_CUSTOM = 1
 BLK_DATA, BLK_BLOBS = 1, 3
 OFFSET_NOT_SET, OFFSET_SET = 1, 2
+SECTION_NONE, SECTION_PRE_DATA, SECTION_DATA, SECTION_POST_DATA = 1, 2, 3, 4
 # Archive versions 1.12 (PostgreSQL 9.6) to 1.16 (17); others are restored without offsets.
 OLDEST, NEWEST = (1, 12), (1, 16)
 MAX_TOC_BYTES = 256 << 20  # a table of contents larger than this is not worth holding
@@ -37,6 +39,7 @@ class TocEntry:
     namespace: str = ""
     tag: str = ""
     deps: tuple[int, ...] = ()
+    section: int = 0  # SECTION_*; entries without one (comments, grants) take the previous'
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def read_toc(buf: bytes | bytearray) -> Toc:
         cur.str(), cur.str()  # catalog table oid, oid
         tag = cur.str() or ""
         desc = cur.str() or ""
-        cur.int()  # section
+        section = cur.int()
         cur.str(), cur.str(), cur.str()  # defn, drop, copy
         namespace = cur.str() or ""
         cur.str(), cur.str()  # tablespace, table access method
@@ -118,32 +121,66 @@ def read_toc(buf: bytes | bytearray) -> Toc:
         state = cur.byte()
         cur.take(off_size)
         entries.append(TocEntry(dump_id, desc, offset_at, state == OFFSET_NOT_SET,
-                                namespace, tag, tuple(deps)))
+                                namespace, tag, tuple(deps), section))
     return Toc(version, cur.int_size, off_size, compressed, entries, cur.pos)
 
 
-def needing_data_apart(toc: Toc) -> set[int]:
-    """The entries that must wait for the tables whose data is not in this archive.
+@dataclass(frozen=True)
+class AfterLoads:
+    """What of an archive must wait for the tables whose data was taken apart from it.
 
-    Such a table has a TABLE entry and no TABLE DATA one. What depends on it, directly or
-    through other entries (its indexes, foreign keys to its keys), waits; so does every
-    materialized view's refresh, which may read it. Other tables (a partition, an
+    ``ready``: what needs nothing else that is still to come (their indexes, their primary
+    keys), so it may run as soon as their data is loaded; ``last``: what also needs the rest
+    of the archive's data or post-data (a foreign key from them to another table), and every
+    materialized view's refresh, which may read any table.
+    """
+
+    ready: frozenset[int]
+    last: frozenset[int]
+
+    @property
+    def waiting(self) -> frozenset[int]:
+        return self.ready | self.last
+
+
+def after_loads(toc: Toc) -> AfterLoads:
+    """Sort out the entries that depend, directly or through others, on a table apart.
+
+    Such a table has a TABLE entry and no TABLE DATA one. Other tables (a partition, an
     inheritance child) do not wait for it, nor their data. A table without data of its own
     (a partitioned one) counts as apart: its entries then only wait, which is always safe.
     """
+    by_id = {e.dump_id: e for e in toc.entries}
     with_data = {(e.namespace, e.tag) for e in toc.entries if e.desc == "TABLE DATA"}
     apart = {e.dump_id for e in toc.entries
              if e.desc == "TABLE" and (e.namespace, e.tag) not in with_data}
-    waiting = {e.dump_id for e in toc.entries if e.desc == "MATERIALIZED VIEW DATA"}
+    last = {e.dump_id for e in toc.entries if e.desc == "MATERIALIZED VIEW DATA"}
+    waiting = set(last)
+    _spread(toc, waiting, lambda e, d: d in apart or d in waiting)
+
+    def needs_more(entry: TocEntry, dep: int) -> bool:
+        other = by_id.get(dep)
+        return (dep in last or other is None
+                or (dep not in apart and dep not in waiting
+                    and other.section != SECTION_PRE_DATA))
+
+    _spread(toc, last, needs_more, within=waiting)
+    return AfterLoads(ready=frozenset(waiting - last), last=frozenset(last))
+
+
+def _spread(toc: Toc, marked: set[int], reaches: Callable[[TocEntry, int], bool],
+            within: set[int] | None = None) -> None:
+    """Mark every entry (never a TABLE; only those ``within``) with a dependency that
+    ``reaches`` says leads to a marked one, until nothing changes."""
     changed = True
-    while changed:  # a fixed point: dependencies may point either way in dump id order
+    while changed:  # dependencies may point either way in dump id order
         changed = False
         for entry in toc.entries:
-            if (entry.dump_id not in waiting and entry.desc != "TABLE"
-                    and any(d in apart or d in waiting for d in entry.deps)):
-                waiting.add(entry.dump_id)
+            if (entry.dump_id not in marked and entry.desc != "TABLE"
+                    and (within is None or entry.dump_id in within)
+                    and any(reaches(entry, d) for d in entry.deps)):
+                marked.add(entry.dump_id)
                 changed = True
-    return waiting
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pgvault.errors import BackupFailed
 from pgvault.model import SPLIT_MANIFEST_FORMAT, Manifest, StageSpec
 from pgvault.ops import backup as backup_op
 from pgvault.ops.backup import BackupOptions, backup
+from pgvault.pg.archive import after_loads, read_toc
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.storage.local import LocalStorage
@@ -96,6 +97,17 @@ def test_a_split_backup_restores_whole_spooled_and_streamed(
     assert len(listed["db.data-2.dump"]) == 1 and "Odd" in listed["db.data-2.dump"][0]
     assert not any(" a*b " in line or "Odd" in line for line in listed["db.dump"])
     assert any(" axb " in line for line in listed["db.dump"])
+    # What waits for the parts' rows, read from the main archive's table of contents.
+    toc = read_toc((tmp_path / "db.dump").read_bytes())
+    names = {e.dump_id: f"{e.desc} {e.tag}" for e in toc.entries}
+    after = after_loads(toc)
+    assert {names[i] for i in after.ready} >= {
+        "CONSTRAINT a*b a*b_pkey", "INDEX a_b_payload", 'CONSTRAINT Odd "Name".x Odd "Name".x_pkey',
+        'FK CONSTRAINT Odd "Name".x Odd "Name".x_ab_id_fkey'}
+    assert {names[i] for i in after.last} >= {
+        "FK CONSTRAINT a*b a*b_axb_id_fkey", "MATERIALIZED VIEW DATA ab_summary"}
+    assert not {names[i] for i in after.waiting} & {
+        "CONSTRAINT axb axb_pkey", "CONSTRAINT rest_big rest_big_pkey", "TABLE DATA axb"}
 
     for jobs in ("2", "1"):  # spooled main archive beside streamed parts; all streamed
         target = new_name()

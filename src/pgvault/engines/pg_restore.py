@@ -180,25 +180,22 @@ def _passes(spool: Spool) -> _Passes:
     if toc is None:
         return _Passes(["--section=data"], None, ["--section=post-data"])
     after = after_loads(toc)
-    beside = _use_list(spool, "beside", [e.dump_id for e in toc.entries
-                                         if e.dump_id not in after.waiting])
-    lists = [_use_list(spool, name, [e.dump_id for e in toc.entries if e.dump_id in ids])
-             if ids else None for name, ids in (("ready", after.ready), ("last", after.last))]
+
+    def use_list(name: str, keep: Callable[[int], bool]) -> list[str]:
+        """``-L FILE``: only the entries ``keep`` picks (of the sections also given), in the
+        archive's order, since pg_restore takes the list's order and an entry without a
+        section of its own (a comment, a grant) belongs to that of the one before it."""
+        path = os.path.join(spool.folder, f"{name}.list")
+        with open(path, "w", encoding="ascii") as out:
+            out.writelines(f"{e.dump_id};\n" for e in toc.entries if keep(e.dump_id))
+        return ["-L", path]
+
+    beside = use_list("beside", lambda i: i not in after.waiting)
+    ready = use_list("ready", after.ready.__contains__) if after.ready else None
+    last = use_list("last", after.last.__contains__) if after.last else None
     return _Passes(["--section=data", "--section=post-data", *beside],
-                   *(None if found is None else ["--section=post-data", *found]
-                     for found in lists))
-
-
-def _use_list(spool: Spool, name: str, dump_ids: list[int]) -> list[str]:
-    """``pg_restore -L FILE`` restoring only ``dump_ids`` (of the sections it is also given).
-
-    In the archive's order: pg_restore takes the list's order, and an entry without a
-    section of its own (a comment, a grant) belongs to the section of the one before it.
-    """
-    path = os.path.join(spool.folder, f"{name}.list")
-    with open(path, "w", encoding="ascii") as out:
-        out.writelines(f"{dump_id};\n" for dump_id in dump_ids)
-    return ["-L", path]
+                   None if ready is None else ["--section=post-data", *ready],
+                   None if last is None else ["--section=post-data", *last])
 
 
 def restore_split(main: Readable | Spool, parts: Sequence[Callable[[], Readable]],
@@ -206,9 +203,9 @@ def restore_split(main: Readable | Spool, parts: Sequence[Callable[[], Readable]
                   jobs: int) -> None:
     """Restore a main archive and the data-only archives taken apart from it.
 
-    The tables come from the main archive's pre-data, then its data and every part load at
-    once, then its post-data (indexes, constraints) over all of them. A spooled main archive
-    is read once; a streamed one (one job, no room to spool) twice: ``again`` reopens it.
+    The tables come from the main archive's pre-data; then its data and every part load at
+    once, and post-data follows in the passes of ``_passes``. A spooled main archive is read
+    once; a streamed one (one job, no room to spool) twice: ``again`` reopens it.
     """
     if not isinstance(main, Spool):
         restore_streamed(main, [*argv, "--section=pre-data", "--section=data"], env)
@@ -239,8 +236,11 @@ def restore_split(main: Readable | Spool, parts: Sequence[Callable[[], Readable]
                 running.append(PgRestore.start(
                     [*argv, *ready, f"--jobs={max(1, jobs - len(running))}", path], env))
                 ready = None
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                (running[0].proc.wait(0.05) if running else loads[0].wait(0.05))
+            if running:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    running[0].proc.wait(0.05)
+            else:
+                loads[0].wait(0.05)
         for load in loads:
             load.join()
         if passes.last is not None:

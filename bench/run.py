@@ -256,23 +256,18 @@ class Bench:
                             LABELS[STRAT_B])
             self._add(res[STRAT_B], s, gz.stat().st_size, memory=mem)
 
-            if res[VAULT_B].status == "ok":
-                shutil.rmtree(repo, ignore_errors=True)
-                repo.mkdir()
-                s = measure(vault_backup, env=vault_env, sample=mem)
-                if self._pgvault_ok(res[VAULT_B], s):
-                    self._add(res[VAULT_B], s, _tree_size(repo), memory=mem)
+            for op, argv, into, restores in ((VAULT_B, vault_backup, repo, (VAULT_R, VAULT_RJ2)),
+                                             (VAULT_BS, vault_split, split_repo, (VAULT_RS,))):
+                if res[op].status != "ok":
+                    continue
+                shutil.rmtree(into, ignore_errors=True)
+                into.mkdir()
+                s = measure(argv, env=vault_env, sample=mem)
+                if self._pgvault_ok(res[op], s):
+                    self._add(res[op], s, _tree_size(into), memory=mem)
                 else:
-                    for op in (VAULT_R, VAULT_RJ2):
-                        res[op].status, res[op].note = "n/a", "pgvault backup failed"
-            if res[VAULT_BS].status == "ok":
-                shutil.rmtree(split_repo, ignore_errors=True)
-                split_repo.mkdir()
-                s = measure(vault_split, env=vault_env, sample=mem)
-                if self._pgvault_ok(res[VAULT_BS], s):
-                    self._add(res[VAULT_BS], s, _tree_size(split_repo), memory=mem)
-                else:
-                    res[VAULT_RS].status, res[VAULT_RS].note = "n/a", "split backup failed"
+                    for restore in restores:
+                        res[restore].status, res[restore].note = "n/a", f"{LABELS[op]} failed"
 
             if self.s3 is not None:
                 log(f"[{info.name}] run {i}/{runs}: backups to S3 ({self.s3.url})")

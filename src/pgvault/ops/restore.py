@@ -113,8 +113,10 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
     jobs = restore_jobs(options.jobs, artifact.raw_size,
                         0.0 if parts else largest_table_share(artifact))
 
-    def reader(item: Artifact, keep_zstd: bool = False) -> Callable[[], Readable]:
-        return lambda: open_artifact(storage, manifest, item, progress=options.progress,
+    def reader(item: Artifact, keep_zstd: bool = False,
+               counted: bool = True) -> Callable[[], Readable]:
+        progress = options.progress if counted else None
+        return lambda: open_artifact(storage, manifest, item, progress=progress,
                                      identities=options.identities, keep_zstd=keep_zstd)
 
     # A parallel restore spools the archive first: start now, while the database is made.
@@ -128,7 +130,8 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
         try:
             _create_scratch_and_restore(admin, server, target, manifest, options,
                                         spool or stream, jobs,
-                                        [reader(part) for part in parts], reader(artifact))
+                                        [reader(part) for part in parts],
+                                        reader(artifact, counted=False))  # a second read
         finally:
             admin.close()
     finally:

@@ -38,7 +38,7 @@ from pgvault.model import to_json
               help="pg_dumps at once under one snapshot, each of the N-1 largest tables "
                    "(64 MiB and more) in an archive of its own; 0 is one per CPU, up to 4. "
                    "Default 1, a single archive: on 2 CPUs, 2 streams backed up ~15% faster, "
-                   "restored no faster, and used ~30 MB more memory [config backup_streams].")
+                   "restored no faster, and used 14-32 MB more memory [config backup_streams].")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
 def backup(ctx: click.Context, /, dbname: str | None, compression: str | None, level: int | None,

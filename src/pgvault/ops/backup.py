@@ -56,7 +56,7 @@ class BackupOptions:
     # pg_dump streams at once under one snapshot, the largest tables' data apart; 0: one per
     # CPU (engines.logical.dump_streams). Tables below ``split_min_bytes`` stay together.
     # One by default: on 2 CPUs a split backup was ~15% faster, its restore no faster (see
-    # docs/performance.md), and it took ~30 MB more memory (121 MB PSS to S3).
+    # docs/performance.md), and it took 14 MB more memory locally, 32 MB more to S3 (PSS).
     streams: int = 1
     split_min_bytes: int = SPLIT_MIN_BYTES
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))

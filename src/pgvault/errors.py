@@ -85,3 +85,9 @@ class Interrupted(PgvaultError):
     """The run was stopped by a signal (Ctrl-C or SIGTERM)."""
 
     exit_code = 130
+
+
+class StatusCritical(PgvaultError):
+    """`pgvault status` showed a database CRITICAL: an objective missed, or a drill failed."""
+
+    exit_code = 12

@@ -24,6 +24,7 @@ Exit codes:
   9    restore failed (pg_restore)
   10   verification failed (a restore drill check other than integrity)
   11   decryption error (no identity given, or it is not a recipient of the backup)
+  12   status: a database is CRITICAL (see `pgvault status --help`)
   130  interrupted (Ctrl-C or SIGTERM)
 """
 

@@ -40,8 +40,12 @@ SECRET_VARIABLES = (
 
 
 def default_repo() -> str:
-    data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return "file://" + os.path.join(data_home, "pgvault", "repo")
+    # The XDG spec says to ignore a relative XDG_DATA_HOME; as_uri() escapes '#', '?', '%'.
+    data_home = os.environ.get("XDG_DATA_HOME") or ""
+    if not os.path.isabs(data_home):
+        data_home = os.path.expanduser("~/.local/share")
+    folder = Path(data_home, "pgvault", "repo")
+    return folder.as_uri() if folder.is_absolute() else str(folder)
 
 
 class Secret:
@@ -328,9 +332,13 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"[databases] database {name!r} is listed twice")
-        repo = self.repo
-        if "://" in repo and not repo.startswith(("file://", "s3://", "memory://")):
-            raise ValueError("[repo] use file:///path or s3://bucket/prefix")
+        from pgvault.storage import parse_repo
+
+        try:
+            parse_repo(self.repo)  # a typo must not become a folder in the current directory
+        except ConfigError as exc:
+            raise ValueError(f"[repo] {exc} (from --repo, PGVAULT_REPO or the config "
+                             "file's repo)") from None
 
 
 ENV_PREFIX = "PGVAULT_"

@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import stat
 import tarfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from pgvault.catalog import Catalog, parse_wal_key, wal_identity_key, wal_object_key
-from pgvault.engines.physical import TarWatcher, needed_wal
-from pgvault.errors import UsageError
+from pgvault.engines.physical import TarWatcher, needed_wal, unpack
+from pgvault.errors import IntegrityError, UsageError
 from pgvault.model import Artifact, Manifest, PhysicalFacts
 from pgvault.ops.physical_restore import RecoveryTarget
 from pgvault.ops.prune import prune
@@ -203,3 +205,101 @@ def test_status_reads_the_archive_gaps_staleness_and_recoverable_window() -> Non
     assert 'pgvault_wal_archive_gaps{database="main"} 1.0' in text
     assert "pgvault_wal_last_archived_timestamp_seconds" in text
     assert 'pgvault_wal_push_failures{database="main"} 1.0' in text
+
+
+# ---------------------------------------------------------------- unpacking a hostile tar
+# Built here with tarfile and unpacked by the code restore --physical runs, on this venv's
+# interpreter (Debian 12's 3.11.2 has no extraction filters).
+
+
+def _entry(name: str, kind: bytes = tarfile.REGTYPE, *, data: bytes = b"",
+           link: str = "", mode: int = 0o600) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.size = kind, link, mode, len(data)
+    if kind == tarfile.DIRTYPE:
+        info.mode = 0o700 if mode == 0o600 else mode
+    return info, data
+
+
+def _hostile(*entries: tuple[tarfile.TarInfo, bytes]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for info, data in entries:
+            archive.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    buffer.seek(0)
+    return buffer
+
+
+def _files_outside(tmp_path: Path) -> list[str]:
+    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                  if not p.is_relative_to(tmp_path / "pgdata"))
+
+
+def test_unpack_restores_a_base_backup_with_sane_modes_and_inside_links(tmp_path: Path) -> None:
+    pgdata = tmp_path / "pgdata"
+    pgdata.mkdir()
+    unpack(_hostile(_entry("./", tarfile.DIRTYPE),
+                    _entry("PG_VERSION", data=b"15\n", mode=0o4777),
+                    _entry("base", tarfile.DIRTYPE, mode=0o1777),
+                    _entry("base/1", tarfile.DIRTYPE),
+                    _entry("base/1/1259", data=b"x" * 9000, mode=0o640),
+                    _entry("base/1/alias", tarfile.SYMTYPE, link="1259"),
+                    _entry("base/same", tarfile.LNKTYPE, link="base/1/1259", mode=0o640),
+                    _entry("wal", tarfile.SYMTYPE, link="base/1")),
+           pgdata, owner=None)
+    assert (pgdata / "PG_VERSION").read_bytes() == b"15\n"
+    assert (pgdata / "base/1/alias").read_bytes() == b"x" * 9000
+    assert (pgdata / "base/same").stat().st_ino == (pgdata / "base/1/1259").stat().st_ino
+    assert (pgdata / "wal").resolve() == (pgdata / "base/1").resolve()
+    # No setuid, sticky, world or group-write bits in a data folder.
+    assert stat.S_IMODE((pgdata / "PG_VERSION").stat().st_mode) == 0o750
+    assert stat.S_IMODE((pgdata / "base").stat().st_mode) == 0o750
+    assert stat.S_IMODE((pgdata / "base/1/1259").stat().st_mode) == 0o640
+    assert stat.S_IMODE(pgdata.stat().st_mode) == 0o700
+
+
+HOSTILE = {
+    "absolute path": [_entry("/tmp/pgvault-hostile-abs", data=b"evil")],
+    "dot-dot": [_entry("../escaped", data=b"evil")],
+    "dot-dot inside": [_entry("base/../../escaped", data=b"evil")],
+    "absolute symlink": [_entry("etc", tarfile.SYMTYPE, link="/etc"),
+                         _entry("etc/pgvault-hostile", data=b"evil")],
+    "relative symlink out": [_entry("up", tarfile.SYMTYPE, link="../"),
+                             _entry("up/escaped", data=b"evil")],
+    "symlink out, deep": [_entry("a", tarfile.DIRTYPE),
+                          _entry("a/up", tarfile.SYMTYPE, link="../../escaped")],
+    "hard link absolute": [_entry("passwd", tarfile.LNKTYPE, link="/etc/passwd")],
+    "hard link out": [_entry("x", tarfile.LNKTYPE, link="../outside.txt")],
+    "hard link through a symlink out": [_entry("up", tarfile.SYMTYPE, link=".."),
+                                        _entry("x", tarfile.LNKTYPE, link="up/outside.txt")],
+    "character device": [_entry("null", tarfile.CHRTYPE)],
+    "block device": [_entry("disk", tarfile.BLKTYPE)],
+    "fifo": [_entry("pipe", tarfile.FIFOTYPE)],
+    # Every link inside when written, until a later member repoints the one it resolves
+    # through: writing through it is refused, and so is the dangling result.
+    "repointed link, written through": [
+        _entry("d", tarfile.DIRTYPE), _entry("d/e", tarfile.DIRTYPE),
+        _entry("b", tarfile.SYMTYPE, link="d/e"), _entry("a", tarfile.SYMTYPE, link="b/../.."),
+        _entry("b", tarfile.SYMTYPE, link="."), _entry("a/escaped", data=b"evil")],
+    "repointed link, left behind": [
+        _entry("d", tarfile.DIRTYPE), _entry("d/e", tarfile.DIRTYPE),
+        _entry("b", tarfile.SYMTYPE, link="d/e"), _entry("a", tarfile.SYMTYPE, link="b/../.."),
+        _entry("b", tarfile.SYMTYPE, link=".")],
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_unpack_refuses_members_that_reach_outside_pgdata(case: str, tmp_path: Path) -> None:
+    pgdata = tmp_path / "pgdata"
+    pgdata.mkdir()
+    (tmp_path / "outside.txt").write_bytes(b"keep")
+    before = _files_outside(tmp_path)
+    with pytest.raises(IntegrityError, match="refused"):
+        unpack(_hostile(_entry("PG_VERSION", data=b"15\n"), *HOSTILE[case]), pgdata,
+               owner=None)
+    assert _files_outside(tmp_path) == before
+    assert (tmp_path / "outside.txt").read_bytes() == b"keep"
+    assert not Path("/tmp/pgvault-hostile-abs").exists()
+    assert not Path("/etc/pgvault-hostile").exists()
+    links = [p for p in pgdata.rglob("*") if p.is_symlink()]
+    assert all(p.resolve().is_relative_to(pgdata.resolve()) for p in links), links

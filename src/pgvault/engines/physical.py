@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -275,7 +276,7 @@ def unpack(source: Readable, target: Path, *, owner: tuple[int, int] | None) -> 
     """
     try:
         with tarfile.open(fileobj=source, mode="r|") as archive:  # type: ignore[call-overload]
-            archive.extractall(target, filter="tar")
+            _extract_safely(archive, target)
     except (tarfile.TarError, EOFError) as exc:
         raise IntegrityError(f"base backup tar is damaged: {exc}") from None
     except OSError as exc:
@@ -288,6 +289,75 @@ def unpack(source: Readable, target: Path, *, owner: tuple[int, int] | None) -> 
             os.chown(folder, *owner)
             for name in dirs + files:
                 os.chown(os.path.join(folder, name), *owner, follow_symlinks=False)
+
+
+# Debian 12's Python (3.11.2) has no extraction filters (3.11.4 added them), so every member
+# is checked here; where filters exist, "fully_trusted" keeps what they would change (3.14
+# defaults to "data") from making a restore differ between Python versions.
+_NO_FILTER: dict[str, Any] = (
+    {"filter": "fully_trusted"} if hasattr(tarfile, "fully_trusted_filter") else {}
+)
+# PGDATA is private to the server's OS user (PostgreSQL allows group read at most): no
+# setuid/setgid/sticky bits, no group write, nothing for others.
+_MODE_MASK = 0o750
+
+
+def _extract_safely(archive: tarfile.TarFile, target: Path) -> None:
+    """Extract member by member; refuse any that would write or point outside ``target``."""
+    root = os.path.realpath(target)
+
+    def inside(path: str) -> bool:
+        return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+    try:
+        for member in archive:
+            name = member.name
+            if member.isdir() and os.path.normpath(name) == ".":
+                continue  # "./", as tar(1) writes it: PGDATA itself, made already
+
+            def refuse(why: str, name: str = name) -> IntegrityError:
+                return IntegrityError(f"base backup tar member {name!r} {why}; refused, "
+                                      f"nothing is written outside {target}")
+
+            if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+                raise refuse("is a device, FIFO or other special file")
+            if name.startswith("/") or ".." in name.split("/") or not name.strip("/."):
+                raise refuse("has an absolute path, '..' or no name")
+            dest = os.path.join(root, name)
+            if not inside(os.path.dirname(dest)) or (not member.issym() and not inside(dest)):
+                raise refuse("would be written through a link that leads outside")
+            if member.issym():
+                link = os.path.join(os.path.dirname(dest), member.linkname)
+                if os.path.isabs(member.linkname) or not inside(link):
+                    raise refuse(f"is a symbolic link to {member.linkname!r}, outside")
+            elif member.islnk():
+                link = os.path.join(root, member.linkname)
+                if os.path.isabs(member.linkname) or ".." in member.linkname.split("/") \
+                        or not inside(link):
+                    raise refuse(f"is a hard link to {member.linkname!r}, outside")
+            member.mode &= _MODE_MASK
+            if member.isdir():
+                member.mode |= 0o700  # the extraction itself must be able to fill it
+            archive.extract(member, root, **_NO_FILTER)
+    finally:
+        # A later member may repoint a link an earlier one resolved through: no link that
+        # leads outside stays, also when a refusal stopped the extraction.
+        escaped = _remove_links_out(root, inside)
+    if escaped:
+        path, points_to = escaped[0]
+        raise IntegrityError(f"base backup tar leaves {path!r} a link to {points_to!r}, "
+                             f"outside {target}; refused")
+
+
+def _remove_links_out(root: str, inside: Callable[[str], bool]) -> list[tuple[str, str]]:
+    removed = []
+    for folder, dirs, files in os.walk(root):
+        for entry in dirs + files:
+            path = os.path.join(folder, entry)
+            if os.path.islink(path) and not inside(path):
+                removed.append((os.path.relpath(path, root), os.readlink(path)))
+                os.unlink(path)
+    return removed
 
 
 def verify_backup(data_dir: Path, *, major: int, wal_dir: Path | None) -> None:

@@ -91,3 +91,9 @@ class StatusCritical(PgvaultError):
     """`pgvault status` showed a database CRITICAL: an objective missed, or a drill failed."""
 
     exit_code = 12
+
+
+class RecordFailed(PgvaultError):
+    """The work is done and its verdict printed, but the repository refused its record."""
+
+    exit_code = 13

@@ -8,6 +8,11 @@ A backup made in zstd frames (pipeline/compression.py) records where each frame 
 table's data begin. Its spool decompresses frames on DECODERS threads at once, each written
 at its place in the file, and takes the data offsets from that record. On 2 CPUs a 300 MB
 archive spooled in 0.23-0.25 s so, 0.30-0.34 s in one thread (decompress, find, write).
+
+The copy is decrypted data, so it never has a name: an unnamed file (O_TMPFILE, or one
+unlinked as soon as it is made) that pg_restore opens by this process's /proc/PID/fd/N.
+It goes when this process does, SIGKILL included. pg_restore --jobs's workers reopen the
+archive by that path, which works while this process holds it open (until ``close``).
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ import collections
 import contextlib
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from pgvault import leftovers
 from pgvault.errors import IntegrityError
 from pgvault.pg.archive import MAX_TOC_BYTES, Incomplete, OffsetFinder, read_toc
 from pgvault.pipeline.pump import Prefetch
@@ -33,7 +38,7 @@ FRAME_OUTPUT = 256 << 10  # decoded bytes written at a time, from one buffer per
 
 
 class Spool:
-    """The archive copied by a thread into a private temporary file, data offsets patched in.
+    """The archive copied by a thread into a private unnamed file, data offsets patched in.
 
     It starts reading at once, so a restore can create its database meanwhile. ``wait_toc``
     returns once pg_restore can read the schema from the file, ``wait`` once it is whole.
@@ -43,10 +48,11 @@ class Spool:
 
     def __init__(self, source: Readable, frames: Sequence[tuple[int, int, int]] = (),
                  raw_size: int = 0) -> None:
-        self.folder = tempfile.mkdtemp(prefix="pgvault-restore-")
-        self.path = os.path.join(self.folder, "db.dump")
+        # The folder holds pg_restore's lists (no data); the next run removes it if we die.
+        self.folder = leftovers.private_folder("restore")
+        self._held, self.path = _unnamed_file(self.folder)
         self.finder = OffsetFinder()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fd = os.dup(self._held)  # the filling thread's, closed when it is done
         self._source = source
         self._frames = list(frames)
         self._raw_size = raw_size
@@ -188,4 +194,29 @@ class Spool:
         self._stop.set()
         while self._thread.is_alive():
             self._thread.join(0.2)
+        if self._held >= 0:
+            os.close(self._held)
+            self._held = -1
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _unnamed_file(folder: str) -> tuple[int, str]:
+    """A new 0600 file no directory names, and the path other processes open it by.
+
+    O_TMPFILE with O_EXCL: never named, and it cannot be linked into the filesystem later;
+    where the filesystem lacks it, a file unlinked at once. Without /proc (not Linux) the
+    file keeps its name in ``folder``, which the next run removes if this one died.
+    """
+    fds = f"/proc/{os.getpid()}/fd"
+    if not os.path.isdir(fds):
+        path = os.path.join(folder, "db.dump")
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), path
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        with contextlib.suppress(OSError):  # EOPNOTSUPP, EISDIR: no O_TMPFILE there
+            fd = os.open(folder, tmpfile | os.O_RDWR | os.O_EXCL, 0o600)
+            return fd, f"{fds}/{fd}"
+    path = os.path.join(folder, "db.dump")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.unlink(path)
+    return fd, f"{fds}/{fd}"

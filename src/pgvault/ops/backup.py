@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pgvault import __version__, pipeline
+from pgvault import __version__, leftovers, pipeline
 from pgvault.catalog import Catalog, artifact_key
 from pgvault.engines.logical import (
     DATA_FORMAT,
@@ -64,6 +64,7 @@ class BackupOptions:
 
 def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest:
     """Take one logical backup; the manifest is written only when every artifact is stored."""
+    leftovers.sweep()
     engine = LogicalEngine(conn)
     with _preflight_and_lock(engine, storage, options.lock_stale_after) as (session, server):
         database = server.database

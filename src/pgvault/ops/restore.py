@@ -6,14 +6,13 @@ import contextlib
 import logging
 import os
 import re
-import secrets
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pgvault import pipeline
+from pgvault import leftovers, pipeline
 from pgvault.catalog import Catalog
 from pgvault.console import human_bytes
 from pgvault.engines.logical import DATA_FORMAT, LogicalEngine
@@ -99,6 +98,7 @@ def _admin(target: ConnInfo) -> tuple[PsqlSession, ServerInfo]:
 def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
             options: RestoreOptions) -> RestoreResult:
     """Restore ``manifest`` into a new database; a failure leaves no database behind."""
+    leftovers.sweep()
     target = target_connection(conn, options.target)
     name = target.dbname
     if not name:
@@ -128,6 +128,7 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
     try:
         admin, server = _admin(target)
         try:
+            leftovers.drop_dead_databases(admin)
             _create_scratch_and_restore(admin, server, target, manifest, options,
                                         spool or stream, jobs,
                                         [reader(part) for part in parts],
@@ -156,7 +157,7 @@ def _create_scratch_and_restore(admin: PsqlSession, server: ServerInfo, target: 
             f"database {name!r} already exists and is not empty; restore into a new "
             "name, or pass --clean to replace it"
         )
-    scratch = f"pgvault_tmp_{secrets.token_hex(6)}"
+    scratch = leftovers.database_name("pgvault_tmp_")
     create = f"CREATE DATABASE {identifier(scratch)} TEMPLATE template0"
     encoding = manifest.facts.encoding or "UTF8"
     try:

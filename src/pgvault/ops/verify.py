@@ -14,7 +14,6 @@ import contextlib
 import io
 import os
 import re
-import secrets
 import signal
 import subprocess
 import threading
@@ -25,7 +24,7 @@ from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import quote, urlencode
 
-from pgvault import __version__
+from pgvault import __version__, leftovers
 from pgvault.catalog import Catalog, manifest_key
 from pgvault.engines.logical import DUMP_FORMATS, GLOBALS_FORMAT, LogicalEngine
 from pgvault.errors import (
@@ -128,7 +127,8 @@ class ScratchServers:
             from pgvault.pg.cluster import EphemeralCluster
 
             try:
-                cluster = EphemeralCluster(major=major, base_dir=self.base_dir).start()
+                cluster = EphemeralCluster(major=major, base_dir=self.base_dir,
+                                           dies_with_owner=not self.keep).start()
             except DatabaseError as exc:
                 raise DatabaseError(
                     f"cannot start a PostgreSQL {major} cluster for the drill: {exc}; "
@@ -169,6 +169,7 @@ def verify(storage: Storage, manifest: Manifest, options: VerifyOptions,
     A physical backup is unpacked into a temp folder, checked by pg_verifybackup and, from
     level 'restore' on, started on a free port after replaying its WAL (see ``physical``).
     """
+    leftovers.sweep(servers.base_dir)
     report = VerifyReport(
         backup_id=manifest.id, database=manifest.database, level=options.level,
         started_at=options.clock(), finished_at=options.clock(),
@@ -212,7 +213,7 @@ class _Drill:
             return
         place = self.servers.place(self.major())
         roles = self.roles(place)
-        scratch = SCRATCH_PREFIX + secrets.token_hex(6)
+        scratch = leftovers.database_name(SCRATCH_PREFIX)
         target = place.conn.with_dbname(scratch)
         try:
             if self.restore(place, scratch, roles):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
 import pwd
 import shutil
@@ -12,6 +13,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ from urllib.parse import quote
 
 import psycopg
 
+from pgvault import leftovers
 from pgvault.errors import DatabaseError
 from pgvault.pg.binaries import PG_LIB_DIR, installed_majors, tool_version
 
@@ -33,7 +36,12 @@ _BIND_FAILURES = ("could not bind", "Address already in use", "could not create 
 
 
 class EphemeralCluster:
-    """A private PostgreSQL cluster on 127.0.0.1 and a free port, removed on `stop()`."""
+    """A private PostgreSQL cluster on 127.0.0.1 and a free port, removed on `stop()`.
+
+    Its folder names its owner (leftovers.OWNER_FILE), so when this process is killed the
+    next pgvault run stops the orphaned server and removes the folder; ``dies_with_owner``
+    also has the kernel stop the server (immediate shutdown) the moment this process dies.
+    """
 
     superuser = "postgres"
     host = "127.0.0.1"
@@ -45,8 +53,10 @@ class EphemeralCluster:
         settings: Mapping[str, Setting] | None = None,
         start_timeout: float = 60.0,
         initdb_args: Sequence[str] = (),
+        dies_with_owner: bool = False,
     ) -> None:
         self.major, self.bindir = _server_bindir(major)
+        self._dies_with_owner = dies_with_owner
         self._base_dir = Path(base_dir) if base_dir is not None else None
         self._settings = dict(settings or {})
         self._start_timeout = start_timeout
@@ -176,8 +186,13 @@ class EphemeralCluster:
             self._proc = None
 
     def detach(self) -> None:
-        """Leave the cluster running after this process exits (for `verify --keep`)."""
+        """Leave the cluster running after this process exits (for `verify --keep`).
+
+        Not for a cluster started ``dies_with_owner``: the kernel stops that one anyway.
+        """
         atexit.unregister(self._atexit_stop)
+        if self._root is not None:
+            leftovers.mark_kept(self._root)
 
     def __enter__(self) -> EphemeralCluster:
         return self.start()
@@ -209,6 +224,8 @@ class EphemeralCluster:
         if len(str(socket_dir / ".s.PGSQL.65535")) > _MAX_SOCKET_PATH:
             socket_dir = Path(tempfile.mkdtemp(prefix="pgv-", dir="/tmp"))
         self._socket_dir = socket_dir
+        leftovers.write_marker(self._root, data_dir=str(self.data_dir),
+                               socket_dir=str(socket_dir))
         if owner is not None:
             for folder in {self._root, socket_dir}:
                 os.chown(folder, owner.pw_uid, owner.pw_gid)
@@ -261,7 +278,8 @@ class EphemeralCluster:
             with open(self.log_path, "ab") as log:
                 # The postmaster is our direct child, so we know its pid and reap it on stop;
                 # a new session keeps a terminal's Ctrl-C from killing it before we clean up.
-                self._proc = self._popen(argv, stdout=log, stderr=subprocess.STDOUT)
+                self._proc = self._popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         **_death_signal(self._dies_with_owner))
             self._port = port
             error = self._wait_ready()
             if error is None:
@@ -378,6 +396,32 @@ class EphemeralCluster:
         except OSError:
             return "(no server log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _death_signal(wanted: bool) -> dict[str, Any]:
+    """Popen arguments that have the kernel send the child SIGQUIT when we die (Linux).
+
+    The kernel sends it when the *thread* that started the child ends, so only a child
+    started by the main thread (whose end is the process's) gets it. Popen switches to
+    the postgres OS user before preexec_fn runs, and a change of user would clear it.
+    """
+    if not wanted or threading.current_thread() is not threading.main_thread():
+        return {}
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return {}
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGQUIT), 0, 0, 0)
+        if os.getppid() != parent:  # we died before the signal was armed
+            os.kill(os.getpid(), signal.SIGQUIT)
+
+    return {"preexec_fn": set_death_signal}
 
 
 def _server_bindir(major: int | None) -> tuple[int, Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -155,7 +154,13 @@ class ConnInfo:
 
     @contextlib.contextmanager
     def child_env(self) -> Iterator[dict[str, str]]:
-        """Environment for pg_dump & co: the password in a private 0600 PGPASSFILE, never argv.
+        """Environment for pg_dump & co: the password in a private PGPASSFILE, never argv.
+
+        The PGPASSFILE is an in-memory file (memfd) that children open by this process's
+        /proc/PID/fd/N: it lives only as long as this process holds it, so not even SIGKILL
+        leaves the password on disk. libpq accepts it: a regular file, mode 0600. Where
+        there is no memfd (not Linux), a 0600 file in a folder the next run removes once
+        this process is dead (leftovers.py).
 
         Secrets the PostgreSQL tools do not need (S3 keys, the age passphrase, any value
         holding a registered secret) are left out, so no child process can leak them.
@@ -167,12 +172,28 @@ class ConnInfo:
         if self.password is None:
             yield env
             return
-        folder = tempfile.mkdtemp(prefix="pgvault-pass-")
+        line = f"*:*:*:*:{_escape_pgpass(self.password)}\n".encode()
+        proc_fds = f"/proc/{os.getpid()}/fd"
+        if hasattr(os, "memfd_create") and os.path.isdir(proc_fds):
+            fd = os.memfd_create("pgvault-pgpass", os.MFD_CLOEXEC)
+            try:
+                os.fchmod(fd, 0o600)  # a memfd starts 0777, which libpq refuses
+                written = 0
+                while written < len(line):
+                    written += os.write(fd, line[written:])
+                env["PGPASSFILE"] = f"{proc_fds}/{fd}"
+                yield env
+            finally:
+                os.close(fd)
+            return
+        from pgvault import leftovers
+
+        folder = leftovers.private_folder("pass")
         path = os.path.join(folder, "pgpass")
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(f"*:*:*:*:{_escape_pgpass(self.password)}\n")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(line)
             env["PGPASSFILE"] = path
             yield env
         finally:

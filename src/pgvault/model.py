@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 import msgspec
-from msgspec import field
+from msgspec import UNSET, UnsetType, field
 
 MANIFEST_FORMAT = 1
 # A logical backup whose dump is split in several archives (db.dump and db.data-N.dump):
@@ -170,28 +170,68 @@ class Artifact(msgspec.Struct, frozen=True):
 
 
 class TableFacts(msgspec.Struct, frozen=True):
-    """What was true of one table in the backup's snapshot."""
+    """What was true of one table (or populated materialized view) in the backup's snapshot."""
 
     schema_name: str
     name: str
     rows: int
+    # True for a materialized view. Fields that older manifests lack are UNSET, so they are
+    # left out of the JSON and a manifest read and written again keeps its bytes.
+    materialized: bool | UnsetType = UNSET
+
+
+class UnrecordedTable(msgspec.Struct, frozen=True):
+    """A table whose data is in the dump but whose row count could not be read, and why."""
+
+    schema_name: str
+    name: str
+    reason: str
+
+
+ENTRY_DIGEST_CHARS = 16
+"""Hex digits of sha256 kept per object: enough to tell any two definitions apart."""
 
 
 class SchemaFingerprint(msgspec.Struct, frozen=True):
-    """sha256 of a canonical listing of the user schema, whole and per kind of object."""
+    """sha256 of a canonical listing of the user schema, whole and per kind of object.
+
+    ``entries`` (newer backups): per kind of object, each object's name and a digest of its
+    definition, so a drill can name every object that differs; known pg_dump limitations
+    have kinds of their own (see ops.verify.KNOWN_LIMITATIONS).
+    """
 
     sha256: str
     sections: dict[str, str] = field(default_factory=dict)
     objects: dict[str, int] = field(default_factory=dict)
+    entries: dict[str, dict[str, str]] | UnsetType = UNSET
 
     @classmethod
-    def from_sections(cls, sections: dict[str, list[str]]) -> SchemaFingerprint:
-        """Hash each section's lines in byte order (never a server collation's order)."""
+    def from_sections(cls, sections: dict[str, list[str]],
+                      entries: dict[str, list[tuple[str, str]]] | None = None
+                      ) -> SchemaFingerprint:
+        """Hash each section's lines in byte order (never a server collation's order).
+
+        ``entries``: per kind, (object name, definition) pairs; a name seen twice in one
+        kind gets a ``#2``, ``#3`` suffix in its definitions' byte order.
+        """
         digests = {name: hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
                    for name, lines in sorted(sections.items())}
         whole = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
-        return cls(sha256=whole, sections=digests,
-                   objects={name: len(lines) for name, lines in sorted(sections.items())})
+        fingerprint = cls(sha256=whole, sections=digests,
+                          objects={name: len(lines) for name, lines in sorted(sections.items())})
+        if entries is None:
+            return fingerprint
+        kept: dict[str, dict[str, str]] = {}
+        for kind, pairs in sorted(entries.items()):
+            named: dict[str, str] = {}
+            for key, text in sorted(pairs, key=lambda pair: (pair[0].encode(), pair[1].encode())):
+                unique, n = key, 1
+                while unique in named:
+                    n += 1
+                    unique = f"{key} #{n}"
+                named[unique] = hashlib.sha256(text.encode()).hexdigest()[:ENTRY_DIGEST_CHARS]
+            kept[kind] = named
+        return msgspec.structs.replace(fingerprint, entries=kept)
 
 
 class MigrationTable(msgspec.Struct, frozen=True):
@@ -219,6 +259,33 @@ class Facts(msgspec.Struct):
     schema_filter: str | None = None
     schema_fingerprint: SchemaFingerprint | None = None
     migrations: list[MigrationTable] | None = None
+    # Tables in the dump whose rows could not be counted (a lock timeout...): drills skip them.
+    unrecorded: list[UnrecordedTable] | UnsetType = UNSET
+
+    def unrecorded_tables(self) -> list[UnrecordedTable]:
+        return [] if isinstance(self.unrecorded, UnsetType) else self.unrecorded
+
+    def describe(self) -> str:
+        """What the facts hold, in the words every command uses: tables apart from views.
+
+        "11 tables, 1 materialized view (8878 rows)"; a backup recorded before materialized
+        views were marked counts them as tables.
+        """
+        views = sum(1 for t in self.tables if t.materialized is True)
+        tables = len(self.tables) - views
+        rows = sum(t.rows for t in self.tables)
+        text = plural(tables, "table")
+        if views:
+            text += ", " + plural(views, "materialized view")
+        text += f" ({plural(rows, 'row')})"
+        if self.unrecorded_tables():
+            text += f", {plural(len(self.unrecorded_tables()), 'table')} not counted"
+        return text
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 table", "2 tables"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 class PhysicalFacts(msgspec.Struct):
@@ -305,12 +372,17 @@ LEVELS = ("integrity", "restore", "facts", "assertions", "command")
 
 
 class VerifyCheck(msgspec.Struct):
-    """One check of a restore drill: what was checked, at which level, the outcome and why."""
+    """One check of a restore drill: what was checked, at which level, the outcome and why.
+
+    "warn": it passed, but something known to differ (a pg_dump limitation) is named.
+    """
 
     level: str
     name: str
-    status: Literal["pass", "fail", "skip"]
+    status: Literal["pass", "fail", "skip", "warn"]
     detail: str = ""
+    # Every object a check found different (the detail may name only the first ones).
+    objects: list[str] | UnsetType = UNSET
 
 
 class VerifyReport(msgspec.Struct, kw_only=True):

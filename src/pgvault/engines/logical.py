@@ -14,7 +14,7 @@ from typing import Any
 from pgvault.engines.pg_restore import restore_split, restore_spooled, restore_streamed
 from pgvault.engines.spool import Spool
 from pgvault.errors import BackupFailed, DatabaseError
-from pgvault.model import Facts, TableFacts
+from pgvault.model import Facts, TableFacts, UnrecordedTable
 from pgvault.pg import fingerprint
 from pgvault.pg.binaries import tool, tool_version
 from pgvault.pg.conninfo import ConnInfo
@@ -35,8 +35,11 @@ GLOBALS_FORMAT = "sql"
 SPLIT_MIN_BYTES = 64 << 20
 MAX_STREAMS = 4
 
+# The tables whose rows pg_dump writes, as the snapshot's catalog lists them: pg_dump reads
+# the same catalog in the same snapshot (a table created later is in neither, one dropped
+# later is in both: pg_dump's lock, and ours, made the DROP wait).
 TABLES_SQL = """
-SELECT n.nspname, c.relname
+SELECT n.nspname, c.relname, c.relkind
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE (c.relkind = 'r' OR (c.relkind = 'm' AND c.relispopulated))
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -107,6 +110,12 @@ class Snapshot:
     snapshot_id: str | None
     connection: Any = None  # the facts connection, once ``facts`` has made it
     aborted: threading.Event = field(default_factory=threading.Event)
+    # Set by the backup once every pg_dump has ended: a count that timed out waiting for a
+    # lock is tried once more then (pg_dump had that lock, so its holder let go meanwhile).
+    # None: try again at once.
+    dumped: threading.Event | None = None
+    warnings: list[str] = field(default_factory=list)
+    """What the facts could not record, for the backup's output and manifest."""
 
     def interrupt(self, worker: threading.Thread, timeout: float = 10.0) -> None:
         """Stop the facts being read in ``worker``: no new statement, cancel the current one.
@@ -132,15 +141,50 @@ def _serial_scans(cur: Any) -> None:
 
     Parallel workers would take CPU from pg_dump's own backend while it runs (on 2 cores a
     parallel count of 300 MB cost 1.6x the CPU of a serial one, and was not faster).
+    No statement timeout either: pg_dump turns it off for its COPY of the same table, so a
+    role's ``statement_timeout`` would leave out only the count. A ``lock_timeout`` is kept:
+    a count waiting on a lock taken after pg_dump read the table could wait for ever.
     """
     import psycopg
 
-    cur.execute("SAVEPOINT pgvault_serial")
+    for setting in ("max_parallel_workers_per_gather", "statement_timeout"):
+        cur.execute("SAVEPOINT pgvault_serial")
+        try:
+            cur.execute("SELECT set_config(%s, '0', true)", (setting,))
+        except psycopg.Error:  # a server without parallel query: nothing to turn off
+            cur.execute("ROLLBACK TO SAVEPOINT pgvault_serial")
+        cur.execute("RELEASE SAVEPOINT pgvault_serial")
+
+
+def _reason(exc: BaseException) -> str:
+    """The server's own words for why a statement failed, on one line."""
+    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
+    if primary:
+        return str(primary)
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _in_savepoint(cur: Any, query: Any) -> tuple[Any, BaseException | None]:
+    """Run one statement in a savepoint: (its first row, None) or (None, the error).
+
+    A failure must not abort the transaction whose snapshot the dump shares; a success is
+    released, not rolled back, so the lock the statement took is kept.
+    """
+    import psycopg
+
+    cur.execute("SAVEPOINT pgvault_fact")
     try:
-        cur.execute("SELECT set_config('max_parallel_workers_per_gather', '0', true)")
-    except psycopg.Error:  # a server without parallel query: nothing to turn off
-        cur.execute("ROLLBACK TO SAVEPOINT pgvault_serial")
-    cur.execute("RELEASE SAVEPOINT pgvault_serial")
+        row = cur.execute(query).fetchone()
+    except psycopg.Error as exc:
+        cur.execute("ROLLBACK TO SAVEPOINT pgvault_fact")
+        return None, exc
+    cur.execute("RELEASE SAVEPOINT pgvault_fact")
+    return row, None
+
+
+def _lock_timed_out(exc: BaseException | None) -> bool:
+    return getattr(exc, "sqlstate", None) == "55P03"  # lock_not_available
 
 
 class LogicalEngine:
@@ -233,8 +277,11 @@ class LogicalEngine:
         return connection
 
     def facts(self, snapshot: Snapshot) -> Facts:
-        """Exact row counts and server facts, read in the dump's snapshot."""
-        import psycopg
+        """Exact row counts and server facts, read in the dump's snapshot.
+
+        Every table of the dump is counted or named in ``Facts.unrecorded`` with the reason
+        (and a line in ``snapshot.warnings``): a fact is never silently missing.
+        """
         from psycopg import sql
 
         connection = snapshot.connection or self._facts_connection(snapshot)
@@ -247,23 +294,57 @@ class LogicalEngine:
         ).fetchone()
         extensions = dict(cur.execute("SELECT extname, extversion FROM pg_extension").fetchall())
         _serial_scans(cur)
-        tables = []
-        for schema, name in cur.execute(TABLES_SQL, {"schema": self.conn.schema}).fetchall():
-            query = sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(
-                sql.Identifier(schema), sql.Identifier(name)
-            )
+        listed = [(schema, name, kind == "m") for schema, name, kind in
+                  cur.execute(TABLES_SQL, {"schema": self.conn.schema}).fetchall()]
+
+        def ident(schema: str, name: str) -> Any:
+            return sql.Identifier(schema, name)
+
+        # Share-lock every table first, as pg_dump does, without waiting: each count may
+        # take a while, and a table locked now can no longer be dropped before its count.
+        for schema, name, _ in listed:
             snapshot.check()
-            # A failed count must not abort the transaction whose snapshot pg_dump imports.
-            cur.execute("SAVEPOINT pgvault_count")
-            try:
-                rows = cur.execute(query).fetchone()[0]
-            except psycopg.Error:
-                cur.execute("ROLLBACK TO SAVEPOINT pgvault_count")
-                continue
-            cur.execute("RELEASE SAVEPOINT pgvault_count")
-            tables.append(TableFacts(schema_name=schema, name=name, rows=rows))
+            _in_savepoint(cur, sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE NOWAIT")
+                          .format(ident(schema, name)))
+        counted: dict[tuple[str, str], int] = {}
+        failed: dict[tuple[str, str], BaseException] = {}
+
+        def count(schema: str, name: str) -> None:
+            snapshot.check()
+            row, error = _in_savepoint(cur, sql.SQL("SELECT count(*) FROM ONLY {}").format(
+                ident(schema, name)))
+            snapshot.check()  # a cancel by ``interrupt`` is no fact about the table
+            if error is None:
+                counted[schema, name] = int(row[0])
+                failed.pop((schema, name), None)
+            else:
+                failed[schema, name] = error
+
+        for schema, name, _ in listed:
+            count(schema, name)
+        waited = [key for key, error in failed.items() if _lock_timed_out(error)]
+        if waited:
+            while snapshot.dumped is not None and not snapshot.dumped.wait(0.2):
+                snapshot.check()
+            for schema, name in waited:
+                count(schema, name)
+        tables = [TableFacts(schema_name=schema, name=name, rows=counted[schema, name],
+                             **({"materialized": True} if view else {}))
+                  for schema, name, view in listed if (schema, name) in counted]
+        unrecorded = [UnrecordedTable(schema_name=schema, name=name,
+                                      reason=_reason(failed[schema, name]))
+                      for schema, name, _ in listed if (schema, name) in failed]
+        for table in unrecorded:
+            snapshot.warnings.append(
+                f"rows of {identifier(table.schema_name)}.{identifier(table.name)} not "
+                f"counted ({table.reason}): the table is in the dump; drills skip its count")
         snapshot.check()
-        return Facts(
+        problems: list[str] = []
+        # Both run in savepoints of their own: a failure records None, never aborts.
+        schema_fingerprint = fingerprint.schema_fingerprint(cur, self.conn.schema, problems)
+        migrations = fingerprint.migration_tables(cur, self.conn.schema, problems)
+        snapshot.warnings += problems
+        facts = Facts(
             server_version=version,
             server_version_num=version_num,
             database_size=size,
@@ -272,10 +353,16 @@ class LogicalEngine:
             tables=tables,
             snapshot=snapshot.snapshot_id,
             schema_filter=self.conn.schema,
-            # Both run in savepoints of their own: a failure records None, never aborts.
-            schema_fingerprint=fingerprint.schema_fingerprint(cur, self.conn.schema),
-            migrations=fingerprint.migration_tables(cur, self.conn.schema),
+            schema_fingerprint=schema_fingerprint,
+            migrations=migrations,
         )
+        if unrecorded:
+            facts.unrecorded = unrecorded
+        # Done reading: the share locks go now, not when the dump ends, so DDL waits on the
+        # dump alone.
+        with contextlib.suppress(Exception):
+            connection.execute("ROLLBACK")
+        return facts
 
     def largest_tables(self, session: PsqlSession, count: int) -> tuple[list[Table], int]:
         """The ``count`` largest tables whose data a dump holds, and all such tables' size.

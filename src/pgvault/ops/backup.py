@@ -76,6 +76,7 @@ def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest
         try:
             artifacts: list[Artifact] = []
             with engine.snapshot(session) as snapshot:
+                snapshot.dumped = threading.Event()
                 facts_box: list[Facts] = []
                 errors: list[BaseException] = []
                 apart = _tables_apart(engine, session, snapshot.snapshot_id, options)
@@ -93,9 +94,12 @@ def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest
                 except BaseException:
                     snapshot.interrupt(counter)
                     raise
+                snapshot.dumped.set()
                 counter.join()
                 if errors:
                     raise BackupFailed(f"could not record facts: {errors[0]}")
+                # What the facts could not record is said, in the output and the manifest.
+                warnings += snapshot.warnings
             globals_artifact, versions, globals_warning = extras.result()
             if globals_artifact is not None:
                 artifacts.append(globals_artifact)

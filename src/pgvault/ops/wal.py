@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgvault import pipeline
 from pgvault.catalog import (
@@ -51,6 +51,8 @@ from pgvault.pipeline.stream import CHUNK
 from pgvault.storage.base import ObjectInfo, Storage
 
 if TYPE_CHECKING:
+    import psycopg
+
     from pgvault.pipeline.age import Keyring
 
 
@@ -479,19 +481,49 @@ def check_archive(conn: ConnInfo, storage: Storage, cluster: str, *,
         row = connection.execute(
             "SELECT archived_count, last_archived_wal, last_archived_time, failed_count,"
             " last_failed_wal, last_failed_time FROM pg_stat_archiver").fetchone()
-    columns = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count",
-               "last_failed_wal", "last_failed_time")
-    archiver = dict(zip(columns, row, strict=True))
+        columns = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count",
+                   "last_failed_wal", "last_failed_time")
+        archiver = dict(zip(columns, row, strict=True))
+        cause = _archive_command_problem(connection, system_identifier) if missing else None
     if missing:
         failure = ""
         if archiver["last_failed_wal"]:
             failure = (f"; the server's last archive failure was {archiver['last_failed_wal']} "
-                       f"at {archiver['last_failed_time']} (see its log)")
+                       f"at {archiver['last_failed_time']}")
         raise BackupFailed(
             f"WAL archiving is not working: {walfile} did not arrive in {storage.url} "
-            f"within {timeout:.0f}s{failure}; check archive_mode and archive_command"
+            f"within {timeout:.0f}s{failure}; "
+            + (cause or "check archive_mode and archive_command (and the server's log)")
         )
     return ArchiveCheck(walfile, time.monotonic() - started, archiver)
+
+
+def _archive_command_problem(connection: psycopg.Connection[Any],
+                             system_identifier: str) -> str | None:
+    """Why the server's OS user cannot run its archive_command, when the server is local.
+
+    Best effort: settings a role may not read, or a server on another machine, give None
+    (the generic advice stands).
+    """
+    import psycopg
+
+    from pgvault.ops import archive_access
+
+    try:
+        mode, command, library, data_directory = connection.execute(
+            "SELECT current_setting('archive_mode'), current_setting('archive_command'),"
+            " current_setting('archive_library', true), current_setting('data_directory')"
+        ).fetchone() or (None, None, None, None)
+    except psycopg.Error:
+        return None
+    if mode == "off":
+        return "archive_mode is off on the server (set it on and restart the server)"
+    if library:
+        return f"the server archives with archive_library {library!r}, not archive_command"
+    if not command or not command.strip():
+        return "archive_command is empty on the server"
+    server = archive_access.local_server(str(data_directory), system_identifier)
+    return archive_access.diagnose(command, server) if server is not None else None
 
 
 def pgvault_executable() -> str:

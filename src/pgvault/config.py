@@ -23,7 +23,7 @@ import msgspec
 from msgspec import Meta, field
 
 from pgvault import redact
-from pgvault.errors import ConfigError
+from pgvault.errors import ConfigError, UsageError
 from pgvault.pg.conninfo import ConnInfo
 
 log = logging.getLogger("pgvault")
@@ -649,15 +649,58 @@ def age_passphrase() -> str | None:
     return value
 
 
+# Where a database password may come from: never the command line.
+PASSWORD_SOURCES = ("PGPASSWORD or PGPASSWORD_FILE, ~/.pgpass or PGPASSFILE, or a URL in "
+                    "DATABASE_URL(_FILE), DIRECT_URL(_FILE), PGVAULT_DATABASE or the config "
+                    "file's database")
+DATABASE_SOURCES = ("--dbname, PGVAULT_DATABASE, DATABASE_URL (or DIRECT_URL), the config "
+                    "file's database or [[databases]], or libpq's PGDATABASE")
+
+
+def command_line_connection(spec: str, flag: str = "--dbname") -> ConnInfo:
+    """A connection given as ``flag``, refused when it holds a password.
+
+    Every user of the host can read a process's argv (ps, /proc/PID/cmdline), so a password
+    there is already exposed; refusing teaches where it belongs before it becomes a habit.
+    """
+    try:
+        conn = ConnInfo.parse(spec)
+    except ConfigError as exc:  # a flag's value: a usage error, named by its flag
+        raise UsageError(f"{flag}: {exc}") from None
+    if conn.password or conn.params.get("sslpassword"):
+        redact.register(conn.password, conn.params.get("sslpassword"))
+        raise UsageError(f"{flag} holds a password, and every user of this host can read "
+                         f"the command line (ps): remove it and give the password through "
+                         f"{PASSWORD_SOURCES}")
+    return conn
+
+
+def _connection_spec(settings: Settings, dbname: str | None) -> tuple[str | None, str]:
+    """The connection string that wins, and where it came from (for error messages)."""
+    if dbname:
+        return dbname, "--dbname"
+    if os.environ.get("PGVAULT_DATABASE"):
+        return os.environ["PGVAULT_DATABASE"], "PGVAULT_DATABASE"
+    for name in ("DIRECT_URL", "DATABASE_URL"):  # read (and registered) only when needed
+        spec = secret_env(name)
+        if spec:
+            return spec, name
+    return settings.database or None, "the config file's database"
+
+
 def connection(settings: Settings, dbname: str | None = None) -> ConnInfo:
     """The database to back up: --dbname > PGVAULT_DATABASE > DIRECT_URL > DATABASE_URL > file.
 
-    With none of them, libpq's PG* variables and defaults decide, as for psql.
+    With none of them, libpq's PG* variables and defaults decide, as for psql. ``dbname``
+    comes from the command line: a password in it is refused.
     """
-    spec = dbname or os.environ.get("PGVAULT_DATABASE")
-    if not spec:
-        spec = secret_env("DIRECT_URL") or secret_env("DATABASE_URL") or settings.database
-    conn = ConnInfo.parse(spec, password=secret_env("PGPASSWORD"))
+    if dbname:
+        command_line_connection(dbname)
+    spec, source = _connection_spec(settings, dbname)
+    try:
+        conn = ConnInfo.parse(spec, password=secret_env("PGPASSWORD"))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     redact.register(conn.password)
     return conn
 
@@ -743,6 +786,11 @@ def target_connection(target: Target, dbname: str | None = None) -> ConnInfo:
     """How to reach ``target``: its url, the variable url_env names, or the default server."""
     entry = target.entry
     if dbname or entry is None:
+        # Without a name, libpq's default is the OS user's database: a backup of whatever
+        # that is, filed under it, is no backup of what the user meant.
+        if not (_connection_spec(target.settings, dbname)[0] or os.environ.get("PGDATABASE")
+                or os.environ.get("PGSERVICE")):
+            raise ConfigError(f"no database given: name one with {DATABASE_SOURCES}")
         return connection(target.settings, dbname)
     password = secret_env("PGPASSWORD")
     if entry.url is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,7 +48,12 @@ def _libpq_keywords() -> set[str]:
 
 def _simple_url(text: str) -> dict[str, str] | None:
     """libpq's reading of a one-host URL with common parameters; None for any other URL."""
-    parts = urlsplit(text)
+    if any(c.isspace() for c in text) or _BAD_PERCENT.search(text):
+        return None  # libpq refuses these: its parser says where
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # an unbalanced '[': libpq's parser names it
+        return None
     if "," in parts.netloc or "[" in parts.netloc or parts.fragment:
         return None
     items = [item for item in parts.query.split("&") if item]
@@ -59,9 +65,80 @@ def _simple_url(text: str) -> dict[str, str] | None:
     userinfo, _, hostport = parts.netloc.rpartition("@")
     user, _, password = userinfo.partition(":")
     host, _, port = hostport.partition(":")
+    if port and not port.isdigit():
+        raise ConfigError(f"malformed connection URL {_masked(text)}: port {port!r} is not a "
+                          "number")
     found = {"user": user, "password": password, "dbname": parts.path[1:], "host": host,
              "port": port} | query
     return {key: unquote(value) for key, value in found.items() if value}
+
+
+URL_FORM = "postgresql://user@host:port/dbname"
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+# "user:pw@host/db", "app@db:5432/app": a URL that lost its scheme, not a database name.
+_SCHEMELESS = re.compile(r"[^\s/@=]+@[^\s/@=]+[:/]")
+
+
+def _forbid_malformed_url(text: str) -> None:
+    """ConfigError for a URL that libpq would take for a database name.
+
+    libpq reads anything without "postgres(ql)://" or "=" as a name, so "postgres//h/db" or
+    "mysql://..." used to be backed up as a database of that name (and, failing, filed
+    in the repository under it). The message never shows a password.
+    """
+    if text.startswith(("postgres://", "postgresql://")):
+        return
+    equals, url = text.find("="), text.find("://")
+    if equals != -1 and (url == -1 or equals < url):
+        return  # key=value conninfo: libpq's parser judges it
+    scheme = _SCHEME.match(text)
+    after = text[scheme.end():] if scheme else ""
+    problem = None
+    if scheme and scheme[1].lower() in ("postgres", "postgresql") and after.startswith("//"):
+        problem = f"write its scheme in lower case ({scheme[1].lower()}://)"
+    elif "://" in text:
+        problem = f"{text.partition('://')[0]!r} is not a PostgreSQL URL scheme; write {URL_FORM}"
+    elif re.match(r"postgres(ql)?[:/]", text, re.IGNORECASE) or after.startswith("/"):
+        problem = f"it lacks the '://' of {URL_FORM}"
+    elif _SCHEMELESS.match(text):
+        problem = f"it lacks its scheme: {URL_FORM}"
+    if problem is not None:
+        raise ConfigError(f"malformed connection URL {_masked(text)}: {problem}")
+
+
+def _userinfo_secret(text: str) -> str | None:
+    """What may be a password in ``text``: from the ':' after the user to the last '@'.
+
+    Taken generously (a malformed URL has no reliable parse): it is only ever masked.
+    """
+    _, sep, rest = text.partition("://")
+    userinfo, at, _ = (rest if sep else text).rpartition("@")
+    if not at or ":" not in userinfo:
+        return None
+    return userinfo.partition(":")[2] or None
+
+
+def _masked(text: str) -> str:
+    """``text`` quoted for a message, its password (if any) as ***, and registered as secret."""
+    secret = _userinfo_secret(text)
+    if secret:
+        from pgvault import redact
+
+        redact.register(secret, unquote(secret))
+        at = text.rindex("@")
+        text = text[:at - len(secret)] + "***" + text[at:]
+    return repr(text)
+
+
+def _without_secrets(reason: str, text: str) -> str:
+    """A parser's message about ``text`` with the password masked (libpq quotes what it read)."""
+    secret = _userinfo_secret(text)
+    for value in (secret, unquote(secret)) if secret else ():
+        reason = reason.replace(value, "***")
+    if re.search(r"password\s*=", text, re.IGNORECASE):  # key=value: libpq quotes tokens
+        reason = re.sub(r'"[^"]*"', '"..."', reason)
+    return reason
 
 
 @dataclass(frozen=True)
@@ -77,6 +154,7 @@ class ConnInfo:
         """Parse a database name, a postgres:// URL or a key=value string."""
         schema = None
         text = (spec or "").strip()
+        _forbid_malformed_url(text)
         simple = _simple_url(text) if text.startswith(("postgres://", "postgresql://")) else \
             ({"dbname": text} if text and "=" not in text else None if text else {})
         if simple is not None:
@@ -87,7 +165,10 @@ class ConnInfo:
         from psycopg.conninfo import conninfo_to_dict
 
         if text.startswith(("postgres://", "postgresql://")):
-            parts = urlsplit(text)
+            try:
+                parts = urlsplit(text)
+            except ValueError as exc:
+                raise ConfigError(f"malformed connection URL {_masked(text)}: {exc}") from None
             query = parse_qsl(parts.query, keep_blank_values=True)
             known = _libpq_keywords()
             kept = []
@@ -102,7 +183,9 @@ class ConnInfo:
         try:
             raw = conninfo_to_dict(text)
         except Exception as exc:
-            raise ConfigError(f"cannot parse the database connection: {_scrub(exc)}") from None
+            what = (f"malformed connection URL {_masked(spec or '')}" if "://" in text
+                    else "cannot parse the database connection")
+            raise ConfigError(f"{what}: {_without_secrets(_scrub(exc), spec or '')}") from None
         params = {k: str(v) for k, v in raw.items() if v is not None and k not in ORM_PARAMS}
         secret = params.pop("password", None) or password
         return cls(params=params, password=secret, schema=schema)

@@ -10,30 +10,46 @@ import click
 
 from pgvault import __version__
 
-EXIT_CODES = """\b
-Exit codes:
-  0    success
-  1    unexpected internal error
-  2    usage error (bad flags or arguments)
-  3    configuration error
-  4    database connection or authentication error
-  5    storage (repository) error
-  6    integrity error (a stored backup is damaged or incomplete)
-  7    lock held by another pgvault process
-  8    backup failed (pg_dump / pg_dumpall)
-  9    restore failed (pg_restore)
-  10   verification failed (a restore drill check other than integrity)
-  11   decryption error (no identity given, or it is not a recipient of the backup)
-  12   status: a database is CRITICAL (see `pgvault status --help`)
-  130  interrupted (Ctrl-C or SIGTERM)
-"""
+
+def _exit_code_table() -> str:
+    """The exit codes, from the error classes themselves: the table cannot fall behind."""
+    import textwrap
+
+    from pgvault import errors
+
+    rows = {0: "Success", 1: "Unexpected internal error (a bug: please report it, with --debug)"}
+    for value in vars(errors).values():
+        if isinstance(value, type) and issubclass(value, errors.PgvaultError) and (
+                value is not errors.PgvaultError and value.__doc__):
+            # The first class with a code describes it (subclasses refine, e.g. NotFound).
+            rows.setdefault(value.exit_code, value.__doc__.strip().splitlines()[0].rstrip("."))
+    lines = ["\b", "Exit codes:"]
+    for code in sorted(rows):
+        lines += textwrap.wrap(rows[code], 68, initial_indent=f"  {code:<4} ",
+                               subsequent_indent=" " * 7)
+    return "\n".join(lines) + "\n"
+
+
+EXIT_CODES = _exit_code_table()
 
 CONNECTION_HELP = """\b
 Connection: --dbname (a name, a postgresql:// URL or key=value), else
 PGVAULT_DATABASE, DIRECT_URL, DATABASE_URL (Prisma-style parameters such as
-?schema= and ?pgbouncer= are accepted), the config file, then libpq's PG*
-variables. Passwords come from the URL, PGPASSWORD(_FILE) or PGPASSFILE, never
-from a flag.
+?schema= and ?pgbouncer= are accepted), the config file's database, then
+libpq's PG* variables (PGDATABASE, PGHOST, ...). With none of them naming a
+database, backup refuses to guess. Passwords: see below.
+"""
+
+PASSWORD_HELP = """\b
+Passwords: never on the command line, where every user of this host can read
+them (ps): a password in --dbname, --to or --server is refused. Give it as
+PGPASSWORD, or PGPASSWORD_FILE (a file holding only the password), in
+~/.pgpass or the file PGPASSFILE names, or inside a URL that is not an
+argument: DATABASE_URL(_FILE), DIRECT_URL(_FILE), PGVAULT_DATABASE, the
+config file's database (or [verify] server). For example:
+  export PGPASSWORD_FILE=/run/secrets/pg-password      # mode 0600
+  pgvault backup --dbname postgresql://app@db.internal:5432/app
+pgvault hands it to pg_dump and pg_restore in a private PGPASSFILE.
 """
 
 state: dict[str, Any] = {"debug": False, "log_format": "text"}
@@ -81,7 +97,23 @@ def dbname_option(func: Callable[..., Any]) -> Callable[..., Any]:
                         "key=value conninfo (never put a password here; see below).")(func)
 
 
-@click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The pgvault group: every command that takes --dbname explains where passwords go."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        takes_connection = any(param.name in ("dbname", "server") for param in cmd.params)
+        epilog = cmd.epilog or ""
+        if takes_connection and PASSWORD_HELP not in epilog:
+            if CONNECTION_HELP in epilog:
+                epilog = epilog.replace(CONNECTION_HELP, CONNECTION_HELP + "\n" + PASSWORD_HELP)
+            else:
+                epilog = PASSWORD_HELP + ("\n" + epilog if epilog else "")
+            cmd.epilog = epilog
+        super().add_command(cmd, name)
+
+
+@click.group(cls=_Group, epilog=EXIT_CODES,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pgvault")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
@@ -113,6 +145,6 @@ def database_filter(dbname: str | None) -> str | None:
     """A --dbname given to list/show/restore selects backups by database name."""
     if not dbname:
         return None
-    from pgvault.pg.conninfo import ConnInfo
+    from pgvault import config
 
-    return ConnInfo.parse(dbname).dbname or dbname
+    return config.command_line_connection(dbname).dbname or dbname

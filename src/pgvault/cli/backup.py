@@ -301,6 +301,7 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
         return
     if not target:
         raise UsageError("restore needs --to DB (or --physical --pgdata DIR for a base backup)")
+    _check_restore_target(target)
     settings = settings_of(ctx)
     conn = config.connection(settings, dbname)
     storage = storage_of(settings)
@@ -341,6 +342,27 @@ def demo(repo: str | None, rows: int) -> None:
     ok = run_demo(repo=repo, rows=rows, echo=click.echo)
     if not ok:
         raise SystemExit(1)
+
+
+# The server's own databases: a restore over one breaks every later CREATE DATABASE
+# (templates) or the default connection of the tools, pgvault's included (postgres).
+SYSTEM_DATABASES = ("postgres", "template0", "template1")
+
+
+def _check_restore_target(target: str) -> None:
+    """Refuse a --to that holds a password or names a system database, before connecting."""
+    from pgvault import config
+    from pgvault.errors import UsageError
+
+    name = config.command_line_connection(target, "--to").dbname
+    if target.startswith(("postgres://", "postgresql://")) or "=" in target:
+        shown = f"--to names database {name!r}, which"
+    else:
+        name, shown = target, f"--to {target}"
+    if name in SYSTEM_DATABASES:
+        raise UsageError(f"{shown} is a system database ({', '.join(SYSTEM_DATABASES)} "
+                         "belong to the server); restore into a new name, e.g. "
+                         "--to app_restored")
 
 
 def _source_database(storage: Any, dbname: str | None) -> str | None:

@@ -50,7 +50,10 @@ Config:
 
 Exit codes 6 (integrity) and 10 (another check failed) come with one line
 naming the first failure; every drill's report is stored beside its backup
-(`pgvault show ID` lists them, `pgvault list` shows the last one).
+(`pgvault show ID` lists them, `pgvault list` shows the last one). The
+verdict is printed before the report is stored: when the repository refuses
+it (read-only), the verdict stands, one more line says so, and the exit code
+is 13 if the drill passed (else the drill's own 6 or 10).
 """
 
 
@@ -73,10 +76,13 @@ def verify_options(settings: Any, storage: Any, level: str | None = None, jobs: 
 
 def scratch_servers(settings: Any, server: str | None = None, keep: bool = False) -> Any:
     """Where drills restore: --server, else [verify] server, else ephemeral clusters."""
+    from pgvault import config
     from pgvault.ops.verify import ScratchServers
     from pgvault.pg.conninfo import ConnInfo
 
-    if server is None and settings.verify.server is not None:
+    if server is not None:  # from the command line: a password there is refused
+        return ScratchServers(config.command_line_connection(server, "--server"), keep=keep)
+    if settings.verify.server is not None:
         server = settings.verify.server.get_secret_value()
     # The password comes from the URL, PGPASSWORD or ~/.pgpass, as for psql.
     return ScratchServers(ConnInfo.parse(server) if server else None, keep=keep)
@@ -157,7 +163,7 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
 
     from pgvault.catalog import Catalog
     from pgvault.console import ProgressLine
-    from pgvault.errors import NotFound, UsageError
+    from pgvault.errors import NotFound, PgvaultError, RecordFailed, UsageError
     from pgvault.ops.jobs import run_verify_job
     from pgvault.ops.verify import verify as run_verify
 
@@ -173,8 +179,12 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
             raise UsageError("--keep keeps one drill's database: name one backup, not 'all'")
     else:
         manifests = [catalog.get(backup_id, database)]
-    options = verify_options(settings, storage, level, jobs, identity_file)
+    # The report is stored here, after its verdict is printed: a repository that refuses
+    # it (read-only) must not swallow the verdict of a drill that ran.
+    options = dataclasses.replace(verify_options(settings, storage, level, jobs, identity_file),
+                                  record=False)
     reports = []
+    unrecorded: list[tuple[Any, Exception]] = []
     with scratch_servers(settings, server, keep) as servers:
 
         def drill_one(run: Any, manifest: Any) -> Any:
@@ -196,11 +206,24 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
             reports.append(report)
             if not as_json:
                 click.echo(summary_line(report))
+            try:
+                catalog.record_drill(report)
+            except (PgvaultError, OSError) as exc:
+                unrecorded.append((report, exc))
     for line in servers.kept:
         click.echo(line, err=True)
     if as_json:
         data = [to_dict(r) for r in reports]
         click.echo(json.dumps(data if backup_id == "all" else data[0], indent=2))
     error = failure(reports)
+    if unrecorded:
+        first, why = unrecorded[0]
+        others = f" ({len(unrecorded)} drill records in all)" if len(unrecorded) > 1 else ""
+        problem = RecordFailed(
+            f"the {'PASSED' if first.passed else 'FAILED'} drill of {first.backup_id} was "
+            f"not recorded in {storage.url}{others}: {why}")
+        if error is None:
+            raise problem
+        click.echo(f"pgvault: {problem}", err=True)  # the drill's own failure decides the code
     if error is not None:
         raise error

@@ -38,12 +38,16 @@ FETCH_FATAL = 126
 promoting a cluster that silently lacks everything after it."""
 
 ARCHIVE_HELP = """\b
-Set up continuous archiving (postgresql.conf, as the server's OS user can run it):
+Set up continuous archiving (postgresql.conf):
   archive_mode = on
-  archive_command = 'pgvault wal-push %p --config /etc/pgvault.toml'
+  archive_command = '/opt/pgvault/bin/pgvault wal-push %p --config /etc/pgvault.toml'
   archive_timeout = 60      # an idle server still archives at least every minute
-Keep repository settings in the config file (or the server's environment): the
-archiver does not see your shell's variables.
+The server runs the command as its own OS user (postgres): install pgvault where that
+user can execute it and its Python (a venv on /usr/bin/python3 in /opt/pgvault, not
+one on a Python under /root), name its absolute path, and let postgres read the config
+(README: Where to install pgvault for WAL archiving). Keep repository settings in the
+config file (or the server's environment): the archiver does not see your shell's
+variables.
 """
 
 
@@ -282,7 +286,10 @@ def check_archive(ctx: click.Context, /, dbname: str | None, cluster: str | None
     segment arrives in the repository; then lists the archived range of each
     timeline, its gaps, and the recoverable window (from the end of the oldest base
     backup to the newest archived segment). Exits 8 when the segment does not
-    arrive or the archive has gaps.
+    arrive or the archive has gaps. When it does not arrive and the server runs on
+    this machine, the error names what the server's OS user cannot do: execute
+    archive_command's program or the interpreter of its #! line (or a folder on the
+    way to either), read its --config, or write its local --repo.
 
     \b
     Examples:

@@ -310,6 +310,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     # pg_dump streams at once, the largest tables' data apart (0: one per CPU, up to 4).
     backup_streams: Annotated[int, Meta(ge=0, le=16)] = 1
     lock_stale_after_hours: Annotated[float, Meta(gt=0)] = 12.0
+    # Longest any network wait on the repository may go without progress (connect, send,
+    # receive); a stall fails after 3 such waits, well within any sane RPO.
+    io_timeout_seconds: Annotated[float, Meta(gt=0, le=3600)] = 60.0
     prune_after_backup: bool = False
     verify_after_backup: bool = False
     s3: S3Settings = field(default_factory=S3Settings)
@@ -727,6 +730,7 @@ def s3_options(settings: Settings) -> Any:
         sse_customer_key=_sse_c_key() if s3.sse == "sse-c" else None,
         object_lock_mode=lock.mode.upper() if lock else None,
         object_lock_days=lock.days if lock else 0,
+        io_timeout=settings.io_timeout_seconds,
     )
 
 

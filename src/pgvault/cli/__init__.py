@@ -5,11 +5,15 @@ Each module of this package adds its commands to the one click group in ``app``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
+import threading
 import traceback
+from types import FrameType
 from typing import NoReturn
 
 import click
@@ -26,9 +30,47 @@ from pgvault.cli.app import cli, state
 from pgvault.errors import Interrupted, PgvaultError
 from pgvault.redact import ScrubbingWriter, scrub
 
+CLEANUP_SECONDS = 15.0
+"""After SIGTERM or SIGINT, how long the cleanup (abort uploads, delete partial data, release
+the lock) may take before pgvault exits without it: a repository that stopped answering must
+not keep a stopped pgvault alive."""
+EXIT_SECONDS = 3.0
+"""How long exiting may wait for threads still blocked in a network wait whose result no
+longer matters (an abandoned upload part); then the process ends at once."""
 
-def _on_sigterm(signum: int, frame: object) -> NoReturn:
-    raise Interrupted("stopped by SIGTERM")
+_signalled: list[int] = []
+
+
+def _exit_code(signum: int) -> int:
+    """The shell's convention: 128 + the signal (130 for SIGINT, 143 for SIGTERM)."""
+    return 128 + signum
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """The first signal unwinds the command (its cleanup runs); later ones wait for that."""
+    if _signalled:
+        return  # a second Ctrl-C must not cut the cleanup short: the watchdog bounds it
+    _signalled.append(signum)
+    name = signal.Signals(signum).name
+    _exit_later(CLEANUP_SECONDS, _exit_code(signum),
+                f"pgvault: interrupted by {name}; cleanup did not finish within "
+                f"{CLEANUP_SECONDS:g} s, exiting without it (a lock left behind is taken "
+                "over once stale)\n")
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Interrupted(f"stopped by {name}")
+
+
+def _exit_later(seconds: float, code: int, message: str = "") -> None:
+    """End the process in ``seconds`` unless it has ended by then, whatever blocks it."""
+    def fire() -> None:
+        if message:
+            os.write(2, message.encode())  # not sys.stderr: its lock may be held right now
+        os._exit(code)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
 
 
 class _WarningLine(logging.Formatter):
@@ -60,6 +102,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
     gc.disable()
     try:
         _run(argv)
+    except SystemExit as exc:
+        # Interpreter exit joins every worker thread: one still stalled in the network
+        # (its work abandoned by the cleanup) would hold the process for its whole timeout.
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        _exit_later(EXIT_SECONDS, code)
+        raise
     finally:
         # What is alive now dies with the process: keep the collector from walking it again
         # at interpreter exit (30-70 ms of every command when pydantic was still imported).
@@ -67,30 +118,42 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 
 def _run(argv: list[str] | None) -> NoReturn:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    # Left alone when ignored: a shell starts background jobs with SIGINT ignored on purpose.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_signal)
     _scrub_output()
     try:
         code = cli.main(args=argv, prog_name="pgvault", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except click.exceptions.Abort:
-        click.echo("pgvault: interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
     except click.ClickException as exc:
         exc.show()
         sys.exit(2 if exc.exit_code == 2 else exc.exit_code or 2)
     except KeyboardInterrupt:
-        click.echo("pgvault: interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
     except PgvaultError as exc:
         if state["debug"]:
             traceback.print_exc()
+        if _signalled or isinstance(exc, Interrupted):
+            # Whatever failed once a signal came is the signal's doing: report that.
+            _interrupted()
         _fail(str(exc), exc.exit_code)
     except SystemExit:
         raise
     except Exception as exc:
         if state["debug"]:
             traceback.print_exc()
+        if _signalled:
+            _interrupted()
         _fail(f"internal error: {type(exc).__name__}: {exc}", 1)
+
+
+def _interrupted() -> NoReturn:
+    """The one line and exit code of a run stopped by a signal (SIGINT also when unknown)."""
+    signum = _signalled[0] if _signalled else signal.SIGINT
+    _fail(f"interrupted by {signal.Signals(signum).name}", _exit_code(signum))
 
 
 def _fail(message: str, code: int) -> NoReturn:

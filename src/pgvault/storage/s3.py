@@ -13,8 +13,9 @@ import io
 import mmap
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -60,6 +61,19 @@ _TRANSIENT_CODES = frozenset(
     }
 )
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+ATTEMPTS = 3
+"""Tries of one request (botocore's standard retries): a stall costs at most this many
+io_timeouts, plus backoff, before the operation fails."""
+_POLL = 0.2  # seconds between checks of a wait that a signal or a failed part must end
+ABANDON_AFTER = 2.0
+"""How long a failed or interrupted upload waits for parts still in flight before it aborts
+the upload anyway: a part stalled in the network must not hold up the cleanup."""
+RESUMES = 5
+"""Reconnections a download may make (ranged GETs from the byte reached); the count starts
+again once a reconnected stream has carried RESUME_REFILL bytes."""
+RESUME_REFILL = 64 * MiB
+_RESUME_BACKOFF = 0.25  # seconds, doubled at each resume, at most _RESUME_BACKOFF_MAX
+_RESUME_BACKOFF_MAX = 4.0
 _URL = re.compile(r"\w+://\S+")
 
 
@@ -90,6 +104,8 @@ class S3Options:
     object_lock_mode: str | None = None  # "GOVERNANCE" or "COMPLIANCE"
     object_lock_days: int = 0
     """Object Lock retention of every object written, counted from its upload."""
+    io_timeout: float = 60.0
+    """Seconds any network wait (connect, send, receive) may go without progress."""
 
     def __post_init__(self) -> None:
         if self.sse not in (None, "AES256", "aws:kms"):
@@ -110,6 +126,8 @@ class S3Options:
             raise ConfigError(f"s3 part size must be 5 MiB to 5 GiB, not {self.part_size} bytes")
         if self.max_concurrency < 1:
             raise ConfigError("s3 max_concurrency must be at least 1")
+        if not self.io_timeout > 0:
+            raise ConfigError(f"the I/O timeout must be above 0 seconds, not {self.io_timeout}")
 
 
 def _md5(data: bytes | memoryview) -> bytes:
@@ -168,13 +186,34 @@ class _Buffers:
             self._free.append(buffer)
 
 
+class _Cancelled(Exception):
+    """Raised into botocore's sending of a part whose upload has been given up."""
+
+
+class _Upload:
+    """What the threads of one multipart upload share with the thread that started them."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.lock = threading.Lock()
+        self.aborted = False
+
+
+def _result(future: Future[Any]) -> Any:
+    """The future's result, waiting in timed steps that a signal always ends."""
+    while not wait([future], timeout=_POLL).done:
+        pass
+    return future.result()
+
+
 class _Part(io.RawIOBase):
     """A part's bytes for botocore to hash and send: slices of a buffer, never a whole copy."""
 
-    def __init__(self, view: memoryview) -> None:
+    def __init__(self, view: memoryview, cancelled: threading.Event | None = None) -> None:
         super().__init__()
         self._view = view
         self._pos = 0
+        self._cancelled = cancelled
 
     def readable(self) -> bool:
         return True
@@ -191,6 +230,8 @@ class _Part(io.RawIOBase):
         return self._pos
 
     def read(self, size: int | None = -1) -> bytes:
+        if self._cancelled is not None and self._cancelled.is_set():
+            raise _Cancelled("upload given up")
         # Short reads are allowed; small ones keep each sending thread's copies small.
         left = max(0, len(self._view) - self._pos)
         n = left if size is None or size < 0 else min(size, _SEND, left)
@@ -213,28 +254,76 @@ def _one_line(text: str) -> str:
 
 
 class _Body(io.RawIOBase):
-    """A GetObject body whose read errors become StorageError, like every storage error."""
+    """A GetObject body that resumes where it broke; read errors become StorageError.
 
-    def __init__(self, body: StreamingBody, storage: S3Storage, key: str) -> None:
-        self._body = body
+    A broken or stalled stream is read on from the byte reached by a ranged GET that only
+    matches the same object (If-Match on its ETag), so the bytes returned are exactly the
+    object's and the reader's own digest still covers every one of them.
+    """
+
+    def __init__(self, storage: S3Storage, key: str, response: Any) -> None:
         self._storage = storage
         self._key = key
+        self._body: StreamingBody = response["Body"]
+        self._etag: str | None = response.get("ETag")
+        self._size: int | None = response.get("ContentLength")
+        self._pos = 0
+        self._resumes = 0
+        self._since = 0  # bytes read since the last resume
 
     def readable(self) -> bool:
         return True
 
+    def _read(self, size: int | None) -> bytes:
+        while True:
+            if self._size is not None and self._pos >= self._size and self._resumes:
+                return b""  # it broke after the last byte: nothing is left to fetch
+            try:
+                data: bytes = self._body.read(size)
+            except self._storage._stream_errors as exc:
+                self._resume(exc)
+                continue
+            except self._storage._boto_errors as exc:
+                raise self._storage._error("read", self._key, exc) from exc
+            self._pos += len(data)
+            self._since += len(data)
+            if self._since >= RESUME_REFILL:
+                self._resumes = 0  # a long download may meet several unrelated faults
+            return data
+
+    def _resume(self, exc: Exception) -> None:
+        """Reconnect at ``_pos``, at most RESUMES times; else raise the error, with the count."""
+        while True:
+            if self._etag is None or self._resumes >= RESUMES:
+                error = self._storage._error("read", self._key, exc)
+                if self._resumes:
+                    of = f" of {self._size}" if self._size is not None else ""
+                    error = type(error)(f"{error}; gave up after {self._resumes} resumed "
+                                        f"reads, at byte {self._pos}{of}")
+                raise error from exc
+            time.sleep(min(_RESUME_BACKOFF * 2**self._resumes, _RESUME_BACKOFF_MAX))
+            self._resumes += 1
+            self._since = 0
+            with contextlib.suppress(Exception):
+                self._body.close()
+            try:
+                self._body = self._storage._get_from(self._key, self._pos, self._etag)
+                return
+            except self._storage._stream_errors as again:
+                exc = again
+
     def readinto(self, buffer: WriteableBuffer) -> int:
         view = memoryview(buffer).cast("B")
-        with self._storage._errors("read", self._key):
-            data = self._body.read(len(view))
+        data = self._read(len(view))
         view[: len(data)] = data
         return len(data)
 
     def readall(self) -> bytes:
         """The rest in one call, not RawIOBase's 8 KiB loop (read_bytes uses this)."""
-        with self._storage._errors("read", self._key):
-            data: bytes = self._body.read()
-        return data
+        parts = []
+        while data := self._read(None):
+            parts.append(data)
+        return b"".join(parts)
 
     def close(self) -> None:
         if not self.closed:
@@ -249,6 +338,7 @@ class S3Storage:
         # Imported here: botocore takes 0.15 s or more to import, which file repositories need
         # not pay. botocore alone, not boto3: its resources and s3transfer cost 3 MB of memory.
         import botocore.session
+        from botocore import exceptions as bx
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -259,6 +349,9 @@ class S3Storage:
         self._root = self.prefix + "/" if self.prefix else ""
         self._options = options
         self._boto_errors: tuple[type[Exception], ...] = (BotoCoreError, ClientError)
+        # What a broken, reset or stalled connection raises: a download resumes after them.
+        self._stream_errors: tuple[type[Exception], ...] = (
+            bx.HTTPClientError, bx.ConnectionError, bx.IncompleteReadError)
         self._sse: dict[str, Any] = {}
         if options.sse:
             self._sse["ServerSideEncryption"] = options.sse
@@ -278,6 +371,13 @@ class S3Storage:
             request_checksum_calculation="when_required",
             max_pool_connections=max(10, options.max_concurrency + 2),
             user_agent_extra="pgvault",
+            # urllib3 sends a request under the connect timeout and waits for the answer
+            # under the read timeout, and each send is one slice of at most _SEND bytes (see
+            # _Part): so both bound how long any wait may go without progress.
+            connect_timeout=options.io_timeout,
+            read_timeout=options.io_timeout,
+            retries={"mode": "standard", "total_max_attempts": ATTEMPTS},
+            tcp_keepalive=True,
         )
         try:
             client = botocore.session.get_session().create_client(
@@ -315,6 +415,12 @@ class S3Storage:
                 f": {text}" if text else ""
             )
             return _classify(code, status)(message)
+        if _timed_out(exc):
+            return TransientStorageError(
+                f"{where}: {op} failed: no progress for {self._options.io_timeout:g} s talking "
+                f"to {self._endpoint} ({ATTEMPTS} tries; io_timeout_seconds, env "
+                "PGVAULT_IO_TIMEOUT_SECONDS)"
+            )
         if isinstance(exc, bx.SSLError):
             return StorageError(f"{where}: {op} failed: TLS error talking to {self._endpoint}")
         if isinstance(exc, bx.ConnectionError | bx.HTTPClientError | bx.IncompleteReadError):
@@ -371,7 +477,9 @@ class S3Storage:
         self, key: str, full: str, data: bytes | memoryview, **extra: Any
     ) -> ObjectInfo:
         digest = _md5(data)
-        body = data if isinstance(data, bytes) else cast(BinaryIO, _Part(data))
+        # Always sent in slices: a whole bytes body would be one sendall, which the socket
+        # timeout bounds as a whole, so a slow but moving upload could time out.
+        body = cast(BinaryIO, _Part(memoryview(data)))
         with self._errors("put", key):
             response = self._client.put_object(
                 Bucket=self.bucket, Key=full, Body=body, ContentMD5=_content_md5(digest),
@@ -390,43 +498,52 @@ class S3Storage:
     ) -> ObjectInfo:
         """Upload parts with at most ``max_concurrency`` in flight and one more being read.
 
-        So at most ``max_concurrency + 1`` part buffers exist, reused part after part.
+        So at most ``max_concurrency + 1`` part buffers exist, reused part after part. Each
+        part goes in a daemon thread of its own: on a failure or a signal, a part stalled in
+        the network is abandoned (the upload is aborted after ABANDON_AFTER seconds) and
+        cannot keep the process from exiting.
         """
         with self._errors("create multipart upload", key):
             upload_id = self._client.create_multipart_upload(
                 Bucket=self.bucket, Key=full, **self._sse, **self._sse_c, **self._lock()
             )["UploadId"]
         base = self._options.part_size
-        workers = self._options.max_concurrency
-        slots = threading.Semaphore(workers)
+        slots = threading.Semaphore(self._options.max_concurrency)
         failed = threading.Event()
+        upload = _Upload()
         futures: list[Future[tuple[str, bytes]]] = []
+        threads: list[threading.Thread] = []
         total = 0
 
         def done(future: Future[tuple[str, bytes]]) -> None:
             slots.release()
-            if not future.cancelled() and future.exception() is not None:
+            if future.exception() is not None:
                 failed.set()
 
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="pgvault-s3")
         try:
             number = 1
             buffer, size = head.pop(0)
             while size:
                 if number > MAX_PARTS:
                     raise StorageError(f"{self.url}/{key}: stream exceeds {MAX_PARTS} parts")
-                slots.acquire()
+                while not slots.acquire(timeout=_POLL):
+                    pass  # timed: a signal is handled at once, whatever the Python build
                 if failed.is_set():
+                    slots.release()
                     break  # stop reading; the failed part's error is raised below
                 total += size
-                future = pool.submit(self._upload_part, key, full, upload_id, number,
-                                     buffers, buffer, size)
+                future: Future[tuple[str, bytes]] = Future()
                 future.add_done_callback(done)
+                thread = threading.Thread(
+                    target=self._upload_part, daemon=True, name=f"pgvault-s3-{number}",
+                    args=(future, upload, key, full, upload_id, number, buffers, buffer, size))
+                thread.start()
                 futures.append(future)
+                threads.append(thread)
                 number += 1
                 buffer, size = (head.pop(0) if head
                                 else buffers.fill(stream, part_size(number, base)))
-            results = [f.result() for f in futures]
+            results = [_result(f) for f in futures]
             parts: list[CompletedPartTypeDef] = [
                 {"PartNumber": n, "ETag": etag} for n, (etag, _) in enumerate(results, 1)
             ]
@@ -438,13 +555,15 @@ class S3Storage:
                     MultipartUpload={"Parts": parts},
                 )
         except BaseException as exc:
-            for future in futures:
-                future.cancel()
-            pool.shutdown(wait=True)  # a part still in flight could outlive the abort
+            upload.cancelled.set()  # parts still sending stop at their next slice
+            deadline = time.monotonic() + ABANDON_AFTER
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            # A part that outlives the abort aborts again when it ends (see _upload_part).
+            with upload.lock:
+                upload.aborted = True
             self._abort(key, full, upload_id, exc)
             raise
-        finally:
-            pool.shutdown(wait=True)
         # A multipart ETag is the MD5 of the parts' MD5s and the part count; checking it
         # (instead of reading the object back) lets a writer without read rights verify.
         combined = hashlib.md5(b"".join(digest for _, digest in results),
@@ -452,9 +571,10 @@ class S3Storage:
         self._check_etag(key, response.get("ETag"), f"{combined}-{len(results)}")
         return ObjectInfo(key, total, _response_time(response))
 
-    def _upload_part(self, key: str, full: str, upload_id: str, number: int,
-                     buffers: _Buffers, buffer: mmap.mmap, size: int) -> tuple[str, bytes]:
-        """Upload one part; its buffer is free again before the next part may be read."""
+    def _upload_part(self, future: Future[tuple[str, bytes]], upload: _Upload, key: str,
+                     full: str, upload_id: str, number: int, buffers: _Buffers,
+                     buffer: mmap.mmap, size: int) -> None:
+        """Upload one part into ``future``; its buffer is free again before the next is read."""
         try:
             data = memoryview(buffer)[:size]
             digest = _md5(data)
@@ -464,14 +584,24 @@ class S3Storage:
                     Key=full,
                     UploadId=upload_id,
                     PartNumber=number,
-                    Body=cast(BinaryIO, _Part(data)),
+                    Body=cast(BinaryIO, _Part(data, upload.cancelled)),
                     ContentMD5=_content_md5(digest),
                     **self._sse_c,
                 )
-        finally:
+            self._check_etag(f"{key} part {number}", response.get("ETag"), digest.hex())
+        except BaseException as exc:
             buffers.give(buffer)
-        self._check_etag(f"{key} part {number}", response.get("ETag"), digest.hex())
-        return response["ETag"], digest
+            future.set_exception(exc)
+            return
+        buffers.give(buffer)
+        with upload.lock:
+            late = upload.aborted
+        if late:
+            # Stored after the abort: S3 may then keep it, so abort again (best effort).
+            with contextlib.suppress(*self._boto_errors):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=full,
+                                                    UploadId=upload_id)
+        future.set_result((response["ETag"], digest))
 
     def _abort(self, key: str, full: str, upload_id: str, exc: BaseException) -> None:
         """Abort the upload; if that fails too, say so on ``exc`` without replacing it."""
@@ -486,9 +616,30 @@ class S3Storage:
     def open(self, key: str) -> BinaryIO:
         """A buffered reader over the GetObject body; read errors are StorageErrors too."""
         with self._errors("get", key):
-            body = self._client.get_object(Bucket=self.bucket, Key=self._full(key),
-                                           **self._sse_c)["Body"]
-        return io.BufferedReader(_Body(body, self, key), buffer_size=MiB)
+            response = self._client.get_object(Bucket=self.bucket, Key=self._full(key),
+                                               **self._sse_c)
+        return io.BufferedReader(_Body(self, key, response), buffer_size=MiB)
+
+    def _get_from(self, key: str, start: int, etag: str) -> StreamingBody:
+        """The object's bytes from ``start`` on, if it is still the object with ``etag``."""
+        from botocore.exceptions import ClientError
+
+        where = f"s3://{self.bucket}/{self._root}{key}"
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._full(key),
+                                               Range=f"bytes={start}-", IfMatch=etag,
+                                               **self._sse_c)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 412:
+                raise StorageError(f"{where}: read failed: the object changed while it was "
+                                   f"read (no longer ETag {etag}); not resumed") from exc
+            raise self._error("read", key, exc) from exc
+        if not str(response.get("ContentRange", "")).startswith(f"bytes {start}-"):
+            response["Body"].close()
+            raise StorageError(f"{where}: read failed: the store ignored the range of a "
+                               "resumed read")
+        return response["Body"]
 
     def read_bytes(self, key: str) -> bytes:
         with self.open(key) as f:
@@ -538,6 +689,28 @@ class S3Storage:
                         f"s3://{self.bucket}/{error.get('Key')}: delete failed: {code}: "
                         + _one_line(error.get("Message", ""))
                     )
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a socket timeout is behind ``exc``, however deep botocore wrapped it."""
+    from botocore import exceptions as bx
+    from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        error = todo.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, TimeoutError | Urllib3Timeout | bx.ReadTimeoutError
+                      | bx.ConnectTimeoutError):
+            return True
+        kwargs = getattr(error, "kwargs", None)
+        inner = kwargs.get("error") if isinstance(kwargs, dict) else None
+        todo += [e for e in (error.__cause__, error.__context__, inner, *error.args)
+                 if isinstance(e, BaseException)]
+    return False
 
 
 def _classify(code: str, status: int) -> type[StorageError]:

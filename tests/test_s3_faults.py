@@ -1,0 +1,143 @@
+"""S3 through a fault proxy: stalls end in bounded time, signals end any wait, resets resume.
+
+Real parts only: a real cluster, moto's S3 server behind tests/faultproxy.py (a TCP proxy
+that stalls or resets connections), the real `pgvault` CLI in a child process, real signals.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import psycopg
+import pytest
+
+from cli_runner import PGVAULT, clean_env, one_line_error, pgvault
+from dbcompare import assert_databases_equal
+from faultproxy import FaultProxy, Faults, fault_proxy
+from fixtures_pg import NewName
+from pgvault.pg.cluster import EphemeralCluster
+
+MiB = 1 << 20
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+
+@pytest.fixture
+def big_db(make_db: Callable[..., str]) -> str:
+    """A database whose dump stays about 12 MiB after zstd: a multipart upload of 2+ parts."""
+    url = make_db()
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TABLE noise (id int PRIMARY KEY, hex text NOT NULL)")
+        # md5 hex of random: zstd only halves it, so the dump stays big without a slow fill.
+        conn.execute("INSERT INTO noise SELECT i, md5(random()::text) || md5(random()::text) "
+                     "FROM generate_series(1, 380000) AS i")
+    return url
+
+
+@pytest.fixture
+def proxy(s3_server: str) -> Iterator[FaultProxy]:
+    with fault_proxy(s3_server) as p:
+        yield p
+
+
+def s3_env(endpoint: str, bucket: str, **extra: str) -> dict[str, str]:
+    env = clean_env()
+    env.update({"PGVAULT_S3__ENDPOINT_URL": endpoint, "PGVAULT_S3__PATH_STYLE": "true",
+                "PGVAULT_REPO": f"s3://{bucket}/app"})
+    env.update(extra)
+    return env
+
+
+def keys(client: S3Client, bucket: str, prefix: str = "") -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def uploads(client: S3Client, bucket: str) -> list[str]:
+    return [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+
+def assert_left_clean(client: S3Client, bucket: str) -> None:
+    """No lock, no backup data, no multipart upload: only the run history may remain."""
+    left = keys(client, bucket)
+    assert all(k.startswith("app/status/") for k in left), left
+    assert uploads(client, bucket) == []
+
+
+def start_backup(url: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([PGVAULT, "backup", "--dbname", url], env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def wait_for_stall(proxy: FaultProxy, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while proxy.faults.stalled == 0:
+        assert proc.poll() is None, f"backup ended before the stall: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the upload never reached the stall"
+        time.sleep(0.05)
+
+
+def test_stalled_upload_times_out_cleanly(
+    big_db: str, proxy: FaultProxy, s3_client: S3Client, s3_bucket: str,
+    new_name: NewName, pg_cluster: EphemeralCluster,
+) -> None:
+    # Every connection that has carried 1 MiB towards S3 goes silent: each part's upload,
+    # and each retry of it, stalls; small requests (lock, abort, delete) still pass.
+    proxy.faults.stall_after_up = MiB
+    env = s3_env(proxy.url, s3_bucket, PGVAULT_IO_TIMEOUT_SECONDS="2")
+    proc = start_backup(big_db, env)
+    wait_for_stall(proxy, proc)
+    started = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    took = time.monotonic() - started
+    assert proc.returncode == 5, err
+    line = one_line_error(subprocess.CompletedProcess([], 5, "", err))
+    assert "no progress for 2 s" in line, line
+    assert took < 30, f"took {took:.1f} s after the stall"
+    assert_left_clean(s3_client, s3_bucket)
+    # The same repository still works once the network does.
+    proxy.faults.stall_after_up = None
+    pgvault("backup", "--dbname", big_db, env=env)
+    target = new_name()
+    pgvault("restore", "latest", "--to", target, "--dbname", pg_cluster.url(), env=env)
+    assert_databases_equal(big_db, pg_cluster.url(target))
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_ends_a_stalled_upload(
+    sig: signal.Signals, code: int, big_db: str, proxy: FaultProxy, s3_client: S3Client,
+    s3_bucket: str, new_name: NewName, pg_cluster: EphemeralCluster,
+) -> None:
+    proxy.faults.stall_after_up = MiB
+    env = s3_env(proxy.url, s3_bucket, PGVAULT_IO_TIMEOUT_SECONDS="600")
+    proc = start_backup(big_db, env)
+    wait_for_stall(proxy, proc)
+    time.sleep(1)  # let it settle into its wait
+    proc.send_signal(sig)
+    started = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    took = time.monotonic() - started
+    assert proc.returncode == code, err
+    assert "interrupted" in err
+    assert took < 5, f"took {took:.1f} s after the signal"
+    assert_left_clean(s3_client, s3_bucket)
+    proxy.faults.stall_after_up = None
+    pgvault("backup", "--dbname", big_db, env=env)
+    target = new_name()
+    pgvault("restore", "latest", "--to", target, "--dbname", pg_cluster.url(), env=env)
+    assert_databases_equal(big_db, pg_cluster.url(target))

@@ -94,6 +94,6 @@ class StatusCritical(PgvaultError):
 
 
 class RecordFailed(PgvaultError):
-    """The work is done and its verdict printed, but the repository refused its record."""
+    """The verdict stands (it is printed first), but the repository refused to store its record."""
 
     exit_code = 13

@@ -269,8 +269,12 @@ warn_drill_age_days = 0
     crit = pgvault("check", "--config", cfg, "-d", name, expect=2)
     assert crit.stdout.startswith(f"PGVAULT CRITICAL - {name}: newest backup is ")
     assert "(RPO 0.001h)" in crit.stdout
-    text = pgvault("status", "--config", cfg, "-d", name).stdout
+    shown = pgvault("status", "--config", cfg, "-d", name, expect=12)
+    text = shown.stdout
     assert "RPO 0.001h MISSED" in text and "state          CRITICAL" in text
+    assert one_line_error(shown).startswith(f"pgvault: CRITICAL: {name}: newest backup is ")
+    as_json = pgvault("status", "--config", cfg, "-d", name, "--json", expect=12)
+    assert json.loads(as_json.stdout)[0]["state"] == "CRITICAL"
 
     # Drill records decide the rest: a failed drill, then a passing one that was too slow.
     catalog = Catalog(open_storage(repo))
@@ -307,5 +311,49 @@ def cfg_text(repo: str, *, rpo_hours: float, rto_minutes: float) -> str:
 def test_check_is_unknown_when_it_cannot_look(tmp_path: Path) -> None:
     proc = pgvault("check", "--config", str(tmp_path / "missing.toml"), expect=3)
     assert proc.stdout.startswith("PGVAULT UNKNOWN - config file ")
+    (tmp_path / "empty").mkdir()
     empty = pgvault("check", "--repo", f"file://{tmp_path / 'empty'}", expect=3)
     assert "no database configured and no backups" in empty.stdout
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_a_repository_that_does_not_exist_is_an_error_never_no_backups_yet(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A typo in --repo (a missing folder, a missing bucket) must not look like an empty one."""
+    if backend == "s3":
+        env = {"PGVAULT_S3__ENDPOINT_URL": request.getfixturevalue("s3_server"),
+               "PGVAULT_S3__PATH_STYLE": "true",
+               "PGVAULT_REPO": f"s3://pgvault-no-such-bucket-{uuid.uuid4().hex[:8]}/app"}
+        missing = "no bucket pgvault-no-such-bucket-"
+    else:
+        env = {"PGVAULT_REPO": f"file://{tmp_path / 'typo'}"}
+        missing = f"no folder {tmp_path / 'typo'}"
+    for command in (["list"], ["list", "--json"], ["status"], ["status", "-d", "app"],
+                    ["status", "--json"], ["prune"], ["prune", "--dry-run"]):
+        line = one_line_error(pgvault(*command, env=env, expect=5))
+        assert "does not exist" in line and missing in line, (command, line)
+        assert "no backups yet" not in line
+    for command in (["check"], ["check", "-d", "app"]):
+        check = pgvault(*command, env=env, expect=3)
+        assert check.stdout.startswith("PGVAULT UNKNOWN - repository ")
+        assert "does not exist" in check.stdout and missing in check.stdout
+    assert "repository does not exist" in pgvault("check", "--help").stdout
+    if backend == "file":
+        assert not (tmp_path / "typo").exists()  # reading never creates it
+
+
+def test_status_exit_code_follows_what_it_shows(tmp_path: Path) -> None:
+    """An existing repository without a backup of a configured database is CRITICAL: exit 12."""
+    (tmp_path / "repo").mkdir()
+    env = {"PGVAULT_REPO": f"file://{tmp_path / 'repo'}"}
+    proc = pgvault("status", "-d", "app", env=env, expect=12)
+    assert "state          CRITICAL: no complete backup" in proc.stdout
+    assert one_line_error(proc).startswith("pgvault: CRITICAL: app: no complete backup")
+    assert pgvault("check", "-d", "app", env=env, expect=2).stdout.startswith(
+        "PGVAULT CRITICAL - app: no complete backup")
+    # With nothing configured and nothing stored there is nothing to judge: exit 0.
+    assert "no backups in the repository" in pgvault("status", env=env).stdout
+    assert pgvault("list", env=env).stdout == "no backups yet\n"
+    text = pgvault("status", "--help").stdout
+    assert "12  a database shown is CRITICAL" in text and "5   the repository" in text

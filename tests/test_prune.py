@@ -69,9 +69,10 @@ def keys(storage: MemoryStorage, prefix: str = "") -> set[str]:
 
 
 def run(storage: MemoryStorage, policy: Policy = DEFAULT, *, dry_run: bool = False,
-        now: datetime | None = None, orphan_delay: timedelta = ORPHAN_DELAY) -> PruneReport:
+        now: datetime | None = None, orphan_delay: timedelta = ORPHAN_DELAY,
+        force: bool = False) -> PruneReport:
     return prune(storage, policy, dry_run=dry_run, now=now or datetime.now(UTC),
-                 orphan_delay=orphan_delay, lock_stale_after=STALE)
+                 orphan_delay=orphan_delay, lock_stale_after=STALE, force=force)
 
 
 # Under 7 daily / 4 weekly / 3 monthly, 60 dailies ending Sunday 2026-03-01 keep: the 7 newest
@@ -91,7 +92,8 @@ EXPECTED_KEPT = {
 def test_default_policy_over_sixty_days_keeps_exactly_the_expected_backups() -> None:
     storage = MemoryStorage()
     backups = sixty_days(storage)
-    report = run(storage)
+    # A first prune of a long history removes most of it: that takes --force.
+    report = run(storage, force=True)
     plan = report.databases["app"]
     assert {d.id: list(d.reasons) for d in plan.keep} == {
         backups[day].id: why for day, why in EXPECTED_KEPT.items()
@@ -119,7 +121,7 @@ def test_pinned_backup_survives_until_unpinned() -> None:
     old = backups[date(2026, 1, 5)]
     pinned = pin(storage, old.id[:15], reason="  before migration 42 ", now=at("2026-03-02T00:00"))
     assert pinned.pin == Pin(reason="before migration 42", at=at("2026-03-02T00:00"))
-    report = run(storage)
+    report = run(storage, force=True)
     kept = {d.id: d.reasons for d in report.databases["app"].keep}
     assert kept[old.id] == ("pinned",)
     assert Catalog(storage).get(old.id).pin == pinned.pin
@@ -153,7 +155,7 @@ def test_a_pin_written_after_planning_wins_over_the_plan() -> None:
     storage = PinDuringPrune()
     backups = sixty_days(storage)
     storage.target = backups[date(2026, 1, 5)].id
-    report = run(storage)
+    report = run(storage, force=True)
     plan = report.databases["app"]
     assert storage.target in {d.id for d in plan.keep}
     assert storage.target not in {d.id for d in plan.remove}
@@ -181,7 +183,7 @@ def test_manifest_is_deleted_before_data_and_a_later_prune_finishes() -> None:
     newest = fabricate(storage, at("2026-01-03T01:00"))
     policy = Policy(daily=1, weekly=0, monthly=0)
     with pytest.raises(StorageError, match="simulated"):
-        run(storage, policy)
+        run(storage, policy, force=True)
     # Removal runs newest first: the manifest of Jan 2 went, then deleting its data failed.
     assert storage.deleted[0] == f"manifests/app/{second.id}.json"
     assert not any(k.startswith("backups/") for k in storage.deleted)
@@ -267,16 +269,16 @@ def test_a_held_lock_skips_that_database_and_prunes_the_others() -> None:
     sixty_days(storage, "billing")
     before = keys(storage, "backups/app/") | keys(storage, "manifests/app/")
     with hold(storage, "app", "backup", stale_after=STALE):
-        report = run(storage)
+        report = run(storage, force=True)
         assert "app" in report.skipped and "locked by backup" in report.skipped["app"]
         assert "app" not in report.databases
         assert len(report.databases["billing"].remove) == 49
         assert keys(storage, "backups/app/") | keys(storage, "manifests/app/") == before
         # A dry run changes nothing, so it needs no lock and still shows the plan.
-        dry = run(storage, dry_run=True)
+        dry = run(storage, dry_run=True, force=True)
         assert len(dry.databases["app"].remove) == 49 and dry.skipped == {}
         assert "skipped (locked): app" in report.summary()
-    assert len(run(storage).databases["app"].remove) == 49
+    assert len(run(storage, force=True).databases["app"].remove) == 49
     assert keys(storage, "locks/") == set()  # prune releases its lock
 
 
@@ -286,9 +288,9 @@ def test_dry_run_deletes_nothing_and_reports_what_prune_would_do() -> None:
     storage.put_bytes(artifact_key("app", new_backup_id(at("2026-01-01T00:00")), "db.dump"), b"")
     before = {info.key: info for info in storage.list("")}
     later = datetime.now(UTC) + timedelta(days=2)
-    dry = run(storage, dry_run=True, now=later)
+    dry = run(storage, dry_run=True, now=later, force=True)
     assert {info.key: info for info in storage.list("")} == before
-    real = run(storage, now=later)
+    real = run(storage, now=later, force=True)
     assert dry.to_json() == real.to_json()
     assert "would be removed" in dry.summary() and len(dry.orphans) == 1
 
@@ -296,7 +298,7 @@ def test_dry_run_deletes_nothing_and_reports_what_prune_would_do() -> None:
 def test_prune_twice_removes_nothing_more() -> None:
     storage = MemoryStorage()
     sixty_days(storage)
-    first = run(storage, now=datetime.now(UTC) + timedelta(days=2))
+    first = run(storage, now=datetime.now(UTC) + timedelta(days=2), force=True)
     after_first = keys(storage)
     second = run(storage, now=datetime.now(UTC) + timedelta(days=2))
     assert keys(storage) == after_first
@@ -315,7 +317,7 @@ def test_json_shape_is_exact() -> None:
     orphan = artifact_key("app", new_backup_id(at("2026-02-01T00:00")), "db.dump.zst")
     storage.put_bytes(orphan, b"")
     report = run(storage, Policy(daily=1, weekly=0, monthly=0),
-                 now=datetime.now(UTC) + timedelta(days=2))
+                 now=datetime.now(UTC) + timedelta(days=2), force=True)
     document = report.to_json()
     assert document == {
         "databases": {
@@ -323,8 +325,10 @@ def test_json_shape_is_exact() -> None:
                 "keep": [{"id": c.id, "time": "2026-03-02T05:30:00+00:00",
                           "reasons": ["daily 1/1", "newest", "pinned"]}],
                 "remove": [
-                    {"id": b.id, "time": "2026-03-02T01:00:00+00:00", "reasons": []},
-                    {"id": a.id, "time": "2026-03-01T01:00:00+00:00", "reasons": []},
+                    {"id": b.id, "time": "2026-03-02T01:00:00+00:00", "reasons": [],
+                     "because": "no rule keeps it"},
+                    {"id": a.id, "time": "2026-03-01T01:00:00+00:00", "reasons": [],
+                     "because": "no rule keeps it"},
                 ],
             },
             "billing": {
@@ -353,11 +357,20 @@ def test_prune_after_backup_touches_only_that_database() -> None:
     storage = MemoryStorage()
     sixty_days(storage, "app")
     sixty_days(storage, "billing")
+    # Never forced: the first mass removal waits for an operator's prune --force.
+    with pytest.raises(UsageError, match=r"prune of app refused: it would remove 49 of 60 "
+                       r"backups \(more than half\).*prune --force"):
+        prune_after_backup(storage, DEFAULT, database="app", lock_stale_after=STALE)
+    assert len(Catalog(storage).list("app")) == 60
+    prune(storage, DEFAULT, dry_run=False, now=datetime.now(UTC), lock_stale_after=STALE,
+          database="app", force=True)
+    fabricate(storage, at("2026-03-02T01:00"), "app")
     report = prune_after_backup(storage, DEFAULT, database="app", lock_stale_after=STALE)
     assert list(report.databases) == ["app"] and not report.dry_run
-    assert len(Catalog(storage).list("app")) == 11
+    # Monday Mar 2 opens ISO week 10: Feb 23 leaves the daily rule, Feb 8 the weekly one.
+    assert len(Catalog(storage).list("app")) == 10
     assert len(Catalog(storage).list("billing")) == 60
-    assert report.summary() == "pruned app: 49 backups removed, 11 kept, 0 orphaned objects removed"
+    assert report.summary() == "pruned app: 2 backups removed, 10 kept, 0 orphaned objects removed"
 
 
 def test_backup_id_time_reads_the_id_new_backup_id_wrote() -> None:
@@ -449,7 +462,7 @@ def test_prune_through_the_cli_then_every_survivor_restores(
                      ids[4]: "KEEP"}
     assert re.search(rf"^  KEEP +{ids[4]} +2026-03-01 05:00 +daily 1/1, monthly 1/2, newest$",
                      text, re.M)
-    assert re.search(rf"^  REMOVE +{ids[3]} +2026-03-01 01:00$", text, re.M)
+    assert re.search(rf"^  REMOVE +{ids[3]} +2026-03-01 01:00  no rule keeps it$", text, re.M)
     survivors = [m["id"] for m in json.loads(pgvault("list", "--json", env=env).stdout)]
     assert survivors == [ids[0], ids[2], ids[4]]
     remaining = {info.key.split("/")[2] for info in storage.list("backups/")}

@@ -12,7 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgvault.errors import ConfigError
-from pgvault.retention import UNLIMITED, Duration, Plan, Policy, describe, plan
+from pgvault.retention import (
+    NO_RULE,
+    SALVAGE,
+    UNLIMITED,
+    Duration,
+    Plan,
+    Policy,
+    caution,
+    describe,
+    plan,
+)
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -24,6 +34,7 @@ class B:
     id: str
     time: datetime
     pinned: bool = False
+    bad: str | None = None
 
 
 def utc(text: str) -> datetime:
@@ -31,9 +42,9 @@ def utc(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
-def backups_at(*texts: str, pinned: tuple[str, ...] = ()) -> list[B]:
-    """Backups named by their UTC time."""
-    return [B(t, utc(t), t in pinned) for t in texts]
+def backups_at(*texts: str, pinned: tuple[str, ...] = (), bad: tuple[str, ...] = ()) -> list[B]:
+    """Backups named by their UTC time; those in ``bad`` failed their drill's integrity check."""
+    return [B(t, utc(t), t in pinned, "sha256 mismatch" if t in bad else None) for t in texts]
 
 
 def every_day(start: str, end: str, hour: str = "01:00", skip: tuple[str, ...] = ()) -> list[B]:
@@ -425,13 +436,93 @@ def test_duration_parse_rejects(text: str) -> None:
 def test_describe() -> None:
     assert describe(Policy()) == (
         "Keeps the newest backup of each of the last 7 days, 4 ISO weeks and 3 months that have"
-        " backups. Calendar in UTC. The newest backup and pinned backups are always kept."
+        " backups. Calendar in UTC. The newest good backup and pinned backups are always kept; a"
+        " backup known bad counts for nothing."
     )
     assert describe(Policy(last=1, daily=UNLIMITED, within=Duration(days=30))) == (
         "Keeps the newest backup; the newest backup of each of the last 4 ISO weeks and 3 months"
         " that have backups; the newest backup of every day; every backup within 30d of the"
-        " newest one. Calendar in UTC. The newest backup and pinned backups are always kept."
+        " newest one. Calendar in UTC. The newest good backup and pinned backups are always kept;"
+        " a backup known bad counts for nothing."
     )
+
+
+# Backups known bad (a drill failed their integrity check) count for nothing.
+
+
+def test_a_damaged_newest_backup_never_pushes_out_the_only_good_one() -> None:
+    # The issue's case: two backups, the newest damaged, keep_last = 1.
+    backups = backups_at("2026-03-01T01:00", "2026-03-02T01:00", bad=("2026-03-02T01:00",))
+    result = plan(backups, only(last=1))
+    assert result.keep == ["2026-03-01T01:00"]
+    assert result.reasons["2026-03-01T01:00"] == ["last 1/1", "newest"]
+    assert result.remove == ["2026-03-02T01:00"]
+    assert result.explain("2026-03-02T01:00") == "known bad: sha256 mismatch"
+
+
+def test_a_bad_backup_fills_no_daily_slot_so_the_good_one_that_day_is_kept() -> None:
+    backups = backups_at("2026-03-01T01:00", "2026-03-01T13:00", "2026-03-02T01:00",
+                         bad=("2026-03-01T13:00",))
+    result = plan(backups, only(daily=2))
+    assert result.reasons["2026-03-01T01:00"] == ["daily 2/2"]
+    assert result.remove == ["2026-03-01T13:00"]
+
+
+def test_the_newest_rule_and_keep_within_follow_the_newest_good_backup() -> None:
+    backups = backups_at("2026-02-01T01:00", "2026-02-20T01:00", "2026-03-01T01:00",
+                         bad=("2026-03-01T01:00",))
+    # Within 10 days of the newest GOOD backup (02-20), not of the bad one (03-01).
+    result = plan(backups, only(within=Duration(days=10)))
+    assert result.keep == ["2026-02-20T01:00"]
+    assert result.reasons["2026-02-20T01:00"] == ["within 10d", "newest"]
+    assert result.explain("2026-02-01T01:00") == NO_RULE
+
+
+def test_a_pinned_bad_backup_is_kept_for_its_pin_alone() -> None:
+    backups = backups_at("2026-03-01T01:00", "2026-03-02T01:00", bad=("2026-03-02T01:00",),
+                         pinned=("2026-03-02T01:00",))
+    result = plan(backups, only(last=1))
+    assert result.reasons == {"2026-03-02T01:00": ["pinned"],
+                              "2026-03-01T01:00": ["last 1/1", "newest"]}
+
+
+def test_with_no_good_backup_left_every_bad_one_is_kept_to_salvage_from() -> None:
+    backups = backups_at("2026-03-01T01:00", "2026-03-02T01:00",
+                         bad=("2026-03-01T01:00", "2026-03-02T01:00"))
+    result = plan(backups, only(last=1))
+    assert result.remove == []
+    assert all(result.reasons[b.id] == [SALVAGE] for b in backups)
+
+
+def test_every_removed_backup_has_its_reason() -> None:
+    backups = backups_at("2026-03-01T01:00", "2026-03-02T01:00", "2026-03-03T01:00",
+                         bad=("2026-03-02T01:00",))
+    result = plan(backups, only(last=1))
+    assert result.removed_because == {"2026-03-02T01:00": "known bad: sha256 mismatch",
+                                      "2026-03-01T01:00": NO_RULE}
+
+
+def test_caution_lets_a_routine_prune_through() -> None:
+    backups = backups_at("2026-03-01T01:00", "2026-03-02T01:00", "2026-03-03T01:00")
+    assert caution(backups, ["2026-03-01T01:00"]) is None
+    # Exactly half is still routine (keep_last 1 over two backups).
+    assert caution(backups[:2], ["2026-03-01T01:00"]) is None
+
+
+def test_caution_stops_removing_more_than_half_unless_forced() -> None:
+    backups = backups_at("2026-03-01T01:00", "2026-03-02T01:00", "2026-03-03T01:00")
+    found = caution(backups, ["2026-03-01T01:00", "2026-03-02T01:00"])
+    assert found is not None and found.forceable
+    assert found.reason == "it would remove 2 of 3 backups (more than half)"
+
+
+def test_caution_never_lets_the_last_good_backup_go() -> None:
+    backups = backups_at("2026-03-01T01:00", "2026-03-02T01:00", bad=("2026-03-02T01:00",))
+    found = caution(backups, ["2026-03-01T01:00"])
+    assert found is not None and not found.forceable
+    assert "last good backup" in found.reason
+    # Removing bad ones only leaves the good one: nothing to fear.
+    assert caution(backups, ["2026-03-02T01:00"]) is None
 
 
 # Properties. Times sit on a 30-minute grid so equal times and same-day backups both occur.
@@ -471,18 +562,24 @@ def backup_lists(draw: st.DrawFn) -> list[B]:
     span = draw(st.sampled_from([2, 40, 800]))  # days
     base = utc("2026-01-01T00:00")
     slots = st.integers(0, span * 48)
-    entries = draw(st.lists(st.tuples(slots, st.booleans(), st.sampled_from(ZONES)), max_size=40))
+    entries = draw(st.lists(st.tuples(slots, st.booleans(), st.sampled_from(ZONES),
+                                      st.sampled_from([False, False, False, True])),
+                            max_size=40))
     result = []
-    for n, (slot, pinned, zone) in enumerate(entries):
+    for n, (slot, pinned, zone, bad) in enumerate(entries):
         moment = base + timedelta(minutes=30 * slot)
         # Times arrive in assorted zones: the planner must rely on instants only.
         local = moment if zone == "UTC" else moment.astimezone(ZoneInfo(zone))
-        result.append(B(f"b{n:02d}", local, pinned and n % 3 == 0))
+        result.append(B(f"b{n:02d}", local, pinned and n % 3 == 0, "damaged" if bad else None))
     return result
 
 
 def newest_id(backups: list[B]) -> str:
     return max(backups, key=lambda b: (b.time.astimezone(UTC), b.id)).id
+
+
+def good(backups: list[B]) -> list[B]:
+    return [b for b in backups if b.bad is None]
 
 
 PROPERTY = settings(max_examples=150, deadline=None)
@@ -503,11 +600,11 @@ def test_keep_and_remove_partition_the_input(backups: list[B], policy: Policy) -
 
 @PROPERTY
 @given(backup_lists(), policies())
-def test_newest_and_pinned_are_kept(backups: list[B], policy: Policy) -> None:
+def test_newest_good_and_pinned_are_kept(backups: list[B], policy: Policy) -> None:
     result = plan(backups, policy)
-    if backups:
-        assert result.keep[0] == newest_id(backups)
-        assert "newest" in result.reasons[newest_id(backups)]
+    if good(backups):
+        assert newest_id(good(backups)) in result.keep
+        assert "newest" in result.reasons[newest_id(good(backups))]
     for b in backups:
         if b.pinned:
             assert "pinned" in result.reasons[b.id]
@@ -515,6 +612,24 @@ def test_newest_and_pinned_are_kept(backups: list[B], policy: Policy) -> None:
         limit = getattr(policy, name)
         used = sum(r.startswith(f"{name} ") for rs in result.reasons.values() for r in rs)
         assert used <= limit or limit == UNLIMITED
+
+
+@PROPERTY
+@given(backup_lists(), policies())
+def test_bad_backups_count_for_nothing(backups: list[B], policy: Policy) -> None:
+    # The good backups are planned exactly as if the bad ones did not exist ...
+    with_bad, without = plan(backups, policy), plan(good(backups), policy)
+    assert {i: with_bad.reasons[i] for i in without.reasons} == without.reasons
+    # ... a bad one is kept only for its pin or while no good backup exists ...
+    for b in backups:
+        if b.bad is not None and b.id in with_bad.keep:
+            assert b.pinned or not good(backups)
+    # ... and no plan removes every good backup.
+    if good(backups):
+        assert set(with_bad.keep) & {b.id for b in good(backups)}
+        found = caution(backups, with_bad.remove)
+        assert found is None or found.forceable
+    assert set(with_bad.removed_because) == set(with_bad.remove)
 
 
 @PROPERTY

@@ -17,13 +17,14 @@ from __future__ import annotations
 import builtins
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, urlsplit
 
 import msgspec
 
-from pgvault.errors import IntegrityError, NotFound, UsageError
+from pgvault.errors import IntegrityError, NotFound, StorageError, UsageError
 from pgvault.model import Manifest, VerifyReport, from_json, new_backup_id, to_json
 from pgvault.storage.base import ObjectInfo, Storage
 
@@ -147,6 +148,53 @@ class Orphan:
     objects: tuple[ObjectInfo, ...]
 
 
+@dataclass(frozen=True)
+class Damaged:
+    """A stored record that cannot be read (a manifest or a drill record), and why."""
+
+    key: str
+    database: str
+    backup_id: str
+    reason: str
+
+
+@dataclass
+class Listing:
+    """The backups of a repository (or of one database) as found, damage included."""
+
+    manifests: list[Manifest] = field(default_factory=list)
+    """Every readable manifest, oldest first."""
+    damaged: list[Damaged] = field(default_factory=list)
+    """Manifests that exist but cannot be read: their backups are unusable, not absent."""
+
+    def databases(self) -> set[str]:
+        return {m.database for m in self.manifests} | {d.database for d in self.damaged}
+
+
+@dataclass
+class DrillRecords:
+    """The newest readable drill record of each backup, and the records that are damaged."""
+
+    newest: dict[tuple[str, str], VerifyReport] = field(default_factory=dict)
+    damaged: list[Damaged] = field(default_factory=list)
+
+
+def known_bad(report: VerifyReport | None) -> str | None:
+    """Why a backup whose newest drill is ``report`` cannot be trusted; None if it can."""
+    if report is None or not report.integrity_failed:
+        # A failed restore or facts check may be the scratch server's fault; only an
+        # integrity failure proves the stored bytes are not what the backup wrote.
+        return None
+    what = "; ".join(f"{c.name}: {c.detail}".rstrip(": ") for c in report.failures
+                     if c.level == "integrity")
+    return f"integrity check failed in the drill of {report.finished_at:%Y-%m-%d %H:%M}Z: {what}"
+
+
+def _reason(exc: Exception, what: str, key: str) -> str:
+    """'manifest is damaged: ...' from 'manifest <key> is damaged: ...' (the key is kept apart)."""
+    return what + " " + str(exc).removeprefix(f"{what} {key} ")
+
+
 class Catalog:
     """Lists, reads, commits and deletes manifests in one storage."""
 
@@ -170,14 +218,36 @@ class Catalog:
         """Parse one manifest; a damaged one is an IntegrityError naming the key."""
         data = self.storage.read_bytes(key)
         try:
-            return from_json(Manifest, data)
+            manifest = from_json(Manifest, data)
         except (ValueError, msgspec.MsgspecError) as exc:
             raise IntegrityError(f"manifest {key} is damaged: {exc}") from None
+        # A flipped bit can leave valid JSON that names another backup: the key is the truth.
+        if parse_manifest_key(key) not in (None, (manifest.database, manifest.id)):
+            raise IntegrityError(f"manifest {key} is damaged: it names backup {manifest.id} "
+                                 f"of {manifest.database!r}")
+        return manifest
 
-    def list(self, database: str | None = None) -> list[Manifest]:
-        """Every committed backup, oldest first."""
-        manifests = [self.read(info.key) for info in self._manifest_keys(database)]
-        return sorted(manifests, key=lambda m: (m.started_at, m.id))
+    def scan(self, database: str | None = None) -> Listing:
+        """Every committed backup, oldest first, with the manifests that cannot be read.
+
+        One damaged manifest makes one backup unusable; it must not hide the others.
+        """
+        listing = Listing()
+        for info in self._manifest_keys(database):
+            try:
+                listing.manifests.append(self.read(info.key))
+            except IntegrityError as exc:
+                parsed = parse_manifest_key(info.key)
+                if parsed is None:
+                    continue
+                listing.damaged.append(Damaged(info.key, parsed[0], parsed[1],
+                                               _reason(exc, "manifest", info.key)))
+        listing.manifests.sort(key=lambda m: (m.started_at, m.id))
+        return listing
+
+    def list(self, database: str | None = None) -> builtins.list[Manifest]:
+        """Every committed backup whose manifest can be read, oldest first."""
+        return self.scan(database).manifests
 
     def databases(self) -> builtins.list[str]:
         """Names of the databases that have at least one manifest."""
@@ -185,27 +255,83 @@ class Catalog:
                  self._manifest_keys(None)}
         return sorted(names)
 
-    def get(self, ref: str, database: str | None = None) -> Manifest:
-        """A backup by id, unique id prefix, or 'latest' (of ``database`` if given)."""
-        manifests = self.list(database)
-        if not manifests:
+    def require(self) -> None:
+        """Raise NotFound unless the repository itself exists (the folder, the bucket).
+
+        Reading an empty prefix of a missing repository looks like "no backups yet", which
+        is what a typo in --repo must never look like. Writers create it; readers ask here.
+        """
+        parts = urlsplit(self.storage.url)
+        if parts.scheme == "file":
+            root = Path(unquote(parts.path))
+            if not root.is_dir():
+                raise NotFound(f"repository {self.storage.url} does not exist (no folder "
+                               f"{root}): check --repo, or run a backup to create it")
+            return
+        try:
+            next(iter(self.storage.list(MANIFESTS)), None)
+        except StorageError as exc:
+            if "NoSuchBucket" in str(exc):
+                raise NotFound(f"repository {self.storage.url} does not exist (no bucket "
+                               f"{parts.netloc}): check --repo") from None
+            raise
+
+    def bad(self, database: str | None = None,
+            drills: DrillRecords | None = None) -> dict[tuple[str, str], str]:
+        """Backups known bad by their newest readable drill: (database, id) -> why."""
+        records = drills if drills is not None else self.drill_records(database)
+        return {ref: why for ref, report in records.newest.items()
+                if (why := known_bad(report)) is not None}
+
+    def latest(self, database: str | None = None,
+               listing: Listing | None = None) -> tuple[Manifest, builtins.list[Damaged]]:
+        """The newest complete backup not known bad, and the newer ones passed over (why)."""
+        listing = listing if listing is not None else self.scan(database)
+        names = listing.databases()
+        if not names:
             where = f" of database {database!r}" if database else ""
             raise NotFound(f"no backups{where} in {self.storage.url}")
+        if database is None and len(names) > 1:
+            raise UsageError(f"'latest' is ambiguous: the repository holds "
+                             f"{', '.join(sorted(names))}; name one with --dbname")
+        bad = self.bad(database)
+        passed: list[tuple[str, Damaged]] = [(d.backup_id, d) for d in listing.damaged]
+        for m in reversed(listing.manifests):
+            why = bad.get((m.database, m.id))
+            if why is None:
+                newer = [d for bid, d in passed if bid > m.id]
+                return m, sorted(newer, key=lambda d: d.backup_id, reverse=True)
+            passed.append((m.id, Damaged(manifest_key(m.database, m.id), m.database, m.id, why)))
+        every = "; ".join(f"{d.backup_id}: {d.reason}" for _, d in
+                          sorted(passed, key=lambda p: p[0], reverse=True))
+        raise IntegrityError(f"no backup of {next(iter(names))!r} can be trusted: {every}")
+
+    def get(self, ref: str, database: str | None = None) -> Manifest:
+        """A backup by id, unique id prefix, or 'latest' (of ``database`` if given).
+
+        'latest' is the newest complete backup not known bad (see ``latest``); an id whose
+        manifest is damaged is an IntegrityError that says why.
+        """
+        listing = self.scan(database)
         if ref == "latest":
-            if database is None and len({m.database for m in manifests}) > 1:
-                names = ", ".join(sorted({m.database for m in manifests}))
-                raise UsageError(
-                    f"'latest' is ambiguous: the repository holds {names}; name one with --dbname"
-                )
-            return manifests[-1]
-        matches = [m for m in manifests if m.id == ref] or [
-            m for m in manifests if m.id.startswith(ref)
+            return self.latest(database, listing)[0]
+        if not listing.manifests and not listing.damaged:
+            where = f" of database {database!r}" if database else ""
+            raise NotFound(f"no backups{where} in {self.storage.url}")
+        ids: list[tuple[str, Manifest | Damaged]] = [(m.id, m) for m in listing.manifests]
+        ids += [(d.backup_id, d) for d in listing.damaged]
+        matches = [item for bid, item in ids if bid == ref] or [
+            item for bid, item in ids if bid.startswith(ref)
         ]
         if not matches:
             raise NotFound(f"no backup {ref!r} in {self.storage.url}")
         if len(matches) > 1:
             raise UsageError(f"backup id {ref!r} is ambiguous: {len(matches)} backups match")
-        return matches[0]
+        found = matches[0]
+        if isinstance(found, Damaged):
+            raise IntegrityError(f"backup {found.backup_id} of {found.database!r} is unusable: "
+                                 f"{found.reason} ({found.key})")
+        return found
 
     def update(self, manifest: Manifest) -> None:
         """Rewrite an existing manifest (pin, unpin)."""
@@ -213,11 +339,24 @@ class Catalog:
 
     def read_status(self, database: str, name: str) -> dict[str, Any] | None:
         """The status record ``name`` of ``database``; None if never written or unreadable."""
+        return self.status_record(database, name)[0]
+
+    def status_record(self, database: str, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The status record ``name`` of ``database`` and, if it is damaged, why (else None).
+
+        A damaged record reads as absent, so writers start afresh; readers that report
+        (status, check) say it was damaged instead of showing an empty history as the truth.
+        """
+        key = status_key(database, name)
         try:
-            record = json.loads(self.storage.read_bytes(status_key(database, name)))
-        except (NotFound, ValueError):
-            return None
-        return record if isinstance(record, dict) else None
+            record = json.loads(self.storage.read_bytes(key))
+        except NotFound:
+            return None, None
+        except ValueError as exc:  # UnicodeDecodeError is one too
+            return None, f"status record {key} is damaged: {exc}"
+        if not isinstance(record, dict):
+            return None, f"status record {key} is damaged: not a JSON object"
+        return record, None
 
     def write_status(self, database: str, name: str, record: dict[str, Any]) -> None:
         """Replace the status record ``name`` of ``database`` (a writer-only role can: a put)."""
@@ -237,28 +376,57 @@ class Catalog:
         self.storage.put_bytes(key, to_json(report))
         return key
 
-    def drills(self, database: str, backup_id: str) -> builtins.list[VerifyReport]:
-        """Every drill record of one backup, oldest first."""
+    def drills(self, database: str, backup_id: str
+               ) -> builtins.list[VerifyReport | Damaged]:
+        """Every drill record of one backup, oldest first; a damaged one as ``Damaged``."""
         keys = [info.key for info in self.storage.list(drill_prefix(database, backup_id))
                 if info.key.endswith(".json")]
-        return [self._read_drill(key) for key in sorted(keys)]
+        found: list[VerifyReport | Damaged] = []
+        for key in sorted(keys):
+            try:
+                found.append(self._read_drill(key))
+            except IntegrityError as exc:
+                found.append(Damaged(key, database, backup_id,
+                                     _reason(exc, "drill record", key)))
+        return found
 
-    def last_drills(self, database: str | None = None) -> dict[tuple[str, str], VerifyReport]:
-        """The newest drill record of each backup, by (database, backup id)."""
+    def drill_records(self, database: str | None = None) -> DrillRecords:
+        """The newest readable drill record of each backup, and every damaged record.
+
+        A damaged record says nothing about its backup, so the one before it speaks.
+        """
         prefix = DRILLS + (db_segment(database) + "/" if database is not None else "")
-        newest: dict[tuple[str, str], str] = {}
+        keys: dict[tuple[str, str], list[str]] = {}
         for info in self.storage.list(prefix):
             parsed = parse_drill_key(info.key)
             if parsed is not None and info.key.endswith(".json"):
-                newest[parsed[:2]] = max(newest.get(parsed[:2], ""), info.key)
-        return {ref: self._read_drill(key) for ref, key in newest.items()}
+                keys.setdefault(parsed[:2], []).append(info.key)
+        records = DrillRecords()
+        for ref, names in keys.items():
+            for key in sorted(names, reverse=True):
+                try:
+                    records.newest[ref] = self._read_drill(key)
+                    break
+                except IntegrityError as exc:
+                    records.damaged.append(Damaged(key, ref[0], ref[1],
+                                                   _reason(exc, "drill record", key)))
+        return records
+
+    def last_drills(self, database: str | None = None) -> dict[tuple[str, str], VerifyReport]:
+        """The newest readable drill record of each backup, by (database, backup id)."""
+        return self.drill_records(database).newest
 
     def _read_drill(self, key: str) -> VerifyReport:
         data = self.storage.read_bytes(key)
         try:
-            return from_json(VerifyReport, data)
+            report = from_json(VerifyReport, data)
         except (ValueError, msgspec.MsgspecError) as exc:
             raise IntegrityError(f"drill record {key} is damaged: {exc}") from None
+        parsed = parse_drill_key(key)
+        if parsed is not None and parsed[:2] != (report.database, report.backup_id):
+            raise IntegrityError(f"drill record {key} is damaged: it names backup "
+                                 f"{report.backup_id} of {report.database!r}")
+        return report
 
     def orphans(self, database: str | None = None) -> builtins.list[Orphan]:
         """Data under ``backups/`` whose backup id has no manifest, grouped by backup."""

@@ -2,7 +2,12 @@
 
 Each count rule walks the backups newest first and keeps the newest backup of each bucket
 (position, calendar day, ISO week, calendar month, year) until its count is used up; rules
-combine by union. No I/O and no clock: everything is relative to the newest backup.
+combine by union. No I/O and no clock: everything is relative to the newest good backup.
+
+A backup known bad (``bad`` names why: its drill failed integrity, say) is not a backup for
+retention: it fills no rule's slot, is never "the newest", and is removed unless pinned,
+so a damaged newest backup can never push the last restorable one out. Only when no good
+backup exists at all are the bad ones kept: they are all that is left to salvage from.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import calendar
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Final, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -18,11 +23,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pgvault.errors import ConfigError
 
 __all__ = [
+    "NO_RULE",
+    "SALVAGE",
     "UNLIMITED",
     "BackupLike",
+    "Caution",
     "Duration",
     "Plan",
     "Policy",
+    "caution",
     "describe",
     "plan",
 ]
@@ -39,7 +48,8 @@ _UNITS: Final = ("y", "m", "w", "d", "h")
 
 
 class BackupLike(Protocol):
-    """What the planner reads from a backup; `pinned` is optional and read with getattr."""
+    """What the planner reads from a backup; `pinned` (bool) and `bad` (why it cannot be
+    trusted, or None) are optional and read with getattr."""
 
     @property
     def id(self) -> str: ...
@@ -166,13 +176,25 @@ class Policy:
         return cls(**counts, within=parsed, timezone=timezone)
 
 
+NO_RULE: Final = "no rule keeps it"
+SALVAGE: Final = "no good backup left: kept for salvage"
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Ids to keep and to remove (newest first) and, for every id, why it is kept."""
+    """Ids to keep and to remove (newest first), why each kept one is kept (``reasons``,
+    empty for a removed one) and why each removed one goes (``removed_because``)."""
 
     keep: list[str]
     remove: list[str]
     reasons: dict[str, list[str]]
+    removed_because: dict[str, str] = field(default_factory=dict)
+
+    def explain(self, backup_id: str) -> str:
+        """One line: the rules that keep ``backup_id``, or why it is removed."""
+        if self.reasons.get(backup_id):
+            return ", ".join(self.reasons[backup_id])
+        return self.removed_because.get(backup_id, NO_RULE)
 
 
 _Bucket = Callable[[datetime, int], Hashable]
@@ -194,6 +216,28 @@ def plan(backups: Iterable[BackupLike], policy: Policy, now: datetime | None = N
     ordered = _newest_first(backups)
     if not ordered:
         return Plan(keep=[], remove=[], reasons={})
+    good = [b for b in ordered if _bad(b) is None]
+    reasons: dict[str, list[str]] = {}
+    removed_because: dict[str, str] = {}
+    for backup in ordered:
+        why_bad = _bad(backup)
+        if why_bad is None:
+            continue
+        reasons[backup.id] = ["pinned"] if bool(getattr(backup, "pinned", False)) else []
+        if not good:
+            reasons[backup.id].append(SALVAGE)
+        removed_because[backup.id] = f"known bad: {why_bad}"
+    reasons |= _rules(good, policy)
+    keep = [b.id for b in ordered if reasons[b.id]]
+    remove = [b.id for b in ordered if not reasons[b.id]]
+    return Plan(keep=keep, remove=remove, reasons=reasons,
+                removed_because={i: removed_because.get(i, NO_RULE) for i in remove})
+
+
+def _rules(ordered: list[BackupLike], policy: Policy) -> dict[str, list[str]]:
+    """Per good backup (newest first), the rules of `policy` that keep it; [] if none."""
+    if not ordered:
+        return {}
     zone = _zone(policy.timezone)
     within = policy.within
     cutoff = within.before(ordered[0].time, zone) if within is not None else None
@@ -224,9 +268,41 @@ def plan(backups: Iterable[BackupLike], policy: Policy, now: datetime | None = N
         if bool(getattr(backup, "pinned", False)):
             why.append("pinned")
         reasons[backup.id] = why
-    keep = [b.id for b in ordered if reasons[b.id]]
-    remove = [b.id for b in ordered if not reasons[b.id]]
-    return Plan(keep=keep, remove=remove, reasons=reasons)
+    return reasons
+
+
+def _bad(backup: BackupLike) -> str | None:
+    """Why `backup` cannot be trusted (its `bad` attribute), or None for a good backup."""
+    why = getattr(backup, "bad", None)
+    return str(why) if why else None
+
+
+@dataclass(frozen=True)
+class Caution:
+    """Why a plan must not simply be applied; ``forceable`` if prune --force may override."""
+
+    reason: str
+    forceable: bool
+
+
+def caution(backups: Iterable[BackupLike], remove: Iterable[str]) -> Caution | None:
+    """Whether removing ``remove`` from one database's ``backups`` needs a second look.
+
+    Never forceable: leaving no good backup where there was one (the planner never plans
+    it; this holds whatever trimmed the plan since). Forceable: removing more than half of
+    the backups at once, the mark of a mistyped policy or a wrong clock, not of a routine
+    prune (one or two per run); a first prune of a long history needs --force once.
+    """
+    items = list(backups)
+    removing = set(remove) & {b.id for b in items}
+    good = [b for b in items if _bad(b) is None]
+    if good and all(b.id in removing for b in good):
+        return Caution(f"it would remove the last good backup ({len(good)} of "
+                       f"{len(items)} backups are not known bad)", forceable=False)
+    if len(removing) * 2 > len(items):
+        return Caution(f"it would remove {len(removing)} of {len(items)} backups (more "
+                       "than half)", forceable=True)
+    return None
 
 
 def describe(policy: Policy) -> str:
@@ -252,7 +328,8 @@ def describe(policy: Policy) -> str:
         parts.append(f"every backup within {policy.within} of the newest one")
     return (
         "Keeps " + "; ".join(parts) + f". Calendar in {policy.timezone}."
-        " The newest backup and pinned backups are always kept."
+        " The newest good backup and pinned backups are always kept; a backup known bad"
+        " counts for nothing."
     )
 
 

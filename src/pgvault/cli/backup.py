@@ -22,7 +22,7 @@ from pgvault.cli.app import (
 from pgvault.cli.physical import PHYSICAL_HELP, physical_restore_options, restore_physical
 from pgvault.cli.security import IDENTITY_HELP, identity_option, keyring_of
 from pgvault.errors import PgvaultError
-from pgvault.model import to_json
+from pgvault.model import Manifest, to_json
 
 
 @cli.command(epilog=CONNECTION_HELP + "\n" + EXIT_CODES)
@@ -148,7 +148,7 @@ def _report_backup(run: Any, as_json: bool) -> Exception | None:
     ratio = manifest.raw_size / manifest.size if manifest.size else 0
     click.echo(f"backup {manifest.id} of {manifest.database}: {human_bytes(manifest.raw_size)} "
                f"-> {human_bytes(manifest.size)} stored ({ratio:.1f}x), "
-               f"{len(manifest.facts.tables)} tables, {human_seconds(seconds)}")
+               f"{manifest.facts.describe()}, {human_seconds(seconds)}")
     return drill_error
 
 
@@ -158,37 +158,72 @@ def _report_backup(run: Any, as_json: bool) -> Exception | None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_context
 def list_(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) -> None:
-    """List the complete backups in the repository, oldest first.
+    """List the backups in the repository, oldest first.
+
+    A backup whose manifest is damaged is listed as INVALID with the reason, and one
+    whose last restore drill failed integrity as BAD: neither is what 'latest' means,
+    and neither counts for retention. The others stay usable. A repository that does
+    not exist (no such folder or bucket) is an error (exit 5), not "no backups yet".
 
     \b
     Examples:
       pgvault list --repo file:///srv/backups
       pgvault list --json | jq '.[-1].id'
+      pgvault list --json | jq '.[] | select(.valid == false)'
     """
+    from datetime import UTC, datetime
+
     from pgvault.catalog import Catalog
     from pgvault.console import human_bytes, human_seconds
+    from pgvault.model import backup_id_time
     from pgvault.ops.prune import Policy, roles
 
     settings = settings_of(ctx)
     catalog = Catalog(storage_of(settings))
-    manifests = catalog.list(database_filter(dbname))
-    drills = catalog.last_drills(database_filter(dbname))
+    catalog.require()
+    listing = catalog.scan(database_filter(dbname))
+    records = catalog.drill_records(database_filter(dbname))
+    drills = records.newest
+    bad = catalog.bad(database_filter(dbname), records)
+    rows: list[tuple[str, Any]] = [(m.id, m) for m in listing.manifests]
+    rows += [(d.backup_id, d) for d in listing.damaged]
+    # Damaged manifests sort by the time in their id, among the others.
+    never = datetime.min.replace(tzinfo=UTC)
+    rows.sort(key=lambda row: (row[1].started_at if isinstance(row[1], Manifest)
+                               else backup_id_time(row[0]) or never, row[0]))
+    for d in listing.damaged + records.damaged:
+        click.echo(f"warning: {d.reason} ({d.key})", err=True)
     if as_json:
-        click.echo(json.dumps([{**m.summary(), "last_drill": _drill_summary(
-            drills.get((m.database, m.id)))} for m in manifests], indent=2))
+        out = []
+        for _key, item in rows:
+            if isinstance(item, Manifest):
+                why = bad.get((item.database, item.id))
+                out.append({**item.summary(), "valid": why is None, "error": why,
+                            "last_drill": _drill_summary(drills.get((item.database, item.id)))})
+            else:
+                out.append({"id": item.backup_id, "database": item.database, "valid": False,
+                            "error": item.reason, "manifest": item.key})
+        click.echo(json.dumps(out, indent=2))
         return
-    if not manifests:
+    if not rows:
         click.echo("no backups yet")
         return
-    role = roles(manifests, Policy.from_mapping(msgspec.structs.asdict(settings.retention)))
+    role = roles(listing.manifests,
+                 Policy.from_mapping(msgspec.structs.asdict(settings.retention)), bad)
     click.echo(f"{'ID':<30} {'DATABASE':<20} {'STARTED (UTC)':<20} {'SIZE':>10} {'TOOK':>8}"
                f"  {'LAST DRILL':<18}  ROLE")
-    for m in manifests:
+    for backup_id, item in rows:
+        if not isinstance(item, Manifest):
+            click.echo(f"{backup_id:<30} {item.database:<20} INVALID: {item.reason}")
+            continue
+        m = item
         took = human_seconds((m.finished_at - m.started_at).total_seconds())
         drill = drills.get((m.database, m.id))
         last = f"{'PASS' if drill.passed else 'FAIL'} {drill.level}" if drill else "never"
+        why = bad.get((m.database, m.id))
         click.echo(f"{m.id:<30} {m.database:<20} {m.started_at:%Y-%m-%d %H:%M:%S} "
-                   f"{human_bytes(m.size):>10} {took:>8}  {last:<18}  {role[m.id]}")
+                   f"{human_bytes(m.size):>10} {took:>8}  {last:<18}  "
+                   + (f"BAD: {why}" if why else role[m.id]))
 
 
 def _drill_summary(drill: Any) -> dict[str, Any] | None:
@@ -211,12 +246,15 @@ def show(
 ) -> None:
     """Show one backup's manifest: artifacts, checksums, facts.
 
+    'latest' is the newest backup that can be trusted (not a damaged manifest, not a
+    last drill that failed integrity). An id whose manifest is damaged exits 6 with why.
+
     \b
     Examples:
       pgvault show latest
       pgvault show 20261125T010000 --json
     """
-    from pgvault.catalog import Catalog
+    from pgvault.catalog import Catalog, Damaged
     from pgvault.console import human_bytes, human_seconds
 
     settings = settings_of(ctx)
@@ -237,11 +275,13 @@ def show(
                    f"{p.start_lsn}..{p.stop_lsn}, WAL {p.start_wal}..{p.stop_wal} "
                    + ("inside base.tar" if p.wal_included else "in the archive"))
     else:
-        rows = sum(t.rows for t in m.facts.tables)
-        click.echo(f"tables    {len(m.facts.tables)} ({rows} rows)")
+        click.echo(f"tables    {m.facts.describe()}")
     for warning in m.warnings:
         click.echo(f"warning   {warning}")
     for drill in catalog.drills(m.database, m.id):
+        if isinstance(drill, Damaged):
+            click.echo(f"drill     {drill.reason} ({drill.key})")
+            continue
         verdict = "PASS" if drill.passed else "FAIL: " + "; ".join(
             f"{c.name}: {c.detail}" for c in drill.failures)
         took = "" if drill.restore_seconds is None else \
@@ -308,6 +348,8 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
     if source_db is None and backup_id == "latest":
         source_db = _source_database(storage, dbname)
     manifest = resolve(storage, backup_id, source_db)
+    if backup_id == "latest":
+        _say_latest(storage, manifest)
     if manifest.kind == "physical":
         raise UsageError(f"backup {manifest.id} is a physical backup: restore it with "
                          "--physical --pgdata DIR")
@@ -342,6 +384,15 @@ def demo(repo: str | None, rows: int) -> None:
     ok = run_demo(repo=repo, rows=rows, echo=click.echo)
     if not ok:
         raise SystemExit(1)
+
+
+def _say_latest(storage: Any, manifest: Manifest) -> None:
+    """Name the backup 'latest' chose, and the newer ones passed over (and why)."""
+    from pgvault.catalog import Catalog
+
+    _, passed = Catalog(storage).latest(manifest.database)
+    click.echo(f"latest backup of {manifest.database} is {manifest.id}"
+               + "".join(f"; passed over {d.backup_id}: {d.reason}" for d in passed), err=True)
 
 
 # The server's own databases: a restore over one breaks every later CREATE DATABASE

@@ -25,10 +25,22 @@ CHECK_CODES = """\b
 Exit codes (monitoring-plugin convention):
   0  OK        every database meets its objectives
   1  WARNING   e.g. the last backup run failed but the newest good one is within
-               the RPO, no restore drill for [check] warn_drill_age_days (8)
+               the RPO, no restore drill for [check] warn_drill_age_days (8), a
+               backup that cannot be trusted (damaged manifest, failed integrity)
+               or a damaged drill or status record
   2  CRITICAL  newest good backup older than the RPO objective (or none), or the
                last restore drill failed or missed the RTO objective
-  3  UNKNOWN   the configuration or the repository could not be read
+  3  UNKNOWN   the configuration or the repository could not be read, or the
+               repository does not exist (no such folder or bucket)
+"""
+
+STATUS_CODES = """\b
+Exit codes:
+  0   every database shown is OK or WARNING
+  12  a database shown is CRITICAL (the state line says why)
+  5   the repository could not be read, or does not exist (no such folder or
+      bucket: a typo in --repo is never "no backups yet")
+  3   configuration error; the other codes as for every command (pgvault --help)
 """
 
 
@@ -45,7 +57,10 @@ def _monitored(settings: Any, dbname: str | None) -> list[tuple[str, Any, Any]]:
 
     def storage(target_settings: Any) -> Any:
         if target_settings.repo not in storages:
-            storages[target_settings.repo] = storage_of(target_settings)
+            opened = storage_of(target_settings)
+            # A mistyped repository must not read as an empty one.
+            Catalog(opened).require()
+            storages[target_settings.repo] = opened
         return storages[target_settings.repo]
 
     targets = config.targets(settings)
@@ -70,7 +85,7 @@ def _statuses(settings: Any, dbname: str | None) -> list[tuple[Any, Any]]:
     return [(status_of(s, storage, name), s) for name, s, storage in _monitored(settings, dbname)]
 
 
-@cli.command(epilog=EXIT_CODES)
+@cli.command(epilog=STATUS_CODES)
 @common
 @dbname_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per "
@@ -81,37 +96,48 @@ def status(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) -
 
     Everything comes from the repository (manifests, the run history pgvault
     records there, drill records), so it is true for backups run by cron,
-    systemd, Kubernetes or the daemon alike.
+    systemd, Kubernetes or the daemon alike. "Newest backup" is the newest one
+    that can be trusted: a damaged manifest or a last drill that failed integrity
+    puts a backup under "cannot trust" instead. The state is that of `pgvault
+    check`, and a CRITICAL one makes the exit code 12, so `pgvault status ||
+    alert` works from cron.
 
     \b
     Examples:
       pgvault status
       pgvault status -d app --json | jq '.[0].age_seconds'
+      pgvault status -d app || echo "app is CRITICAL" | mail -s pgvault ops
     """
     from pgvault.console import human_bytes, human_seconds
+    from pgvault.errors import StatusCritical
+    from pgvault.ops.status import CRITICAL
 
     settings = settings_of(ctx)
     now = datetime.now(UTC)
-    rows = _statuses(settings, dbname)
+    rows = [(status, s, status.verdict(now, warn_age_hours=s.check.warn_age_hours,
+                                       warn_drill_age_days=s.check.warn_drill_age_days))
+            for status, s in _statuses(settings, dbname)]
+    critical = [(status.database, verdict) for status, _, verdict in rows
+                if verdict.state == CRITICAL]
+    failed = StatusCritical("CRITICAL: " + "; ".join(
+        f"{name}: {'; '.join(verdict.reasons)}" for name, verdict in critical))
     if as_json:
         out = []
-        for status, s in rows:
+        for status, _, verdict in rows:
             entry = status.to_json(now)
-            verdict = status.verdict(now, warn_age_hours=s.check.warn_age_hours,
-                                     warn_drill_age_days=s.check.warn_drill_age_days)
             entry["state"] = verdict.name
             entry["reasons"] = list(verdict.reasons)
             out.append(entry)
         click.echo(json.dumps(out, indent=2, default=str))
+        if critical:
+            raise failed
         return
     if not rows:
         click.echo("no databases configured and no backups in the repository")
         return
-    for index, (status, s) in enumerate(rows):
+    for index, (status, _s, verdict) in enumerate(rows):
         if index:
             click.echo("")
-        verdict = status.verdict(now, warn_age_hours=s.check.warn_age_hours,
-                                 warn_drill_age_days=s.check.warn_drill_age_days)
         click.echo(f"{status.database}  ({status.repository})")
         newest = status.newest
         age = status.age(now)
@@ -152,8 +178,14 @@ def status(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) -
         if status.running is not None:
             click.echo(f"  running now    {status.running.get('operation')} since "
                        f"{status.running.get('since')}")
+        for backup_id, why in status.bad:
+            click.echo(f"  cannot trust   {backup_id}: {why}")
+        for problem in status.damaged_records:
+            click.echo(f"  damaged        {problem}")
         click.echo(f"  state          {verdict.name}"
                    + (": " + "; ".join(verdict.reasons) if verdict.reasons else ""))
+    if critical:
+        raise failed
 
 
 @cli.command(epilog=CHECK_CODES)

@@ -25,52 +25,80 @@ from pgvault.cli.physical import recovery_window
 @common
 @dbname_option
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
+@click.option("--force", is_flag=True, help="Apply a plan that removes more than half of a "
+              "database's backups, or prune a database that has a damaged manifest (the "
+              "damaged backup is left alone).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.pass_context
-def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, as_json: bool,
-           **_: Any) -> None:
+def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, force: bool,
+           as_json: bool, **_: Any) -> None:
     """Remove the backups the retention policy no longer keeps.
 
     \b
     keep_daily/weekly/monthly/yearly = N keep the newest backup of each of the last
     N days/ISO weeks/months/years that have backups; keep_last = N the N newest;
     keep_within = 30d all within 30 days of the newest. A backup any rule keeps is
-    kept; the newest and pinned ones always are. Default: 7 daily, 4 weekly, 3 monthly.
+    kept; the newest good and pinned ones always are. Default: 7 daily, 4 weekly,
+    3 monthly.
+
+    A backup known bad (its last restore drill failed integrity) counts for nothing:
+    it fills no rule, is never the newest, and is removed unless pinned; only while a
+    database has no good backup at all are its bad ones kept, to salvage from.
+
+    Prune applies its plan at once (it runs from cron), but refuses, per database,
+    what a careful operator would stop: removing more than half of its backups
+    (apply with --force once you have read the --dry-run), and any database with a
+    damaged manifest (--force prunes the others and leaves the damaged one alone).
+    Leaving a database without a good backup is refused even with --force.
 
     Manifests are deleted before data. Data without a manifest (a failed backup or an
     interrupted prune) is removed once its id and its files are both 24 hours old.
-    A database locked by a running backup is skipped, and the exit code is then 7.
+    A database locked by a running backup is skipped, and the exit code is then 7;
+    a refused plan exits 2, one refused for a damaged manifest 6.
 
     \b
     Examples:
       pgvault prune --dry-run                   # KEEP/REMOVE per backup and why
       pgvault prune                             # apply [retention] from the config
+      pgvault prune --force -d app              # after reading its --dry-run
       PGVAULT_RETENTION__KEEP_DAILY=14 pgvault prune -d app
       pgvault prune --dry-run --json | jq '.databases[].remove[].id'
       pgvault pin 20261125T010000 --reason "before migration 42"
     """
     from datetime import UTC, datetime
 
+    from pgvault.catalog import Catalog
     from pgvault.errors import LockHeld
     from pgvault.ops.prune import Policy, prune
     from pgvault.retention import describe
 
     settings = settings_of(ctx)
     policy = Policy.from_mapping(msgspec.structs.asdict(settings.retention))
-    report = prune(storage_of(settings), policy, dry_run=dry_run, now=datetime.now(UTC),
+    storage = storage_of(settings)
+    Catalog(storage).require()
+    report = prune(storage, policy, dry_run=dry_run, now=datetime.now(UTC),
                    lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
-                   database=database_filter(dbname), recovery_window=recovery_window(settings))
+                   database=database_filter(dbname), recovery_window=recovery_window(settings),
+                   force=force)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
         click.echo(describe(policy))
         for name, plan in report.databases.items():
-            click.echo(f"\n{name}: {len(plan.keep)} kept, {len(plan.remove)} "
-                       + ("to remove (dry run)" if dry_run else "removed"))
-            decisions = [("KEEP", d) for d in plan.keep] + [("REMOVE", d) for d in plan.remove]
-            for verdict, d in sorted(decisions, key=lambda vd: vd[1].time, reverse=True):
+            if plan.refused:
+                click.echo(f"\n{name}: REFUSED, nothing removed; the plan would keep "
+                           f"{len(plan.keep)} and remove {len(plan.remove)}")
+            else:
+                click.echo(f"\n{name}: {len(plan.keep)} kept, {len(plan.remove)} "
+                           + ("to remove (dry run)" if dry_run else "removed"))
+            decisions = [("KEEP", d, ", ".join(d.reasons)) for d in plan.keep]
+            decisions += [("REMOVE", d, d.because) for d in plan.remove]
+            for verdict, d, why in sorted(decisions, key=lambda vd: vd[1].time, reverse=True):
                 click.echo(f"  {verdict:<7} {d.id:<30} {d.time.astimezone(UTC):%Y-%m-%d %H:%M}  "
-                           f"{', '.join(d.reasons)}".rstrip())
+                           f"{why}".rstrip())
+            for backup_id in plan.damaged:
+                click.echo(f"  {'LEFT':<7} {backup_id:<30} {'':16}  damaged manifest: "
+                           "not planned, not touched")
         if report.orphans or report.orphans_left:
             click.echo(f"\norphaned objects: {len(report.orphans)} "
                        + ("to remove" if dry_run else "removed")
@@ -83,6 +111,12 @@ def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, as_json: bo
             click.echo("no backups yet")
     for name, why in report.skipped.items():
         click.echo(f"pgvault: skipped {name}: {why}", err=True)
+    refusal = report.refusal()
+    if refusal is not None:
+        if len(report.refused) > 1 or report.skipped:
+            for name, why in report.refused.items():
+                click.echo(f"pgvault: refused {name}: {why}", err=True)
+        raise refusal
     if report.skipped:
         raise LockHeld(f"{len(report.skipped)} database(s) not pruned: locked; run again later")
 

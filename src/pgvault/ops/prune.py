@@ -2,20 +2,29 @@
 
 A database whose lock is held (a backup is running) is skipped and named in
 ``PruneReport.skipped``; the other databases are still pruned, and the CLI exits 7.
+
+Prune applies its plan at once (restic's ``forget --prune``, not WAL-G's dry run by
+default): it runs from cron and after backups, where nobody is there to confirm. What a
+careful operator would stop is refused instead, per database, in ``PruneReport.refused``,
+unless ``force`` is given: a plan that removes more than half of a database's backups, and
+any database with a damaged manifest (its backup's time and pin are unknown, so the plan
+would be made on a listing that hides a backup; --force prunes the readable ones and leaves
+the damaged one's objects alone). A plan that would leave no good backup is refused even
+with ``force``. ``dry_run`` shows the plan, refusals included, and changes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgvault import retention
 from pgvault.catalog import Catalog, Orphan, manifest_key
-from pgvault.errors import LockHeld, NotFound
+from pgvault.errors import IntegrityError, LockHeld, NotFound, UsageError
 from pgvault.lock import hold
 from pgvault.model import Manifest, backup_id_time
 from pgvault.retention import Duration, Policy
@@ -38,14 +47,20 @@ ORPHAN_DELAY = timedelta(hours=24)
 
 @dataclass(frozen=True)
 class Decision:
-    """One backup in a plan: its time and the rules that keep it (none when removed)."""
+    """One backup in a plan: its time and the rules that keep it (none when removed), and
+    for a removed one why it goes."""
 
     id: str
     time: datetime
     reasons: tuple[str, ...] = ()
+    because: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "time": self.time.isoformat(), "reasons": list(self.reasons)}
+        found: dict[str, Any] = {"id": self.id, "time": self.time.isoformat(),
+                                 "reasons": list(self.reasons)}
+        if self.because:
+            found["because"] = self.because
+        return found
 
 
 @dataclass
@@ -54,6 +69,20 @@ class DatabasePlan:
 
     keep: list[Decision] = field(default_factory=list)
     remove: list[Decision] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    """Ids whose manifest cannot be read: never planned, never touched."""
+    refused: str | None = None
+    """Why nothing of this database was removed (the plan shows what would have been)."""
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A manifest as the planner sees it, with what the drills know against it."""
+
+    id: str
+    time: datetime
+    pinned: bool
+    bad: str | None
 
 
 @dataclass
@@ -73,6 +102,24 @@ class PruneReport:
     wal: list[str] = field(default_factory=list)
     """Keys of archived WAL removed: older than the start of every kept base backup."""
 
+    @property
+    def refused(self) -> dict[str, str]:
+        """Databases where nothing was removed, and why (``DatabasePlan.refused``)."""
+        return {name: plan.refused for name, plan in self.databases.items() if plan.refused}
+
+    def refusal(self) -> IntegrityError | UsageError | None:
+        """The error a prune with refusals ends with: one line naming why and the flag."""
+        refused = self.refused
+        if not refused:
+            return None
+        damaged = any(self.databases[name].damaged for name in refused)
+        kind = IntegrityError if damaged else UsageError
+        if len(refused) == 1:
+            ((name, why),) = refused.items()
+            return kind(f"prune of {name} refused: {why}")
+        return kind(f"prune refused for {len(refused)} databases ({', '.join(refused)}); "
+                    "see above")
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict: databases -> keep/remove lists of {id, time, reasons}; orphans."""
         found: dict[str, Any] = {
@@ -80,6 +127,8 @@ class PruneReport:
                 name: {
                     "keep": [d.to_json() for d in plan.keep],
                     "remove": [d.to_json() for d in plan.remove],
+                    **({"damaged": list(plan.damaged)} if plan.damaged else {}),
+                    **({"refused": plan.refused} if plan.refused else {}),
                 }
                 for name, plan in self.databases.items()
             },
@@ -95,14 +144,17 @@ class PruneReport:
         """One line, e.g. "pruned app: 3 backups removed, 12 kept, 2 orphaned objects removed"."""
         verb = "would be removed" if self.dry_run else "removed"
         names = ", ".join(self.databases) or "nothing"
-        removed = sum(len(plan.remove) for plan in self.databases.values())
-        kept = sum(len(plan.keep) for plan in self.databases.values())
+        done = [plan for plan in self.databases.values() if not plan.refused]
+        removed = sum(len(plan.remove) for plan in done)
+        kept = sum(len(plan.keep) for plan in done)
         line = (f"pruned {names}: {_count(removed, 'backup')} {verb}, {kept} kept, "
                 f"{_count(len(self.orphans), 'orphaned object')} {verb}")
         if self.wal:
             line += f", {_count(len(self.wal), 'archived WAL file')} {verb}"
         if self.skipped:
             line += f"; skipped (locked): {', '.join(self.skipped)}"
+        if self.refused:
+            line += f"; refused: {', '.join(self.refused)}"
         if self.locked:
             line += (f"; {_count(len(self.locked), 'backup')} kept under S3 Object Lock "
                      f"(until {max(self.locked.values()):%Y-%m-%d %H:%M} UTC at the latest)")
@@ -119,12 +171,14 @@ def prune(
     lock_stale_after: timedelta,
     database: str | None = None,
     recovery_window: Duration | None = None,
+    force: bool = False,
 ) -> PruneReport:
     """Apply ``policy`` to every database (or only ``database``) and collect old orphans.
 
     For physical backups, ``recovery_window`` also keeps what restoring to any moment of
     that span before ``now`` needs, and archived WAL older than the start of the oldest
-    kept base backup is removed (never WAL a kept base backup needs).
+    kept base backup is removed (never WAL a kept base backup needs). ``force`` applies
+    plans that would otherwise be refused (see the module's docstring).
     """
     catalog = Catalog(storage)
     report = PruneReport(dry_run=dry_run)
@@ -144,7 +198,8 @@ def prune(
                     report.skipped[name] = str(exc)
                     continue
             # Listed under the lock, so no backup of this database commits halfway through.
-            _prune_database(catalog, name, policy, report, now, orphan_delay, recovery_window)
+            _prune_database(catalog, name, policy, report, now, orphan_delay, recovery_window,
+                            force)
     return report
 
 
@@ -157,17 +212,29 @@ def prune_after_backup(
     now: datetime | None = None,
     recovery_window: Duration | None = None,
 ) -> PruneReport:
-    """Prune the database just backed up, as the setting ``prune_after_backup`` asks."""
-    return prune(storage, policy, dry_run=False, now=now or datetime.now(UTC),
-                 lock_stale_after=lock_stale_after, database=database,
-                 recovery_window=recovery_window)
+    """Prune the database just backed up, as the setting ``prune_after_backup`` asks.
+
+    Never forced: a refusal raises its error, which the backup job reports as a warning
+    (the backup itself is stored).
+    """
+    report = prune(storage, policy, dry_run=False, now=now or datetime.now(UTC),
+                   lock_stale_after=lock_stale_after, database=database,
+                   recovery_window=recovery_window)
+    refusal = report.refusal()
+    if refusal is not None:
+        raise refusal
+    return report
 
 
-def roles(manifests: Iterable[Manifest], policy: Policy) -> dict[str, str]:
-    """Per backup id, the rules that keep it ("daily,weekly", "pinned"), or "—" if pruned."""
-    by_database: dict[str, list[Manifest]] = defaultdict(list)
+def roles(manifests: Iterable[Manifest], policy: Policy,
+          bad: Mapping[tuple[str, str], str] | None = None) -> dict[str, str]:
+    """Per backup id, the rules that keep it ("daily,weekly", "pinned"), or "—" if pruned.
+
+    ``bad`` (from ``Catalog.bad``) names backups known bad: they count for nothing.
+    """
+    by_database: dict[str, list[_Candidate]] = defaultdict(list)
     for manifest in manifests:
-        by_database[manifest.database].append(manifest)
+        by_database[manifest.database].append(_candidate(manifest, bad or {}))
     result: dict[str, str] = {}
     for backups in by_database.values():
         for backup_id, why in retention.plan(backups, policy).reasons.items():
@@ -185,21 +252,44 @@ def _prune_database(
     now: datetime,
     orphan_delay: timedelta,
     recovery_window: Duration | None = None,
+    force: bool = False,
 ) -> None:
-    manifests = {m.id: m for m in catalog.list(name)}
+    listing = catalog.scan(name)
+    bad = catalog.bad(name)
+    manifests = {m.id: m for m in listing.manifests}
     result = report.databases.setdefault(name, DatabasePlan())
+    result.damaged = [d.backup_id for d in listing.damaged]
+    candidates = {i: _candidate(m, bad) for i, m in manifests.items()}
     remove = []
     # Logical and physical backups under one name are separate series, each with its newest.
     for kind in sorted({m.kind for m in manifests.values()}):
         series = [m for m in manifests.values() if m.kind == kind]
-        planned = retention.plan(series, policy, now)
+        planned = retention.plan([candidates[m.id] for m in series], policy, now)
         window = (_window_keeps(series, recovery_window, now, policy.timezone)
                   if kind == "physical" and recovery_window is not None else set())
         result.keep += [_decision(manifests[i], planned.reasons[i]) for i in planned.keep]
         result.keep += [_decision(manifests[i], ["recovery window"]) for i in planned.remove
                         if i in window]
-        remove += [i for i in planned.remove if i not in window]
-    for backup_id in remove:
+        remove += [(i, planned.explain(i)) for i in planned.remove if i not in window]
+    refusals = []
+    if listing.damaged and not force:
+        first = listing.damaged[0]
+        refusals.append(f"{_count(len(listing.damaged), 'manifest')} damaged (backup "
+                        f"{first.backup_id}: {first.reason}), so the plan would be made on "
+                        f"a listing that hides a backup; repair or delete {first.key}, or "
+                        "run prune --force to prune the others and leave it alone")
+    caution = retention.caution(candidates.values(), [i for i, _ in remove])
+    if caution is not None and not caution.forceable:
+        refusals.append(caution.reason + "; nothing is removed")
+    elif caution is not None and not force:
+        refusals.append(caution.reason + "; check it with prune --dry-run, then apply it "
+                        "with prune --force")
+    result.refused = "; and ".join(refusals) or None
+    if result.refused:
+        result.remove = [_decision(manifests[i], [], because) for i, because in remove]
+        _sort(result)
+        return
+    for backup_id, because in remove:
         current: Manifest | None = None
         if not report.dry_run:
             # Re-read just before deleting: a pin written since the listing must win.
@@ -207,6 +297,10 @@ def _prune_database(
                 current = catalog.read(manifest_key(name, backup_id))
             except NotFound:
                 current = None  # already gone; any data left is collected as an orphan
+            except IntegrityError:
+                # Damaged since the listing: what it holds is unknown now, so it stays.
+                result.damaged.append(backup_id)
+                continue
             if current is not None and current.pinned:
                 result.keep.append(_decision(current, ["pinned"]))
                 continue
@@ -220,8 +314,8 @@ def _prune_database(
             continue
         if not report.dry_run and current is not None:
             catalog.delete(current)
-        result.remove.append(_decision(manifests[backup_id], []))
-    result.keep.sort(key=lambda d: (d.time.astimezone(UTC), d.id), reverse=True)
+        result.remove.append(_decision(manifests[backup_id], [], because))
+    _sort(result)
     _prune_wal(catalog, name, [manifests[d.id] for d in result.keep if d.id in manifests],
                report)
 
@@ -232,6 +326,16 @@ def _prune_database(
             report.orphans.extend(keys)
         else:
             report.orphans_left.extend(keys)
+
+
+def _sort(plan: DatabasePlan) -> None:
+    plan.keep.sort(key=lambda d: (d.time.astimezone(UTC), d.id), reverse=True)
+    plan.remove.sort(key=lambda d: (d.time.astimezone(UTC), d.id), reverse=True)
+
+
+def _candidate(manifest: Manifest, bad: Mapping[tuple[str, str], str]) -> _Candidate:
+    return _Candidate(manifest.id, manifest.time, manifest.pinned,
+                      bad.get((manifest.database, manifest.id)))
 
 
 def _window_keeps(series: list[Manifest], window: Duration, now: datetime,
@@ -289,8 +393,8 @@ def _expired(orphan: Orphan, cutoff: datetime) -> bool:
     )
 
 
-def _decision(manifest: Manifest, reasons: Iterable[str]) -> Decision:
-    return Decision(manifest.id, manifest.time, tuple(reasons))
+def _decision(manifest: Manifest, reasons: Iterable[str], because: str = "") -> Decision:
+    return Decision(manifest.id, manifest.time, tuple(reasons), because)
 
 
 def _count(n: int, noun: str) -> str:

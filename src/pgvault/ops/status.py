@@ -56,13 +56,18 @@ class RunHistory(msgspec.Struct):
 
 def read_history(storage: Storage, database: str) -> RunHistory:
     """The run history of ``database``; empty if none was written (or it is unreadable)."""
-    record = Catalog(storage).read_status(database, HISTORY)
+    return _history(storage, database)[0]
+
+
+def _history(storage: Storage, database: str) -> tuple[RunHistory, str | None]:
+    """The run history of ``database``, and why it could not be read (None if it could)."""
+    record, problem = Catalog(storage).status_record(database, HISTORY)
     if record is None:
-        return RunHistory()
+        return RunHistory(), problem
     try:
-        return from_dict(RunHistory, record)
-    except msgspec.ValidationError:
-        return RunHistory()
+        return from_dict(RunHistory, record), None
+    except msgspec.ValidationError as exc:
+        return RunHistory(), f"run history of {database!r} is damaged: {exc}"
 
 
 def record_run(storage: Storage, database: str, run: RunRecord, *, failed: bool) -> RunHistory:
@@ -123,6 +128,11 @@ class DatabaseStatus:
     """The WAL archive, for a physical cluster: the newest point it can restore to."""
     archive_stale_after: timedelta | None = None
     """WARNING when the newest archived WAL segment is older than this."""
+    bad: tuple[tuple[str, str], ...] = ()
+    """(backup id, why) of every backup that cannot be trusted: a damaged manifest, or a
+    last drill that failed integrity. None of them is ``newest`` or counts in ``backups``."""
+    damaged_records: tuple[str, ...] = ()
+    """Drill and status records that cannot be read (what they said is lost)."""
 
     def age(self, now: datetime) -> timedelta | None:
         """How old the newest recovery point is: the newest backup's snapshot, or, with a
@@ -148,7 +158,8 @@ class DatabaseStatus:
         age = self.age(now)
         rpo = timedelta(hours=self.rpo_hours)
         if age is None:
-            critical.append("no complete backup")
+            critical.append("no complete backup" if not self.bad else
+                            "no backup that can be trusted")
         elif age > rpo:
             text = f"newest backup is {_hours(age)} old (RPO {self.rpo_hours:g}h)"
             if self.catching_up(rpo):
@@ -188,6 +199,15 @@ class DatabaseStatus:
             drill_age = now - self.drill.finished_at
             if warn_drill_age_days and drill_age > timedelta(days=warn_drill_age_days):
                 warning.append(f"last restore drill is {drill_age.days} days old")
+        if self.bad:
+            # The good ones still meet the objectives (else the age says CRITICAL above),
+            # but a damaged backup is a sign that the repository is losing bytes.
+            shown = "; ".join(f"{backup_id}: {why}" for backup_id, why in self.bad[:3])
+            more = f" and {len(self.bad) - 3} more" if len(self.bad) > 3 else ""
+            warning.append(f"{_plural(len(self.bad), 'backup')} cannot be trusted "
+                           f"({shown}{more})")
+        for problem in self.damaged_records:
+            warning.append(problem)
         if critical:
             return Verdict(CRITICAL, tuple(critical + warning))
         return Verdict(WARNING, tuple(warning)) if warning else Verdict(OK)
@@ -237,6 +257,8 @@ class DatabaseStatus:
             "rto_met": self.rto_met(),
             "running": self.running,
             "archive": None if self.archive is None else _archive_json(self.archive),
+            "bad": [{"id": backup_id, "reason": why} for backup_id, why in self.bad],
+            "damaged_records": list(self.damaged_records),
         }
 
 
@@ -245,10 +267,20 @@ def database_status(storage: Storage, database: str, *, rpo_hours: float, rto_mi
                     archive_stale_after: timedelta | None = None) -> DatabaseStatus:
     """Read the status of ``database`` from the repository (manifests, history, drills, lock)."""
     catalog = Catalog(storage)
-    manifests = catalog.list(database)
+    listing = catalog.scan(database)
+    drills = catalog.drill_records(database)
+    known = catalog.bad(database, drills)
+    bad = [(d.backup_id, d.reason) for d in listing.damaged]
+    bad += [(m.id, known[(m.database, m.id)]) for m in listing.manifests
+            if (m.database, m.id) in known]
+    manifests = [m for m in listing.manifests if (m.database, m.id) not in known]
     physical = [m for m in manifests if m.kind == "physical"]
-    reports = list(catalog.last_drills(database).values())
+    reports = list(drills.newest.values())
     drill = last_drill(reports)
+    history, history_problem = _history(storage, database)
+    damaged_records = [f"{d.reason} ({d.key})" for d in drills.damaged]
+    if history_problem is not None:
+        damaged_records.append(history_problem)
     return DatabaseStatus(
         database=database,
         repository=storage.url,
@@ -257,12 +289,14 @@ def database_status(storage: Storage, database: str, *, rpo_hours: float, rto_mi
         backups=len(manifests),
         newest=manifests[-1] if manifests else None,
         oldest_time=manifests[0].started_at if manifests else None,
-        history=read_history(storage, database),
+        history=history,
         drill=drill,
         drill_last_success=max((r.finished_at for r in reports if r.passed), default=None),
         running=holder(storage, database, stale_after=lock_stale_after),
         archive=archive_status(storage, database, physical) if physical else None,
         archive_stale_after=archive_stale_after,
+        bad=tuple(sorted(bad, reverse=True)),
+        damaged_records=tuple(damaged_records),
     )
 
 
@@ -296,6 +330,10 @@ def last_drill(reports: list[VerifyReport]) -> Drill | None:
         restore_seconds=report.restore_seconds,
         failures=tuple(f"{c.name}: {c.detail}".rstrip(": ") for c in report.failures),
     )
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _hours(delta: timedelta) -> str:

@@ -5,9 +5,12 @@ or stores, on success and on failure; private files whatever the umask; warnings
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,6 +19,7 @@ from pathlib import Path
 from urllib.parse import quote, quote_plus
 
 import boto3
+import psutil
 import psycopg
 import pytest
 from psycopg import sql
@@ -23,6 +27,7 @@ from psycopg import sql
 from cli_runner import PGVAULT, one_line_error, pgvault
 from dbcompare import assert_databases_equal
 from fixtures_iam import IamS3
+from fixtures_kill import every_file, files_holding, has_child, kill_when, start, wait_gone
 from http_recorder import Recorder
 from pgvault import redact
 from pgvault.pg.cluster import EphemeralCluster
@@ -394,3 +399,103 @@ def test_credentials_rotate_by_changing_only_their_files(
                                    pg_cluster.url(targets[-1]))
     finally:
         drop(pg_cluster, *targets)
+
+
+# ---------------------------------------------------------------- SIGKILL leaves no secret
+
+
+@pytest.fixture
+def own_tmp() -> Iterator[Path]:
+    """TMPDIR of this test's pgvault runs, so what they leave shows apart from others'."""
+    path = Path(tempfile.mkdtemp(prefix="leftovers-test-", dir="/tmp"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# The password as a pgpass line holds it (":" escaped): the part after the colon is in both.
+PASSWORD_BYTES = PLANTED.db_password.split(":", 1)[1].encode()
+
+
+@pytest.mark.parametrize("moment", ["psql", "pg_dump"])
+def test_a_backup_killed_by_sigkill_leaves_no_password_on_disk(
+    moment: str, password_role: str, tmp_path: Path, own_tmp: Path,
+    pg_cluster: EphemeralCluster
+) -> None:
+    """kill -9 once the preflight's psql, or pg_dump (waiting on a lock), has started: no
+    file under TMPDIR holds the password, then or after the next run."""
+    env = {"DATABASE_URL": password_role, "PGVAULT_REPO": f"file://{tmp_path / 'repo'}",
+           "TMPDIR": str(own_tmp)}
+    with psycopg.connect(password_role) as blocker:
+        blocker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")  # pg_dump waits on it
+        proc = start("backup", env=env)
+        family = kill_when(proc, has_child(moment))
+    assert any(p.name() == moment for p in family if p.is_running())
+    wait_gone(family)
+    assert files_holding(own_tmp, PASSWORD_BYTES) == [], "the password is on disk"
+    assert every_file(own_tmp) == [], every_file(own_tmp)
+    # The next backup works, and what it took restores equal to its source.
+    pgvault("backup", env=env)
+    target = restore_target(pg_cluster)
+    try:
+        pgvault("restore", "latest", "--to", target, env=env)
+        assert_databases_equal(password_role, pg_cluster.url(target))
+    finally:
+        drop(pg_cluster, target)
+    assert files_holding(own_tmp, PASSWORD_BYTES) == []
+
+
+def _spool_filling(own_tmp: Path) -> Callable[[psutil.Process], bool]:
+    """pg_restore has started and pgvault's spool (named or not) holds over 1 MiB."""
+    def ready(me: psutil.Process) -> bool:
+        if not has_child("pg_restore")(me):
+            return False
+        sizes = [p.stat().st_size for p in own_tmp.rglob("*.dump")]
+        for fd in Path(f"/proc/{me.pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith(str(own_tmp)):
+                    sizes.append(fd.stat().st_size)
+        return max(sizes, default=0) > 1 << 20
+    return ready
+
+
+def test_an_encrypted_restore_killed_while_spooling_leaves_no_decrypted_data(
+    password_role: str, tmp_path: Path, own_tmp: Path, pg_cluster: EphemeralCluster
+) -> None:
+    """kill -9 of `restore -j 2` of an age-encrypted backup while its spool fills: no
+    decrypted byte stays on disk, and the next restore drops the scratch database the
+    killed one made (and says so), then restores equal to the source."""
+    marker = f"plain-{TAG}"
+    with psycopg.connect(password_role, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE big AS SELECT g AS id, md5(g::text) || repeat(md5((g * 7)"
+                     f"::text), 12) || '{marker}' AS v FROM generate_series(1, 100000) g")
+    identity, recipient = new_identity()
+    key = tmp_path / "key.txt"
+    key.write_text(identity)
+    env = {"DATABASE_URL": password_role, "PGVAULT_REPO": f"file://{tmp_path / 'repo'}",
+           "TMPDIR": str(own_tmp), "PGVAULT_AGE_RECIPIENTS": recipient}
+    pgvault("backup", env=env)
+    assert files_holding(tmp_path / "repo", marker.encode()) == []  # it is encrypted
+    target = restore_target(pg_cluster)
+    restore = ("restore", "latest", "--to", target, "-j", "2", "--identity-file", str(key))
+    proc = start(*restore, env=env)
+    family = kill_when(proc, _spool_filling(own_tmp))
+    wait_gone(family)
+    try:
+        assert files_holding(own_tmp, marker.encode()) == [], "decrypted data left on disk"
+        left = [name for name in _databases(pg_cluster) if name.startswith("pgvault_tmp_")
+                and f"_{proc.pid}_" in name]
+        assert len(left) == 1, left  # the killed restore's scratch database, named for it
+        again = pgvault(*restore, env=env)
+        assert f"removed 1 leftover of dead pgvault processes: database {left[0]} " \
+               f"(pid {proc.pid})" in again.stderr, again.stderr
+        assert left[0] not in _databases(pg_cluster)
+        assert_databases_equal(password_role, pg_cluster.url(target))
+    finally:
+        drop(pg_cluster, target)
+    assert files_holding(own_tmp, marker.encode()) == []
+
+
+def _databases(cluster: EphemeralCluster) -> set[str]:
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        return {r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()}

@@ -185,13 +185,21 @@ class PhysicalEngine:
         path = tool("pg_basebackup", self.info.major)
         return {"pg_basebackup": ".".join(map(str, tool_version(path)))}
 
-    def basebackup(self, *, include_wal: bool, fast_checkpoint: bool, label: str) -> ChildOutput:
-        """pg_basebackup's tar on stdout (uncompressed: the pipeline compresses)."""
+    def basebackup(self, *, include_wal: bool, fast_checkpoint: bool, label: str,
+                   application_name: str | None = None) -> ChildOutput:
+        """pg_basebackup's tar on stdout (uncompressed: the pipeline compresses).
+
+        ``application_name`` (letters, digits, ``-_.``) names its walsender in
+        pg_stat_activity, where the wait for the archive can be watched.
+        """
+        dsn = self.conn.dsn()
+        if application_name is not None:
+            dsn += f" application_name={application_name}"  # the last one given wins
         argv: list[Any] = [
             tool("pg_basebackup", self.info.major), "--format=tar", "--pgdata=-",
             f"--wal-method={'fetch' if include_wal else 'none'}",
             f"--checkpoint={'fast' if fast_checkpoint else 'spread'}",
-            f"--label={label}", "--no-password", f"--dbname={self.conn.dsn()}",
+            f"--label={label}", "--no-password", f"--dbname={dsn}",
         ]
         stack = ExitStack()
         env = stack.enter_context(self.conn.child_env())

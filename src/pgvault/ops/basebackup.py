@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pgvault import __version__, pipeline
 from pgvault.catalog import Catalog, artifact_key
@@ -56,29 +59,41 @@ def basebackup(conn: ConnInfo, storage: Storage, options: BasebackupOptions) -> 
         backup_id = new_backup_id(started)
         written: list[str] = []
         try:
+            app_name = "pgvault-" + backup_id.replace(".", "-")
             child = engine.basebackup(include_wal=include_wal,
                                       fast_checkpoint=options.fast_checkpoint,
-                                      label=f"pgvault {backup_id}")
+                                      label=f"pgvault {backup_id}", application_name=app_name)
             watcher = TarWatcher(child)
+            # Without WAL in the tar the server itself waits, inside pg_basebackup, until
+            # the backup's WAL is archived, with no end: the bound is kept here.
+            server_wait = None if include_wal else _ServerArchiveWait(
+                conn, app_name, options.archive_wait)
             try:
                 base = _store(CountingReader(watcher, options.progress), "base.tar",
                               BASE_FORMAT, storage, options, backup_id, written)
+            except Exception:
+                if server_wait is not None and server_wait.stop():
+                    raise BackupFailed(_not_archived(
+                        f"within {options.archive_wait:g}s (archive_wait_seconds)",
+                        server_wait.archiver, storage, options.cluster)) from None
+                raise
             finally:
                 child.close()
+                if server_wait is not None:
+                    server_wait.stop()
+            waited = server_wait.waited if server_wait is not None else 0.0
             facts = engine.facts(watcher.members, stop_time=options.clock(),
                                  include_wal=include_wal)
             manifest_bytes = watcher.members.get(MANIFEST)
             if not include_wal:
                 missing = archive.wait_for(storage, options.cluster,
                                            needed_wal(facts, manifest_bytes),
-                                           timeout=options.archive_wait)
+                                           timeout=max(options.archive_wait - waited, 0.0))
                 if missing:
-                    raise BackupFailed(
-                        f"the backup needs WAL {', '.join(missing)}, which did not arrive in "
-                        f"{storage.url} (cluster {options.cluster!r}) within "
-                        f"{options.archive_wait:.0f}s; check archive_command, or back up "
-                        "with --wal-method fetch"
-                    )
+                    raise BackupFailed(_not_archived(
+                        f"({', '.join(missing)}) in {storage.url} (cluster "
+                        f"{options.cluster!r}) within {options.archive_wait:g}s "
+                        "(archive_wait_seconds)", None, storage, options.cluster))
             artifacts = [base]
             if manifest_bytes is not None:
                 artifacts.append(_store(io.BytesIO(manifest_bytes), MANIFEST, MANIFEST_FORMAT,
@@ -102,6 +117,67 @@ def basebackup(conn: ConnInfo, storage: Storage, options: BasebackupOptions) -> 
             with contextlib.suppress(Exception):
                 storage.delete(written)
             raise
+
+
+class _ServerArchiveWait:
+    """Watches pg_basebackup's walsender: once it has waited ``limit`` seconds for the
+    archive (wait event BackupWaitWalArchive, PostgreSQL 13+), records why and cancels it."""
+
+    def __init__(self, conn: ConnInfo, app_name: str, limit: float) -> None:
+        self.fired = False
+        self.waited = 0.0
+        self.archiver: str | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(conn, app_name, limit),
+                                        name="pgvault-archive-wait", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> bool:
+        """Stop watching; whether the bound was reached (and the backup cancelled)."""
+        self._done.set()
+        self._thread.join(timeout=10)
+        return self.fired
+
+    def _watch(self, conn: ConnInfo, app_name: str, limit: float) -> None:
+        # Best effort: without this connection the server's wait is merely unbounded again.
+        with contextlib.suppress(Exception), conn.connect(autocommit=True) as db:
+            since: float | None = None
+            while not self._done.wait(0.25):
+                row = db.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+                                 " AND wait_event = 'BackupWaitWalArchive'",
+                                 (app_name,)).fetchone()
+                now = time.monotonic()
+                if row is None:
+                    continue
+                since = now if since is None else since
+                self.waited = now - since
+                if self.waited >= limit:
+                    self.archiver = _archiver_state(db)
+                    self.fired = True
+                    db.execute("SELECT pg_cancel_backend(%s)", (row[0],))
+                    return
+
+
+def _archiver_state(db: Any) -> str:
+    failed, last_wal, last_at, archived = db.execute(
+        "SELECT failed_count, last_failed_wal, last_failed_time, last_archived_wal"
+        " FROM pg_stat_archiver").fetchone()
+    if failed:
+        return (f"the server's archive_command has failed {failed} times, last for {last_wal} "
+                f"at {last_at:%Y-%m-%d %H:%M:%S%z}")
+    return f"the server's archive_command has not failed (last archived: {archived or 'none'})"
+
+
+def _not_archived(what: str, archiver: str | None, storage: Storage, cluster: str) -> str:
+    """One line: the backup's WAL did not reach the archive, and what is known of why."""
+    why = [archiver] if archiver else []
+    with contextlib.suppress(Exception):  # this role may not read the failure record
+        failures = archive.push_failures(storage, cluster)
+        if failures.total and failures.last_error:
+            why.append(f"last wal-push failure ({failures.last_wal}): {failures.last_error}")
+    reason = f" ({'; '.join(why)})" if why else ""
+    return (f"the backup's WAL did not reach the archive {what}{reason}; check "
+            "archive_command (pgvault check-archive), or back up with --wal-method fetch")
 
 
 def _include_wal(method: str, archives_with_pgvault: bool) -> bool:

@@ -18,17 +18,18 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pgvault.engines.spool import Spool
 from pgvault.errors import RestoreFailed
-from pgvault.pg.archive import after_loads
+from pgvault.pg.archive import MAX_TOC_BYTES, Incomplete, Selection, Toc, after_loads, read_toc
 from pgvault.pg.process import StderrTail, describe_exit, feed
 from pgvault.pipeline.pump import Prefetch
-from pgvault.pipeline.stream import Readable, Reader
+from pgvault.pipeline.stream import CHUNK, Readable, Reader
 
 
 @dataclass
@@ -40,9 +41,10 @@ class PgRestore:
 
     @classmethod
     def start(cls, argv: list[Any], env: dict[str, str],
-              stdin: int = subprocess.DEVNULL) -> PgRestore:
+              stdin: int = subprocess.DEVNULL, pass_fds: Sequence[int] = ()) -> PgRestore:
         proc = subprocess.Popen([str(a) for a in argv], stdin=stdin,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                                pass_fds=pass_fds)
         assert proc.stderr is not None
         return cls(proc, StderrTail(proc.stderr))
 
@@ -63,6 +65,89 @@ class PgRestore:
         self.proc.wait()
 
 
+class Selected(Reader):
+    """An archive stream whose table of contents has been read ahead (and is replayed), so
+    that a partial restore can choose its entries before pg_restore starts reading."""
+
+    def __init__(self, source: Readable, selection: Selection | None = None) -> None:
+        super().__init__()
+        self._source = source
+        self.selection = selection
+        head, retry_at = bytearray(), 0
+        while True:
+            chunk = source.read(CHUNK)
+            head += chunk
+            if len(head) >= retry_at or not chunk:  # parse again once the head has doubled
+                retry_at = 2 * len(head)
+                try:
+                    self.toc = read_toc(head)
+                    break
+                except Incomplete:
+                    if not chunk or len(head) > MAX_TOC_BYTES:
+                        raise RestoreFailed("the archive ends inside its table of contents, or "
+                                            "it is too large to select from") from None
+                except ValueError as exc:
+                    raise RestoreFailed(f"--schema/--table need the archive's table of "
+                                        f"contents, which cannot be read: {exc}") from None
+        self._head = memoryview(bytes(head))
+
+    def read_chunk(self, size: int) -> bytes:
+        if self._head:
+            data, self._head = bytes(self._head[:size]), self._head[size:]
+            return data
+        return self._source.read(size)
+
+    def close(self) -> None:
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()
+        super().close()
+
+
+class SelectingSpool(Spool):
+    """A spool whose archive is restored through ``selection`` (set once its TOC is read)."""
+
+    selection: Selection | None = None
+
+
+def selection_of(source: object) -> Selection | None:
+    """The selection an archive source is to be restored through, if any."""
+    selection = getattr(source, "selection", None)
+    return selection if isinstance(selection, Selection) else None
+
+
+def spool_toc(spool: Spool) -> Toc:
+    """The spooled archive's table of contents; read from the whole file if the spool could
+    not read it as it arrived (an archive it does not search: it is still a valid one)."""
+    if spool.wait_toc() and spool.finder.toc is not None:
+        return spool.finder.toc
+    with open(spool.wait(), "rb") as archive:
+        head = bytearray()
+        while chunk := archive.read(max(CHUNK, len(head))):
+            head += chunk
+            with contextlib.suppress(Incomplete):
+                try:
+                    return read_toc(head)
+                except ValueError as exc:
+                    raise RestoreFailed(f"--schema/--table need the archive's table of "
+                                        f"contents, which cannot be read: {exc}") from None
+    raise RestoreFailed("the archive ends inside its table of contents")
+
+
+def _list_file(toc: Toc, keep: Collection[int]) -> int:
+    """An unnamed file listing ``keep`` in the archive's order, for ``-L /dev/fd/N``.
+
+    The archive's order, since pg_restore takes the list's, and one reading a pipe cannot
+    go back for an entry listed after the one it has passed.
+    """
+    with tempfile.TemporaryFile() as handle:  # unlinked at once: nothing left by a SIGKILL
+        handle.write("".join(f"{e.dump_id};\n" for e in toc.entries
+                             if e.dump_id in keep).encode("ascii"))
+        handle.flush()
+        handle.seek(0)
+        return os.dup(handle.fileno())
+
+
 class _Stopped(Reader):
     """A stream that ends in an error once ``stop`` is set: its consumer then gives up."""
 
@@ -81,18 +166,19 @@ class _Load:
     """A data-only archive streamed into a pg_restore of its own, on a thread."""
 
     def __init__(self, source: Callable[[], Readable], argv: list[Any],
-                 env: dict[str, str]) -> None:
+                 env: dict[str, str], selection: Selection | None = None) -> None:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._restore: PgRestore | None = None
-        self._thread = threading.Thread(target=self._run, args=(source, argv, env),
+        self._thread = threading.Thread(target=self._run, args=(source, argv, env, selection),
                                         name="pgvault-load", daemon=True)
         self._thread.start()
 
     def _run(self, source: Callable[[], Readable], argv: list[Any],
-             env: dict[str, str]) -> None:
+             env: dict[str, str], selection: Selection | None) -> None:
         try:
-            restore_streamed(_Stopped(source(), self._stop), argv, env, started=self._started)
+            restore_streamed(_Stopped(source(), self._stop), argv, env, started=self._started,
+                             selection=selection)
         except BaseException as exc:  # raised again by check() or join(), in the caller
             self._error = exc
 
@@ -128,14 +214,40 @@ class _Load:
 
 
 def restore_streamed(source: Readable, argv: list[Any], env: dict[str, str],
-                     started: Callable[[PgRestore], None] | None = None) -> None:
-    """One pg_restore reading the archive from a pipe: no temporary copy."""
-    restore = PgRestore.start(argv, env, stdin=subprocess.PIPE)
+                     started: Callable[[PgRestore], None] | None = None,
+                     selection: Selection | None = None) -> None:
+    """One pg_restore reading the archive from a pipe: no temporary copy.
+
+    With a ``selection`` (or a ``Selected`` source), only its entries of this archive run:
+    none at all means this archive (a split backup's part) is not read past its TOC.
+    """
+    selection = selection or selection_of(source)
+    listed: int | None = None
+    if selection is not None:
+        if not isinstance(source, Selected):
+            source = Selected(source)
+        keep = selection.pick(source.toc)
+        if not any(i in keep for i in _restorable(source.toc)):
+            source.close()
+            return
+        listed = _list_file(source.toc, keep)
+        argv = [*argv, "-L", f"/dev/fd/{listed}"]
+    try:
+        restore = PgRestore.start(argv, env, stdin=subprocess.PIPE,
+                                  pass_fds=() if listed is None else (listed,))
+    finally:
+        if listed is not None:
+            os.close(listed)
     if started is not None:
         started(restore)
     with contextlib.closing(Prefetch(source)) as ahead:
         feed(restore.proc, ahead)
     restore.finish()
+
+
+def _restorable(toc: Toc) -> list[int]:
+    return [e.dump_id for e in toc.entries if e.desc not in ("ENCODING", "STDSTRINGS",
+                                                           "SEARCHPATH")]
 
 
 def restore_spooled(source: Readable | Spool, argv: list[Any], env: dict[str, str],
@@ -144,6 +256,10 @@ def restore_spooled(source: Readable | Spool, argv: list[Any], env: dict[str, st
     spool = source if isinstance(source, Spool) else Spool(source)
     schema: PgRestore | None = None
     try:
+        selection = selection_of(spool)
+        if selection is not None:  # chosen from its table of contents: that one is whole
+            argv = [*argv, "-L", _spool_list(spool, "selected", set(
+                selection.pick(spool_toc(spool))))]
         if spool.wait_toc():
             schema = PgRestore.start([*argv, "--section=pre-data", spool.path], env)
         path = spool.wait()
@@ -169,6 +285,15 @@ class _Passes:
     last: list[str] | None
 
 
+def _spool_list(spool: Spool, name: str, keep: Collection[int]) -> str:
+    """``-L`` file in the spool's folder: ``keep``, in the archive's order."""
+    path = os.path.join(spool.folder, f"{name}.list")
+    with open(path, "w", encoding="ascii") as out:
+        out.writelines(f"{e.dump_id};\n" for e in spool_toc(spool).entries
+                       if e.dump_id in keep)
+    return path
+
+
 def _passes(spool: Spool) -> _Passes:
     """The passes, from the main archive's table of contents (pg/archive.py's after_loads).
 
@@ -177,22 +302,25 @@ def _passes(spool: Spool) -> _Passes:
     Without a table of contents this can read, all of post-data waits for the loads.
     """
     toc = spool.finder.toc
-    if toc is None:
+    selection = selection_of(spool)
+    if toc is None and selection is None:
         return _Passes(["--section=data"], None, ["--section=post-data"])
+    toc = spool_toc(spool)
     after = after_loads(toc)
+    chosen = set(selection.pick(toc) if selection is not None else
+                 (e.dump_id for e in toc.entries))
 
     def use_list(name: str, keep: Callable[[int], bool]) -> list[str]:
         """``-L FILE``: only the entries ``keep`` picks (of the sections also given), in the
         archive's order, since pg_restore takes the list's order and an entry without a
         section of its own (a comment, a grant) belongs to that of the one before it."""
-        path = os.path.join(spool.folder, f"{name}.list")
-        with open(path, "w", encoding="ascii") as out:
-            out.writelines(f"{e.dump_id};\n" for e in toc.entries if keep(e.dump_id))
-        return ["-L", path]
+        return ["-L", _spool_list(spool, name, {i for i in chosen if keep(i)})]
 
+    ready_ids = after.ready & chosen
+    last_ids = after.last & chosen
     beside = use_list("beside", lambda i: i not in after.waiting)
-    ready = use_list("ready", after.ready.__contains__) if after.ready else None
-    last = use_list("last", after.last.__contains__) if after.last else None
+    ready = use_list("ready", ready_ids.__contains__) if ready_ids else None
+    last = use_list("last", last_ids.__contains__) if last_ids else None
     return _Passes(["--section=data", "--section=post-data", *beside],
                    None if ready is None else ["--section=post-data", *ready],
                    None if last is None else ["--section=post-data", *last])
@@ -207,18 +335,21 @@ def restore_split(main: Readable | Spool, parts: Sequence[Callable[[], Readable]
     once, and post-data follows in the passes of ``_passes``. A spooled main archive is read
     once; a streamed one (one job, no room to spool) twice: ``again`` reopens it.
     """
+    selection = selection_of(main)
     if not isinstance(main, Spool):
         restore_streamed(main, [*argv, "--section=pre-data", "--section=data"], env)
         for part in parts:
-            restore_streamed(part(), argv, env)
-        restore_streamed(again(), [*argv, "--section=post-data"], env)
+            restore_streamed(part(), argv, env, selection=selection)
+        restore_streamed(again(), [*argv, "--section=post-data"], env, selection=selection)
         return
     loads: list[_Load] = []
     running: list[PgRestore] = []
     try:
         path = main.path if main.wait_toc() else main.wait()
-        PgRestore.start([*argv, "--section=pre-data", path], env).finish()
-        loads = [_Load(part, argv, env) for part in parts]
+        pre = (["-L", _spool_list(main, "pre", set(selection.pick(spool_toc(main))))]
+               if selection is not None else [])
+        PgRestore.start([*argv, "--section=pre-data", *pre, path], env).finish()
+        loads = [_Load(part, argv, env, selection) for part in parts]
         passes = _passes(main)
         path = main.wait()
         running.append(PgRestore.start(

@@ -16,9 +16,11 @@ from pgvault import leftovers, pipeline
 from pgvault.catalog import Catalog
 from pgvault.console import human_bytes
 from pgvault.engines.logical import DATA_FORMAT, LogicalEngine
+from pgvault.engines.pg_restore import Selected, SelectingSpool, spool_toc
 from pgvault.engines.spool import Spool
 from pgvault.errors import DatabaseError, RestoreFailed, UsageError
 from pgvault.model import READABLE_FORMATS, Artifact, Manifest
+from pgvault.pg.archive import select
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.psql import PsqlSession, ServerInfo, identifier, text_literal
 from pgvault.pipeline.age import Keyring
@@ -123,14 +125,18 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
     # An archive in zstd frames arrives still compressed, and the spool decompresses them.
     framed = jobs > 1 and bool(artifact.frames) and artifact.stages[0].name == "zstd"
     stream = reader(artifact, framed)()
-    spool = (Spool(stream, artifact.frames if framed else (), artifact.raw_size)
-             if jobs > 1 else None)
+    partial = bool(options.schemas or options.tables)
+    spool = ((SelectingSpool if partial else Spool)(
+        stream, artifact.frames if framed else (), artifact.raw_size) if jobs > 1 else None)
     try:
+        source: Readable | Spool = spool or stream
+        if partial:  # what to restore is chosen from the TOC, before anything is created
+            source = _select(manifest, source, options)
         admin, server = _admin(target)
         try:
             leftovers.drop_dead_databases(admin)
             _create_scratch_and_restore(admin, server, target, manifest, options,
-                                        spool or stream, jobs,
+                                        source, jobs,
                                         [reader(part) for part in parts],
                                         reader(artifact, counted=False))  # a second read
         finally:
@@ -169,9 +175,10 @@ def _create_scratch_and_restore(admin: PsqlSession, server: ServerInfo, target: 
     try:
         workers = _limit_index_workers(admin, scratch, index_build_workers(target, jobs))
         engine = LogicalEngine(target.with_dbname(scratch), server)
+        # A partial restore's source carries its selection (engines/pg_restore.py): not
+        # pg_restore's -n/-t, which leave out the schema itself and owned sequences.
         engine.restore(source, target.with_dbname(scratch), jobs=jobs, parts=parts,
-                       again=again, schemas=options.schemas, tables=options.tables,
-                       no_owner=options.no_owner)
+                       again=again, no_owner=options.no_owner)
         if workers is not None:
             admin.run(f"ALTER DATABASE {identifier(scratch)} "
                       "RESET max_parallel_maintenance_workers")
@@ -182,6 +189,40 @@ def _create_scratch_and_restore(admin: PsqlSession, server: ServerInfo, target: 
         with contextlib.suppress(Exception):
             admin.run(f"DROP DATABASE IF EXISTS {identifier(scratch)} WITH (FORCE)")
         raise
+
+
+def _select(manifest: Manifest, source: Readable | Spool,
+            options: RestoreOptions) -> Selected | SelectingSpool:
+    """``source`` with the entries ``--schema``/``--table`` choose from its table of
+    contents; UsageError naming each that matches nothing (pg/archive.py's select)."""
+    if isinstance(source, SelectingSpool):
+        chosen: Selected | SelectingSpool = source
+        toc = spool_toc(source)
+    elif isinstance(source, Spool):
+        raise TypeError("a partial restore spools into a SelectingSpool")
+    else:
+        try:
+            chosen = Selected(source)
+        except BaseException:
+            _close(source)
+            raise
+        toc = chosen.toc
+    try:
+        selection = select(toc, options.schemas, options.tables)
+    except ValueError as exc:
+        _close(chosen)
+        raise UsageError(f"backup {manifest.id}: {exc}") from None
+    for line in selection.left_out:
+        log.warning("restore: not restored: %s", line)
+    chosen.selection = selection
+    return chosen
+
+
+def _close(source: object) -> None:
+    close = getattr(source, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
 
 
 def _limit_index_workers(admin: PsqlSession, database: str, workers: int | None) -> int | None:

@@ -10,6 +10,7 @@ ReadToc) and pg_backup_custom.c (_ReadExtraToc, _StartData, _EndData).
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class TocEntry:
     tag: str = ""
     deps: tuple[int, ...] = ()
     section: int = 0  # SECTION_*; entries without one (comments, grants) take the previous'
+    identity: bool = False  # a SEQUENCE made by ALTER TABLE ... ADD GENERATED ... AS IDENTITY
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ def read_toc(buf: bytes | bytearray) -> Toc:
         tag = cur.str() or ""
         desc = cur.str() or ""
         section = cur.int()
-        cur.str(), cur.str(), cur.str()  # defn, drop, copy
+        defn = cur.str() or ""
+        cur.str(), cur.str()  # drop, copy
         namespace = cur.str() or ""
         cur.str(), cur.str()  # tablespace, table access method
         if version >= (1, 16):
@@ -120,8 +123,9 @@ def read_toc(buf: bytes | bytearray) -> Toc:
         offset_at = cur.pos
         state = cur.byte()
         cur.take(off_size)
+        identity = desc == "SEQUENCE" and defn.startswith("ALTER TABLE")
         entries.append(TocEntry(dump_id, desc, offset_at, state == OFFSET_NOT_SET,
-                                namespace, tag, tuple(deps), section))
+                                namespace, tag, tuple(deps), section, identity))
     return Toc(version, cur.int_size, off_size, compressed, entries, cur.pos)
 
 
@@ -181,6 +185,332 @@ def _spread(toc: Toc, marked: set[int], reaches: Callable[[TocEntry, int], bool]
                     and any(reaches(entry, d) for d in entry.deps)):
                 marked.add(entry.dump_id)
                 changed = True
+
+
+# What a partial restore (--schema, --table) takes, by TOC entry kind ("desc").
+RELATIONS = frozenset({"TABLE", "VIEW", "MATERIALIZED VIEW", "FOREIGN TABLE"})
+NAMED = RELATIONS | {"SEQUENCE"}  # what --table names, as pg_restore -t
+# Objects that exist to be used: restored when a selected object needs one (a column's type,
+# a trigger's function, a default's sequence, the schema itself), with their comments and ACLs.
+DEFINITIONS = frozenset({
+    "SCHEMA", "EXTENSION", "TYPE", "SHELL TYPE", "DOMAIN", "FUNCTION", "PROCEDURE", "AGGREGATE",
+    "COLLATION", "SEQUENCE", "OPERATOR", "OPERATOR CLASS", "OPERATOR FAMILY", "CONVERSION",
+    "CAST", "TRANSFORM", "TEXT SEARCH PARSER", "TEXT SEARCH TEMPLATE", "TEXT SEARCH DICTIONARY",
+    "TEXT SEARCH CONFIGURATION", "PROCEDURAL LANGUAGE", "FOREIGN DATA WRAPPER", "SERVER",
+    "ACCESS METHOD"})
+ABOUT = frozenset({"COMMENT", "ACL", "SECURITY LABEL"})  # say something about another entry
+SPECIAL = frozenset({"ENCODING", "STDSTRINGS", "SEARCHPATH"})  # session settings, always
+# Database-wide, never part of a partial restore (nor large objects: they have no schema).
+IGNORED = frozenset({"DATABASE", "DATABASE PROPERTIES", "PUBLICATION TABLE",
+                     "PUBLICATION TABLES IN SCHEMA"})
+ROWS = frozenset({"TABLE DATA", "SEQUENCE SET"})  # matched by name in a split backup's parts
+INDEXES = frozenset({"INDEX", "CONSTRAINT"})
+TAGGED_BY_TABLE = frozenset({"CONSTRAINT", "FK CONSTRAINT", "CHECK CONSTRAINT", "TRIGGER",
+                             "RULE", "POLICY", "DEFAULT"})
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The entries of an archive that a partial restore runs, and what it leaves out.
+
+    ``entries``: dump id -> (desc, namespace, tag) in the main archive; ``rows``: the
+    (namespace, name) of every selected table and sequence, whose rows a split backup's
+    data-only parts (other dump ids) hold; ``left_out``: one line per object not restored.
+    """
+
+    entries: dict[int, tuple[str, str, str]]
+    rows: frozenset[tuple[str, str]]
+    left_out: tuple[str, ...] = ()
+
+    def pick(self, toc: Toc) -> list[int]:
+        """The dump ids of ``toc`` (the main archive or one of its parts) to restore."""
+        return [e.dump_id for e in toc.entries
+                if e.desc in SPECIAL or self.entries.get(e.dump_id) == (e.desc, e.namespace, e.tag)
+                or (e.desc in ROWS and (e.namespace, e.tag) in self.rows)]
+
+
+def parse_name(text: str) -> list[tuple[str, str]]:
+    """The dot-separated parts of a possibly quoted SQL name, each as (folded, as typed).
+
+    ``"Weird.Schema"."T x"`` -> [("Weird.Schema",) * 2, ("T x",) * 2]; unquoted parts fold
+    to lower case as in SQL (``Sales.Orders`` -> ("sales", "Sales"), ...).
+    """
+    parts: list[tuple[str, str]] = []
+    folded, typed, i, quoted = "", "", 0, False
+    while i <= len(text):
+        char = text[i] if i < len(text) else None
+        if quoted:
+            if char is None:
+                raise ValueError(f"unterminated quote in {text!r}")
+            if char == '"':
+                if text[i + 1:i + 2] == '"':
+                    folded, typed, i = folded + '"', typed + '"', i + 2
+                    continue
+                quoted = False
+            else:
+                folded, typed = folded + char, typed + char
+        elif char is None or char == ".":
+            if not typed:
+                raise ValueError(f"empty name part in {text!r}")
+            parts.append((folded, typed))
+            folded, typed = "", ""
+        elif char == '"':
+            quoted = True
+        else:
+            folded, typed = folded + char.lower(), typed + char
+        i += 1
+    return parts
+
+
+def show_name(*parts: str) -> str:
+    """``parts`` as SQL would write them: quoted unless plain lower-case identifiers."""
+    def one(part: str) -> str:
+        plain = part and not part[0].isdigit() and all(
+            c.islower() or c.isdigit() or c == "_" for c in part)
+        return part if plain else '"' + part.replace('"', '""') + '"'
+    return ".".join(one(p) for p in parts if p)
+
+
+def _label(entry: TocEntry) -> str:
+    if entry.desc in NAMED or entry.desc in DEFINITIONS:
+        return f"{entry.desc.lower()} {show_name(entry.namespace, entry.tag)}"
+    where = f" in schema {show_name(entry.namespace)}" if entry.namespace else ""
+    return f"{entry.desc.lower()} {entry.tag}{where}"
+
+
+def select(toc: Toc, schemas: tuple[str, ...] = (), tables: tuple[str, ...] = ()) -> Selection:
+    """What ``--schema``/``--table`` restore, with what the selected objects need.
+
+    ``--schema S``: every object in S, and S itself. ``--table T`` (``schema.table`` or a
+    name in the ``--schema`` given, else in any one schema; tables, views, materialized views,
+    sequences as pg_restore -t): T with its rows, owned and identity sequences with their
+    values, defaults, indexes, constraints, triggers, rules, policies, comments and ACLs, the
+    partitions of a partitioned table; and wherever needed the schema, types, functions,
+    extensions and sequences that these use. What needs an object outside the selection (a
+    foreign key to a table not restored, a view reading one) is left out and named in
+    ``left_out``. Raises ValueError naming each schema or table that matches nothing.
+    """
+    by_id = {e.dump_id: e for e in toc.entries}
+    problems: list[str] = []
+    wanted: set[str] = set()
+    namespaces = {e.namespace for e in toc.entries if e.namespace} | {
+        e.tag for e in toc.entries if e.desc == "SCHEMA"}
+    for given in schemas:
+        name = _schema_named(given, namespaces)
+        if name is None:
+            problems.append(f"no schema {given}{_close(given, namespaces)}")
+        else:
+            wanted.add(name)
+    named: dict[int, str] = {}
+    for given in tables:
+        try:
+            found = _tables_named(toc, given, wanted)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        named.update((i, given) for i in found)
+    if problems:
+        raise ValueError("; ".join(problems))
+    if tables:
+        selected = set(named)
+    else:
+        selected = {e.dump_id for e in toc.entries
+                    if e.desc not in IGNORED and (
+                        e.namespace in wanted
+                        or (e.desc == "SCHEMA" and e.tag in wanted)
+                        or (e.desc in ABOUT and not e.namespace
+                            and e.tag in {f"SCHEMA {s}" for s in wanted}))}
+    roots = set(selected)
+    pulled = _grow(toc, by_id, selected, roots)
+    dropped = _prune(toc, by_id, selected)
+    # Definitions pulled in only for what was then left out are not needed after all.
+    kept = selected - pulled
+    needed = _needs(by_id, kept)
+    selected &= kept | needed
+    dropped.update(_prune(toc, by_id, selected))
+    unmet = [f"{named[i]} needs {_label(by_id[_cause(dropped, i)])}, which is not restored"
+             for i in named if i in dropped]
+    if unmet:
+        raise ValueError("; ".join(unmet) + ": add it with --table or --schema")
+    left_out = tuple(f"{_label(by_id[i])} (needs {_label(by_id[_cause(dropped, i)])})"
+                     for i in sorted(dropped)
+                     if by_id[i].desc not in ABOUT and by_id[i].desc not in ROWS
+                     and (i in roots or i not in pulled))
+    left_out += tuple(
+        f"{_label(e)} (depends on {_label(by_id[dep])}; add --table "
+        f"{show_name(e.namespace, e.tag)} to restore it)"
+        for e in toc.entries if tables and e.desc in RELATIONS and e.dump_id not in selected
+        and e.dump_id not in dropped
+        for dep in [next((d for d in e.deps if d in selected
+                          and by_id[d].desc in RELATIONS), None)] if dep is not None)
+    return Selection(
+        entries={i: (e.desc, e.namespace, e.tag) for i, e in by_id.items() if i in selected},
+        rows=frozenset((e.namespace, e.tag) for i, e in by_id.items()
+                       if i in selected and e.desc in ("TABLE", "SEQUENCE")),
+        left_out=left_out)
+
+
+def _close(given: str, names: set[str]) -> str:
+    near = difflib.get_close_matches(given, sorted(names), n=3)
+    return f" (did you mean {', '.join(near)}?)" if near else ""
+
+
+def _schema_named(given: str, namespaces: set[str]) -> str | None:
+    """The archive's schema that ``given`` names: as SQL reads it, else exactly as typed."""
+    try:
+        parts = parse_name(given)
+    except ValueError:
+        parts = []
+    for name in ([parts[0][0], parts[0][1]] if len(parts) == 1 else []) + [given]:
+        if name in namespaces:
+            return name
+    return None
+
+
+def _tables_named(toc: Toc, given: str, wanted: set[str]) -> list[int]:
+    """The dump ids of the relation ``given`` names (one relation, or its namesakes in
+    several ``wanted`` schemas); ValueError when none or an unqualified name is ambiguous."""
+    try:
+        parts = parse_name(given)
+    except ValueError as exc:
+        raise ValueError(f"--table {given}: {exc}") from None
+    if len(parts) > 2:
+        raise ValueError(f"--table {given}: expected table or schema.table")
+    candidates = [e for e in toc.entries if e.desc in NAMED]
+    for variant in (0, 1):  # as SQL reads the name, then exactly as typed
+        name = parts[-1][variant]
+        schema = parts[0][variant] if len(parts) == 2 else None
+        found = [e for e in candidates if e.tag == name and (
+            e.namespace == schema if schema is not None
+            else not wanted or e.namespace in wanted)]
+        spaces = sorted({e.namespace for e in found})
+        if len(spaces) > 1 and schema is None and not wanted:
+            raise ValueError(f"--table {given} is in schemas {', '.join(spaces)}: name one, "
+                             f"e.g. --table {show_name(spaces[0], name)}")
+        if found:
+            return [e.dump_id for e in found]
+    within = f" in schema {', '.join(sorted(wanted))}" if wanted and len(parts) == 1 else ""
+    near = _close(given, {show_name(e.namespace, e.tag) for e in candidates})
+    raise ValueError(f"no table {given}{within}{near}")
+
+
+def _grow(toc: Toc, by_id: dict[int, TocEntry], selected: set[int],
+          roots: set[int]) -> set[int]:
+    """Add what belongs to the selected entries and the definitions they need; returns
+    the definitions added only because something needed them."""
+    pulled: set[int] = set()
+    changed = True
+    while changed:  # dependencies may point either way in dump id order
+        changed = False
+        for entry in toc.entries:
+            i = entry.dump_id
+            if i in selected:
+                for dep in entry.deps:
+                    other = by_id.get(dep)
+                    if other is not None and other.desc in DEFINITIONS and dep not in selected:
+                        selected.add(dep)
+                        pulled.add(dep)
+                        changed = True
+                continue
+            if entry.desc in IGNORED or entry.desc in SPECIAL or entry.desc in RELATIONS:
+                continue
+            if entry.desc == "TABLE ATTACH":
+                child = _attached(by_id, entry)
+                parent = [d for d in entry.deps if d != child and d in selected]
+                if child is not None and parent and child not in selected:
+                    selected.add(child)  # a partitioned table's partitions come along
+                    changed = True
+            if entry.desc in DEFINITIONS and entry.desc != "SEQUENCE":
+                continue
+            owner = _owner(by_id, entry)
+            # Belongs to a selected object; being in a selected schema is not enough, nor
+            # pointing at one (another table's foreign key to it).
+            if (owner in selected if owner is not None else any(
+                    d in selected and (by_id[d].desc != "SCHEMA" or entry.desc in ABOUT)
+                    for d in entry.deps)):
+                selected.add(i)
+                pulled.discard(i)
+                changed = True
+    pulled -= roots
+    return pulled
+
+
+def _owner(by_id: dict[int, TocEntry], entry: TocEntry) -> int | None:
+    """The relation a constraint, trigger, rule, policy or default is on: pg_dump tags them
+    "table name"; None for other entries."""
+    if entry.desc not in TAGGED_BY_TABLE:
+        return None
+    owners = [(len(other.tag), dep) for dep in entry.deps
+              if (other := by_id.get(dep)) is not None and other.desc in RELATIONS
+              and other.namespace == entry.namespace and entry.tag.startswith(other.tag + " ")]
+    return max(owners)[1] if owners else None
+
+
+def _attached(by_id: dict[int, TocEntry], attach: TocEntry) -> int | None:
+    """The partition a TABLE ATTACH entry attaches (its own name and schema)."""
+    for dep in attach.deps:
+        other = by_id.get(dep)
+        if other is not None and (other.namespace, other.tag) == (attach.namespace, attach.tag):
+            return dep
+    return None
+
+
+def _needs(by_id: dict[int, TocEntry], kept: set[int]) -> set[int]:
+    """The definitions ``kept`` entries need, directly or through one another."""
+    needed: set[int] = set()
+    stack = list(kept)
+    while stack:
+        for dep in by_id[stack.pop()].deps:
+            other = by_id.get(dep)
+            if other is not None and other.desc in DEFINITIONS and dep not in needed:
+                needed.add(dep)
+                stack.append(dep)
+    return needed
+
+
+def _prune(toc: Toc, by_id: dict[int, TocEntry], selected: set[int]) -> dict[int, int]:
+    """Drop what needs an entry that is not selected, until nothing does; returns each
+    dropped entry's first missing dependency."""
+    partitions = {(child, d) for e in toc.entries if e.desc == "TABLE ATTACH"
+                  if (child := _attached(by_id, e)) is not None for d in e.deps if d != child}
+    dropped: dict[int, int] = {}
+    changed = True
+    while changed:
+        changed = False
+        for entry in toc.entries:
+            if entry.dump_id not in selected:
+                continue
+            deps = list(entry.deps)
+            if entry.desc == "SEQUENCE OWNED BY":  # needs the owning table, as its sequence
+                deps += [d for s in entry.deps if s in by_id for d in by_id[s].deps]
+            # An id outside the archive is an object every database has (schema public).
+            missing = [d for d in deps if d not in selected and d in by_id
+                       and not _soft(entry, by_id[d], partitions)]
+            if missing:  # named by a table it needs where there is one: the likely fix
+                missing.sort(key=lambda d: by_id[d].desc not in RELATIONS)
+                selected.discard(entry.dump_id)
+                dropped[entry.dump_id] = missing[0]
+                changed = True
+    return dropped
+
+
+def _soft(entry: TocEntry, dep: TocEntry, partitions: set[tuple[int, int]]) -> bool:
+    """Whether ``entry`` can be restored without ``dep``, which it depends on."""
+    if entry.desc == "SEQUENCE" and dep.desc in RELATIONS:
+        return not entry.identity  # a serial's sequence stands alone; OWNED BY needs the table
+    if entry.desc == "TABLE" and (entry.dump_id, dep.dump_id) in partitions:
+        return True  # a partition is created alone and attached by its TABLE ATTACH
+    # A partition's index or key depends on its parent's, but is built without it.
+    return entry.desc in INDEXES and dep.desc in INDEXES
+
+
+def _cause(dropped: dict[int, int], i: int) -> int:
+    """The first missing entry that left ``i`` out, through what was left out for it."""
+    seen = set()
+    while i in dropped and i not in seen:
+        seen.add(i)
+        i = dropped[i]
+    return i
 
 
 @dataclass

@@ -255,7 +255,7 @@ def _ddl_churn(url: str) -> Iterator[list[int]]:
                 made.append(k)
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
                     sql.Identifier(f"ddl_{k - 2}")))
-                time.sleep(0.005)
+                time.sleep(0.05)
 
     worker = threading.Thread(target=churn, daemon=True)
     worker.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -183,6 +184,11 @@ def _in_savepoint(cur: Any, query: Any) -> tuple[Any, BaseException | None]:
     return row, None
 
 
+def _shown(name: str) -> str:
+    """A name as a reader expects it: quoted only where SQL would need it."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else identifier(name)
+
+
 def _lock_timed_out(exc: BaseException | None) -> bool:
     return getattr(exc, "sqlstate", None) == "55P03"  # lock_not_available
 
@@ -302,10 +308,15 @@ class LogicalEngine:
 
         # Share-lock every table first, as pg_dump does, without waiting: each count may
         # take a while, and a table locked now can no longer be dropped before its count.
+        # One that cannot be locked at once (a DROP queued behind pg_dump's lock, a long
+        # ALTER) is counted last, so its wait never holds up the others.
+        later: list[tuple[str, str]] = []
         for schema, name, _ in listed:
             snapshot.check()
-            _in_savepoint(cur, sql.SQL("LOCK TABLE ONLY {} IN ACCESS SHARE MODE NOWAIT")
-                          .format(ident(schema, name)))
+            _, error = _in_savepoint(cur, sql.SQL(
+                "LOCK TABLE ONLY {} IN ACCESS SHARE MODE NOWAIT").format(ident(schema, name)))
+            if error is not None:
+                later.append((schema, name))
         counted: dict[tuple[str, str], int] = {}
         failed: dict[tuple[str, str], BaseException] = {}
 
@@ -320,7 +331,7 @@ class LogicalEngine:
             else:
                 failed[schema, name] = error
 
-        for schema, name, _ in listed:
+        for schema, name in [(s, n) for s, n, _ in listed if (s, n) not in later] + later:
             count(schema, name)
         waited = [key for key, error in failed.items() if _lock_timed_out(error)]
         if waited:
@@ -336,7 +347,7 @@ class LogicalEngine:
                       for schema, name, _ in listed if (schema, name) in failed]
         for table in unrecorded:
             snapshot.warnings.append(
-                f"rows of {identifier(table.schema_name)}.{identifier(table.name)} not "
+                f"rows of {_shown(table.schema_name)}.{_shown(table.name)} not "
                 f"counted ({table.reason}): the table is in the dump; drills skip its count")
         snapshot.check()
         problems: list[str] = []

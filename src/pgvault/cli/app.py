@@ -92,9 +92,19 @@ def common(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def _no_password(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a password (or a malformed URL) in --dbname while parsing, before any work."""
+    if value:
+        from pgvault import config
+
+        config.command_line_connection(value, "--dbname")
+    return value
+
+
 def dbname_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("-d", "--dbname", metavar="DB", help="Database name, URL or "
-                        "key=value conninfo (never put a password here; see below).")(func)
+    return click.option("-d", "--dbname", metavar="DB", callback=_no_password,
+                        help="Database name, URL or key=value conninfo (never put a password "
+                             "here; see below).")(func)
 
 
 class _Group(click.Group):

@@ -88,6 +88,14 @@ def scratch_servers(settings: Any, server: str | None = None, keep: bool = False
     return ScratchServers(ConnInfo.parse(server) if server else None, keep=keep)
 
 
+def scratch_servers_given(server: str | None) -> None:
+    """--server comes from the command line: refuse a password in it before any work."""
+    if server is not None:
+        from pgvault import config
+
+        config.command_line_connection(server, "--server")
+
+
 def print_check(check: Any, err: bool = False) -> None:
     """One line per check as it completes: PASS/FAIL/SKIP, its name, why."""
     click.echo(f"  {check.status.upper():<4}  {check.level:<10} {check.name:<20} {check.detail}",
@@ -167,6 +175,7 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
     from pgvault.ops.jobs import run_verify_job
     from pgvault.ops.verify import verify as run_verify
 
+    scratch_servers_given(server)
     settings = settings_of(ctx)
     storage = storage_of(settings)
     catalog = Catalog(storage)

@@ -581,3 +581,35 @@ def test_sse_c_key_goes_with_every_request_that_touches_object_data(
         assert with_key == (op in data_ops), op
     with pytest.raises(Exception, match="SSE-C"):
         S3Options(sse="AES256", sse_customer_key=key)
+
+
+# ---------------------------------------------------------------- the IAM server itself
+
+
+def test_the_iam_server_judges_multipart_uploads_as_aws_does(iam_s3: IamS3) -> None:
+    """On AWS, s3:PutObject covers CreateMultipartUpload, UploadPart and
+    CompleteMultipartUpload. moto 5.2.6 judges them by their own names (no such IAM actions),
+    denying the documented writer and archiver; constraints.txt pins a moto that does not.
+    A role without s3:PutObject must still be refused, so a wrong policy still fails."""
+    bucket = iam_s3.bucket()
+    writer = iam_s3.client(iam_s3.user({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
+         "Resource": [f"arn:aws:s3:::{bucket}/app/*"]}]}))
+    reader = iam_s3.client(iam_s3.user({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["s3:GetObject"],
+         "Resource": [f"arn:aws:s3:::{bucket}/app/*"]}]}))
+    try:
+        upload = writer.create_multipart_upload(Bucket=bucket, Key="app/big")["UploadId"]
+        part = writer.upload_part(Bucket=bucket, Key="app/big", UploadId=upload, PartNumber=1,
+                                  Body=b"x" * 100)
+        writer.complete_multipart_upload(
+            Bucket=bucket, Key="app/big", UploadId=upload,
+            MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]})
+    except ClientError as exc:
+        pytest.fail(f"the moto server refuses multipart uploads under s3:PutObject ({exc}); "
+                    "it is not the moto constraints.txt pins (scripts/bootstrap --test)")
+    assert iam_s3.admin.get_object(Bucket=bucket, Key="app/big")["Body"].read() == b"x" * 100
+    for denied in (lambda: reader.create_multipart_upload(Bucket=bucket, Key="app/r"),
+                   lambda: writer.create_multipart_upload(Bucket=bucket, Key="other/w")):
+        with pytest.raises(ClientError, match="AccessDenied"):
+            denied()

@@ -6,6 +6,9 @@ that stalls or resets connections), the real `pgvault` CLI in a child process, r
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 import signal
 import subprocess
 import time
@@ -17,9 +20,11 @@ import pytest
 
 from cli_runner import PGVAULT, clean_env, one_line_error, pgvault
 from dbcompare import assert_databases_equal
-from faultproxy import FaultProxy, Faults, fault_proxy
+from faultproxy import FaultProxy, fault_proxy
 from fixtures_pg import NewName
+from pgvault.errors import StorageError
 from pgvault.pg.cluster import EphemeralCluster
+from pgvault.storage.s3 import S3Options, S3Storage
 
 MiB = 1 << 20
 
@@ -141,3 +146,60 @@ def test_signal_ends_a_stalled_upload(
     target = new_name()
     pgvault("restore", "latest", "--to", target, "--dbname", pg_cluster.url(), env=env)
     assert_databases_equal(big_db, pg_cluster.url(target))
+
+
+@pytest.fixture
+def backed_up(big_db: str, proxy: FaultProxy, s3_bucket: str) -> dict[str, str]:
+    """big_db backed up through the proxy while it does nothing; the environment to reach it."""
+    env = s3_env(proxy.url, s3_bucket, PGVAULT_IO_TIMEOUT_SECONDS="5")
+    pgvault("backup", "--dbname", big_db, env=env)
+    return env
+
+
+def test_restore_resumes_after_a_reset(
+    big_db: str, backed_up: dict[str, str], proxy: FaultProxy, new_name: NewName,
+    pg_cluster: EphemeralCluster,
+) -> None:
+    # The dump's GET is reset once, 1 MiB into its body; the reads after it resume there.
+    proxy.faults.reset_after_down = MiB
+    proxy.faults.resets = 1
+    target = new_name()
+    pgvault("restore", "latest", "--to", target, "--dbname", pg_cluster.url(), env=backed_up)
+    assert proxy.faults.reset == 1
+    assert_databases_equal(big_db, pg_cluster.url(target))
+
+
+def test_restore_gives_up_after_bounded_resumes(
+    backed_up: dict[str, str], proxy: FaultProxy, new_name: NewName,
+    pg_cluster: EphemeralCluster,
+) -> None:
+    proxy.faults.reset_after_down = MiB  # every GET of a big body, every time
+    started = time.monotonic()
+    proc = pgvault("restore", "latest", "--to", new_name(), "--dbname", pg_cluster.url(),
+                   env=backed_up, expect=5, timeout=120)
+    line = one_line_error(proc)
+    assert "gave up after 5 resumed reads" in line, line
+    assert proxy.faults.reset == 6  # the first read and its five resumptions
+    assert time.monotonic() - started < 60
+
+
+def test_resumed_read_refuses_a_changed_object(
+    proxy: FaultProxy, s3_client: S3Client, s3_bucket: str, s3_options: S3Options,
+) -> None:
+    """Bytes of a new object are never spliced onto the old one's (If-Match on the ETag)."""
+    old, new = os.urandom(3 * MiB), os.urandom(3 * MiB)
+    storage = S3Storage(s3_bucket, "app", dataclasses.replace(s3_options, endpoint_url=proxy.url))
+    storage.put_bytes("blob", old)
+    proxy.faults.reset_after_down = 2 * MiB  # past the first 1 MiB the reader buffers
+    proxy.faults.resets = 1
+    with storage.open("blob") as stream:
+        head = stream.read(64 << 10)
+        s3_client.put_object(Bucket=s3_bucket, Key="app/blob", Body=new)
+        with pytest.raises(StorageError, match="changed while it was read"):
+            stream.read()
+    assert head == old[: len(head)]
+    # Unchanged, the same fault is resumed over, and every byte is the object's.
+    proxy.faults.reset, proxy.faults.resets = 0, 1
+    with storage.open("blob") as stream:
+        assert hashlib.sha256(stream.read()).digest() == hashlib.sha256(new).digest()
+    assert proxy.faults.reset == 1

@@ -82,7 +82,7 @@ class DecryptionError(PgvaultError):
 
 
 class Interrupted(PgvaultError):
-    """The run was stopped by a signal (Ctrl-C or SIGTERM)."""
+    """Interrupted by Ctrl-C (SIGINT), after the cleanup (uploads aborted, lock released)."""
 
     exit_code = 130
 
@@ -97,3 +97,9 @@ class RecordFailed(PgvaultError):
     """The verdict stands (it is printed first), but the repository refused to store its record."""
 
     exit_code = 13
+
+
+class Terminated(Interrupted):
+    """Stopped by SIGTERM, after the same cleanup as for Ctrl-C."""
+
+    exit_code = 143

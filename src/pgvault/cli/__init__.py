@@ -27,7 +27,7 @@ from pgvault.cli import (  # noqa: F401  (registers the commands)
     verify,
 )
 from pgvault.cli.app import cli, state
-from pgvault.errors import Interrupted, PgvaultError
+from pgvault.errors import Interrupted, PgvaultError, Terminated
 from pgvault.redact import ScrubbingWriter, scrub
 
 CLEANUP_SECONDS = 15.0
@@ -42,7 +42,7 @@ _signalled: list[int] = []
 
 
 def _exit_code(signum: int) -> int:
-    """The shell's convention: 128 + the signal (130 for SIGINT, 143 for SIGTERM)."""
+    """The shell's convention, 128 + the signal: Interrupted's 130, Terminated's 143."""
     return 128 + signum
 
 
@@ -58,7 +58,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
                 "over once stale)\n")
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
-    raise Interrupted(f"stopped by {name}")
+    raise Terminated(f"stopped by {name}")
 
 
 def _exit_later(seconds: float, code: int, message: str = "") -> None:

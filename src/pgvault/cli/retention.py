@@ -54,7 +54,8 @@ def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, force: bool
     Manifests are deleted before data. Data without a manifest (a failed backup or an
     interrupted prune) is removed once its id and its files are both 24 hours old.
     A database locked by a running backup is skipped, and the exit code is then 7;
-    a refused plan exits 2, one refused for a damaged manifest 6.
+    a refused plan exits 2, one refused for a damaged manifest 6 (a --dry-run shows
+    the refusal and exits 0).
 
     \b
     Examples:
@@ -87,7 +88,8 @@ def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, force: bool
         for name, plan in report.databases.items():
             if plan.refused:
                 click.echo(f"\n{name}: REFUSED, nothing removed; the plan would keep "
-                           f"{len(plan.keep)} and remove {len(plan.remove)}")
+                           f"{len(plan.keep)} and remove {len(plan.remove)}\n"
+                           f"  refused: {plan.refused}")
             else:
                 click.echo(f"\n{name}: {len(plan.keep)} kept, {len(plan.remove)} "
                            + ("to remove (dry run)" if dry_run else "removed"))
@@ -111,7 +113,8 @@ def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, force: bool
             click.echo("no backups yet")
     for name, why in report.skipped.items():
         click.echo(f"pgvault: skipped {name}: {why}", err=True)
-    refusal = report.refusal()
+    # A dry run changes nothing: it shows the refusal above and succeeds.
+    refusal = None if dry_run else report.refusal()
     if refusal is not None:
         if len(report.refused) > 1 or report.skipped:
             for name, why in report.refused.items():

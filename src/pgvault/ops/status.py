@@ -204,10 +204,11 @@ class DatabaseStatus:
             # but a damaged backup is a sign that the repository is losing bytes.
             shown = "; ".join(f"{backup_id}: {why}" for backup_id, why in self.bad[:3])
             more = f" and {len(self.bad) - 3} more" if len(self.bad) > 3 else ""
-            warning.append(f"{_plural(len(self.bad), 'backup')} cannot be trusted "
-                           f"({shown}{more})")
-        for problem in self.damaged_records:
-            warning.append(problem)
+            # First among the warnings: the one sign the repository itself is failing.
+            warning[:0] = [f"{_plural(len(self.bad), 'backup')} cannot be trusted "
+                           f"({shown}{more})", *self.damaged_records]
+        else:
+            warning[:0] = self.damaged_records
         if critical:
             return Verdict(CRITICAL, tuple(critical + warning))
         return Verdict(WARNING, tuple(warning)) if warning else Verdict(OK)

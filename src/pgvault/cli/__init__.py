@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        _exit_later(EXIT_SECONDS, code)
+        main_thread = threading.main_thread()
+        if any(t is not main_thread and not t.daemon for t in threading.enumerate()):
+            _exit_later(EXIT_SECONDS, code)
         raise
     finally:
         # What is alive now dies with the process: keep the collector from walking it again

@@ -147,7 +147,12 @@ class Pump(Reader):
 
     def _next(self) -> None:
         """Take the next chunk from the thread; raise its error; mark the end."""
-        item = self._chunks.get()
+        while True:
+            try:  # timed: a signal is handled at once however the thread is stuck
+                item = self._chunks.get(timeout=STOP_POLL)
+                break
+            except queue.Empty:
+                continue
         if item is _END:
             self._done = True
         elif isinstance(item, BaseException):

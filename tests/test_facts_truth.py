@@ -237,7 +237,8 @@ def test_a_real_schema_difference_fails_naming_the_object(
 
 @contextlib.contextmanager
 def _ddl_churn(url: str) -> Iterator[list[int]]:
-    """A thread creating a table ddl_<k> with k rows, and dropping ddl_<k-2>, in a loop."""
+    """A thread creating a table ddl_<k> with k rows every 20 ms, and dropping an older one
+    every 0.5 s (pg_dump fails when a drop lands between its snapshot and its locks)."""
     stop = threading.Event()
     made: list[int] = []
 
@@ -253,9 +254,10 @@ def _ddl_churn(url: str) -> Iterator[list[int]]:
                     conn.execute(sql.SQL("INSERT INTO {} SELECT generate_series(1, %s)").format(
                         sql.Identifier(f"ddl_{k}")), (k,))
                 made.append(k)
-                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
-                    sql.Identifier(f"ddl_{k - 2}")))
-                time.sleep(0.05)
+                if k % 25 == 0:
+                    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
+                        sql.Identifier(f"ddl_{k - 20}")))
+                time.sleep(0.02)
 
     worker = threading.Thread(target=churn, daemon=True)
     worker.start()
@@ -267,7 +269,7 @@ def _ddl_churn(url: str) -> Iterator[list[int]]:
 
 
 def _backup_until_it_lands(url: str, repo: Path,
-                           tries: int = 6) -> subprocess.CompletedProcess[str]:
+                           tries: int = 10) -> subprocess.CompletedProcess[str]:
     """pg_dump itself fails when a table goes between the snapshot and its lock: then the
     backup must fail with one line and leave nothing; the next try normally lands."""
     for _ in range(tries):
@@ -288,7 +290,7 @@ def test_backup_under_concurrent_ddl_records_exactly_what_the_dump_holds(
     source = make_db()
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("CREATE TABLE stable (x int); INSERT INTO stable"
-                     " SELECT generate_series(1, 200000)")
+                     " SELECT generate_series(1, 1000000)")
     repo = tmp_path / "repo"
     with _ddl_churn(source) as made:
         while len(made) < 20:
@@ -311,7 +313,7 @@ def test_backup_under_concurrent_ddl_records_exactly_what_the_dump_holds(
         assert rows[f"public.{name}"].startswith(f"{k}:"), (name, rows[f"public.{name}"])
         if name in counted:
             assert counted[name] == k
-    assert counted["stable"] == 200000
+    assert counted["stable"] == 1000000
     assert _rows_by_name(source)["public.stable"] == rows["public.stable"]
 
     report, _ = _drill(repo, pg_cluster.url())

@@ -271,9 +271,14 @@ def show_name(*parts: str) -> str:
     return ".".join(one(p) for p in parts if p)
 
 
-def _label(entry: TocEntry) -> str:
+def _label(by_id: dict[int, TocEntry], entry: TocEntry) -> str:
     if entry.desc in NAMED or entry.desc in DEFINITIONS:
         return f"{entry.desc.lower()} {show_name(entry.namespace, entry.tag)}"
+    owner = _owner(by_id, entry)
+    if owner is not None:
+        table = by_id[owner]
+        return (f"{entry.desc.lower()} {entry.tag[len(table.tag) + 1:]} on "
+                f"{show_name(table.namespace, table.tag)}")
     where = f" in schema {show_name(entry.namespace)}" if entry.namespace else ""
     return f"{entry.desc.lower()} {entry.tag}{where}"
 
@@ -325,19 +330,20 @@ def select(toc: Toc, schemas: tuple[str, ...] = (), tables: tuple[str, ...] = ()
     dropped = _prune(toc, by_id, selected)
     # Definitions pulled in only for what was then left out are not needed after all.
     kept = selected - pulled
-    needed = _needs(by_id, kept)
+    needed = _needs(by_id, {i for i in kept if i in roots or not all(
+        d in pulled or d not in selected for d in by_id[i].deps)})
     selected &= kept | needed
     dropped.update(_prune(toc, by_id, selected))
-    unmet = [f"{named[i]} needs {_label(by_id[_cause(dropped, i)])}, which is not restored"
-             for i in named if i in dropped]
+    unmet = [f"--table {named[i]} needs {_label(by_id, by_id[_cause(dropped, i)])}, which is "
+             "not restored" for i in named if i in dropped]
     if unmet:
         raise ValueError("; ".join(unmet) + ": add it with --table or --schema")
-    left_out = tuple(f"{_label(by_id[i])} (needs {_label(by_id[_cause(dropped, i)])})"
-                     for i in sorted(dropped)
+    left_out = tuple(f"{_label(by_id, by_id[i])} (needs "
+                     f"{_label(by_id, by_id[_cause(dropped, i)])})" for i in sorted(dropped)
                      if by_id[i].desc not in ABOUT and by_id[i].desc not in ROWS
                      and (i in roots or i not in pulled))
     left_out += tuple(
-        f"{_label(e)} (depends on {_label(by_id[dep])}; add --table "
+        f"{_label(by_id, e)} (depends on {_label(by_id, by_id[dep])}; add --table "
         f"{show_name(e.namespace, e.tag)} to restore it)"
         for e in toc.entries if tables and e.desc in RELATIONS and e.dump_id not in selected
         and e.dump_id not in dropped

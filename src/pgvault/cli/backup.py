@@ -303,8 +303,16 @@ def show(
                    "spools the archive to a private file in TMPDIR (its uncompressed size); "
                    "1 streams it with no temporary copy.")
 @click.option("--clean", is_flag=True, help="Replace the target if it exists and is not empty.")
-@click.option("--schema", "schemas", multiple=True, help="Restore only this schema (repeatable).")
-@click.option("--table", "tables", multiple=True, help="Restore only this table (repeatable).")
+@click.option("--schema", "schemas", multiple=True, metavar="NAME",
+              help="Restore only this schema, with the schema itself (repeatable): "
+                   "--schema sales. With --table, only says where unqualified tables are.")
+@click.option("--table", "tables", multiple=True, metavar="[SCHEMA.]TABLE",
+              help="Restore only this table (or view, materialized view, sequence; "
+                   "repeatable), with its rows, sequences and their values, defaults, "
+                   "indexes, constraints, triggers, comments, grants and partitions: "
+                   "--table sales.orders --table '\"Odd.Schema\".\"Table x\"'. Foreign keys "
+                   "to tables not restored are left out, each named in a warning; a name "
+                   "that matches nothing is an error (exit 2) before anything is created.")
 @click.option("--no-owner", is_flag=True, help="Do not restore ownership and privileges.")
 @click.option("--from-database", "source_db", metavar="NAME",
               help="Which database's backups 'latest' means, when the repo holds several.")
@@ -326,6 +334,8 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
       pgvault restore 20261125T010000 --to postgresql://admin@other-host/app_copy -j 4
       pgvault restore latest --to app --clean          # replace an existing database
       pgvault restore latest --to app_copy -j 1        # streamed: no temporary file
+      pgvault restore latest --to sales_copy --schema sales        # one schema
+      pgvault restore latest --to orders_copy --table sales.orders --table customers
       pgvault restore latest --to app_copy --identity-file restore-key.txt   # encrypted
       pgvault restore --physical latest --pgdata /srv/pg-pitr \\
           --target-time '2026-11-25 09:14:00+00' --start --port 5499

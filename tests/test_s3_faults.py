@@ -74,6 +74,14 @@ def assert_left_clean(client: S3Client, bucket: str) -> None:
     assert uploads(client, bucket) == []
 
 
+def error_line(stderr: str) -> str:
+    """The one error line of a failed run (progress lines such as restore's choice aside)."""
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("pgvault: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
 def start_backup(url: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen([PGVAULT, "backup", "--dbname", url], env=env,
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -107,6 +115,7 @@ def test_stalled_upload_times_out_cleanly(
     took = time.monotonic() - started
     assert proc.returncode == 5, err
     line = one_line_error(subprocess.CompletedProcess([], 5, "", err))
+    print(f"stall to exit: {took:.1f} s; {line}")
     assert "no progress for 2 s" in line, line
     assert took < 30, f"took {took:.1f} s after the stall"
     assert_left_clean(s3_client, s3_bucket)
@@ -139,6 +148,7 @@ def test_signal_ends_a_stalled_upload(
     took = time.monotonic() - started
     assert proc.returncode == code, err
     assert "interrupted" in err
+    print(f"{sig.name} to exit: {took:.2f} s")
     assert took < 5, f"took {took:.1f} s after the signal"
     assert_left_clean(s3_client, s3_bucket)
     proxy.faults.stall_after_up = None
@@ -177,7 +187,7 @@ def test_restore_gives_up_after_bounded_resumes(
     started = time.monotonic()
     proc = pgvault("restore", "latest", "--to", new_name(), "--dbname", pg_cluster.url(),
                    env=backed_up, expect=5, timeout=120)
-    line = one_line_error(proc)
+    line = error_line(proc.stderr)
     assert "gave up after 5 resumed reads" in line, line
     assert proxy.faults.reset == 6  # the first read and its five resumptions
     assert time.monotonic() - started < 60
@@ -190,16 +200,21 @@ def test_resumed_read_refuses_a_changed_object(
     old, new = os.urandom(3 * MiB), os.urandom(3 * MiB)
     storage = S3Storage(s3_bucket, "app", dataclasses.replace(s3_options, endpoint_url=proxy.url))
     storage.put_bytes("blob", old)
-    proxy.faults.reset_after_down = 2 * MiB  # past the first 1 MiB the reader buffers
+    # The reset comes 2 MiB in, past the first 1 MiB the reader buffers; at 2 MiB/s it comes
+    # a second in, well after the object has been replaced.
+    proxy.faults.reset_after_down = 2 * MiB
     proxy.faults.resets = 1
+    proxy.faults.rate = 2 * MiB
     with storage.open("blob") as stream:
         head = stream.read(64 << 10)
         s3_client.put_object(Bucket=s3_bucket, Key="app/blob", Body=new)
+        assert proxy.faults.reset == 0
         with pytest.raises(StorageError, match="changed while it was read"):
             stream.read()
     assert head == old[: len(head)]
+    assert proxy.faults.reset == 1
     # Unchanged, the same fault is resumed over, and every byte is the object's.
-    proxy.faults.reset, proxy.faults.resets = 0, 1
+    proxy.faults.reset, proxy.faults.resets, proxy.faults.rate = 0, 1, None
     with storage.open("blob") as stream:
         assert hashlib.sha256(stream.read()).digest() == hashlib.sha256(new).digest()
     assert proxy.faults.reset == 1

@@ -27,6 +27,7 @@ import pytest
 
 from cli_runner import one_line_error, pgvault
 from fixtures_install import installed_pgvault  # noqa: F401  (a fixture)
+from pgvault.ops import archive_access
 from pgvault.ops.wal import archived
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.storage import open_storage
@@ -180,3 +181,75 @@ def test_check_archive_names_a_config_file_the_server_user_cannot_read(
     line = one_line_error(failed)
     assert f"who cannot read {config} (mode -rw-------, owner root), the config file" in line, \
         line
+
+
+# The diagnosis on its own, across the shapes an archive_command takes (no server needed:
+# the account judged is postgres, the files are this process's, so postgres is "other").
+
+def _postgres_server(path: str = "/usr/bin:/bin") -> archive_access.Server:
+    return archive_access.Server(archive_access.Account.of_uid(pwd.getpwnam("postgres").pw_uid),
+                                 path)
+
+
+@pytest.fixture
+def layout(shared_dir: Path) -> Path:
+    """shared/private (0700) holding a Python symlink; shared/venv whose bin/python goes
+    there through a relative symlink with '..'; shared/venv/bin/pgvault a #! script."""
+    private = shared_dir / "private"
+    (private / "bin").mkdir(parents=True)
+    (private / "bin" / "python3").symlink_to(os.path.realpath("/usr/bin/python3"))
+    private.chmod(0o700)
+    (shared_dir / "venv" / "bin").mkdir(parents=True)
+    (shared_dir / "venv" / "bin" / "python").symlink_to("../../private/bin/python3")
+    _launcher(shared_dir / "venv" / "bin" / "pgvault", str(shared_dir / "venv/bin/python"))
+    return shared_dir
+
+
+@pytest.mark.parametrize("prefix", ["", "AWS_PROFILE=archiver ", "env -i HOME=/x ",
+                                    "exec /usr/bin/env A=1 "])
+def test_diagnose_follows_relative_symlinks_and_skips_command_prefixes(
+    layout: Path, prefix: str
+) -> None:
+    program = layout / "venv" / "bin" / "pgvault"
+    said = archive_access.diagnose(f"{prefix}{program} wal-push %p --repo /x", _postgres_server())
+    assert said is not None and f"cannot pass {layout}/private (mode drwx------" in said
+    assert f"to reach {program.parent}/python, the interpreter of {program}" in said
+
+
+def test_diagnose_resolves_env_shebangs_and_bare_names_on_the_server_path(
+    layout: Path,
+) -> None:
+    script = layout / "venv" / "bin" / "pgvault-env"
+    _launcher(script, "/usr/bin/env python3")
+    server = _postgres_server(f"{layout}/private/bin:/usr/bin")
+    said = archive_access.diagnose(f"{script} wal-push %p", server)
+    assert said is not None and f"cannot pass {layout}/private " in said
+    missing = archive_access.diagnose("pgvault wal-push %p", _postgres_server("/nonexistent"))
+    assert missing is not None and "'pgvault', which is not on the server's PATH" in missing
+    found = archive_access.diagnose("pgvault-env wal-push %p",
+                                    _postgres_server(f"{layout}/venv/bin:{layout}/private/bin"))
+    assert found is not None and f"the interpreter of {script}" in found
+
+
+def test_diagnose_passes_what_postgres_may_use_and_names_a_repository_it_cannot_write(
+    layout: Path,
+) -> None:
+    ok = layout / "ok"
+    (ok / "bin").mkdir(parents=True)
+    _launcher(ok / "bin" / "pgvault", "/usr/bin/python3")
+    config = ok / "pgvault.toml"
+    config.write_text("")
+    os.chown(config, 0, pwd.getpwnam("postgres").pw_gid)
+    config.chmod(0o640)  # the group reads it: allowed
+    server = _postgres_server()
+    command = f"{ok}/bin/pgvault wal-push %p --config {config}"
+    assert archive_access.diagnose(command, server) is None
+    script = ok / "bin" / "pgvault"
+    script.chmod(0o711)  # runnable, but the interpreter cannot read the script
+    said = archive_access.diagnose(command, server)
+    assert said is not None and f"cannot read {script} (mode -rwx--x--x" in said
+    script.chmod(0o755)
+    said = archive_access.diagnose(f"{ok}/bin/pgvault wal-push %p --repo=file://{ok}/r/s",
+                                   server)
+    assert said is not None and f"cannot write {ok} (mode drwxr-xr-x" in said
+    assert f"the folder of repository file://{ok}/r/s" in said

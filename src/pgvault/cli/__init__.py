@@ -155,7 +155,8 @@ def _run(argv: list[str] | None) -> NoReturn:
 def _interrupted() -> NoReturn:
     """The one line and exit code of a run stopped by a signal (SIGINT also when unknown)."""
     signum = _signalled[0] if _signalled else signal.SIGINT
-    _fail(f"interrupted by {signal.Signals(signum).name}", _exit_code(signum))
+    _fail("interrupted" if signum == signal.SIGINT else f"interrupted by "
+          f"{signal.Signals(signum).name}", _exit_code(signum))
 
 
 def _fail(message: str, code: int) -> NoReturn:

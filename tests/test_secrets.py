@@ -309,6 +309,7 @@ def test_config_file_with_secrets_readable_by_others_draws_a_warning(tmp_path: P
     config = tmp_path / "pgvault.toml"
     config.write_text(f'database = "postgresql://app:{quote(PLANTED.db_password, safe="")}'
                       '@db.internal/app"\n')
+    (tmp_path / "repo").mkdir()
     repo = f"file://{tmp_path / 'repo'}"
     config.chmod(0o644)
     proc = pgvault("list", "--repo", repo, "--config", str(config))

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pgvault import leftovers
 from pgvault.catalog import Catalog
 from pgvault.engines.physical import MANIFEST, needed_wal, unpack, verify_backup
 from pgvault.errors import DatabaseError, IntegrityError, RestoreFailed, UsageError
@@ -127,7 +128,9 @@ def choose_backup(storage: Storage, cluster: str, ref: str, target: RecoveryTarg
             raise UsageError(f"backup {chosen.id} ends after the target {target.describe()}; "
                              "choose an older one (or 'latest')")
         return chosen
-    usable = [m for m in backups if _ends_before(m, target)]
+    # A backup whose drill failed integrity is never what 'latest' means (as for logical).
+    bad = catalog.bad(cluster)
+    usable = [m for m in backups if _ends_before(m, target) and (m.database, m.id) not in bad]
     if not usable:
         first = backups[0].physical
         assert first is not None
@@ -354,7 +357,7 @@ def verify_physical(storage: Storage, manifest: Manifest, cluster: str, *,
     manifest stored beside the tar, then every file's checksum and the WAL range.
     """
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="pgvault-verify-") as folder:
+    with tempfile.TemporaryDirectory(prefix=leftovers.folder_prefix("verify")) as folder:
         data_dir = Path(folder) / "data"
         data_dir.mkdir(mode=0o700)
         checks = _unpack_verified(storage, manifest, cluster, data_dir, identities, None)
@@ -428,7 +431,7 @@ def drill_physical(storage: Storage, manifest: Manifest, cluster: str, *,
     if facts is None:
         raise UsageError(f"backup {manifest.id} is not a physical backup")
     owner = server_owner()
-    folder = Path(tempfile.mkdtemp(prefix="pgvault-drill-"))
+    folder = Path(tempfile.mkdtemp(prefix=leftovers.folder_prefix("drill")))
     try:
         if owner is not None:
             os.chown(folder, *owner)

@@ -297,7 +297,8 @@ def show(
 @identity_option
 @click.argument("backup_id", default="latest", metavar="[ID|latest]")
 @click.option("--to", "target", metavar="DB",
-              help="New database name on the configured server, or a URL.")
+              help="New database name on the configured server, or a URL (no password in "
+                   "it; never postgres, template0 or template1).")
 @click.option("-j", "--jobs", type=click.IntRange(0, 64), default=0, show_default="0: auto",
               help="Parallel pg_restore jobs; 0 means one per CPU, up to 4. More than one "
                    "spools the archive to a private file in TMPDIR (its uncompressed size); "

@@ -42,7 +42,7 @@ PIP_ENV = {"PIP_NO_COMPILE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 def pip_install(venv: Path, source: Path) -> None:
     constraints = ["-c", str(source / "constraints.txt")] \
         if (source / "constraints.txt").exists() else []
-    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-cache-dir",
+    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q",
                            *constraints, str(source)],
                           capture_output=True, text=True, timeout=600, check=False,
                           env={**os.environ, **PIP_ENV})

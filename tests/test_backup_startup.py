@@ -18,6 +18,7 @@ import pytest
 from cli_runner import one_line_error, pgvault
 from fixtures_pg import NewName
 from pgvault.catalog import lock_key
+from pgvault.engines import logical
 from pgvault.engines.logical import LogicalEngine
 from pgvault.errors import LockHeld
 from pgvault.lock import acquire
@@ -119,16 +120,25 @@ def test_without_a_database_name_the_lock_waits_for_preflight(
     assert taken == ["postgres"]
 
 
-def test_facts_count_exactly_without_parallel_workers(make_db: Callable[..., str]) -> None:
+def test_facts_count_exactly_without_parallel_workers(make_db: Callable[..., str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     url = make_db()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS x")
     engine = LogicalEngine(ConnInfo.parse(url))
+    seen: list[tuple[str, str]] = []
+    real = logical._serial_scans
+
+    def spy(cur: Any) -> None:
+        real(cur)
+        seen.append(cur.execute("SELECT current_setting('max_parallel_workers_per_gather'),"
+                                " current_setting('statement_timeout')").fetchone())
+
+    # facts() ends its transaction (and so its settings) before it returns: look inside.
+    monkeypatch.setattr(logical, "_serial_scans", spy)
     with engine.snapshot() as snapshot:
         facts = engine.facts(snapshot)
-        (workers,) = snapshot.connection.execute(
-            "SELECT current_setting('max_parallel_workers_per_gather')").fetchone()
-    assert workers == "0", "the counts run serially, leaving the CPU to pg_dump's backend"
+    assert seen == [("0", "0")], "the counts run serially, leaving the CPU to pg_dump's backend"
     assert [(t.name, t.rows) for t in facts.tables] == [("t", 1000)]
 
 

@@ -32,16 +32,22 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
 
-@pytest.fixture
-def big_db(make_db: Callable[..., str]) -> str:
-    """A database whose dump stays about 12 MiB after zstd: a multipart upload of 2+ parts."""
+def noisy_db(make_db: Callable[..., str], rows: int) -> str:
     url = make_db()
     with psycopg.connect(url) as conn:
         conn.execute("CREATE TABLE noise (id int PRIMARY KEY, hex text NOT NULL)")
         # md5 hex of random: zstd only halves it, so the dump stays big without a slow fill.
         conn.execute("INSERT INTO noise SELECT i, md5(random()::text) || md5(random()::text) "
-                     "FROM generate_series(1, 380000) AS i")
+                     "FROM generate_series(1, %s) AS i", (rows,))
+        conn.execute("CREATE TABLE small (id int PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO small SELECT i, 'row ' || i FROM generate_series(1, 100) i")
     return url
+
+
+@pytest.fixture
+def big_db(make_db: Callable[..., str]) -> str:
+    """A database whose dump stays about 12 MiB after zstd: a multipart upload of 2+ parts."""
+    return noisy_db(make_db, 380_000)
 
 
 @pytest.fixture
@@ -218,3 +224,38 @@ def test_resumed_read_refuses_a_changed_object(
     with storage.open("blob") as stream:
         assert hashlib.sha256(stream.read()).digest() == hashlib.sha256(new).digest()
     assert proxy.faults.reset == 1
+
+
+def test_sigterm_ends_parallel_dumps_stalled_in_other_threads(
+    make_db: Callable[..., str], proxy: FaultProxy, s3_client: S3Client, s3_bucket: str,
+    new_name: NewName, pg_cluster: EphemeralCluster,
+) -> None:
+    """With --streams 2 the big table's upload runs in a worker thread, not the signalled one."""
+    url = noisy_db(make_db, 760_000)  # a table above the 64 MiB a dump of its own needs
+    proxy.faults.stall_after_up = MiB
+    # One part in flight: the worker then waits on it, not on pg_dump, which the signalled
+    # thread's cleanup stops.
+    env = s3_env(proxy.url, s3_bucket, PGVAULT_IO_TIMEOUT_SECONDS="600",
+                 PGVAULT_S3__MAX_CONCURRENCY="1")
+    proc = subprocess.Popen([PGVAULT, "backup", "--dbname", url, "--streams", "2"], env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    wait_for_stall(proxy, proc)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    took = time.monotonic() - started
+    print(f"SIGTERM to exit with --streams 2: {took:.2f} s")
+    assert proc.returncode == 143, err
+    assert took < 5, f"took {took:.1f} s after the signal"
+    assert_left_clean(s3_client, s3_bucket)
+    proxy.faults.stall_after_up = None
+    pgvault("backup", "--dbname", url, "--streams", "2", env=env)
+    target = new_name()
+    pgvault("restore", "latest", "--to", target, "--dbname", pg_cluster.url(), env=env)
+    assert_databases_equal(url, pg_cluster.url(target))

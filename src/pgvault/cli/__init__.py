@@ -29,6 +29,7 @@ from pgvault.cli import (  # noqa: F401  (registers the commands)
 from pgvault.cli.app import cli, state
 from pgvault.errors import Interrupted, PgvaultError, Terminated
 from pgvault.redact import ScrubbingWriter, scrub
+from pgvault.storage.base import STOPPING
 
 CLEANUP_SECONDS = 15.0
 """After SIGTERM or SIGINT, how long the cleanup (abort uploads, delete partial data, release
@@ -51,6 +52,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _signalled:
         return  # a second Ctrl-C must not cut the cleanup short: the watchdog bounds it
     _signalled.append(signum)
+    STOPPING.set()  # threads other than this one (parallel dumps' uploads) stop waiting too
     name = signal.Signals(signum).name
     _exit_later(CLEANUP_SECONDS, _exit_code(signum),
                 f"pgvault: interrupted by {name}; cleanup did not finish within "

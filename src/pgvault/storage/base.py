@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import BinaryIO, Protocol
 
 from pgvault.errors import StorageError
+
+STOPPING = threading.Event()
+"""Set once pgvault is stopping (SIGTERM, Ctrl-C): a backend's waits in any thread, not only
+the one the signal interrupts, then give up at once and clean up."""
 
 TEMP_PREFIX = ".tmp-"
 """Key segments starting with this are reserved for a backend's in-progress writes."""

@@ -25,11 +25,12 @@ from urllib.parse import urlsplit
 from pgvault.errors import (
     AlreadyExists,
     ConfigError,
+    Interrupted,
     NotFound,
     StorageError,
     TransientStorageError,
 )
-from pgvault.storage.base import ObjectInfo, check_key
+from pgvault.storage.base import STOPPING, ObjectInfo, check_key
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -199,10 +200,15 @@ class _Upload:
         self.aborted = False
 
 
+def _check_stopping() -> None:
+    if STOPPING.is_set():
+        raise Interrupted("stopped while uploading")
+
+
 def _result(future: Future[Any]) -> Any:
-    """The future's result, waiting in timed steps that a signal always ends."""
+    """The future's result, waiting in timed steps that a signal or STOPPING ends."""
     while not wait([future], timeout=_POLL).done:
-        pass
+        _check_stopping()
     return future.result()
 
 
@@ -527,7 +533,7 @@ class S3Storage:
                 if number > MAX_PARTS:
                     raise StorageError(f"{self.url}/{key}: stream exceeds {MAX_PARTS} parts")
                 while not slots.acquire(timeout=_POLL):
-                    pass  # timed: a signal is handled at once, whatever the Python build
+                    _check_stopping()  # timed: also a signal to another thread ends the wait
                 if failed.is_set():
                     slots.release()
                     break  # stop reading; the failed part's error is raised below

@@ -253,3 +253,22 @@ def test_diagnose_passes_what_postgres_may_use_and_names_a_repository_it_cannot_
                                    server)
     assert said is not None and f"cannot write {ok} (mode drwxr-xr-x" in said
     assert f"the folder of repository file://{ok}/r/s" in said
+
+
+def test_check_archive_by_an_os_user_that_cannot_read_pg_control_still_names_the_path(
+    shared_dir: Path,
+) -> None:
+    """Run by neither root nor postgres (here `nobody`): pg_control is out of its reach, and
+    the loopback connection vouches that the data folder's owner is the server's user."""
+    from cli_runner import PGVAULT, clean_env
+
+    program, refused = private_interpreter_install(shared_dir)
+    repo = postgres_repo(shared_dir)
+    with archiving_cluster(f"{program} wal-push %p --repo {repo}") as cluster:
+        failed = subprocess.run(
+            ["runuser", "-u", "nobody", "--", PGVAULT, "check-archive", "-d", cluster.url(),
+             "--repo", str(repo), "--timeout", "3"],
+            env=clean_env(), capture_output=True, text=True, timeout=120, check=False)
+    assert failed.returncode == 8, failed.stderr
+    line = one_line_error(failed)
+    assert f"OS user postgres, who cannot pass {refused} (mode drwx------" in line, line

@@ -51,22 +51,34 @@ class Server:
     path: str
 
 
-def local_server(data_directory: str, system_identifier: str) -> Server | None:
-    """The server's OS account, when ``data_directory`` on this machine is that server's.
+def local_server(data_directory: str, system_identifier: str, *,
+                 backend_pid: int | None = None) -> Server | None:
+    """The server's OS account, when the server behind the connection runs on this machine.
 
     The data folder's owner is the server's OS user (PostgreSQL refuses to start otherwise);
     its pg_control must hold the same system identifier, so that a folder of the same name
-    on this machine never stands in for a remote server's.
+    on this machine never stands in for a remote server's. A process that may not read
+    pg_control (neither root nor that user) falls back on ``backend_pid``, given only for a
+    connection over a unix socket or loopback: the owner of that ``postgres`` process.
     """
     folder = Path(data_directory)
+    owner: int | None = None
     try:
         with open(folder / "global" / "pg_control", "rb") as control:
             head = control.read(8)
-        owner = folder.stat().st_uid
+        # ControlFileData starts with the uint64 system identifier, in the server's order.
+        if len(head) == 8 and str(struct.unpack("=Q", head)[0]) == system_identifier:
+            owner = folder.stat().st_uid
     except OSError:
-        return None
-    # ControlFileData starts with the uint64 system identifier, in the server's byte order.
-    if len(head) < 8 or str(struct.unpack("=Q", head)[0]) != system_identifier:
+        pass
+    if owner is None and backend_pid is not None:
+        process = Path(f"/proc/{backend_pid}")
+        try:
+            if (process / "comm").read_text().strip() == "postgres":
+                owner = process.stat().st_uid
+        except OSError:
+            pass
+    if owner is None:
         return None
     try:
         account = Account.of_uid(owner)
@@ -146,7 +158,13 @@ def blocked(path: str, account: Account, want: int) -> Refusal | None:
             resolved = resolved.parent
             continue
         here = resolved / part
-        if here.is_symlink():
+        try:
+            mode = os.lstat(here).st_mode
+        except FileNotFoundError:
+            return str(here), "does not exist", not parts
+        except OSError:
+            return None  # hidden from this process too: no claim either way
+        if stat.S_ISLNK(mode):
             hops += 1
             if hops > _MAX_SYMLINKS:
                 return None
@@ -155,8 +173,6 @@ def blocked(path: str, account: Account, want: int) -> Refusal | None:
                 + parts
             resolved = Path("/")
             continue
-        if not os.path.lexists(here):
-            return str(here), "does not exist", not parts
         resolved = here
     if _allows(resolved, account, want) is False:
         return str(resolved), _describe(resolved), True
@@ -209,8 +225,9 @@ def _option(words: list[str], name: str) -> str | None:
     return None
 
 
-def diagnose(command: str, server: Server) -> str | None:
-    """One clause naming what the server's OS user cannot do to run ``command``, or None."""
+def diagnose(command: str, server: Server, setting: str = "archive_command") -> str | None:
+    """One clause naming what the server's OS user cannot do to run ``command`` (the value
+    of ``setting``: archive_command or restore_command), or None."""
     user = server.account.name
     words = _command_words(command)
     if not words or "%" in words[0]:
@@ -219,37 +236,37 @@ def diagnose(command: str, server: Server) -> str | None:
     if "/" not in program:
         found = _which(program, server.path)
         if found is None:
-            return (f"archive_command runs {program!r}, which is not on the server's PATH "
-                    f"({server.path}); name pgvault's absolute path in archive_command")
+            return (f"{setting} runs {program!r}, which is not on the server's PATH "
+                    f"({server.path}); name pgvault's absolute path in {setting}")
         program = found
     elif not os.path.isabs(program):
         return None  # relative to the data folder: too rare to guess at
     refused = blocked(program, server.account, os.X_OK)
     if refused is not None:
-        return _cannot(user, "execute", refused, "archive_command's program", program)
+        return _cannot(user, "execute", refused, f"{setting}'s program", program, setting=setting)
     shebang = _interpreter(program)
     if shebang is not None:
         interpreter, args = shebang
         refused = blocked(program, server.account, os.R_OK)  # the interpreter reads the script
         if refused is not None:
-            return _cannot(user, "read", refused, "archive_command's script", program)
+            return _cannot(user, "read", refused, f"{setting}'s script", program, setting=setting)
         if Path(interpreter).name == "env" and args:
             interpreter = _which(args[-1], server.path) or interpreter
         refused = blocked(interpreter, server.account, os.X_OK)
         if refused is not None:
             return _cannot(user, "execute", refused, f"the interpreter of {program}",
-                           interpreter)
+                           interpreter, setting=setting)
     config_file = _option(words, "--config")
     if config_file and os.path.isabs(config_file):
         refused = blocked(config_file, server.account, os.R_OK)
         if refused is not None:
             return _cannot(user, "read", refused, "the config file", config_file,
                            "make it readable by {user} (e.g. owner root, group {user}, "
-                           "mode 0640)")
-    return _repository_problem(words, server)
+                           "mode 0640)", setting=setting)
+    return _repository_problem(words, server, setting)
 
 
-def _repository_problem(words: list[str], server: Server) -> str | None:
+def _repository_problem(words: list[str], server: Server, setting: str) -> str | None:
     """A local --repo folder (or its nearest existing parent) the server's user cannot write."""
     repo = _option(words, "--repo")
     if not repo:
@@ -264,7 +281,7 @@ def _repository_problem(words: list[str], server: Server) -> str | None:
     if refused is not None:
         what = "the repository" if str(folder) == path else f"the folder of repository {repo}"
         return _cannot(server.account.name, "write", refused, what, str(folder),
-                       "give {user} a repository folder it can write")
+                       "give {user} a repository folder it can write", setting=setting)
     return None
 
 
@@ -274,12 +291,12 @@ _INSTALL = ("install pgvault (and its Python) where {user} can run it, e.g. a ve
 
 
 def _cannot(user: str, verb: str, refused: Refusal, what: str, target: str,
-            advice: str = _INSTALL) -> str:
+            advice: str = _INSTALL, *, setting: str) -> str:
     path, why, final = refused
     if final:
         where = f"{target} ({why})" if path == target else f"{target} ({path}: {why})"
         problem = f"cannot {verb} {where}, {what}"
     else:
         problem = f"cannot pass {path} ({why}) to reach {target}, {what}"
-    return (f"the server runs archive_command as OS user {user}, who {problem}; "
+    return (f"the server runs {setting} as OS user {user}, who {problem}; "
             + advice.format(user=user))

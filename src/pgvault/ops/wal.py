@@ -522,7 +522,11 @@ def _archive_command_problem(connection: psycopg.Connection[Any],
         return f"the server archives with archive_library {library!r}, not archive_command"
     if not command or not command.strip():
         return "archive_command is empty on the server"
-    server = archive_access.local_server(str(data_directory), system_identifier)
+    host = connection.info.host
+    loopback = host.startswith("/") or host in ("localhost", "::1") or host.startswith("127.")
+    server = archive_access.local_server(
+        str(data_directory), system_identifier,
+        backend_pid=connection.info.backend_pid if loopback else None)
     return archive_access.diagnose(command, server) if server is not None else None
 
 

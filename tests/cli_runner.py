@@ -62,7 +62,9 @@ def pgvault(
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     """The error a failed run printed: exactly one line, no traceback."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    # 'restore latest' names the backup it chose before it starts: information, not an error.
+    lines = [line for line in proc.stderr.splitlines()
+             if line.strip() and not line.startswith("latest backup of ")]
     assert len(lines) == 1, f"expected one error line, got: {proc.stderr!r}"
     assert "Traceback" not in proc.stderr
     return lines[0]

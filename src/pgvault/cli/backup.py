@@ -358,9 +358,10 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
     storage = storage_of(settings)
     if source_db is None and backup_id == "latest":
         source_db = _source_database(storage, dbname)
-    manifest = resolve(storage, backup_id, source_db)
     if backup_id == "latest":
-        _say_latest(storage, manifest)
+        manifest = _latest(storage, source_db)
+    else:
+        manifest = resolve(storage, backup_id, source_db)
     if manifest.kind == "physical":
         raise UsageError(f"backup {manifest.id} is a physical backup: restore it with "
                          "--physical --pgdata DIR")
@@ -397,13 +398,14 @@ def demo(repo: str | None, rows: int) -> None:
         raise SystemExit(1)
 
 
-def _say_latest(storage: Any, manifest: Manifest) -> None:
-    """Name the backup 'latest' chose, and the newer ones passed over (and why)."""
+def _latest(storage: Any, database: str | None) -> Manifest:
+    """The backup 'latest' means, named with the newer ones passed over (and why)."""
     from pgvault.catalog import Catalog
 
-    _, passed = Catalog(storage).latest(manifest.database)
+    manifest, passed = Catalog(storage).latest(database)
     click.echo(f"latest backup of {manifest.database} is {manifest.id}"
                + "".join(f"; passed over {d.backup_id}: {d.reason}" for d in passed), err=True)
+    return manifest
 
 
 # The server's own databases: a restore over one breaks every later CREATE DATABASE

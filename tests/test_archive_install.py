@@ -253,6 +253,12 @@ def test_diagnose_passes_what_postgres_may_use_and_names_a_repository_it_cannot_
                                    server)
     assert said is not None and f"cannot write {ok} (mode drwxr-xr-x" in said
     assert f"the folder of repository file://{ok}/r/s" in said
+    # The repository may come from the environment the command sets, or from its config.
+    said = archive_access.diagnose(f"PGVAULT_REPO={ok}/r {ok}/bin/pgvault wal-push %p", server)
+    assert said is not None and f"cannot write {ok} " in said
+    config.write_text(f'repo = "file://{ok}/from-config"\n')
+    said = archive_access.diagnose(command, server)
+    assert said is not None and f"the folder of repository file://{ok}/from-config" in said
 
 
 def test_check_archive_by_an_os_user_that_cannot_read_pg_control_still_names_the_path(

@@ -12,12 +12,14 @@ not read, so this only ever reports a path whose mode bits already refuse that u
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
 import shlex
 import stat
 import struct
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,12 +265,28 @@ def diagnose(command: str, server: Server, setting: str = "archive_command") -> 
             return _cannot(user, "read", refused, "the config file", config_file,
                            "make it readable by {user} (e.g. owner root, group {user}, "
                            "mode 0640)", setting=setting)
-    return _repository_problem(words, server, setting)
+    return _repository_problem(_repository(command, words, config_file), server, setting)
 
 
-def _repository_problem(words: list[str], server: Server, setting: str) -> str | None:
-    """A local --repo folder (or its nearest existing parent) the server's user cannot write."""
+def _repository(command: str, words: list[str], config_file: str | None) -> str | None:
+    """The repository the command names: --repo, else PGVAULT_REPO=, else the config's."""
     repo = _option(words, "--repo")
+    if repo:
+        return repo
+    with contextlib.suppress(ValueError):
+        for word in shlex.split(command):
+            if word.startswith("PGVAULT_REPO="):
+                return word[len("PGVAULT_REPO="):]
+    if config_file:
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError):
+            value = tomllib.loads(Path(config_file).read_text()).get("repo")
+            return value if isinstance(value, str) else None
+    return None
+
+
+def _repository_problem(repo: str | None, server: Server, setting: str) -> str | None:
+    """A local repository folder (or its nearest existing parent) the server's user cannot
+    write."""
     if not repo:
         return None
     path = repo[len("file://"):] if repo.startswith("file://") else repo

@@ -1,10 +1,11 @@
-"""pgvault installed the way deploy/README.md and README.md tell users to install it.
+"""pgvault installed the way README.md tells users to install it for WAL archiving.
 
-A venv built on Debian's own /usr/bin/python3 in a folder every OS user may read and
-execute (the tests' stand-in for /opt/pgvault), with pgvault pip-installed from a copy of
-this repository's sources (as the Dockerfile copies them), with the pinned dependencies
-when constraints.txt exists. Built once per test process (~15 s) and shared by the test
-modules that import it.
+The fixture runs README's "Where to install pgvault for WAL archiving" block as written,
+from a copy of this repository's sources (as a checkout), with /opt, /usr/local/bin and
+/etc moved under a temporary root that every OS user may pass (apt-get aside; `sudo -u
+postgres` as runuser, since sudo may not be installed): a venv on Debian's /usr/bin/python3
+with the pinned dependencies. Built once per test process and shared by the test modules
+that import it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -39,26 +41,46 @@ def copy_sources(destination: Path) -> Path:
 PIP_ENV = {"PIP_NO_COMPILE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
-def pip_install(venv: Path, source: Path) -> None:
-    constraints = ["-c", str(source / "constraints.txt")] \
-        if (source / "constraints.txt").exists() else []
-    proc = subprocess.run([str(venv / "bin" / "pip"), "install", "-q",
-                           *constraints, str(source)],
-                          capture_output=True, text=True, timeout=600, check=False,
-                          env={**os.environ, **PIP_ENV})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def readme_install_block() -> list[str]:
+    """README's install commands for WAL archiving, one a line, comments dropped."""
+    section = (REPO / "README.md").read_text().split(
+        "### Where to install pgvault for WAL archiving\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines()
+            if line.strip() and not line.startswith("#")]
 
 
 @functools.cache
 def _build() -> Path:
-    base = Path(tempfile.mkdtemp(prefix="pgvault-opt-", dir="/tmp"))
-    atexit.register(shutil.rmtree, base, True)
-    base.chmod(0o755)  # as /opt: every user passes through
-    venv = base / "pgvault"
-    subprocess.run([str(DEBIAN_PYTHON), "-m", "venv", str(venv)], check=True,
-                   capture_output=True)
-    pip_install(venv, copy_sources(base / "src-copy"))
-    return venv
+    root = Path(tempfile.mkdtemp(prefix="pgvault-opt-", dir="/tmp"))
+    atexit.register(shutil.rmtree, root, True)
+    root.chmod(0o755)  # as /: every user passes through
+    checkout = copy_sources(root / "checkout")
+    (checkout / "pgvault.toml").write_text('repo = "file:///var/backups/pgvault"\n')
+    for folder in ("usr/local/bin", "etc"):
+        (root / folder).mkdir(parents=True)
+    runuser = shutil.which("runuser") or "runuser"
+    lines = []
+    for line in readme_install_block():
+        command = line.replace("sudo -u postgres ", f"{runuser} -u postgres -- ")
+        command = command.replace("sudo ", "")
+        if command.split()[0] == "apt-get":
+            continue
+        for prefix in ("/opt/pgvault", "/usr/local/bin/", "/etc/"):
+            command = command.replace(f" {prefix}", f" {root}{prefix}")
+            if command.startswith(prefix):
+                command = f"{root}{command}"
+        lines.append(command)
+    ran = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(lines)], cwd=checkout,
+                         capture_output=True, text=True, timeout=600, check=False,
+                         env={**os.environ, **PIP_ENV})
+    assert ran.returncode == 0, "README's install block failed:\n" + "\n".join(lines) + \
+        "\n" + ran.stdout + ran.stderr
+    assert "pgvault" in ran.stdout  # the last line: --version, run as postgres
+    config = root / "etc" / "pgvault.toml"
+    assert (config.stat().st_mode & 0o777, config.stat().st_gid) == \
+        (0o640, pwd.getpwnam("postgres").pw_gid)
+    return root / "opt" / "pgvault"
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from pgvault.errors import ConfigError
 
@@ -201,6 +201,21 @@ class ConnInfo:
     def dsn(self) -> str:
         """A key=value string without the password, safe for argv and logs."""
         return " ".join(f"{key}={_param_escape(value)}" for key, value in self.params.items())
+
+    def url(self) -> str:
+        """A postgresql:// URL without the password (nor connect_timeout), for DATABASE_URL
+        and what a user pastes into psql; a socket folder as ``host`` goes in the query."""
+        params = dict(self.params)
+        user = quote(params.pop("user", ""), safe="")
+        host = params.pop("host", "")
+        port = params.pop("port", "")
+        dbname = quote(params.pop("dbname", ""), safe="")
+        query: dict[str, str] = {}
+        if host.startswith("/"):
+            query["host"], host = host, ""
+        query.update((k, v) for k, v in params.items() if k != "connect_timeout")
+        netloc = (user + "@" if user else "") + host + (":" + port if port else "")
+        return f"postgresql://{netloc}/{dbname}" + ("?" + urlencode(query) if query else "")
 
     def redacted(self) -> str:
         """A short human description: user@host:port/db."""

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
+from pgvault.bytestream import CHUNK, Readable, Reader
 from pgvault.errors import PgvaultError
-from pgvault.pipeline.stream import CHUNK, Readable, Reader
 
 PIPE_SIZE = 1 << 20  # fewer, larger reads from pg_dump's stdout
 F_SETPIPE_SZ = 1031

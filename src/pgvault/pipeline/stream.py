@@ -1,45 +1,16 @@
-"""The readable-stream shape every stage consumes and produces."""
+"""The readable-stream shape every stage consumes and produces, and the raw-byte counter.
+
+The shape itself (``CHUNK``, ``Readable``, ``Reader``) lives in ``pgvault.bytestream``, below
+``pg`` and storage, which speak it too; it is re-exported here for the stages.
+"""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
-from typing import Protocol
 
-CHUNK = 1 << 20  # 1 MiB: large enough that per-chunk Python overhead vanishes
+from pgvault.bytestream import CHUNK, Readable, Reader
 
-
-class Readable(Protocol):
-    """Anything with ``read(n) -> bytes`` that returns b"" only at the end."""
-
-    def read(self, size: int = -1, /) -> bytes: ...
-
-
-class Reader(io.RawIOBase):
-    """Base for pipeline readers: subclasses implement ``read_chunk``; b"" means EOF."""
-
-    def readable(self) -> bool:
-        return True
-
-    def read_chunk(self, size: int) -> bytes:
-        raise NotImplementedError
-
-    def read(self, size: int = -1, /) -> bytes:
-        if size is None or size < 0:
-            parts = []
-            while chunk := self.read_chunk(CHUNK):
-                parts.append(chunk)
-            return b"".join(parts)
-        return self.read_chunk(size) if size else b""
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        data = self.read_chunk(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
+__all__ = ["CHUNK", "CountingReader", "Progress", "Readable", "Reader"]
 
 Progress = Callable[[int], None]
 

@@ -24,6 +24,7 @@ SEPARATOR = "\x1f"  # never in a version string or a hex-encoded name
 READY = "pgvault-ready"
 DONE = "pgvault-done"
 _SNAPSHOT_ID = re.compile(r"^[0-9A-F]+-[0-9A-F]+(-[0-9]+)?$")
+_PLAIN = re.compile(r"[a-z_][a-z0-9_$]*")
 
 # The name travels hex-encoded: a database name may hold any character but NUL.
 PREFLIGHT_SQL = (
@@ -40,8 +41,14 @@ EXPORT_SQL = (
 )
 
 
-def identifier(name: str) -> str:
-    """``name`` as a quoted SQL identifier."""
+def identifier(name: str, *, as_needed: bool = False) -> str:
+    """``name`` as a quoted SQL identifier.
+
+    ``as_needed``: a plain lower-case name stays bare, as quote_ident writes it (keywords
+    aside, so for what a message shows, never for SQL that is sent).
+    """
+    if as_needed and _PLAIN.fullmatch(name):
+        return name
     return '"' + name.replace('"', '""') + '"'
 
 

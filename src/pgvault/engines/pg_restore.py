@@ -22,11 +22,12 @@ import tempfile
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from pgvault.engines.spool import Spool
-from pgvault.errors import RestoreFailed
+from pgvault.errors import IntegrityError, RestoreFailed
 from pgvault.pg.archive import MAX_TOC_BYTES, Incomplete, Selection, Toc, after_loads, read_toc
+from pgvault.pg.binaries import tool
 from pgvault.pg.process import StderrTail, describe_exit, feed
 from pgvault.pipeline.pump import Prefetch
 from pgvault.pipeline.stream import CHUNK, Readable, Reader
@@ -63,6 +64,28 @@ class PgRestore:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+def list_entries(stream: Readable, major: int) -> int:
+    """Feed a custom-format archive to PostgreSQL ``major``'s `pg_restore --list`; its
+    entry count. Reads the stream to its end (so its digest is checked); IntegrityError
+    if pg_restore cannot read the archive."""
+    argv = [str(tool("pg_restore", major)), "--list"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    tail = StderrTail(proc.stderr)
+    listing: list[bytes] = []
+    stdout: IO[bytes] = proc.stdout
+    lister = threading.Thread(target=lambda: listing.extend(stdout), daemon=True)
+    lister.start()
+    feed(proc, stream)  # pg_restore stops after the table of contents; feed reads on
+    returncode = proc.wait()
+    lister.join(10)
+    tail.join()
+    if returncode != 0:
+        raise IntegrityError(describe_exit("pg_restore --list", returncode, tail))
+    return sum(1 for line in listing if line.strip() and not line.startswith(b";"))
 
 
 class Selected(Reader):

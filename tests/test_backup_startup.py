@@ -93,7 +93,7 @@ def test_the_lock_follows_the_database_the_server_names() -> None:
 
 def test_a_held_lock_fails_the_start_and_closes_the_session() -> None:
     storage = MemoryStorage()
-    theirs = acquire(storage, "app", "backup", stale_after=HOUR)
+    theirs = acquire(storage, lock_key("app"), "backup", stale_after=HOUR, name="app")
     engine: Any = _Engine(ConnInfo.parse("dbname=app"), database="app")
     with pytest.raises(LockHeld, match="locked by backup"), \
             _preflight_and_lock(engine, storage, HOUR):
@@ -117,7 +117,7 @@ def test_without_a_database_name_the_lock_waits_for_preflight(
     engine: Any = _Engine(ConnInfo.parse("host=localhost"), database="postgres")
     with _preflight_and_lock(engine, storage, HOUR):
         assert _locks(storage) == [lock_key("postgres")]
-    assert taken == ["postgres"]
+    assert taken == [lock_key("postgres")]
 
 
 def test_facts_count_exactly_without_parallel_workers(make_db: Callable[..., str],

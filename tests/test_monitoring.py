@@ -27,7 +27,7 @@ from cli_runner import one_line_error, pgvault
 from dbcompare import assert_databases_equal
 from fixtures_pg import NewName
 from http_recorder import Recorder
-from pgvault.catalog import Catalog
+from pgvault.catalog import Catalog, lock_key
 from pgvault.events import Event, Fanout
 from pgvault.lock import hold
 from pgvault.model import VerifyCheck, VerifyReport
@@ -266,7 +266,7 @@ warn_drill_age_days = 0
     status = json.loads(pgvault("status", "--config", cfg, "-d", name, "--json").stdout)[0]
     assert status["rpo_met"] is True and status["backups"] == 1 and status["state"] == "OK"
     # A backup that started within the RPO and still runs: WARNING, not CRITICAL, meanwhile.
-    with hold(open_storage(repo), name, "backup", stale_after=timedelta(hours=1)):
+    with hold(open_storage(repo), lock_key(name), "backup", stale_after=timedelta(hours=1)):
         time.sleep(3.8)
         running = pgvault("check", "--config", cfg, "-d", name, expect=1)
         assert "a backup is running" in running.stdout

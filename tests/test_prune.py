@@ -17,7 +17,7 @@ from psycopg import sql
 
 from cli_runner import pgvault
 from dbcompare import assert_databases_equal
-from pgvault.catalog import Catalog, artifact_key
+from pgvault.catalog import Catalog, artifact_key, lock_key
 from pgvault.errors import StorageError, UsageError
 from pgvault.lock import hold
 from pgvault.model import Artifact, Manifest, Pin, backup_id_time, from_json, new_backup_id
@@ -268,7 +268,7 @@ def test_a_held_lock_skips_that_database_and_prunes_the_others() -> None:
     sixty_days(storage, "app")
     sixty_days(storage, "billing")
     before = keys(storage, "backups/app/") | keys(storage, "manifests/app/")
-    with hold(storage, "app", "backup", stale_after=STALE):
+    with hold(storage, lock_key("app"), "backup", stale_after=STALE, name="app"):
         report = run(storage, force=True)
         assert "app" in report.skipped and "locked by backup" in report.skipped["app"]
         assert "app" not in report.databases

@@ -1,4 +1,9 @@
-"""A per-database lock object in the repository, so two writers never collide."""
+"""A lock object in the repository, so two writers of one database never collide.
+
+The lock knows its protocol (create, take over a stale one, release only our own), not
+where it lives: callers pass the key (``catalog.lock_key``), and the name their messages
+give it.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from pgvault.catalog import lock_key
 from pgvault.errors import AlreadyExists, LockHeld, NotFound
 from pgvault.storage.base import Storage
 
@@ -39,10 +43,10 @@ def _is_stale(holder: dict[str, object], stale_after: timedelta, now: datetime) 
     return now - since > stale_after
 
 
-def holder(storage: Storage, database: str, *, stale_after: timedelta) -> dict[str, object] | None:
-    """Who holds the lock of ``database`` now (host, pid, operation, since); None if nobody."""
+def holder(storage: Storage, key: str, *, stale_after: timedelta) -> dict[str, object] | None:
+    """Who holds the lock at ``key`` now (host, pid, operation, since); None if nobody."""
     try:
-        current = json.loads(storage.read_bytes(lock_key(database)))
+        current = json.loads(storage.read_bytes(key))
     except (NotFound, ValueError):
         return None
     if not isinstance(current, dict) or _is_stale(current, stale_after, datetime.now(UTC)):
@@ -59,10 +63,14 @@ class Lock:
 
 
 def acquire(
-    storage: Storage, database: str, operation: str, *, stale_after: timedelta
+    storage: Storage, key: str, operation: str, *, stale_after: timedelta,
+    name: str | None = None,
 ) -> Lock:
-    """Take the lock of ``database`` (a stale one is taken over); LockHeld names the holder."""
-    key = lock_key(database)
+    """Take the lock at ``key`` (a stale one is taken over); LockHeld names the holder.
+
+    ``name``: the database (or cluster) the lock guards, as its messages say it.
+    """
+    what = f"database {name!r}" if name is not None else key
     token = secrets.token_hex(8)
     now = datetime.now(UTC)
     body = {
@@ -88,12 +96,12 @@ def acquire(
                 storage.delete([key])
                 continue
             raise LockHeld(
-                f"database {database!r} is locked by {holder.get('operation', '?')} "
+                f"{what} is locked by {holder.get('operation', '?')} "
                 f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
                 f"since {holder.get('since', '?')}); if that process is gone, "
                 f"remove {storage.url}/{key}"
             ) from None
-    raise LockHeld(f"database {database!r}: its lock keeps changing hands; try again")
+    raise LockHeld(f"{what}: its lock keeps changing hands; try again")
 
 
 def release(storage: Storage, lock: Lock) -> None:
@@ -106,10 +114,11 @@ def release(storage: Storage, lock: Lock) -> None:
 
 @contextlib.contextmanager
 def hold(
-    storage: Storage, database: str, operation: str, *, stale_after: timedelta
+    storage: Storage, key: str, operation: str, *, stale_after: timedelta,
+    name: str | None = None,
 ) -> Iterator[None]:
-    """Hold the lock of ``database`` for the block; LockHeld names the holder."""
-    lock = acquire(storage, database, operation, stale_after=stale_after)
+    """Hold the lock at ``key`` for the block; LockHeld names the holder (see ``acquire``)."""
+    lock = acquire(storage, key, operation, stale_after=stale_after, name=name)
     try:
         yield
     finally:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgvault import __version__, leftovers, pipeline
-from pgvault.catalog import Catalog, artifact_key
+from pgvault.catalog import Catalog, artifact_key, lock_key
 from pgvault.engines.logical import (
     DATA_FORMAT,
     DUMP_FORMAT,
@@ -140,8 +140,8 @@ def _preflight_and_lock(
     """
     guess = engine.conn.dbname
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgvault-lock")
-    locking = pool.submit(acquire, storage, guess, "backup", stale_after=stale_after) \
-        if guess else None
+    locking = pool.submit(acquire, storage, lock_key(guess), "backup", stale_after=stale_after,
+                          name=guess) if guess else None
     pool.shutdown(wait=False)
     session = None
     try:
@@ -149,7 +149,8 @@ def _preflight_and_lock(
         server = engine.preflight(session)
         lock = _settle(locking, storage, server.database, guess)
         if lock is None:
-            lock = acquire(storage, server.database, "backup", stale_after=stale_after)
+            lock = acquire(storage, lock_key(server.database), "backup",
+                           stale_after=stale_after, name=server.database)
     except BaseException:
         if session is not None:
             session.close()

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgvault import __version__, pipeline
-from pgvault.catalog import Catalog, artifact_key
+from pgvault.catalog import Catalog, artifact_key, lock_key
 from pgvault.engines.physical import (
     BASE_FORMAT,
     MANIFEST,
@@ -54,7 +54,8 @@ def basebackup(conn: ConnInfo, storage: Storage, options: BasebackupOptions) -> 
     archive.check_identity(storage, options.cluster, info.system_identifier,
                            info.wal_segment_size, bind=False)
     include_wal = _include_wal(options.wal_method, info.archives_with_pgvault)
-    with hold(storage, options.cluster, "basebackup", stale_after=options.lock_stale_after):
+    with hold(storage, lock_key(options.cluster), "basebackup",
+              stale_after=options.lock_stale_after, name=options.cluster):
         started = options.clock()
         backup_id = new_backup_id(started)
         written: list[str] = []

@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgvault import retention
-from pgvault.catalog import Catalog, Orphan, manifest_key
+from pgvault.catalog import Catalog, Orphan, lock_key, manifest_key
 from pgvault.errors import IntegrityError, LockHeld, NotFound, UsageError
 from pgvault.lock import hold
 from pgvault.model import Manifest, backup_id_time
@@ -192,7 +192,8 @@ def prune(
             if not dry_run:
                 try:
                     stack.enter_context(
-                        hold(storage, name, "prune", stale_after=lock_stale_after)
+                        hold(storage, lock_key(name), "prune", stale_after=lock_stale_after,
+                             name=name)
                     )
                 except LockHeld as exc:
                     report.skipped[name] = str(exc)

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from pgvault.catalog import Catalog
+from pgvault.catalog import Catalog, lock_key
 from pgvault.lock import holder
 from pgvault.model import Manifest, VerifyReport, from_dict, to_dict
 from pgvault.ops.wal import ArchiveStatus, archive_status
@@ -293,7 +293,7 @@ def database_status(storage: Storage, database: str, *, rpo_hours: float, rto_mi
         history=history,
         drill=drill,
         drill_last_success=max((r.finished_at for r in reports if r.passed), default=None),
-        running=holder(storage, database, stale_after=lock_stale_after),
+        running=holder(storage, lock_key(database), stale_after=lock_stale_after),
         archive=archive_status(storage, database, physical) if physical else None,
         archive_stale_after=archive_stale_after,
         bad=tuple(sorted(bad, reverse=True)),

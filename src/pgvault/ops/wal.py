@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,14 @@ from pgvault.errors import (
     NotFound,
     UsageError,
 )
-from pgvault.model import Manifest, StageSpec
+from pgvault.model import (
+    ArchiveStatus,
+    Identity,
+    Manifest,
+    PushFailures,
+    StageSpec,
+    TimelineRange,
+)
 from pgvault.pg import wal
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pipeline.digest import HashingReader
@@ -54,14 +61,6 @@ if TYPE_CHECKING:
     import psycopg
 
     from pgvault.pipeline.age import Keyring
-
-
-@dataclass(frozen=True)
-class Identity:
-    """The database system whose WAL a cluster name holds."""
-
-    system_identifier: str
-    wal_segment_size: int
 
 
 @dataclass(frozen=True)
@@ -326,54 +325,6 @@ def wait_for(storage: Storage, cluster: str, names: list[str], *, timeout: float
             return missing
         sleep(min(delay, max(deadline - time.monotonic(), 0)))
         delay = min(delay * 2, 2.0)
-
-
-@dataclass(frozen=True)
-class PushFailures:
-    """Failed pushes so far and the last one, as wal-push recorded them."""
-
-    total: int = 0
-    last_at: datetime | None = None
-    last_wal: str | None = None
-    last_error: str | None = None
-
-
-@dataclass
-class TimelineRange:
-    """The archived segments of one timeline: first, last, and the holes between."""
-
-    timeline: int
-    first: str
-    last: str
-    segments: int
-    gaps: list[tuple[str, str]] = field(default_factory=list)  # (first missing, last missing)
-
-
-@dataclass
-class ArchiveStatus:
-    """What the archive of one cluster holds and which points in time it can restore to."""
-
-    cluster: str
-    identity: Identity | None
-    timelines: list[TimelineRange]
-    files: int
-    stored_bytes: int
-    last_wal: str | None
-    last_archived_at: datetime | None
-    earliest_restore: datetime | None  # the oldest restorable base backup's end
-    latest_restore: datetime | None  # when the newest segment of an unbroken chain was stored
-    failures: PushFailures = field(default_factory=PushFailures)
-
-    @property
-    def failing(self) -> bool:
-        """The last push failed, and no segment was archived since."""
-        last = self.failures.last_at
-        return last is not None and (self.last_archived_at is None
-                                     or last > self.last_archived_at)
-
-    @property
-    def gaps(self) -> list[tuple[str, str]]:
-        return [gap for line in self.timelines for gap in line.gaps]
 
 
 def archive_status(storage: Storage, cluster: str, backups: list[Manifest]) -> ArchiveStatus:

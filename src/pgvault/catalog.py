@@ -10,14 +10,18 @@ Layout (the only module that knows it):
     wal/<cluster>/identity.json            the system identifier whose WAL this cluster holds
     wal/<cluster>/push-failures.json       count and last error of failed pushes (overwritten)
     wal/<cluster>/<tli>/<walfile>/<sha256 of the raw file><suffix>   one archived WAL file
+
+Every record under these keys is read and written here (manifests, drills, status and WAL
+records); the lock's protocol is ``pgvault.lock``, its key is ``lock_key``.
 """
 
 from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -25,7 +29,16 @@ from urllib.parse import quote, unquote, urlsplit
 import msgspec
 
 from pgvault.errors import IntegrityError, NotFound, StorageError, UsageError
-from pgvault.model import Manifest, VerifyReport, from_json, new_backup_id, to_json
+from pgvault.model import (
+    Identity,
+    Manifest,
+    PushFailures,
+    VerifyReport,
+    from_json,
+    new_backup_id,
+    to_json,
+)
+from pgvault.pg.wal import WalName, parse_wal_name
 from pgvault.storage.base import ObjectInfo, Storage
 
 MANIFESTS = "manifests/"
@@ -156,6 +169,31 @@ class Damaged:
     database: str
     backup_id: str
     reason: str
+
+
+@dataclass(frozen=True)
+class ArchivedFile:
+    """One stored WAL object: which file, which content (sha256 of the raw bytes), which
+    encoding (the suffix names the stages)."""
+
+    wal: WalName
+    sha256: str
+    suffix: str
+    info: ObjectInfo
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+
+def _archived(infos: Iterable[ObjectInfo]) -> builtins.list[ArchivedFile]:
+    found = []
+    for info in infos:
+        parsed = parse_wal_key(info.key)
+        name = parse_wal_name(parsed[1]) if parsed else None
+        if parsed is not None and name is not None:
+            found.append(ArchivedFile(name, parsed[2], parsed[3], info))
+    return found
 
 
 @dataclass
@@ -450,6 +488,57 @@ class Catalog:
             for (db, backup_id), objects in sorted(groups.items())
             if (db, backup_id) not in committed
         ]
+
+    # The WAL archive of a cluster (see ops.wal for what pushes and fetches promise).
+
+    def wal_identity(self, cluster: str) -> Identity | None:
+        """The system a cluster name is bound to; None before its first push."""
+        key = wal_identity_key(cluster)
+        try:
+            record = json.loads(self.storage.read_bytes(key))
+            return Identity(str(record["system_identifier"]), int(record["wal_segment_size"]))
+        except NotFound:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"{self.storage.url}/{key} is damaged: {exc}") from None
+
+    def bind_wal_identity(self, cluster: str, identity: Identity, *, bound_at: datetime,
+                          host: str) -> None:
+        """Bind a cluster name to a system, once: AlreadyExists if it is bound already."""
+        record = {"system_identifier": identity.system_identifier,
+                  "wal_segment_size": identity.wal_segment_size,
+                  "bound_at": bound_at.isoformat(), "host": host}
+        self.storage.create(wal_identity_key(cluster), json.dumps(record, indent=2).encode())
+
+    def wal_versions(self, cluster: str, walfile: str) -> builtins.list[ArchivedFile]:
+        """Every stored version of one WAL file name (more than one only after a split brain)."""
+        return _archived(self.storage.list(wal_file_prefix(cluster, walfile)))
+
+    def wal_files(self, cluster: str) -> builtins.list[ArchivedFile]:
+        """Every archived WAL object of a cluster, in key order."""
+        return _archived(self.storage.list(wal_prefix(cluster)))
+
+    def wal_push_failures(self, cluster: str) -> PushFailures:
+        """Failed pushes so far; none if never recorded (or the record is unreadable)."""
+        try:
+            record = json.loads(self.storage.read_bytes(wal_failures_key(cluster)))
+            return PushFailures(int(record["failures_total"]),
+                                datetime.fromisoformat(record["last_failure_at"]),
+                                record.get("last_failed_wal"), record.get("last_error"))
+        except (NotFound, ValueError, KeyError, TypeError):
+            return PushFailures()
+
+    def record_wal_push_failure(self, cluster: str, walfile: str, error: str,
+                                now: datetime) -> None:
+        """Count one more failed push of ``walfile`` (a read and a put: a writer role can)."""
+        key = wal_failures_key(cluster)
+        try:
+            total = int(json.loads(self.storage.read_bytes(key)).get("failures_total", 0))
+        except (NotFound, ValueError, AttributeError):
+            total = 0
+        record = {"failures_total": total + 1, "last_failure_at": now.isoformat(),
+                  "last_failed_wal": walfile, "last_error": error}
+        self.storage.put_bytes(key, json.dumps(record, indent=2).encode())
 
     def delete_orphan(self, orphan: Orphan) -> bool:
         """Remove an orphan's objects unless its manifest has appeared since; True if removed."""

@@ -16,25 +16,17 @@ import contextlib
 import hashlib
 import io
 import itertools
-import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgvault import pipeline
-from pgvault.catalog import (
-    parse_wal_key,
-    wal_failures_key,
-    wal_file_prefix,
-    wal_identity_key,
-    wal_object_key,
-    wal_prefix,
-)
+from pgvault.catalog import ArchivedFile, Catalog, wal_object_key
 from pgvault.errors import (
     AlreadyExists,
     BackupFailed,
@@ -55,30 +47,12 @@ from pgvault.pg import wal
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pipeline.digest import HashingReader
 from pgvault.pipeline.stream import CHUNK
-from pgvault.storage.base import ObjectInfo, Storage
+from pgvault.storage.base import Storage
 
 if TYPE_CHECKING:
     import psycopg
 
     from pgvault.pipeline.age import Keyring
-
-
-@dataclass(frozen=True)
-class ArchivedFile:
-    """One stored WAL object: which file, which content, how it is encoded."""
-
-    wal: wal.WalName
-    sha256: str
-    suffix: str
-    info: ObjectInfo
-
-    @property
-    def key(self) -> str:
-        return self.info.key
-
-    @property
-    def stages(self) -> list[StageSpec]:
-        return stages_of_suffix(self.suffix)
 
 
 @dataclass(frozen=True)
@@ -103,14 +77,7 @@ def stages_of_suffix(suffix: str) -> list[StageSpec]:
 
 def read_identity(storage: Storage, cluster: str) -> Identity | None:
     """The identity a cluster name is bound to; None before its first push."""
-    key = wal_identity_key(cluster)
-    try:
-        record = json.loads(storage.read_bytes(key))
-        return Identity(str(record["system_identifier"]), int(record["wal_segment_size"]))
-    except NotFound:
-        return None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"{storage.url}/{key} is damaged: {exc}") from None
+    return Catalog(storage).wal_identity(cluster)
 
 
 def check_identity(storage: Storage, cluster: str, system_identifier: str,
@@ -120,11 +87,11 @@ def check_identity(storage: Storage, cluster: str, system_identifier: str,
     if identity is None:
         if not bind:
             return Identity(system_identifier, segment_size)
-        record = {"system_identifier": system_identifier, "wal_segment_size": segment_size,
-                  "bound_at": datetime.now(UTC).isoformat(), "host": socket.gethostname()}
+        ours = Identity(system_identifier, segment_size)
         try:
-            storage.create(wal_identity_key(cluster), json.dumps(record, indent=2).encode())
-            return Identity(system_identifier, segment_size)
+            Catalog(storage).bind_wal_identity(cluster, ours, bound_at=datetime.now(UTC),
+                                               host=socket.gethostname())
+            return ours
         except AlreadyExists:
             identity = read_identity(storage, cluster)
             assert identity is not None
@@ -144,22 +111,12 @@ def check_identity(storage: Storage, cluster: str, system_identifier: str,
 
 def versions(storage: Storage, cluster: str, walfile: str) -> list[ArchivedFile]:
     """Every stored version of one WAL file name (more than one only after a split brain)."""
-    return _archived(storage.list(wal_file_prefix(cluster, walfile)))
+    return Catalog(storage).wal_versions(cluster, walfile)
 
 
 def archived(storage: Storage, cluster: str) -> list[ArchivedFile]:
     """Every archived WAL object of a cluster, in key order."""
-    return _archived(storage.list(wal_prefix(cluster)))
-
-
-def _archived(infos: Iterable[ObjectInfo]) -> list[ArchivedFile]:
-    found = []
-    for info in infos:
-        parsed = parse_wal_key(info.key)
-        name = wal.parse_wal_name(parsed[1]) if parsed else None
-        if parsed is not None and name is not None:
-            found.append(ArchivedFile(name, parsed[2], parsed[3], info))
-    return found
+    return Catalog(storage).wal_files(cluster)
 
 
 def push(storage: Storage, cluster: str, path: Path, stages: list[StageSpec]) -> PushResult:
@@ -298,7 +255,8 @@ def fetch(storage: Storage, cluster: str, walfile: str, target: Path, *,
     size = 0
     try:
         with storage.open(version.key) as stored, open(target, "wb") as out:
-            decoded = pipeline.decode(stored, version.stages, identities=identities,
+            decoded = pipeline.decode(stored, stages_of_suffix(version.suffix),
+                                      identities=identities,
                                       what=f"archived {walfile}")
             while chunk := decoded.read(CHUNK):
                 digest.update(chunk)
@@ -379,25 +337,12 @@ def record_push_failure(storage: Storage, cluster: str, walfile: str, error: str
     """Count a failed push where monitoring reads it; best effort (storage may be the cause)."""
     from pgvault.redact import scrub
 
-    key = wal_failures_key(cluster)
     with contextlib.suppress(Exception):
-        try:
-            total = int(json.loads(storage.read_bytes(key)).get("failures_total", 0))
-        except (NotFound, ValueError, AttributeError):
-            total = 0
-        record = {"failures_total": total + 1, "last_failure_at": now.isoformat(),
-                  "last_failed_wal": walfile, "last_error": scrub(error)[:500]}
-        storage.put_bytes(key, json.dumps(record, indent=2).encode())
+        Catalog(storage).record_wal_push_failure(cluster, walfile, scrub(error)[:500], now)
 
 
 def push_failures(storage: Storage, cluster: str) -> PushFailures:
-    try:
-        record = json.loads(storage.read_bytes(wal_failures_key(cluster)))
-        return PushFailures(int(record["failures_total"]),
-                            datetime.fromisoformat(record["last_failure_at"]),
-                            record.get("last_failed_wal"), record.get("last_error"))
-    except (NotFound, ValueError, KeyError, TypeError):
-        return PushFailures()
+    return Catalog(storage).wal_push_failures(cluster)
 
 
 @dataclass(frozen=True)

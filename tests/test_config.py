@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from cli_runner import one_line_error, pgvault
@@ -63,14 +65,57 @@ def test_cli_reports_bad_config_in_one_line_with_exit_3(tmp_path: Path) -> None:
     assert "cannot read config file" in one_line_error(proc)
 
 
-def test_database_url_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    settings = config.load(write(tmp_path, 'database = "postgresql://h/fromfile"\n'))
-    assert config.connection(settings).dbname == "fromfile"
-    monkeypatch.setenv("DATABASE_URL", "postgresql://h/fromdatabaseurl")
-    assert config.connection(settings).dbname == "fromdatabaseurl"
-    monkeypatch.setenv("DIRECT_URL", "postgresql://h/fromdirect")
+def test_database_url_precedence(tmp_path: Path) -> None:
+    file = write(tmp_path, 'database = "postgresql://h/fromfile"\n')
+    environ: dict[str, str] = {}
+    assert config.connection(config.load({}, environ, file)).dbname == "fromfile"
+    environ["DATABASE_URL"] = "postgresql://h/fromdatabaseurl"
+    assert config.connection(config.load({}, environ, file)).dbname == "fromdatabaseurl"
+    environ["DIRECT_URL"] = "postgresql://h/fromdirect"
+    settings = config.load({}, environ, file)
     assert config.connection(settings).dbname == "fromdirect"
     assert config.connection(settings, "fromflag").dbname == "fromflag"
+    environ["PGVAULT_DATABASE"] = "postgresql://h/frompgvault"
+    assert config.connection(config.load({}, environ, file)).dbname == "frompgvault"
+
+
+def test_settings_are_read_once_from_the_environ_given(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """load(flags, environ, files) reads only ``environ``, once: a later change of the
+    process's environment (or of the mapping) changes nothing, and load() writes nothing."""
+    pw = tmp_path / "pw"
+    pw.write_text("from-file\n")
+    environ = {"PGVAULT_REPO": "file:///from/environ", "PGPASSWORD_FILE": str(pw),
+               "PGVAULT_AGE_PASSPHRASE": "correct horse", "DATABASE_URL": "postgresql://h/db",
+               "HOME": str(tmp_path)}
+    monkeypatch.setenv("PGVAULT_REPO", "file:///from/process")
+    monkeypatch.setenv("PGPASSWORD", "from-process")
+    before = dict(os.environ)
+    settings = config.load({}, environ)
+    assert dict(os.environ) == before
+    environ["PGVAULT_REPO"] = "file:///changed"
+    pw.write_text("changed\n")
+    assert settings.repo == "file:///from/environ"
+    assert settings.secrets.age_passphrase == "correct horse"
+    assert config.connection(settings).password == "from-file"
+    assert settings.environ["PGVAULT_REPO"] == "file:///from/environ"
+    with pytest.raises(TypeError):
+        settings.environ["X"] = "y"  # type: ignore[index]
+    assert config.load({"repo": "file:///flag"}, environ).repo == "file:///flag"
+    # Neither printed nor encoded: the environment holds secrets.
+    assert "correct horse" not in repr(settings) + msgspec.json.encode(settings).decode()
+    assert "environ" not in msgspec.structs.asdict(settings)
+    # The default repository follows the HOME given, not this process's.
+    del environ["PGVAULT_REPO"]
+    assert config.load({}, environ).repo == (tmp_path / ".local/share/pgvault/repo").as_uri()
+
+
+def test_an_unreadable_secret_file_fails_only_where_it_is_used(tmp_path: Path) -> None:
+    environ = {"DATABASE_URL_FILE": str(tmp_path / "missing"), "PGVAULT_REPO": "file:///r"}
+    settings = config.load({}, environ)  # list, prune, ... never need the URL
+    with pytest.raises(ConfigError, match="cannot read DATABASE_URL_FILE"):
+        config.connection(settings)
+    assert config.connection(settings, "app").dbname == "app"
 
 
 def test_secrets_from_file_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

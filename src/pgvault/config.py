@@ -1,11 +1,17 @@
 """The one place that reads the environment and config files.
 
 Precedence, highest first: command-line flag > environment > TOML file > default.
-Everything else in pgvault receives the plain values this module resolves.
+``load(flags, environ, files)`` reads everything once and returns frozen ``Settings``:
+the values, the secrets the environment holds (read eagerly, ``settings.secrets``) and a
+read-only snapshot of the environment (``settings.environ``) for child processes.
+Everything else in pgvault receives these plain values; nothing else reads or writes
+``os.environ``, and this module never touches the process-wide redactor itself: the
+entry point registers ``settings.secrets.scrub_values`` (see ``redactions``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -26,6 +32,9 @@ from pgvault import redact
 from pgvault.errors import ConfigError, UsageError
 from pgvault.pg.conninfo import ConnInfo
 
+if typing.TYPE_CHECKING:
+    from pgvault.storage import RepoLocation
+
 log = logging.getLogger("pgvault")
 
 # Variables whose value may instead be read from the file named by VAR_FILE.
@@ -39,11 +48,14 @@ SECRET_VARIABLES = (
 )
 
 
-def default_repo() -> str:
+def default_repo(environ: Mapping[str, str] | None = None) -> str:
+    """~/.local/share/pgvault/repo, or under XDG_DATA_HOME (``environ``: the process's own
+    environment when None, for Settings built in code)."""
+    environ = os.environ if environ is None else environ
     # The XDG spec says to ignore a relative XDG_DATA_HOME; as_uri() escapes '#', '?', '%'.
-    data_home = os.environ.get("XDG_DATA_HOME") or ""
+    data_home = environ.get("XDG_DATA_HOME") or ""
     if not os.path.isabs(data_home):
-        data_home = os.path.expanduser("~/.local/share")
+        data_home = _expanduser("~/.local/share", environ)
     folder = Path(data_home, "pgvault", "repo")
     return folder.as_uri() if folder.is_absolute() else str(folder)
 
@@ -301,8 +313,14 @@ class DatabaseEntry(Section, dict=True):
                          if getattr(value, name) != getattr(default, name))
 
 
-class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """Every setting pgvault knows; unknown keys are an error that names the key."""
+class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True,
+               dict=True):
+    """Every setting pgvault knows; unknown keys are an error that names the key.
+
+    Beside the settings, ``load`` attaches what it read from the environment (``environ``,
+    ``secrets``, ``config_file``): properties, not fields, so no file or variable can set
+    them and no JSON, repr or asdict of the settings shows them.
+    """
 
     repo: str = field(default_factory=default_repo)
     database: str | None = None
@@ -343,26 +361,153 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
             raise ValueError(f"[repo] {exc} (from --repo, PGVAULT_REPO or the config "
                              "file's repo)") from None
 
+    @property
+    def environ(self) -> Mapping[str, str]:
+        """A read-only snapshot of the environment load() read (what child processes get)."""
+        found = self.__dict__.get("_environ")
+        return found if found is not None else types.MappingProxyType(os.environ)
+
+    @property
+    def secrets(self) -> Secrets:
+        """The secrets of the environment, read once by load()."""
+        found = self.__dict__.get("_secrets")
+        if found is None:
+            found = self.__dict__["_secrets"] = _read_secrets(self, self.environ)
+        return found
+
+    @property
+    def location(self) -> RepoLocation:
+        """The repository URL taken apart: the one judgement of its scheme (kind)."""
+        from pgvault.storage import parse_repo
+
+        return parse_repo(self.repo)
+
+    @property
+    def config_file(self) -> str | None:
+        """The config file load() read, as given (--config or PGVAULT_CONFIG), or None."""
+        return self.__dict__.get("_config_file")
+
+
+def _attach(settings: Settings, like: Settings) -> Settings:
+    """``settings`` (a replace() of ``like``) with what load() attached to ``like``."""
+    settings.__dict__.update({key: value for key, value in like.__dict__.items()
+                              if key in ("_environ", "_secrets", "_config_file")})
+    return settings
+
+
+class Secrets:
+    """Secrets of the environment, each read once: the value, or the error reading it gave.
+
+    An error (an unreadable PGPASSWORD_FILE, say) is raised where the secret is used, as
+    when it was read there: a command that never needs it must not fail on it.
+    """
+
+    __slots__ = ("_found", "_recipients", "scrub_urls", "scrub_values")
+
+    def __init__(self, found: Mapping[str, str | ConfigError],
+                 recipients: tuple[str, ...] | ConfigError,
+                 scrub_values: tuple[str, ...], scrub_urls: tuple[str, ...]) -> None:
+        self._found = dict(found)
+        self._recipients = recipients
+        self.scrub_values = scrub_values
+        """Values the redactor must mask (passwords, keys, tokens, whole secret values)."""
+        self.scrub_urls = scrub_urls
+        """URLs that are secret whole (webhooks): ``redact.register_url`` each."""
+
+    def get(self, name: str) -> str | None:
+        """Variable ``name``, or the content of the file ``name``_FILE names (None: unset)."""
+        value = self._found.get(name)
+        if isinstance(value, ConfigError):
+            raise ConfigError(str(value))
+        return value
+
+    @property
+    def pgpassword(self) -> str | None:
+        return self.get("PGPASSWORD")
+
+    @property
+    def age_passphrase(self) -> str | None:
+        """PGVAULT_AGE_PASSPHRASE or its _FILE only (never a flag or the config file)."""
+        return self.get("PGVAULT_AGE_PASSPHRASE")
+
+    @property
+    def age_recipients(self) -> tuple[str, ...]:
+        """encryption.recipients (or PGVAULT_AGE_RECIPIENTS) and recipients_file's lines,
+        as written: ``pipeline.age.canonical_recipient`` checks and canonicalizes each."""
+        if isinstance(self._recipients, ConfigError):
+            raise ConfigError(str(self._recipients))
+        return self._recipients
+
+    @property
+    def sse_c_key(self) -> bytes:
+        """The SSE-C key: PGVAULT_S3_SSE_C_KEY or its _FILE, base64 of 32 random bytes."""
+        import base64
+        import binascii
+
+        text = self.get("PGVAULT_S3_SSE_C_KEY")
+        if not text:
+            raise ConfigError("s3.sse = sse-c needs PGVAULT_S3_SSE_C_KEY (or "
+                              "PGVAULT_S3_SSE_C_KEY_FILE): base64 of 32 random bytes, e.g. "
+                              "from `openssl rand -base64 32`")
+        try:
+            return base64.b64decode(text, validate=True)
+        except binascii.Error:
+            raise ConfigError("PGVAULT_S3_SSE_C_KEY is not valid base64") from None
+
+    def aws_credentials(self) -> tuple[str, str, str | None] | None:
+        """Credentials that only AWS_*_FILE variables give (botocore reads the variables
+        themselves but not their _FILE): (key id, secret key, session token) or None."""
+        if self._found.get("_aws_from_files") is None:
+            return None
+        key_id, secret = self.get("AWS_ACCESS_KEY_ID"), self.get("AWS_SECRET_ACCESS_KEY")
+        if not key_id or not secret:
+            return None
+        return key_id, secret, self.get("AWS_SESSION_TOKEN")
+
+    def __repr__(self) -> str:
+        return f"Secrets({sorted(k for k in self._found if not k.startswith('_'))})"
+
 
 ENV_PREFIX = "PGVAULT_"
 ENV_NESTED = "__"
 
 
-def load(config_file: str | None = None, **flags: Any) -> Settings:
-    """Settings from flags (non-None values), environment and the TOML file."""
-    path = config_file or os.environ.get("PGVAULT_CONFIG")
+def load(flags: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+         environ: Mapping[str, str] | None = None,
+         files: str | os.PathLike[str] | None = None, **legacy_flags: Any) -> Settings:
+    """Settings from ``flags`` (non-None values), ``environ`` and the TOML file ``files``
+    (None: the file PGVAULT_CONFIG names, if any).
+
+    The old call shape ``load(config_file, **flags)`` still works: it reads this process's
+    environment and registers the secrets with the redactor, as load() used to.
+    """
+    if not isinstance(flags, Mapping):
+        if environ is not None:
+            raise TypeError("load(flags, environ, files): flags is a mapping")
+        settings = _load(legacy_flags, os.environ, flags)
+        register_secrets(settings)
+        return settings
+    return _load(flags, os.environ if environ is None else environ, files)
+
+
+def _load(flags: Mapping[str, Any], environ: Mapping[str, str],
+          config_file: str | os.PathLike[str] | None) -> Settings:
+    snapshot = types.MappingProxyType(dict(environ))
+    path = os.fspath(config_file) if config_file else snapshot.get("PGVAULT_CONFIG")
     values: dict[str, Any] = {}
     if path:
-        file = Path(path).expanduser()
+        file = Path(_expanduser(path, snapshot))
         if not file.is_file():
             raise ConfigError(f"config file {file} does not exist")
         values = _check_toml(file)
         _warn_if_exposed(file, values)
     overrides = {key: value for key, value in flags.items() if value is not None}
-    age_env = _age_env()
+    age_env = _age_env(snapshot)
     if age_env:
         overrides["encryption"] = {**age_env, **overrides.get("encryption", {})}
-    values = _deep_update(_deep_update(values, _env_values()), overrides)
+    values = _deep_update(_deep_update(values, _env_values(snapshot)), overrides)
+    if "repo" not in values:
+        values["repo"] = default_repo(snapshot)
     try:
         settings = msgspec.convert(values, Settings, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
@@ -371,11 +516,26 @@ def load(config_file: str | None = None, **flags: Any) -> Settings:
         if isinstance(raw, dict):
             entry.__dict__["_given"] = {key: frozenset(raw[key]) for key in _ENTRY_SECTIONS
                                         if isinstance(raw.get(key), dict)}
-    _register_secrets(settings)
+    settings.__dict__["_environ"] = snapshot
+    settings.__dict__["_config_file"] = path or None
+    settings.__dict__["_secrets"] = _read_secrets(settings, snapshot)
     return settings
 
 
-def _env_values() -> dict[str, Any]:
+def _expanduser(path: str, environ: Mapping[str, str]) -> str:
+    """os.path.expanduser, with HOME taken from ``environ`` (``~user``: from the password
+    database, which is what expanduser reads for it)."""
+    if path != "~" and not path.startswith("~/"):
+        return os.path.expanduser(path)
+    home = environ.get("HOME")
+    if home is None:
+        import pwd
+
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    return (home.rstrip("/") + path[1:]) or "/"
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
     """PGVAULT_<KEY> and PGVAULT_<SECTION>__<KEY> (any case) as nested values.
 
     A value for a section, list or table is JSON (PGVAULT_NOTIFY__EVENTS='["all"]');
@@ -385,7 +545,7 @@ def _env_values() -> dict[str, Any]:
     found: dict[str, Any] = {}
     nested: list[tuple[list[str], str, str]] = []
     prefix = ENV_PREFIX.lower()
-    for variable, raw in os.environ.items():
+    for variable, raw in environ.items():
         name = variable.lower()
         if not name.startswith(prefix):
             continue
@@ -475,13 +635,13 @@ def _deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def _age_env() -> dict[str, Any]:
+def _age_env(environ: Mapping[str, str]) -> dict[str, Any]:
     """PGVAULT_AGE_RECIPIENTS (comma-separated) and PGVAULT_AGE_IDENTITY_FILE."""
     found: dict[str, Any] = {}
-    recipients = os.environ.get("PGVAULT_AGE_RECIPIENTS")
+    recipients = environ.get("PGVAULT_AGE_RECIPIENTS")
     if recipients:
         found["recipients"] = [r.strip() for r in recipients.split(",") if r.strip()]
-    identity_file = os.environ.get("PGVAULT_AGE_IDENTITY_FILE")
+    identity_file = environ.get("PGVAULT_AGE_IDENTITY_FILE")
     if identity_file:
         found["identity_file"] = identity_file
     return found
@@ -542,24 +702,6 @@ def _warn_if_exposed(path: Path, data: dict[str, Any]) -> None:
                     "(mode %04o); run: chmod 600 %s", path, ", ".join(secrets), mode, path)
 
 
-def _register_secrets(settings: Settings) -> None:
-    """Tell the redactor every secret the settings hold, so nothing prints them."""
-
-    def walk(value: Any) -> None:
-        if isinstance(value, Secret):
-            redact.register_url(value.get_secret_value())
-        elif isinstance(value, msgspec.Struct):
-            for name in value.__struct_fields__:
-                walk(getattr(value, name))
-        elif isinstance(value, list | tuple):
-            for item in value:
-                walk(item)
-        elif isinstance(value, str):
-            redact.register(_url_password(value))
-
-    walk(settings)
-
-
 def _describe(exc: msgspec.ValidationError) -> str:
     """The problem on one line, naming the key as the user wrote it (never its value).
 
@@ -589,64 +731,160 @@ def _describe(exc: msgspec.ValidationError) -> str:
     return f"invalid configuration: setting {'.'.join(keys)!r}: {message}"
 
 
-def secret_env(name: str) -> str | None:
-    """A secret from the environment: VAR itself, or the content of the file VAR_FILE."""
-    value = os.environ.get(name)
+# Read from VAR or from the file VAR_FILE names, once, at load (see Secrets).
+_FILE_SECRETS = (*SECRET_VARIABLES, "PGVAULT_AGE_PASSPHRASE", "PGVAULT_S3_SSE_C_KEY")
+
+
+def _read_secret(environ: Mapping[str, str], name: str) -> str | ConfigError | None:
+    value = environ.get(name)
     if value:
-        _register_secret_value(value)
         return value
-    file_name = os.environ.get(name + "_FILE")
+    file_name = environ.get(name + "_FILE")
     if not file_name:
         return None
     try:
-        value = Path(file_name).read_text().strip()
+        return Path(file_name).read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"cannot read {name}_FILE ({file_name}): {exc.strerror}") from None
-    _register_secret_value(value)
+        return ConfigError(f"cannot read {name}_FILE ({file_name}): {exc.strerror}")
+
+
+def _read_secrets(settings: Settings, environ: Mapping[str, str]) -> Secrets:
+    """Every secret the environment (and recipients_file) holds for these settings."""
+    names = [*_FILE_SECRETS, *(entry.url_env for entry in settings.databases
+                               if entry.url_env and entry.url_env not in _FILE_SECRETS)]
+    found: dict[str, str | ConfigError] = {}
+    for name in names:
+        value = _read_secret(environ, name)
+        if value is not None:
+            found[name] = value
+    if any(not environ.get(name) and isinstance(found.get(name), str)
+           for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")):
+        found["_aws_from_files"] = "yes"
+    plain: list[str] = []
+    for name, value in found.items():
+        if not isinstance(value, str) or name.startswith("_"):
+            continue
+        if name == "AWS_ACCESS_KEY_ID" and environ.get(name):
+            continue  # an identifier (AWS prints it in errors), unless a _FILE held it
+        if name == "PGVAULT_AGE_PASSPHRASE":
+            plain.append(value)  # whole, even when it looks like a URL
+        plain += _secret_parts(value)
+    plain += [environ.get("AWS_SECURITY_TOKEN") or ""]
+    if environ.get("PGVAULT_DATABASE"):
+        plain.append(_spec_password(environ["PGVAULT_DATABASE"]) or "")
+    sse_c = found.get("PGVAULT_S3_SSE_C_KEY")
+    if settings.s3.sse == "sse-c" and isinstance(sse_c, str):
+        import base64
+        import binascii
+
+        # boto3 sends the key base64-encoded in a header: that form is a secret too.
+        with contextlib.suppress(binascii.Error):
+            plain.append(base64.b64encode(base64.b64decode(sse_c, validate=True)).decode())
+    urls: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, Secret):
+            urls.append(value.get_secret_value())
+            plain.append(_spec_password(value.get_secret_value()) or "")
+        elif isinstance(value, msgspec.Struct):
+            for name in value.__struct_fields__:
+                walk(getattr(value, name))
+        elif isinstance(value, list | tuple):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str):
+            plain.append(_spec_password(value) or "")
+
+    walk(settings)
+    return Secrets(found, _recipients(settings.encryption, environ),
+                   tuple(dict.fromkeys(v for v in plain if v)),
+                   tuple(dict.fromkeys(u for u in urls if u)))
+
+
+def _secret_parts(value: str) -> list[str]:
+    """What of a secret variable to mask: a URL's password (the rest of a URL is not
+    secret), a key=value conninfo's password and the whole string, or the whole value."""
+    if "://" in value:
+        return [_url_password(value) or ""]
+    return [value, _spec_password(value) or ""]
+
+
+_CONNINFO_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def _spec_password(spec: str) -> str | None:
+    """The password inside a connection URL or key=value string, if any."""
+    if "://" in spec:
+        return _url_password(spec)
+    found = _CONNINFO_PASSWORD.search(spec)
+    if not found:
+        return None
+    value = found[1]
+    if value.startswith("'"):
+        value = re.sub(r"\\(.)", r"\1", value[1:-1])
     return value
 
 
-def _register_secret_value(value: str | None) -> None:
-    """A URL's password (the rest of a URL is not secret), or the whole value."""
-    if value and "://" in value:
-        redact.register(_url_password(value))
-    else:
-        redact.register(value)
+def _recipients(encryption: EncryptionSettings,
+                environ: Mapping[str, str]) -> tuple[str, ...] | ConfigError:
+    """The recipients as written, recipients_file's lines (age's -R format) after them."""
+    found = list(encryption.recipients)
+    if encryption.recipients_file:
+        path = Path(_expanduser(encryption.recipients_file, environ))
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            return ConfigError(f"cannot read encryption.recipients_file {path}: "
+                               f"{exc.strerror}")
+        lines = (line.strip() for line in text.splitlines())
+        found += [line for line in lines if line and not line.startswith("#")]
+    return tuple(found)
+
+
+def register_secrets(settings: Settings) -> None:
+    """Tell the redactor every secret the settings hold (the old load() did this itself;
+    callers of the new one do it at their entry point)."""
+    redact.register(*settings.secrets.scrub_values)
+    for url in settings.secrets.scrub_urls:
+        redact.register_url(url)
+
+
+def secret_env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A secret from the environment: VAR itself, or the content of the file VAR_FILE.
+
+    Kept for callers of the old load(); they read this process's environment.
+    """
+    value = _read_secret(os.environ if environ is None else environ, name)
+    if isinstance(value, ConfigError):
+        raise value
+    if value:
+        redact.register(*_secret_parts(value))
+    return value
 
 
 def export_file_secrets() -> None:
-    """Turn AWS_*_FILE variables into the variables boto3's credential chain reads."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        if not os.environ.get(name):
-            value = secret_env(name)
-            if value:
-                os.environ[name] = value
-    # The key id is an identifier (AWS prints it in errors); the rest are secrets.
-    redact.register(os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"),
-                    os.environ.get("AWS_SECURITY_TOKEN"))
+    """Nothing left to do: the credentials AWS_*_FILE give reach the S3 client through
+    ``Secrets.aws_credentials`` (kept until every caller of the old load() is gone)."""
 
 
 def age_recipients(settings: Settings) -> list[str]:
     """The age recipients: the setting (or PGVAULT_AGE_RECIPIENTS) plus recipients_file."""
-    encryption = settings.encryption
-    if not encryption.recipients and not encryption.recipients_file:
+    recipients = settings.secrets.age_recipients
+    if not recipients:
         return []  # without importing the age stage: most backups are not encrypted
-    from pgvault.pipeline.age import canonical_recipient, recipients_from_text
+    # An upward import, kept only until the pipeline's callers canonicalize themselves.
+    from pgvault.pipeline.age import canonical_recipient
 
-    found = [canonical_recipient(r) for r in encryption.recipients]
-    if encryption.recipients_file:
-        path = Path(encryption.recipients_file).expanduser()
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read encryption.recipients_file {path}: "
-                              f"{exc.strerror}") from None
-        found += recipients_from_text(text)
-    return found
+    return [canonical_recipient(r) for r in recipients]
 
 
-def age_passphrase() -> str | None:
-    """The age passphrase, from PGVAULT_AGE_PASSPHRASE or _FILE only (never a flag or file)."""
+def age_passphrase(settings: Settings | None = None) -> str | None:
+    """The age passphrase, from PGVAULT_AGE_PASSPHRASE or _FILE only (never a flag or file).
+
+    Without ``settings`` (the old call shape): read now from this process's environment.
+    """
+    if settings is not None:
+        return settings.secrets.age_passphrase
     value = secret_env("PGVAULT_AGE_PASSPHRASE")
     redact.register(value)  # whole, even when it looks like a URL
     return value
@@ -665,16 +903,19 @@ def command_line_connection(spec: str, flag: str = "--dbname") -> ConnInfo:
 
     Every user of the host can read a process's argv (ps, /proc/PID/cmdline), so a password
     there is already exposed; refusing teaches where it belongs before it becomes a habit.
+    The refusal's ``secrets`` attribute holds the password, for the caller's redactor.
     """
     try:
         conn = ConnInfo.parse(spec)
     except ConfigError as exc:  # a flag's value: a usage error, named by its flag
         raise UsageError(f"{flag}: {exc}") from None
     if conn.password or conn.params.get("sslpassword"):
-        redact.register(conn.password, conn.params.get("sslpassword"))
-        raise UsageError(f"{flag} holds a password, and every user of this host can read "
-                         f"the command line (ps): remove it and give the password through "
-                         f"{PASSWORD_SOURCES}")
+        refusal = UsageError(f"{flag} holds a password, and every user of this host can read "
+                             f"the command line (ps): remove it and give the password through "
+                             f"{PASSWORD_SOURCES}")
+        refusal.secrets = tuple(  # type: ignore[attr-defined]
+            v for v in (conn.password, conn.params.get("sslpassword")) if v)
+        raise refusal
     return conn
 
 
@@ -682,10 +923,10 @@ def _connection_spec(settings: Settings, dbname: str | None) -> tuple[str | None
     """The connection string that wins, and where it came from (for error messages)."""
     if dbname:
         return dbname, "--dbname"
-    if os.environ.get("PGVAULT_DATABASE"):
-        return os.environ["PGVAULT_DATABASE"], "PGVAULT_DATABASE"
-    for name in ("DIRECT_URL", "DATABASE_URL"):  # read (and registered) only when needed
-        spec = secret_env(name)
+    if settings.environ.get("PGVAULT_DATABASE"):
+        return settings.environ["PGVAULT_DATABASE"], "PGVAULT_DATABASE"
+    for name in ("DIRECT_URL", "DATABASE_URL"):  # a broken _FILE fails only when needed
+        spec = settings.secrets.get(name)
         if spec:
             return spec, name
     return settings.database or None, "the config file's database"
@@ -701,15 +942,16 @@ def connection(settings: Settings, dbname: str | None = None) -> ConnInfo:
         command_line_connection(dbname)
     spec, source = _connection_spec(settings, dbname)
     try:
-        conn = ConnInfo.parse(spec, password=secret_env("PGPASSWORD"))
+        conn = ConnInfo.parse(spec, password=settings.secrets.pgpassword,
+                              environ=settings.environ)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    redact.register(conn.password)
     return conn
 
 
 def s3_options(settings: Settings) -> Any:
     """S3Options for the storage layer, built from the [s3] section."""
+    # An upward import, kept until Vault.open builds the storage (it moves there).
     from pgvault.storage.s3 import S3Options
 
     s3 = settings.s3
@@ -727,29 +969,12 @@ def s3_options(settings: Settings) -> Any:
         verify_tls=s3.verify_tls,
         part_size=s3.part_size_mb << 20,
         max_concurrency=s3.max_concurrency,
-        sse_customer_key=_sse_c_key() if s3.sse == "sse-c" else None,
+        sse_customer_key=settings.secrets.sse_c_key if s3.sse == "sse-c" else None,
         object_lock_mode=lock.mode.upper() if lock else None,
         object_lock_days=lock.days if lock else 0,
         io_timeout=settings.io_timeout_seconds,
+        credentials=settings.secrets.aws_credentials(),
     )
-
-
-def _sse_c_key() -> bytes:
-    """The SSE-C key: PGVAULT_S3_SSE_C_KEY or its _FILE, base64 of 32 random bytes."""
-    import base64
-    import binascii
-
-    text = secret_env("PGVAULT_S3_SSE_C_KEY")
-    if not text:
-        raise ConfigError("s3.sse = sse-c needs PGVAULT_S3_SSE_C_KEY (or PGVAULT_S3_SSE_C_KEY_FILE)"
-                          ": base64 of 32 random bytes, e.g. from `openssl rand -base64 32`")
-    try:
-        key = base64.b64decode(text, validate=True)
-    except binascii.Error:
-        raise ConfigError("PGVAULT_S3_SSE_C_KEY is not valid base64") from None
-    # boto3 sends the key base64-encoded in a header: that form is a secret too.
-    redact.register(base64.b64encode(key).decode())
-    return key
 
 
 @dataclass(frozen=True)
@@ -783,7 +1008,7 @@ def _merged(settings: Settings, entry: DatabaseEntry) -> Settings:
             base = getattr(settings, key)
             update[key] = msgspec.structs.replace(
                 base, **{name: getattr(section, name) for name in given})
-    return msgspec.structs.replace(settings, **update)
+    return _attach(msgspec.structs.replace(settings, **update), settings)
 
 
 def target_connection(target: Target, dbname: str | None = None) -> ConnInfo:
@@ -792,19 +1017,22 @@ def target_connection(target: Target, dbname: str | None = None) -> ConnInfo:
     if dbname or entry is None:
         # Without a name, libpq's default is the OS user's database: a backup of whatever
         # that is, filed under it, is no backup of what the user meant.
-        if not (_connection_spec(target.settings, dbname)[0] or os.environ.get("PGDATABASE")
-                or os.environ.get("PGSERVICE")):
+        environ = target.settings.environ
+        if not (_connection_spec(target.settings, dbname)[0] or environ.get("PGDATABASE")
+                or environ.get("PGSERVICE")):
             raise ConfigError(f"no database given: name one with {DATABASE_SOURCES}")
         return connection(target.settings, dbname)
-    password = secret_env("PGPASSWORD")
+    secrets = target.settings.secrets
+    password = secrets.pgpassword
+    environ = target.settings.environ
     if entry.url is not None:
-        conn = ConnInfo.parse(entry.url.get_secret_value(), password=password)
+        conn = ConnInfo.parse(entry.url.get_secret_value(), password=password, environ=environ)
     elif entry.url_env:
-        spec = secret_env(entry.url_env)
+        spec = secrets.get(entry.url_env)
         if not spec:
             raise ConfigError(f"database {entry.name!r}: environment variable {entry.url_env} "
                               "(or its _FILE) is not set")
-        conn = ConnInfo.parse(spec, password=password)
+        conn = ConnInfo.parse(spec, password=password, environ=environ)
     else:
         return connection(target.settings).with_dbname(entry.name)
     if conn.dbname and conn.dbname != entry.name:

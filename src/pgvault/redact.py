@@ -9,10 +9,12 @@ through ``ScrubbingWriter``, so no code path can print a registered secret by mi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
 
@@ -68,6 +70,22 @@ def register_url(url: str | None) -> None:
     # Webhook tokens live in long path segments and in the query.
     tokens = [segment for segment in parts.path.split("/") if len(segment) >= 16]
     register(parts.password, parts.query or None, *tokens)
+
+
+@contextlib.contextmanager
+def scope() -> Iterator[None]:
+    """Secrets registered inside the block are forgotten after it (one in-process run of
+    the CLI must not mask, or hide from children, what the next run prints)."""
+    global _pattern
+    with _lock:
+        saved = set(_secrets), _pattern
+    try:
+        yield
+    finally:
+        with _lock:
+            _secrets.clear()
+            _secrets.update(saved[0])
+            _pattern = saved[1]
 
 
 def forget_all() -> None:

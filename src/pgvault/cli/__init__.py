@@ -13,11 +13,12 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Iterator, Mapping
 from types import FrameType
-from typing import NoReturn
 
 import click
 
+from pgvault import redact
 from pgvault.cli import (  # noqa: F401  (registers the commands)
     backup,
     monitor,
@@ -26,7 +27,7 @@ from pgvault.cli import (  # noqa: F401  (registers the commands)
     security,
     verify,
 )
-from pgvault.cli.app import cli, state
+from pgvault.cli.app import Invocation, cli
 from pgvault.errors import Interrupted, PgvaultError, Terminated
 from pgvault.redact import ScrubbingWriter, scrub
 from pgvault.storage.base import STOPPING
@@ -82,96 +83,120 @@ class _WarningLine(logging.Formatter):
         return f"{record.levelname.lower()}: {scrub(record.getMessage())}"
 
 
-def _scrub_output() -> None:
-    """Route stdout and stderr through the redactor, so no secret is ever printed."""
-    if not isinstance(sys.stdout, ScrubbingWriter):
-        sys.stdout = ScrubbingWriter(sys.stdout)
-    if not isinstance(sys.stderr, ScrubbingWriter):
-        sys.stderr = ScrubbingWriter(sys.stderr)
+@contextlib.contextmanager
+def _scrubbed_output() -> Iterator[None]:
+    """For this run, stdout and stderr go through the redactor, so no secret is printed;
+    the streams, the pgvault logger and the redactor's secrets are put back after it, so
+    one in-process run leaves nothing to the next."""
+    streams = sys.stdout, sys.stderr
     logger = logging.getLogger("pgvault")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_WarningLine())
-        logger.addHandler(handler)
-        logger.propagate = False
+    saved = list(logger.handlers), logger.level, logger.propagate
+    with redact.scope():
+        if not isinstance(sys.stdout, ScrubbingWriter):
+            sys.stdout = ScrubbingWriter(sys.stdout)
+        if not isinstance(sys.stderr, ScrubbingWriter):
+            sys.stderr = ScrubbingWriter(sys.stderr)
+        if not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(_WarningLine())
+            logger.addHandler(handler)
+            logger.propagate = False
+        try:
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            sys.stdout, sys.stderr = streams
+            logger.handlers[:] = saved[0]
+            logger.setLevel(saved[1])
+            logger.propagate = saved[2]
 
 
-def main(argv: list[str] | None = None) -> NoReturn:
-    """Console entry point: one line per error on stderr, exit code by error kind."""
+def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Run one pgvault command; its exit code (one line per error on stderr).
+
+    ``argv`` (without the program name) and ``env`` default to this process's own. Called
+    with neither, main() is the process's entry point (the console script's ``sys.exit(
+    main())``): it installs the signal handlers and may end lingering threads at exit.
+    Called with either, it runs in-process (tests, embedding) and touches no process-wide
+    state beyond the run: no signal handlers, no watchdog, streams and logging put back.
+    """
+    if argv is not None or env is not None:
+        with _scrubbed_output():
+            return _run(argv, os.environ if env is None else env)
     # Start-up creates many objects that live until exit (click, psycopg, boto3); the
     # collector walking them while they are created costs 15-30 ms of every command. It
     # resumes once a command has what it needs (app.startup_done).
     gc.disable()
     try:
-        _run(argv)
-    except SystemExit as exc:
+        signal.signal(signal.SIGTERM, _on_signal)
+        # Left alone when ignored: a shell starts background jobs with SIGINT ignored on
+        # purpose.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_signal)
+        with _scrubbed_output():
+            code = _run(None, os.environ)
         # Interpreter exit joins every worker thread: one still stalled in the network
         # (its work abandoned by the cleanup) would hold the process for its whole timeout.
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
         main_thread = threading.main_thread()
         if any(t is not main_thread and not t.daemon for t in threading.enumerate()):
             _exit_later(EXIT_SECONDS, code)
-        raise
+        return code
     finally:
         # What is alive now dies with the process: keep the collector from walking it again
         # at interpreter exit (30-70 ms of every command when pydantic was still imported).
         gc.freeze()
 
 
-def _run(argv: list[str] | None) -> NoReturn:
-    signal.signal(signal.SIGTERM, _on_signal)
-    # Left alone when ignored: a shell starts background jobs with SIGINT ignored on purpose.
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_signal)
-    _scrub_output()
+def _run(argv: list[str] | None, environ: Mapping[str, str]) -> int:
+    run = Invocation(environ)
     try:
-        code = cli.main(args=argv, prog_name="pgvault", standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
+        code = cli.main(args=argv, prog_name="pgvault", standalone_mode=False, obj=run)
+        return code if isinstance(code, int) else 0
+    except SystemExit as exc:  # a command's own sys.exit(code)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except click.exceptions.Abort:
-        _interrupted()
+        return _interrupted(run)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(2 if exc.exit_code == 2 else exc.exit_code or 2)
+        return 2 if exc.exit_code == 2 else exc.exit_code or 2
     except KeyboardInterrupt:
-        _interrupted()
+        return _interrupted(run)
     except PgvaultError as exc:
-        if state["debug"]:
+        redact.register(*getattr(exc, "secrets", ()))
+        if run.debug:
             traceback.print_exc()
         if _signalled or isinstance(exc, Interrupted):
             # Whatever failed once a signal came is the signal's doing: report that.
-            _interrupted()
-        _fail(str(exc), exc.exit_code)
-    except SystemExit:
-        raise
+            return _interrupted(run)
+        return _fail(run, str(exc), exc.exit_code)
     except Exception as exc:
-        if state["debug"]:
+        if run.debug:
             traceback.print_exc()
         if _signalled:
-            _interrupted()
-        _fail(f"internal error: {type(exc).__name__}: {exc}", 1)
+            return _interrupted(run)
+        return _fail(run, f"internal error: {type(exc).__name__}: {exc}", 1)
 
 
-def _interrupted() -> NoReturn:
+def _interrupted(run: Invocation) -> int:
     """The one line and exit code of a run stopped by a signal (SIGINT also when unknown)."""
     signum = _signalled[0] if _signalled else signal.SIGINT
-    _fail("interrupted" if signum == signal.SIGINT else f"interrupted by "
-          f"{signal.Signals(signum).name}", _exit_code(signum))
+    return _fail(run, "interrupted" if signum == signal.SIGINT else f"interrupted by "
+                 f"{signal.Signals(signum).name}", _exit_code(signum))
 
 
-def _fail(message: str, code: int) -> NoReturn:
+def _fail(run: Invocation, message: str, code: int) -> int:
     """The one error line, scrubbed: plain text, or a JSON object with --log-format json."""
-    if state.get("log_format") == "json":
+    if run.log_format == "json":
         import json
 
         click.echo(json.dumps({"level": "error", "message": scrub(message),
                                "exit_code": code}), err=True)
     else:
         click.echo(f"pgvault: {scrub(message)}", err=True)
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -52,16 +53,40 @@ config file's database (or [verify] server). For example:
 pgvault hands it to pg_dump and pg_restore in a private PGPASSFILE.
 """
 
-state: dict[str, Any] = {"debug": False, "log_format": "text"}
+@dataclass
+class Invocation:
+    """One run of the command (``cli.main``'s ``obj``): its environment, and what the
+    group's options chose. Nothing of a run outlives it in module state."""
+
+    environ: Mapping[str, str]
+    debug: bool = False
+    log_format: str = "text"
+
+
+def invocation(ctx: click.Context | None = None) -> Invocation:
+    """The run ``ctx`` (else the current click context) belongs to."""
+    root = (ctx or click.get_current_context()).find_root()
+    if not isinstance(root.obj, Invocation):  # cli invoked by click directly (CliRunner)
+        import os
+
+        root.obj = Invocation(os.environ)
+    return root.obj
 
 
 def settings_of(ctx: click.Context) -> Any:
-    """Settings from flags of this command (and the group), environment and config file."""
-    from pgvault import config
+    """Settings from flags of this command (and the group), environment and config file.
+
+    The composition edge: the secrets the settings hold are registered with the redactor
+    here, so nothing this run prints shows them.
+    """
+    from pgvault import config, redact
 
     params = ctx.find_root().params | ctx.params
-    settings = config.load(params.get("config"), repo=params.get("repo"))
-    config.export_file_secrets()
+    settings = config.load({"repo": params.get("repo")}, invocation(ctx).environ,
+                           params.get("config"))
+    redact.register(*settings.secrets.scrub_values)
+    for url in settings.secrets.scrub_urls:
+        redact.register_url(url)
     return settings
 
 
@@ -70,7 +95,7 @@ def storage_of(settings: Any) -> Any:
     from pgvault import config
     from pgvault.storage import open_storage
 
-    options = config.s3_options(settings) if settings.repo.startswith("s3://") else None
+    options = config.s3_options(settings) if settings.location.kind == "s3" else None
     storage = open_storage(settings.repo, options)
     startup_done()
     return storage
@@ -122,15 +147,25 @@ class _Group(click.Group):
         super().add_command(cmd, name)
 
 
+class _EnvOption(click.Option):
+    """An option whose variable comes from the run's environment, not this process's."""
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        if not isinstance(self.envvar, str):
+            return None
+        return invocation(ctx).environ.get(self.envvar) or None
+
+
 @click.group(cls=_Group, epilog=EXIT_CODES,
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pgvault")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
-              envvar="PGVAULT_LOG_FORMAT", show_default=True,
+              envvar="PGVAULT_LOG_FORMAT", show_default=True, cls=_EnvOption,
               help="Logs on stderr: human text, or one JSON object per line (also for errors) "
                    "[env PGVAULT_LOG_FORMAT].")
-def cli(debug: bool, log_format: str) -> None:
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, log_format: str) -> None:
     """pgvault: PostgreSQL backups that are proven to restore.
 
     \b
@@ -144,8 +179,9 @@ def cli(debug: bool, log_format: str) -> None:
     """
     from pgvault import logs
 
-    state["debug"] = debug
-    state["log_format"] = log_format
+    run = invocation(ctx)
+    run.debug = debug
+    run.log_format = log_format
     logs.configure(log_format, debug=debug)
 
 
@@ -158,3 +194,12 @@ def database_filter(dbname: str | None) -> str | None:
     from pgvault import config
 
     return config.command_line_connection(dbname).dbname or dbname
+
+
+def vault_of(ctx: click.Context, settings: Any = None) -> Any:
+    """The wired parts (pgvault.vault.Vault) for this command's settings and repository."""
+    from pgvault.vault import Vault
+
+    vault = Vault.open(settings if settings is not None else settings_of(ctx))
+    startup_done()
+    return vault

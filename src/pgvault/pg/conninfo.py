@@ -148,9 +148,13 @@ class ConnInfo:
     params: Mapping[str, str] = field(default_factory=dict)
     password: str | None = field(default=None, repr=False)
     schema: str | None = None
+    environ: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
+    """The environment libpq's PG* defaults and child processes come from (the settings'
+    snapshot); None: this process's own."""
 
     @classmethod
-    def parse(cls, spec: str | None, password: str | None = None) -> ConnInfo:
+    def parse(cls, spec: str | None, password: str | None = None,
+              environ: Mapping[str, str] | None = None) -> ConnInfo:
         """Parse a database name, a postgres:// URL or a key=value string."""
         schema = None
         text = (spec or "").strip()
@@ -161,7 +165,7 @@ class ConnInfo:
             schema = simple.get("schema")
             params = {k: v for k, v in simple.items() if k not in ORM_PARAMS}
             secret = params.pop("password", None) or password
-            return cls(params=params, password=secret, schema=schema)
+            return cls(params=params, password=secret, schema=schema, environ=environ)
         from psycopg.conninfo import conninfo_to_dict
 
         if text.startswith(("postgres://", "postgresql://")):
@@ -188,7 +192,7 @@ class ConnInfo:
             raise ConfigError(f"{what}: {_without_secrets(_scrub(exc), spec or '')}") from None
         params = {k: str(v) for k, v in raw.items() if v is not None and k not in ORM_PARAMS}
         secret = params.pop("password", None) or password
-        return cls(params=params, password=secret, schema=schema)
+        return cls(params=params, password=secret, schema=schema, environ=environ)
 
     @property
     def dbname(self) -> str | None:
@@ -219,17 +223,22 @@ class ConnInfo:
 
     def redacted(self) -> str:
         """A short human description: user@host:port/db."""
-        p = self.params
-        host = p.get("host") or os.environ.get("PGHOST") or "localhost"
-        port = p.get("port") or os.environ.get("PGPORT") or "5432"
-        user = p.get("user") or os.environ.get("PGUSER") or ""
-        db = p.get("dbname") or os.environ.get("PGDATABASE") or user
+        p, env = self.params, self.env()
+        host = p.get("host") or env.get("PGHOST") or "localhost"
+        port = p.get("port") or env.get("PGPORT") or "5432"
+        user = p.get("user") or env.get("PGUSER") or ""
+        db = p.get("dbname") or env.get("PGDATABASE") or user
         return f"{user + '@' if user else ''}{host}:{port}/{db}"
+
+    def env(self) -> Mapping[str, str]:
+        """The environment this connection was given (this process's when none was)."""
+        return os.environ if self.environ is None else self.environ
 
     def on_this_host(self) -> bool:
         """Whether the server is reached over a Unix socket or loopback, so shares our CPUs."""
+        env = self.env()
         hosts = self.params.get("hostaddr") or self.params.get("host") \
-            or os.environ.get("PGHOSTADDR") or os.environ.get("PGHOST") or ""
+            or env.get("PGHOSTADDR") or env.get("PGHOST") or ""
         return all(host.startswith(("/", "@")) or host in LOOPBACK or host.startswith("127.")
                    for host in hosts.split(","))
 
@@ -265,7 +274,7 @@ class ConnInfo:
         """
         from pgvault import redact
 
-        env = {name: value for name, value in os.environ.items()
+        env = {name: value for name, value in self.env().items()
                if name not in CHILD_HIDDEN and not redact.contains_secret(value)}
         if self.password is None:
             yield env

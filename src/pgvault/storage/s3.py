@@ -107,6 +107,8 @@ class S3Options:
     """Object Lock retention of every object written, counted from its upload."""
     io_timeout: float = 60.0
     """Seconds any network wait (connect, send, receive) may go without progress."""
+    credentials: tuple[str, str, str | None] | None = field(default=None, repr=False)
+    """(key id, secret key, session token) the AWS_*_FILE variables gave; None: boto's chain."""
 
     def __post_init__(self) -> None:
         if self.sse not in (None, "AES256", "aws:kms"):
@@ -392,6 +394,7 @@ class S3Storage:
                 endpoint_url=options.endpoint_url,
                 verify=options.verify_tls,
                 config=config,
+                **_credentials(options.credentials),
             )
         except (BotoCoreError, ValueError) as exc:
             raise ConfigError(
@@ -728,3 +731,12 @@ def _classify(code: str, status: int) -> type[StorageError]:
     if code in _TRANSIENT_CODES or status >= 500:
         return TransientStorageError
     return StorageError
+
+
+def _credentials(given: tuple[str, str, str | None] | None) -> dict[str, str | None]:
+    """create_client's credential arguments: none, so boto's chain decides, unless given."""
+    if given is None:
+        return {}
+    key_id, secret, token = given
+    return {"aws_access_key_id": key_id, "aws_secret_access_key": secret,
+            "aws_session_token": token}

@@ -67,8 +67,9 @@ def tool(name: str, server_major: int) -> Path:
 
 
 @functools.cache
-def tool_version(path: Path) -> tuple[int, int]:
-    """(major, minor) reported by `path --version`; cached per path."""
+def tool_version(path: Path, search_path: str | None = None) -> tuple[int, int]:
+    """(major, minor) reported by `path --version`; cached per path (``search_path``: the
+    PATH it runs with, by default this process's)."""
     try:
         proc = subprocess.run(
             [str(path), "--version"],
@@ -77,7 +78,8 @@ def tool_version(path: Path) -> tuple[int, int]:
             timeout=30,
             check=False,
             # --version needs nothing from the environment, least of all its secrets.
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+            env={"PATH": search_path or os.environ.get("PATH", "/usr/bin:/bin"),
+                 "LC_ALL": "C"},
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise DatabaseError(f"could not run {path} --version: {exc}") from exc

@@ -54,7 +54,10 @@ class EphemeralCluster:
         start_timeout: float = 60.0,
         initdb_args: Sequence[str] = (),
         dies_with_owner: bool = False,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        """The environment the server's and its tools' come from (default: this process's)."""
         self.major, self.bindir = _server_bindir(major)
         self._dies_with_owner = dies_with_owner
         self._base_dir = Path(base_dir) if base_dir is not None else None
@@ -99,6 +102,7 @@ class EphemeralCluster:
         start_timeout: float = 3600.0,
         ready_states: Sequence[str] = ("ready",),
         port: int | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> EphemeralCluster:
         """A server for a data folder made elsewhere (a restore): no initdb, never deleted.
 
@@ -113,7 +117,8 @@ class EphemeralCluster:
         except (OSError, ValueError):
             raise DatabaseError(f"{folder} is not a PostgreSQL data folder (no PG_VERSION)") \
                 from None
-        cluster = cls(major=major, settings=settings, start_timeout=start_timeout)
+        cluster = cls(major=major, settings=settings, start_timeout=start_timeout,
+                      environ=environ)
         cluster._existing = folder
         cluster._ready_states = tuple(ready_states)
         cluster._fixed_port = port
@@ -359,7 +364,7 @@ class EphemeralCluster:
             {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []} if owner else {}
         )
         # libpq's PG* variables must not steer the server; pgvault's own (restore_command) may.
-        env = {k: v for k, v in os.environ.items()
+        env = {k: v for k, v in self.environ.items()
                if not k.startswith("PG") or k.startswith("PGVAULT_")}
         if owner is not None:
             env["HOME"] = owner.pw_dir

@@ -313,7 +313,8 @@ def _wait_recovered(server: EphemeralCluster, action: str, deadline: float) -> N
 
 def _control_state(server: EphemeralCluster) -> str:
     """'Database cluster state' as pg_controldata reports it (in production, in archive ...)."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, "LC_ALL": "C"}
+    env = {**{k: v for k, v in server.environ.items() if not k.startswith("PG")},
+           "LC_ALL": "C"}
     proc = subprocess.run([str(server.bindir / "pg_controldata"), "-D", str(server.data_dir)],
                           capture_output=True, text=True, env=env, check=False)
     for line in proc.stdout.splitlines():

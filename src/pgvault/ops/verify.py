@@ -11,22 +11,17 @@ holding it, is removed afterwards, on failure and on Ctrl-C too, unless asked to
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
-import signal
-import subprocess
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, TYPE_CHECKING, Any, Literal, cast
-from urllib.parse import quote, urlencode
+from typing import TYPE_CHECKING, Any, Literal
 
 from pgvault import __version__, leftovers
 from pgvault.catalog import Catalog, manifest_key
 from pgvault.engines.logical import DUMP_FORMATS, GLOBALS_FORMAT, LogicalEngine
+from pgvault.engines.pg_restore import list_entries
 from pgvault.errors import (
     DatabaseError,
     IntegrityError,
@@ -34,20 +29,19 @@ from pgvault.errors import (
     RestoreFailed,
     UsageError,
 )
+from pgvault.facts import Verdict, compare
+from pgvault.facts import compare_entries as compare_entries  # tests/test_facts_truth.py
 from pgvault.model import (
     LEVELS,
     Artifact,
-    Facts,
     Manifest,
-    MigrationTable,
-    SchemaFingerprint,
     VerifyCheck,
     VerifyReport,
-    plural,
 )
 from pgvault.ops.restore import RestoreOptions, open_artifact, restore
+from pgvault.ops.shell import run_command
 from pgvault.pg.conninfo import ConnInfo
-from pgvault.pg.fingerprint import MIGRATION_TABLES
+from pgvault.pg.psql import PsqlSession, identifier
 from pgvault.pipeline.stream import CHUNK, Readable
 from pgvault.storage.base import Storage
 
@@ -59,22 +53,6 @@ OUTPUT_TAIL = 100_000
 """Bytes of the command's output kept in the report (the end, where failures show)."""
 
 _CREATE_ROLE = re.compile(rb"^CREATE ROLE [^;]+;$")
-
-# What pg_dump itself cannot reproduce, by the fingerprint entry kind that holds it
-# (pg/fingerprint.py): a drill names such differences as warnings, never as a failed restore.
-KNOWN_LIMITATIONS = {
-    "child_column_order": "pg_dump cannot keep an inheritance child's column order (it "
-                          "creates the child with its parents' columns first, so a column "
-                          "added to a parent after the child existed moves); columns "
-                          "compared by name",
-    "clone_constraint_names": "pg_dump recreates a partitioned table's foreign key, not its "
-                              "copies on the partitions, and the server names the copies; "
-                              "copies compared by definition",
-}
-_ENTRY_KINDS = {"column_order": "column order", "child_column_order": "column order",
-                "clone_constraint_names": "foreign key copy name"}
-DETAIL_OBJECTS = 200
-"""Differing objects named in a check's text; ``objects`` in the JSON report has them all."""
 
 _MATVIEWS_SQL = """
 SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -211,7 +189,7 @@ class _Drill:
         self.servers = servers
         self.report = report
 
-    def check(self, level: str, name: str, ok: bool | Literal["warn"] | None, detail: str,
+    def check(self, level: str, name: str, ok: Verdict, detail: str,
               objects: list[str] | None = None) -> bool:
         """Record one check (None: skipped; "warn": passed with something named); True
         unless it failed. ``objects``: every object the check found different."""
@@ -249,7 +227,7 @@ class _Drill:
             _drop(place.conn, scratch)  # an error or Ctrl-C: nothing is kept
             raise
         if self.servers.keep:
-            self.servers.kept.append(f"scratch database kept: psql {_url(target)!r}")
+            self.servers.kept.append(f"scratch database kept: psql {target.url()!r}")
         else:
             _drop(place.conn, scratch)
 
@@ -336,7 +314,7 @@ class _Drill:
                                    identities=self.options.identities)
             detail = f"{artifact.size} bytes, sha256 and decoding verified"
             if artifact.format in DUMP_FORMATS:
-                entries = _list_archive(stream, self.major())
+                entries = list_entries(stream, self.major())
                 detail += f", {entries} archive entries listed by pg_restore"
             elif artifact.format == GLOBALS_FORMAT and self.options.includes("restore"):
                 self.globals_sql = _drain(stream, keep=_CREATE_ROLE)
@@ -416,15 +394,8 @@ class _Drill:
         with engine.snapshot() as snapshot:
             restored = engine.facts(snapshot)
             matviews = {tuple(r) for r in snapshot.connection.execute(_MATVIEWS_SQL).fetchall()}
-        self.check("facts", "rows", *_compare_rows(recorded, restored, matviews))
-        for table in recorded.unrecorded_tables():
-            # In the dump, but its count could not be read at backup time (see the backup's
-            # warnings): nothing to compare it with, said by name.
-            self.check("facts", f"rows {_qualified((table.schema_name, table.name))}", None,
-                       f"not counted when backed up ({table.reason}); restored, not compared")
-        self.check("facts", "schema", *_compare_schema(recorded, restored))
-        self.check("facts", "extensions", *_compare_extensions(recorded, restored))
-        self.check("facts", "migrations", *_compare_migrations(recorded, restored))
+        for name, finding in compare(recorded, restored, matviews):
+            self.check("facts", name, *finding)
 
     # -- assertions ---------------------------------------------------------------------
 
@@ -461,7 +432,8 @@ class _Drill:
         with target.child_env() as env:
             env = {k: v for k, v in env.items() if not k.startswith("PG") or k == "PGPASSFILE"}
             env.update(_pg_env(target))
-            result = run_command(self.options.command, env, self.options.command_timeout)
+            result = run_command(self.options.command, env, self.options.command_timeout,
+                                 tail=OUTPUT_TAIL)
         self.report.command_output = result.output
         last = result.output.strip().splitlines()[-1:] or [""]
         if result.timed_out:
@@ -477,220 +449,7 @@ class _Drill:
                        f"{how} after {_seconds(result.seconds)}: {_clip(last[0])}")
 
 
-# -- comparisons: (ok or None for skipped, detail) ----------------------------------------
-
-
-def _compare_rows(recorded: Facts, restored: Facts,
-                  matviews: set[tuple[str, str]]) -> tuple[bool | None, str]:
-    matviews = matviews | {(t.schema_name, t.name) for t in recorded.tables
-                           if t.materialized is True}
-    # Not counted at backup time: reported by name apart, never a gap nor a failure.
-    uncounted = {(t.schema_name, t.name) for t in recorded.unrecorded_tables()}
-
-    def counts(facts: Facts) -> dict[tuple[str, str], int]:
-        # A refresh during restore recomputes materialized views: stale ones legitimately differ.
-        return {(t.schema_name, t.name): t.rows for t in facts.tables
-                if (t.schema_name, t.name) not in matviews | uncounted}
-
-    want, got = counts(recorded), counts(restored)
-    unreadable = {(t.schema_name, t.name): t.reason for t in restored.unrecorded_tables()}
-    problems = [f"{_qualified(k)} has {got[k]} rows, {want[k]} recorded"
-                for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
-    problems += [f"{_qualified(k)} could not be counted: {unreadable[k]}"
-                 for k in sorted(want.keys() - got.keys()) if k in unreadable]
-    problems += [f"{_qualified(k)} is missing" for k in sorted(want.keys() - got.keys())
-                 if k not in unreadable]
-    problems += [f"{_qualified(k)} was not recorded" for k in sorted(got.keys() - want.keys())]
-    if problems:
-        return False, _summary(problems)
-    views = len({k for k in matviews if k not in uncounted})
-    skipped = (f"; {plural(views, 'materialized view')} refreshed by the restore, not compared"
-               if views else "")
-    return True, (f"{plural(len(want), 'table')} ({plural(sum(want.values()), 'row')}), "
-                  f"as recorded{skipped}")
-
-
-def _compare_schema(recorded: Facts, restored: Facts
-                    ) -> tuple[bool | Literal["warn"] | None, str, list[str]]:
-    """The schema check: (verdict, detail, every differing object)."""
-    want, got = recorded.schema_fingerprint, restored.schema_fingerprint
-    if want is None:
-        return None, ("no schema fingerprint recorded (an older pgvault, or the catalog "
-                      "could not be read at backup time: see the backup's warnings)"), []
-    if got is None:
-        return False, "could not read the restored database's catalog", []
-    other_major = recorded.server_version_num // 10000 != restored.server_version_num // 10000
-    if isinstance(want.entries, dict) and isinstance(got.entries, dict):
-        verdict, detail, objects = compare_entries(want, got)
-    elif want.sha256 == got.sha256:
-        verdict, detail, objects = True, f"{sum(want.objects.values())} objects match", []
-    else:
-        differing = sorted(name for name in want.sections.keys() | got.sections.keys()
-                           if want.sections.get(name) != got.sections.get(name))
-        verdict, objects = False, []
-        detail = "differs in " + ", ".join(
-            f"{name} ({got.objects.get(name, 0)} objects, {want.objects.get(name, 0)} recorded)"
-            for name in differing) + (" (the backup, taken by an older pgvault, recorded no "
-                                      "per-object names)")
-    if verdict is False and other_major:
-        # Another major deparses definitions differently: not evidence of a bad restore.
-        return None, (f"{detail}; not compared: restored on PostgreSQL "
-                      f"{restored.server_version}, backed up from {recorded.server_version}"
-                      ), objects
-    if verdict is True:
-        detail = f"fingerprint {want.sha256[:16]}: {detail}"
-    return verdict, detail, objects
-
-
-def compare_entries(want: SchemaFingerprint, got: SchemaFingerprint
-                    ) -> tuple[bool | Literal["warn"], str, list[str]]:
-    """Object by object: every difference named; known pg_dump limitations as warnings."""
-    assert isinstance(want.entries, dict) and isinstance(got.entries, dict)
-    failures: list[str] = []
-    known: dict[str, list[str]] = {}
-    for kind in sorted(want.entries.keys() | got.entries.keys()):
-        recorded, restored = want.entries.get(kind, {}), got.entries.get(kind, {})
-        label = _ENTRY_KINDS.get(kind, kind.rstrip("s"))
-        found = [f"{label} {name} differs" for name in sorted(recorded.keys() & restored.keys())
-                 if recorded[name] != restored[name]]
-        found += [f"{label} {name} is missing" for name in sorted(recorded.keys() - restored)]
-        found += [f"{label} {name} was not recorded"
-                  for name in sorted(restored.keys() - recorded)]
-        if kind in KNOWN_LIMITATIONS:
-            if found:
-                known[kind] = found
-        else:
-            failures += found
-    total = sum(len(entries) for kind, entries in want.entries.items()
-                if kind not in _ENTRY_KINDS)
-    if failures:
-        return False, "differs: " + _named(failures), failures
-    # The section digests cover the same lines; where they differ beyond what a known
-    # limitation explains, the entries missed something: still a failure.
-    explained = {section for kind, section in (("child_column_order", "columns"),
-                                               ("clone_constraint_names", "constraints"))
-                 if kind in known}
-    unexplained = sorted(name for name in want.sections.keys() | got.sections.keys()
-                         if want.sections.get(name) != got.sections.get(name)
-                         and name not in explained)
-    if unexplained:
-        return False, (f"differs in {', '.join(unexplained)} (each object's own digest "
-                       "matches: the recorded fingerprint is inconsistent)"), unexplained
-    if known:
-        warned = [item for kind in sorted(known) for item in known[kind]]
-        return "warn", "; ".join(
-            f"{KNOWN_LIMITATIONS[kind]}: {_named(items)}" for kind, items in sorted(known.items())
-        ) + f"; everything else matches ({total} objects)", warned
-    return True, f"{total} objects match", []
-
-
-def _named(items: list[str]) -> str:
-    """Every item, up to DETAIL_OBJECTS (the JSON report's ``objects`` has them all)."""
-    shown = items[:DETAIL_OBJECTS]
-    more = (f" (and {len(items) - len(shown)} more: every one in --json)"
-            if len(items) > len(shown) else "")
-    return ", ".join(shown) + more
-
-
-def _compare_extensions(recorded: Facts, restored: Facts) -> tuple[bool | None, str]:
-    want, got = recorded.extensions, restored.extensions
-    problems = [f"{name} {got.get(name, 'missing')}, {version} recorded"
-                for name, version in sorted(want.items()) if got.get(name) != version]
-    problems += [f"{name} {got[name]} was not recorded" for name in sorted(got.keys() - want)]
-    if problems:
-        return False, _summary(problems)
-    return True, ", ".join(f"{n} {v}" for n, v in sorted(want.items())) or "none"
-
-
-def _compare_migrations(recorded: Facts, restored: Facts) -> tuple[bool | None, str]:
-    if recorded.migrations is None:
-        return None, "no migration tables recorded (older pgvault, or they were unreadable)"
-    if restored.migrations is None:
-        return False, "could not read the restored migration tables"
-
-    def by_name(tables: list[MigrationTable]) -> dict[str, MigrationTable]:
-        return {_qualified((t.schema_name, t.name)): t for t in tables}
-
-    want, got = by_name(recorded.migrations), by_name(restored.migrations)
-    problems = [f"{name} is missing" for name in sorted(want.keys() - got.keys())]
-    problems += [f"{name} was not recorded" for name in sorted(got.keys() - want.keys())]
-    for name in sorted(want.keys() & got.keys()):
-        if (want[name].rows, want[name].sha256) != (got[name].rows, got[name].sha256):
-            problems.append(f"{name} differs ({got[name].rows} rows, {want[name].rows} recorded)")
-    for name, table in sorted(got.items()):
-        if table.failed:
-            problems.append(f"{name} records failed migrations: {', '.join(table.failed)}")
-    if problems:
-        return False, _summary(problems)
-    if not want:
-        return None, "no migration tables (" + ", ".join(MIGRATION_TABLES) + ")"
-    return True, "; ".join(
-        f"{name}: {t.rows} row{'' if t.rows == 1 else 's'}"
-        + (f", latest {t.latest}" if t.latest else "")
-        for name, t in sorted(want.items()))
-
-
-# -- the user command ---------------------------------------------------------------------
-
-
-@dataclass
-class CommandResult:
-    """How a drill command ended, and the end of its output."""
-
-    returncode: int
-    seconds: float
-    output: str
-    timed_out: bool
-
-
-def run_command(command: str, env: dict[str, str], timeout: float,
-                tail: int = OUTPUT_TAIL) -> CommandResult:
-    """Run a shell command in its own process group; kill the group on timeout or interrupt."""
-    started = time.monotonic()
-    proc = subprocess.Popen(command, shell=True, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    assert proc.stdout is not None
-    buffer = bytearray()
-
-    stdout = cast(io.BufferedReader, proc.stdout)
-
-    def collect() -> None:
-        while data := stdout.read1(CHUNK):
-            buffer.extend(data)
-            if len(buffer) > 2 * tail:
-                del buffer[:-tail]
-
-    reader = threading.Thread(target=collect, daemon=True)
-    reader.start()
-    timed_out = False
-    try:
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc.pid, signal.SIGKILL)
-                proc.wait()
-    except BaseException:
-        _kill_group(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    finally:
-        # Whatever the shell left running in the background goes too: nothing outlives a drill.
-        _kill_group(proc.pid, signal.SIGKILL)
-        reader.join(10)
-        proc.stdout.close()
-    output = bytes(buffer[-tail:]).decode("utf-8", "replace")
-    return CommandResult(proc.returncode, time.monotonic() - started, output, timed_out)
-
-
-def _kill_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+# -- the user command's environment ----------------------------------------------------
 
 
 def _pg_env(target: ConnInfo) -> dict[str, str]:
@@ -700,49 +459,11 @@ def _pg_env(target: ConnInfo) -> dict[str, str]:
     env = {var: target.params[key] for key, var in names.items() if key in target.params}
     # Like every child of pgvault, the command gets no secret: a password reaches it only
     # through PGPASSFILE (the default ephemeral cluster needs none).
-    env["DATABASE_URL"] = env["DIRECT_URL"] = _url(target)
+    env["DATABASE_URL"] = env["DIRECT_URL"] = target.url()
     return env
 
 
-def _url(target: ConnInfo) -> str:
-    """A postgresql:// URL for ``target``, without the password."""
-    params = dict(target.params)
-    user = quote(params.pop("user", ""), safe="")
-    host = params.pop("host", "")
-    port = params.pop("port", "")
-    dbname = quote(params.pop("dbname", ""), safe="")
-    query: dict[str, str] = {}
-    if host.startswith("/"):
-        query["host"], host = host, ""
-    query.update((k, v) for k, v in params.items() if k != "connect_timeout")
-    netloc = (user + "@" if user else "") + host + (":" + port if port else "")
-    return f"postgresql://{netloc}/{dbname}" + ("?" + urlencode(query) if query else "")
-
-
 # -- small pieces -------------------------------------------------------------------------
-
-
-def _list_archive(stream: Readable, major: int) -> int:
-    """Feed a custom-format archive to `pg_restore --list`; its entry count. Reads to EOF."""
-    from pgvault.pg.binaries import tool
-    from pgvault.pg.process import StderrTail, describe_exit, feed
-
-    argv = [str(tool("pg_restore", major)), "--list"]
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    tail = StderrTail(proc.stderr)
-    listing: list[bytes] = []
-    stdout: IO[bytes] = proc.stdout
-    lister = threading.Thread(target=lambda: listing.extend(stdout), daemon=True)
-    lister.start()
-    feed(proc, stream)  # pg_restore stops after the table of contents; feed reads on
-    returncode = proc.wait()
-    lister.join(10)
-    tail.join()
-    if returncode != 0:
-        raise IntegrityError(describe_exit("pg_restore --list", returncode, tail))
-    return sum(1 for line in listing if line.strip() and not line.startswith(b";"))
 
 
 def _drain(stream: Readable, keep: re.Pattern[bytes] | None = None) -> list[bytes]:
@@ -761,25 +482,15 @@ def _drain(stream: Readable, keep: re.Pattern[bytes] | None = None) -> list[byte
 
 
 def _drop(server: ConnInfo, name: str) -> None:
-    """Drop a scratch database; never raises (the caller may be unwinding an error)."""
-    from psycopg import sql
-
-    with contextlib.suppress(Exception), server.connect(autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
-
-
-def _qualified(key: tuple[str, str]) -> str:
-    return ".".join(_ident(part) for part in key)
-
-
-def _ident(name: str) -> str:
-    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
-
-
-def _summary(problems: list[str], shown: int = 5) -> str:
-    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
-    return "; ".join(problems[:shown]) + more
+    """Drop a scratch database as a restore drops one (through psql, ops/restore.py); never
+    raises (the caller may be unwinding an error)."""
+    with contextlib.suppress(Exception):
+        admin = PsqlSession(server)
+        try:
+            admin.preflight()
+            admin.run(f"DROP DATABASE IF EXISTS {identifier(name)} WITH (FORCE)")
+        finally:
+            admin.close()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -368,11 +368,15 @@ def _remove_links_out(root: str, inside: Callable[[str], bool]) -> list[tuple[st
     return removed
 
 
-def verify_backup(data_dir: Path, *, major: int, wal_dir: Path | None) -> None:
-    """Run pg_verifybackup on an unpacked backup (its own backup_manifest); IntegrityError."""
+def verify_backup(data_dir: Path, *, major: int, wal_dir: Path | None,
+                  environ: Mapping[str, str] | None = None) -> None:
+    """Run pg_verifybackup on an unpacked backup (its own backup_manifest); IntegrityError.
+
+    ``environ``: the environment the child's comes from (None: this process's)."""
     argv: list[Any] = [tool("pg_verifybackup", major), "--quiet"]
     if wal_dir is not None:
         argv.append(f"--wal-directory={wal_dir}")
     argv.append(str(data_dir))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env = {k: v for k, v in (os.environ if environ is None else environ).items()
+           if not k.startswith("PG")}
     run(argv, env=env, error=IntegrityError)

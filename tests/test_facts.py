@@ -7,6 +7,8 @@ differ) or None (nothing to compare with, and why).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pgvault.facts import (
@@ -39,16 +41,21 @@ def tables(*specs: str, materialized: tuple[str, ...] = ()) -> list[TableFacts]:
     found = []
     for spec in specs:
         name, rows = spec.split("=")
-        schema, table = name.split(".")
+        schema, table = split(name)
         found.append(TableFacts(schema, table, int(rows), materialized=True)
                      if name in materialized else TableFacts(schema, table, int(rows)))
     return found
 
 
+def split(name: str) -> tuple[str, str]:
+    schema, table = name.split(".")
+    return schema, table
+
+
 def facts(*specs: str, materialized: tuple[str, ...] = (),
-          uncounted: dict[str, str] | None = None, **fields: object) -> Facts:
+          uncounted: dict[str, str] | None = None, **fields: Any) -> Facts:
     """Facts of tables given as 'schema.table=rows'; ``uncounted``: name -> why not counted."""
-    unrecorded = [UnrecordedTable(*name.split("."), reason)
+    unrecorded = [UnrecordedTable(*split(name), reason=reason)
                   for name, reason in (uncounted or {}).items()]
     made = Facts(tables=tables(*specs, materialized=materialized), **PG15)  # type: ignore[arg-type]
     if unrecorded:
@@ -68,13 +75,13 @@ def fingerprint(sha: str = "a" * 64, sections: dict[str, str] | None = None,
                              entries=entries)
 
 
-def with_schema(fp: SchemaFingerprint | None, **version: object) -> Facts:
+def with_schema(fp: SchemaFingerprint | None, **version: Any) -> Facts:
     return facts(schema_fingerprint=fp, **version)
 
 
 def migration(name: str, rows: int, sha: str = "s1", latest: str | None = None,
               failed: tuple[str, ...] = ()) -> MigrationTable:
-    schema, table = name.split(".")
+    schema, table = split(name)
     return MigrationTable(schema, table, rows, sha, latest, list(failed))
 
 
@@ -176,8 +183,10 @@ def test_every_differing_missing_or_new_object_fails_by_name() -> None:
 def test_what_only_pg_dump_cannot_reproduce_is_a_warning_naming_the_limitation(
         kind: str) -> None:
     section = {"child_column_order": "columns", "clone_constraint_names": "constraints"}[kind]
-    want = fingerprint(sections={section: "x"}, tables={"public.t": "d"}, **{kind: {"o": "1"}})
-    got = fingerprint(sections={section: "y"}, tables={"public.t": "d"}, **{kind: {"o": "2"}})
+    want_entries: dict[str, Any] = {"tables": {"public.t": "d"}, kind: {"o": "1"}}
+    got_entries: dict[str, Any] = {"tables": {"public.t": "d"}, kind: {"o": "2"}}
+    want = fingerprint(sections={section: "x"}, **want_entries)
+    got = fingerprint(sections={section: "y"}, **got_entries)
     verdict, detail, objects = compare_entries(want, got)
     assert verdict == "warn"
     assert detail.startswith(KNOWN_LIMITATIONS[kind])

@@ -334,7 +334,8 @@ def test_bad_recipient_is_a_config_error_naming_it(tmp_path: Path) -> None:
 
 def test_recipients_from_env_file_and_recipients_file(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from pgvault import config, pipeline
+    from pgvault import config
+    from pgvault.vault import Vault
 
     a, b, c = (new_identity()[1] for _ in range(3))
     ssh_line = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHq0zZl6LhW4nJkC1c5nX6Hq0KtL9XbqkR0wUu+"
@@ -348,7 +349,7 @@ def test_recipients_from_env_file_and_recipients_file(tmp_path: Path,
     settings = config.load(str(toml))
     # The environment replaces the file's list; the file's other keys stay.
     assert settings.encryption.identity_file == "/keys/restore.txt"
-    (stage,) = pipeline.configured_stages(settings, "none")
+    (stage,) = Vault.open(settings, storage=MemoryStorage()).stages_for("none")
     assert stage.name == "age"
     assert stage.recipients == (a, b, ssh_line.rsplit(" ", 1)[0])
 
@@ -471,7 +472,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
 
 
 def test_passphrase_key_is_created_once_and_shared(tmp_path: Path) -> None:
-    from pgvault.pipeline.age import passphrase_identity
+    from pgvault.vault import passphrase_identity
 
     storage = MemoryStorage()
     passphrase_identity(storage, "pass phrase", create=True)

@@ -29,6 +29,7 @@ from pgvault.events import Event
 from pgvault.metrics import Metrics
 from pgvault.ops import jobs
 from pgvault.storage.base import Storage
+from pgvault.vault import Vault, open_repository
 
 log = logs.get("daemon")
 
@@ -38,20 +39,24 @@ ABORT_WAIT = 30.0
 
 @dataclass
 class Database:
-    """One scheduled database: its name in the repository, target, storage, state."""
+    """One scheduled database: its name in the repository, target, wired parts, state."""
 
     name: str
     target: config.Target
-    storage: Storage
+    vault: Vault
     stale: bool = False
 
     @property
     def settings(self) -> config.Settings:
         return self.target.settings
 
+    @property
+    def storage(self) -> Storage:
+        return self.vault.storage
 
-Drill = Callable[[config.Settings, Storage, Any], Any]
-"""(settings, storage, manifest) -> VerifyReport: one restore drill."""
+
+Drill = Callable[[Vault, Any], Any]
+"""(vault, manifest) -> VerifyReport: one restore drill."""
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -65,24 +70,27 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class Daemon:
     """The scheduler, the HTTP endpoint and the shutdown sequence of `pgvault daemon`."""
 
-    def __init__(self, settings: config.Settings, *, open_storage: Callable[[Any], Storage],
-                 listen: str | None = None, drill: Drill | None = None) -> None:
+    def __init__(self, settings: config.Settings, *, listen: str | None = None,
+                 drill: Drill | None = None) -> None:
         self.settings = settings
         self.listen = parse_listen(listen or settings.daemon.listen)
         self.drill = drill
-        self.databases = [self._database(target, open_storage) for target in
-                          config.targets(settings)]
+        self.stopping = threading.Event()
+        self.cancel = threading.Event()
+        named = [(self._name(target), target) for target in config.targets(settings)]
+        storages = [open_repository(target.settings) for _, target in named]
+        self.metrics = Metrics(repository_label=len({s.url for s in storages}) > 1)
+        self.databases = [
+            Database(name, target, Vault.open(target.settings, storage=storage,
+                                              metrics=self.metrics, cancel=self.cancel))
+            for (name, target), storage in zip(named, storages, strict=True)]
         for db in self.databases:  # every schedule checked before anything starts
             s = db.settings.schedule
             for what, expr in (("backup", s.backup), ("freshness", s.freshness),
                                ("verify", s.verify)):
                 if expr and expr != "after-backup":
                     schedule.trigger(expr, s.timezone, what=f"schedule.{what} of {db.name}")
-        repositories = {db.storage.url for db in self.databases}
-        self.metrics = Metrics(repository_label=len(repositories) > 1)
         self.metrics.next_runs = self.next_runs
-        self.stopping = threading.Event()
-        self.cancel = threading.Event()
         self.started_at = datetime.now(UTC)
         self._active: dict[str, float] = {}
         self._active_changed = threading.Condition()
@@ -92,13 +100,13 @@ class Daemon:
         """True when a job did not end after the grace period and the abort."""
 
     @staticmethod
-    def _database(target: config.Target, open_storage: Callable[[Any], Storage]) -> Database:
+    def _name(target: config.Target) -> str:
         name = target.name or config.connection(target.settings).dbname
         if not name:
             raise ConfigError("the daemon needs each database's name: give the connection a "
                               "database (DATABASE_URL=postgresql://host/NAME) or list "
                               "[[databases]] entries")
-        return Database(name, target, open_storage(target.settings))
+        return name
 
     # -- running ----------------------------------------------------------------------
 
@@ -143,7 +151,7 @@ class Daemon:
         s = db.settings.schedule
         now = datetime.now(UTC)
         try:
-            status = jobs.status_of(db.settings, db.storage, db.name)
+            status = jobs.status_of(db.vault, db.name)
             self.metrics.update(status)
             history = status.history
             runs = [status.newest.started_at if status.newest else None,
@@ -203,9 +211,6 @@ class Daemon:
 
     # -- jobs -------------------------------------------------------------------------
 
-    def _context(self) -> jobs.JobContext:
-        return jobs.JobContext(metrics=self.metrics, cancel=self.cancel)
-
     def _backup(self, db: Database) -> None:
         if self.stopping.is_set():
             return
@@ -213,9 +218,6 @@ class Daemon:
             self._backup_with_retries(db)
 
     def _backup_with_retries(self, db: Database) -> Any:
-        from pgvault import pipeline
-        from pgvault.ops.backup import BackupOptions
-
         s = db.settings
         retries = s.schedule.retries
         drill = None
@@ -224,25 +226,21 @@ class Daemon:
             verify = self.drill
 
             def drill(manifest: Any) -> Any:
-                return verify(s, db.storage, manifest)
+                return verify(db.vault, manifest)
 
         for attempt in range(retries + 1):
             last = attempt == retries
-            context = self._context()
             try:
                 conn = config.target_connection(db.target)
-                options = BackupOptions(
-                    stages=pipeline.configured_stages(s, storage=db.storage),
-                    backup_globals=s.backup_globals, streams=s.backup_streams,
-                    lock_stale_after=timedelta(hours=s.lock_stale_after_hours))
+                db.vault.stages  # noqa: B018 - a bad [encryption] is announced, not retried
             except PgvaultError as exc:
                 now = datetime.now(UTC)
-                context.fanout(s, db.name).emit(Event("backup.failed", db.name, now,
-                                                      started_at=now, error=str(exc)))
+                db.vault.events.emit(Event("backup.failed", db.name, now, started_at=now,
+                                           error=str(exc)))
                 return None
             try:
-                run = jobs.run_backup_job(s, conn, db.storage, options, context=context,
-                                          drill=drill, notify_failure=last, stale=db.stale)
+                run = jobs.run(db.vault, jobs.BackupRequest(
+                    conn, drill=drill, notify_failure=last, stale=db.stale))
             except Interrupted:
                 log.warning("backup of %s aborted: the daemon is stopping", db.name)
                 return None
@@ -265,12 +263,10 @@ class Daemon:
     def _verify(self, db: Database) -> None:
         if self.stopping.is_set() or self.drill is None:
             return
-        from pgvault.catalog import Catalog
-
         with self._running(f"verify:{db.name}"):
             try:
                 # Drills restore logical backups (physical ones are checked by pg_verifybackup).
-                manifests = [m for m in Catalog(db.storage).list(db.name) if m.kind == "logical"]
+                manifests = [m for m in db.vault.catalog.list(db.name) if m.kind == "logical"]
             except PgvaultError as exc:
                 log.warning("verify of %s: cannot list backups: %s", db.name, exc)
                 return
@@ -285,9 +281,7 @@ class Daemon:
             log.warning("verify of %s skipped: this pgvault has no restore drills", db.name)
             return
         try:
-            jobs.run_verify_job(db.settings, db.storage, manifest,
-                                lambda m: drill(db.settings, db.storage, m),
-                                context=self._context())
+            jobs.run(db.vault, jobs.VerifyRequest(manifest, lambda m: drill(db.vault, m)))
         except PgvaultError:
             pass  # reported as verify.failed by the job
         except Exception:
@@ -297,9 +291,8 @@ class Daemon:
         if self.stopping.is_set():
             return
         try:
-            db.stale = jobs.run_freshness_check(db.settings, db.storage, db.name,
-                                                was_stale=db.stale, up_since=self.started_at,
-                                                context=self._context())
+            db.stale = jobs.run_freshness_check(db.vault, db.name, was_stale=db.stale,
+                                                up_since=self.started_at)
         except PgvaultError as exc:
             log.warning("freshness check of %s: cannot read the repository: %s", db.name, exc)
 

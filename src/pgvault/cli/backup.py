@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from typing import Any
 
 import click
-import msgspec
 
 from pgvault.cli.app import (
     CONNECTION_HELP,
@@ -17,10 +15,11 @@ from pgvault.cli.app import (
     database_filter,
     dbname_option,
     settings_of,
-    storage_of,
+    startup_done,
+    vault_of,
 )
 from pgvault.cli.physical import PHYSICAL_HELP, physical_restore_options, restore_physical
-from pgvault.cli.security import IDENTITY_HELP, identity_option, keyring_of
+from pgvault.cli.security import IDENTITY_HELP, identity_option
 from pgvault.errors import PgvaultError
 from pgvault.model import Manifest, to_json
 
@@ -58,56 +57,24 @@ def backup(ctx: click.Context, /, dbname: str | None, compression: str | None, l
       pgvault backup --compression gzip --level 6      # .gz artifacts
       pgvault backup --streams 0       # big tables dumped beside the rest, one per CPU
     """
-    from pgvault import config, pipeline
     from pgvault.console import ProgressLine
-    from pgvault.errors import UsageError
-    from pgvault.ops.backup import BackupOptions
-    from pgvault.ops.jobs import run_backup_job
+    from pgvault.ops.jobs import BackupRequest, backup_databases
 
-    settings = settings_of(ctx)
-    targets = config.targets(settings)
-    # [[databases]]: -d names one entry; without it, each entry in turn (one cron line).
-    if settings.databases and dbname:
-        targets = [t for t in targets if t.name == database_filter(dbname)]
-        if not targets:
-            names = ", ".join(e.name for e in settings.databases)
-            raise UsageError(f"--dbname {dbname!r} is not among [[databases]] ({names})")
-        dbname = None
-    failures: list[Exception] = []
-    for target in targets:
-        settings = target.settings
-        conn = config.target_connection(target, dbname)
-        storage = storage_of(settings)
-        stages = pipeline.configured_stages(settings, compression, level, storage=storage)
-        progress = ProgressLine(f"backing up {conn.redacted()}")
-        options = BackupOptions(stages=stages,
-                                backup_globals=settings.backup_globals and not no_globals,
-                                streams=settings.backup_streams if streams is None else streams,
-                                lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
-                                progress=progress)
-        drill = _drill_reporting(settings, storage) if settings.verify_after_backup else None
-        try:
-            run = run_backup_job(settings, conn, storage, options, drill=drill)
-        except PgvaultError as exc:
-            if len(targets) == 1:
-                raise
-            click.echo(f"pgvault: backup of {target.name} failed: {exc}", err=True)
-            failures.append(exc)
-            continue
-        finally:
-            progress.finish()
-        error = _report_backup(run, as_json)
-        if error is not None:
-            if len(targets) == 1:
-                raise error
-            failures.append(error)
-    if failures:
-        worst = max(failures, key=lambda e: getattr(e, "exit_code", 1))
-        raise type(worst)(f"{len(failures)} of {len(targets)} databases failed; first: "
-                          f"{failures[0]}")
+    def request(vault: Any, conn: Any) -> BackupRequest:
+        startup_done()
+        return BackupRequest(
+            conn, compression=compression, level=level, backup_globals=not no_globals,
+            streams=streams, progress=ProgressLine(f"backing up {conn.redacted()}"),
+            drill=_drill_reporting(vault) if vault.settings.verify_after_backup else None)
+
+    def failed(name: str | None, exc: PgvaultError) -> None:
+        click.echo(f"pgvault: backup of {name} failed: {exc}", err=True)
+
+    backup_databases(settings_of(ctx), dbname, request,
+                     finished=lambda run: _report_backup(run, as_json), failed=failed)
 
 
-def _drill_reporting(settings: Any, storage: Any) -> Any:
+def _drill_reporting(vault: Any) -> Any:
     """verify_after_backup: a restore drill of the new backup, reporting each check on stderr."""
     import dataclasses
 
@@ -115,12 +82,12 @@ def _drill_reporting(settings: Any, storage: Any) -> Any:
     from pgvault.ops.verify import verify
 
     def drill(manifest: Any) -> Any:
-        options = dataclasses.replace(verify_options(settings, storage),
+        options = dataclasses.replace(verify_options(vault),
                                       on_check=lambda check: print_check(check, err=True))
         click.echo(f"verifying {manifest.id} ({manifest.database}), level {options.level}",
                    err=True)
-        with scratch_servers(settings) as servers:
-            report = verify(storage, manifest, options, servers)
+        with scratch_servers(vault.settings) as servers:
+            report = verify(vault.storage, manifest, options, servers)
         click.echo(summary_line(report), err=True)
         return report
 
@@ -173,13 +140,12 @@ def list_(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) ->
     """
     from datetime import UTC, datetime
 
-    from pgvault.catalog import Catalog
     from pgvault.console import human_bytes, human_seconds
     from pgvault.model import backup_id_time
-    from pgvault.ops.prune import Policy, roles
+    from pgvault.ops.prune import roles
 
-    settings = settings_of(ctx)
-    catalog = Catalog(storage_of(settings))
+    vault = vault_of(ctx)
+    catalog = vault.catalog
     catalog.require()
     listing = catalog.scan(database_filter(dbname))
     records = catalog.drill_records(database_filter(dbname))
@@ -208,8 +174,7 @@ def list_(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) ->
     if not rows:
         click.echo("no backups yet")
         return
-    role = roles(listing.manifests,
-                 Policy.from_mapping(msgspec.structs.asdict(settings.retention)), bad)
+    role = roles(listing.manifests, vault.policy, bad)
     click.echo(f"{'ID':<30} {'DATABASE':<20} {'STARTED (UTC)':<20} {'SIZE':>10} {'TOOK':>8}"
                f"  {'LAST DRILL':<18}  ROLE")
     for backup_id, item in rows:
@@ -254,11 +219,10 @@ def show(
       pgvault show latest
       pgvault show 20261125T010000 --json
     """
-    from pgvault.catalog import Catalog, Damaged
+    from pgvault.catalog import Damaged
     from pgvault.console import human_bytes, human_seconds
 
-    settings = settings_of(ctx)
-    catalog = Catalog(storage_of(settings))
+    catalog = vault_of(ctx).catalog
     m = catalog.get(backup_id, database_filter(dbname))
     if as_json:
         click.echo(to_json(m).decode())
@@ -355,7 +319,8 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
     _check_restore_target(target)
     settings = settings_of(ctx)
     conn = config.connection(settings, dbname)
-    storage = storage_of(settings)
+    vault = vault_of(ctx, settings)
+    storage = vault.storage
     if source_db is None and backup_id == "latest":
         source_db = _source_database(storage, dbname)
     if backup_id == "latest":
@@ -369,7 +334,7 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
         a.size for a in manifest.artifacts if a.name.startswith("db.")))
     options = RestoreOptions(target=target, jobs=jobs, clean=clean, schemas=schemas,
                              tables=tables, no_owner=no_owner, progress=progress,
-                             identities=keyring_of(settings, identity_file, storage))
+                             identities=vault.keyring_with(identity_file))
     try:
         result = run_restore(conn, storage, manifest, options)
     finally:

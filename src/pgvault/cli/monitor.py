@@ -15,10 +15,9 @@ from pgvault.cli.app import (
     common,
     database_filter,
     dbname_option,
+    invocation,
     settings_of,
     startup_done,
-    state,
-    storage_of,
 )
 
 CHECK_CODES = """\b
@@ -44,45 +43,47 @@ Exit codes:
 """
 
 
-def _monitored(settings: Any, dbname: str | None) -> list[tuple[str, Any, Any]]:
-    """(database name, its settings, its storage) for every database to report on.
+def _monitored(settings: Any, dbname: str | None) -> list[tuple[str, Any]]:
+    """(database name, its vault) for every database to report on.
 
     Configured databases ([[databases]], or the one the connection names); with none
     named anywhere, every database that has backups in the repository.
     """
     from pgvault import config
-    from pgvault.catalog import Catalog
+    from pgvault.vault import Vault
 
     storages: dict[str, Any] = {}
 
-    def storage(target_settings: Any) -> Any:
-        if target_settings.repo not in storages:
-            opened = storage_of(target_settings)
+    def vault(target_settings: Any) -> Any:
+        shared = storages.get(target_settings.repo)
+        opened = Vault.open(target_settings, storage=shared)
+        if shared is None:
+            startup_done()
             # A mistyped repository must not read as an empty one.
-            Catalog(opened).require()
-            storages[target_settings.repo] = opened
-        return storages[target_settings.repo]
+            opened.catalog.require()
+            storages[target_settings.repo] = opened.storage
+        return opened
 
     targets = config.targets(settings)
     wanted = database_filter(dbname)
     if wanted:
         chosen = next((t for t in targets if t.name == wanted), targets[0])
-        return [(wanted, chosen.settings, storage(chosen.settings))]
+        return [(wanted, vault(chosen.settings))]
     result = []
     for target in targets:
         name = target.name or config.connection(target.settings).dbname
         if name:
-            result.append((name, target.settings, storage(target.settings)))
+            result.append((name, vault(target.settings)))
         else:
-            found = Catalog(storage(target.settings)).databases()
-            result += [(n, target.settings, storage(target.settings)) for n in found]
+            found = vault(target.settings)
+            result += [(n, found) for n in found.catalog.databases()]
     return result
 
 
 def _statuses(settings: Any, dbname: str | None) -> list[tuple[Any, Any]]:
     from pgvault.ops.jobs import status_of
 
-    return [(status_of(s, storage, name), s) for name, s, storage in _monitored(settings, dbname)]
+    return [(status_of(v, name), v.settings) for name, v in _monitored(settings, dbname)]
 
 
 @cli.command(epilog=STATUS_CODES)
@@ -318,10 +319,11 @@ def daemon(ctx: click.Context, /, listen: str | None, **_: Any) -> None:
     from pgvault import logs
     from pgvault.daemon import Daemon
 
-    logs.configure(state.get("log_format", "text"), show_events=True, debug=state["debug"])
+    run = invocation(ctx)
+    logs.configure(run.log_format, show_events=True, debug=run.debug)
     settings = settings_of(ctx)
     startup_done()  # the daemon runs for months: collect garbage from the start
-    runner = Daemon(settings, open_storage=storage_of, listen=listen, drill=_drill)
+    runner = Daemon(settings, listen=listen, drill=_drill)
     code = runner.run()
     if runner.stuck:
         # A job thread that ignored the abort would keep the interpreter alive at exit.
@@ -331,10 +333,10 @@ def daemon(ctx: click.Context, /, listen: str | None, **_: Any) -> None:
     sys.exit(code)
 
 
-def _drill(settings: Any, storage: Any, manifest: Any) -> Any:
+def _drill(vault: Any, manifest: Any) -> Any:
     """One restore drill as `pgvault verify` runs it, for the daemon's verify jobs."""
     from pgvault.cli.verify import scratch_servers, verify_options
     from pgvault.ops.verify import verify
 
-    with scratch_servers(settings) as servers:
-        return verify(storage, manifest, verify_options(settings, storage), servers)
+    with scratch_servers(vault.settings) as servers:
+        return verify(vault.storage, manifest, verify_options(vault), servers)

@@ -14,12 +14,10 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import click
-import msgspec
 
 from pgvault.cli.app import (
     CONNECTION_HELP,
@@ -28,7 +26,7 @@ from pgvault.cli.app import (
     common,
     dbname_option,
     settings_of,
-    storage_of,
+    vault_of,
 )
 from pgvault.model import to_json
 
@@ -61,24 +59,10 @@ def _cluster(settings: Any, flag: str | None) -> str:
     return flag or str(settings.physical.cluster)
 
 
-def recovery_window(settings: Any) -> Any:
-    """The [physical] recovery_window as a retention Duration (None when unset)."""
-    from pgvault.errors import ConfigError
-    from pgvault.retention import Duration
-
-    text = settings.physical.recovery_window
-    if not text:
-        return None
-    try:
-        return Duration.parse(text)
-    except ValueError as exc:
-        raise ConfigError(f"physical.recovery_window: {exc}") from None
-
-
 @contextlib.contextmanager
 def _archiver_status(*, quiet_missing: bool) -> Iterator[None]:
     """Map failures to one line and a status PostgreSQL's archiver/recovery reads correctly."""
-    from pgvault.cli.app import state
+    from pgvault.cli.app import invocation
     from pgvault.errors import Interrupted, NotFound, PgvaultError
 
     try:
@@ -95,12 +79,12 @@ def _archiver_status(*, quiet_missing: bool) -> Iterator[None]:
         click.echo("pgvault: interrupted", err=True)
         sys.exit(1)
     except PgvaultError as exc:
-        if state["debug"]:
+        if invocation().debug:
             raise
         click.echo(f"pgvault: {exc}", err=True)
         sys.exit(FETCH_FATAL if quiet_missing else min(exc.exit_code, 125))
     except Exception as exc:
-        if state["debug"]:
+        if invocation().debug:
             raise
         click.echo(f"pgvault: internal error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(FETCH_FATAL if quiet_missing else 1)
@@ -129,17 +113,15 @@ def wal_push(ctx: click.Context, /, path: str, cluster: str | None, **_: Any) ->
     with _archiver_status(quiet_missing=False):
         from datetime import UTC, datetime
 
-        from pgvault import pipeline
         from pgvault.errors import PgvaultError
         from pgvault.ops.wal import push_ahead, record_push_failure
 
-        settings = settings_of(ctx)
-        storage = storage_of(settings)
-        name = _cluster(settings, cluster)
+        vault = vault_of(ctx)
+        storage = vault.storage
+        name = _cluster(vault.settings, cluster)
         try:
-            stages = pipeline.configured_stages(settings, storage=storage)
-            done = push_ahead(storage, name, Path(path), stages,
-                              ahead=settings.physical.push_ahead)
+            done = push_ahead(storage, name, Path(path), vault.stages,
+                              ahead=vault.settings.physical.push_ahead)
         except PgvaultError as exc:
             # PostgreSQL only logs the failure; monitoring reads this record instead.
             record_push_failure(storage, name, Path(path).name, str(exc), datetime.now(UTC))
@@ -173,13 +155,11 @@ def wal_fetch(ctx: click.Context, /, walfile: str, path: str, cluster: str | Non
       restore_command = 'pgvault wal-fetch %f %p --config /etc/pgvault.toml'
     """
     with _archiver_status(quiet_missing=True):
-        from pgvault.cli.security import keyring_of
         from pgvault.ops.wal import fetch
 
-        settings = settings_of(ctx)
-        storage = storage_of(settings)
-        fetch(storage, _cluster(settings, cluster), walfile, Path(path),
-              identities=keyring_of(settings, identity_file, storage))
+        vault = vault_of(ctx)
+        fetch(vault.storage, _cluster(vault.settings, cluster), walfile, Path(path),
+              identities=vault.keyring_with(identity_file))
 
 
 @cli.command(epilog=CONNECTION_HELP + "\n" + ARCHIVE_HELP + "\n" + EXIT_CODES)
@@ -215,44 +195,23 @@ def basebackup(ctx: click.Context, /, dbname: str | None, cluster: str | None,
       pgvault basebackup --cluster app --fast-checkpoint
       pgvault restore --physical latest --pgdata /srv/pg-restore --target-time '2026-11-25 09:14'
     """
-    from pgvault import config, pipeline
+    from pgvault import config
     from pgvault.console import ProgressLine, human_bytes, human_seconds
-    from pgvault.errors import PgvaultError
-    from pgvault.ops.basebackup import BasebackupOptions
-    from pgvault.ops.basebackup import basebackup as run_basebackup
-    from pgvault.ops.prune import Policy, prune_after_backup
+    from pgvault.ops.jobs import BaseBackupRequest, run
 
     settings = settings_of(ctx)
     conn = config.connection(settings, dbname)
-    storage = storage_of(settings)
-    physical = settings.physical
+    vault = vault_of(ctx, settings)
     progress = ProgressLine(f"base backup of {conn.redacted()}")
-    options = BasebackupOptions(
-        cluster=_cluster(settings, cluster),
-        stages=pipeline.configured_stages(settings, compression, storage=storage),
-        wal_method=wal_method or physical.wal_method,
-        fast_checkpoint=physical.fast_checkpoint if fast_checkpoint is None else fast_checkpoint,
-        archive_wait=physical.archive_wait_seconds,
-        lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
-        progress=progress,
-    )
-    # Built first, so a bad [retention] fails before the backup rather than after it.
-    policy = (Policy.from_mapping(msgspec.structs.asdict(settings.retention))
-              if settings.prune_after_backup else None)
-    window = recovery_window(settings)
     try:
-        manifest = run_basebackup(conn, storage, options)
+        done = run(vault, BaseBackupRequest(
+            conn, cluster=cluster, compression=compression, wal_method=wal_method,
+            fast_checkpoint=fast_checkpoint, progress=progress))
     finally:
         progress.finish()
-    if policy is not None:
-        try:
-            report = prune_after_backup(storage, policy, database=manifest.database,
-                                        lock_stale_after=options.lock_stale_after,
-                                        recovery_window=window)
-            click.echo(report.summary(), err=True)
-        except PgvaultError as exc:  # the backup is stored; a failed prune must not hide that
-            click.echo(f"warning: base backup {manifest.id} is stored, but pruning failed: "
-                       f"{exc}", err=True)
+    manifest = done.manifest
+    if done.prune is not None:
+        click.echo(done.prune.summary(), err=True)
     if as_json:
         click.echo(to_json(manifest).decode())
         return
@@ -297,20 +256,19 @@ def check_archive(ctx: click.Context, /, dbname: str | None, cluster: str | None
       pgvault check-archive --no-switch --json
     """
     from pgvault import config
-    from pgvault.catalog import Catalog
     from pgvault.errors import BackupFailed
     from pgvault.ops.wal import archive_status
     from pgvault.ops.wal import check_archive as run_check
 
-    settings = settings_of(ctx)
-    storage = storage_of(settings)
+    vault = vault_of(ctx)
+    settings, storage = vault.settings, vault.storage
     name = _cluster(settings, cluster)
     checked = None
     if not no_switch:
         conn = config.connection(settings, dbname)
         checked = run_check(conn, storage, name,
                             timeout=timeout or settings.physical.archive_wait_seconds)
-    backups = [m for m in Catalog(storage).list(name) if m.kind == "physical"]
+    backups = [m for m in vault.catalog.list(name) if m.kind == "physical"]
     status = archive_status(storage, name, backups)
     report = _archive_report(status, checked, len(backups))
     if as_json:
@@ -424,24 +382,22 @@ def physical_restore_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def restore_physical(ctx: click.Context, backup_id: str, params: dict[str, Any]) -> None:
     """`restore --physical`: pick, unpack, configure recovery, optionally start."""
-    import shlex
     from datetime import datetime
 
-    from pgvault.cli.security import keyring_of
     from pgvault.console import ProgressLine, human_bytes, human_seconds
     from pgvault.errors import UsageError
     from pgvault.ops.physical_restore import (
         PhysicalRestoreOptions,
         RecoveryTarget,
         choose_backup,
+        restore_command,
     )
     from pgvault.ops.physical_restore import restore_physical as run_restore
-    from pgvault.ops.wal import pgvault_executable
 
     if not params.get("pgdata"):
         raise UsageError("restore --physical needs --pgdata DIR (a new or empty folder)")
-    settings = settings_of(ctx)
-    storage = storage_of(settings)
+    vault = vault_of(ctx)
+    settings, storage = vault.settings, vault.storage
     name = _cluster(settings, params.get("cluster"))
     target_time = None
     if params.get("target_time"):
@@ -458,22 +414,18 @@ def restore_physical(ctx: click.Context, backup_id: str, params: dict[str, Any])
         inclusive=not params.get("target_exclusive"),
     )
     manifest = choose_backup(storage, name, backup_id, target)
-    repo = settings.repo if "://" in settings.repo else str(Path(settings.repo).absolute())
-    command = [params.get("pgvault_bin") or pgvault_executable(), "wal-fetch", "%f", "%p",
-               "--repo", repo, "--cluster", name]
-    config_file = ctx.params.get("config") or os.environ.get("PGVAULT_CONFIG")
-    if config_file:
-        command += ["--config", str(Path(config_file).absolute())]
     identity_file = params.get("identity_file")
-    if identity_file:
-        command += ["--identity-file", str(Path(identity_file).absolute())]
+    command = restore_command(settings.repo, name, program=params.get("pgvault_bin"),
+                              config_file=ctx.params.get("config")
+                              or os.environ.get("PGVAULT_CONFIG"),
+                              identity_file=identity_file)
     progress = ProgressLine(f"unpacking {manifest.id}", total=manifest.artifact("base.tar").size)
     options = PhysicalRestoreOptions(
-        pgdata=Path(params["pgdata"]), target=target, restore_command=shlex.join(command),
+        pgdata=Path(params["pgdata"]), target=target, restore_command=command,
         cluster=name, start=bool(params.get("start")), port=params.get("port"),
         keep_archiving=bool(params.get("keep_archiving")),
         timeout=params.get("recovery_timeout") or 3600.0, progress=progress,
-        identities=keyring_of(settings, identity_file, storage),
+        identities=vault.keyring_with(identity_file),
     )
     try:
         result = run_restore(storage, manifest, options)

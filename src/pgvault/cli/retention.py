@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from typing import Any
 
 import click
-import msgspec
 
 from pgvault.cli.app import (
     EXIT_CODES,
@@ -15,10 +13,8 @@ from pgvault.cli.app import (
     common,
     database_filter,
     dbname_option,
-    settings_of,
-    storage_of,
+    vault_of,
 )
-from pgvault.cli.physical import recovery_window
 
 
 @cli.command("prune", epilog=EXIT_CODES)
@@ -66,21 +62,17 @@ def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, force: bool
       pgvault prune --dry-run --json | jq '.databases[].remove[].id'
       pgvault pin 20261125T010000 --reason "before migration 42"
     """
-    from datetime import UTC, datetime
+    from datetime import UTC
 
-    from pgvault.catalog import Catalog
     from pgvault.errors import LockHeld
-    from pgvault.ops.prune import Policy, prune
+    from pgvault.ops.jobs import PruneRequest, run
     from pgvault.retention import describe
 
-    settings = settings_of(ctx)
-    policy = Policy.from_mapping(msgspec.structs.asdict(settings.retention))
-    storage = storage_of(settings)
-    Catalog(storage).require()
-    report = prune(storage, policy, dry_run=dry_run, now=datetime.now(UTC),
-                   lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
-                   database=database_filter(dbname), recovery_window=recovery_window(settings),
-                   force=force)
+    vault = vault_of(ctx)
+    policy = vault.policy  # a bad [retention] fails before the repository is read
+    vault.catalog.require()
+    report = run(vault, PruneRequest(dry_run=dry_run, force=force,
+                                     database=database_filter(dbname)))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -143,8 +135,7 @@ def pin(ctx: click.Context, /, backup_id: str, dbname: str | None, reason: str,
 
     from pgvault.ops.pin import pin as run_pin
 
-    settings = settings_of(ctx)
-    m = run_pin(storage_of(settings), backup_id, reason=reason, now=datetime.now(UTC),
+    m = run_pin(vault_of(ctx).storage, backup_id, reason=reason, now=datetime.now(UTC),
                 database=database_filter(dbname))
     click.echo(f"pinned {m.id} ({m.database}): {reason.strip()}")
 
@@ -164,7 +155,6 @@ def unpin(ctx: click.Context, /, backup_id: str, dbname: str | None, **_: Any) -
     """
     from pgvault.ops.pin import unpin as run_unpin
 
-    settings = settings_of(ctx)
-    m, old = run_unpin(storage_of(settings), backup_id, database=database_filter(dbname))
+    m, old = run_unpin(vault_of(ctx).storage, backup_id, database=database_filter(dbname))
     click.echo(f"unpinned {m.id} ({m.database}); it was pinned for: {old.reason}" if old
                else f"{m.id} ({m.database}) was not pinned")

@@ -26,15 +26,6 @@ def identity_option(func: Callable[..., Any]) -> Callable[..., Any]:
              "[env PGVAULT_AGE_IDENTITY_FILE, config encryption.identity_file].")(func)
 
 
-def keyring_of(settings: Any, identity_file: str | None, storage: Any) -> Any:
-    """The identities restore and verify may use: the flag, else the settings; the passphrase."""
-    from pgvault import config
-    from pgvault.pipeline.age import Keyring
-
-    return Keyring(identity_file=identity_file or settings.encryption.identity_file,
-                   passphrase=config.age_passphrase(), storage=storage)
-
-
 @cli.command()
 @click.option("-o", "--output", metavar="FILE", type=click.Path(dir_okay=False),
               help="Write the identity to FILE (mode 0600; never overwrites). "

@@ -14,10 +14,9 @@ from pgvault.cli.app import (
     common,
     database_filter,
     dbname_option,
-    settings_of,
-    storage_of,
+    vault_of,
 )
-from pgvault.cli.security import IDENTITY_HELP, identity_option, keyring_of
+from pgvault.cli.security import IDENTITY_HELP, identity_option
 from pgvault.model import to_dict
 
 LEVEL_NAMES = ["integrity", "restore", "facts", "assertions", "command"]
@@ -57,14 +56,15 @@ is 13 if the drill passed (else the drill's own 6 or 10).
 """
 
 
-def verify_options(settings: Any, storage: Any, level: str | None = None, jobs: int = 0,
+def verify_options(vault: Any, level: str | None = None, jobs: int = 0,
                    identity_file: str | None = None) -> Any:
     """VerifyOptions from the [verify] and [objectives] settings (a flag may set the level)."""
     from pgvault.ops.verify import VerifyOptions
 
+    settings = vault.settings
     section = settings.verify
     return VerifyOptions(
-        identities=keyring_of(settings, identity_file, storage),
+        identities=vault.keyring_with(identity_file),
         level=level or section.default_level(),
         sql=[(check.name, check.query) for check in section.sql],
         command=section.command,
@@ -169,16 +169,14 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
     """
     import functools
 
-    from pgvault.catalog import Catalog
     from pgvault.console import ProgressLine
     from pgvault.errors import NotFound, PgvaultError, RecordFailed, UsageError
-    from pgvault.ops.jobs import run_verify_job
+    from pgvault.ops.jobs import VerifyRequest, run
     from pgvault.ops.verify import verify as run_verify
 
     scratch_servers_given(server)
-    settings = settings_of(ctx)
-    storage = storage_of(settings)
-    catalog = Catalog(storage)
+    vault = vault_of(ctx)
+    settings, storage, catalog = vault.settings, vault.storage, vault.catalog
     database = database_filter(dbname)
     if backup_id == "all":
         manifests = catalog.list(database)
@@ -190,26 +188,25 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
         manifests = [catalog.get(backup_id, database)]
     # The report is stored here, after its verdict is printed: a repository that refuses
     # it (read-only) must not swallow the verdict of a drill that ran.
-    options = dataclasses.replace(verify_options(settings, storage, level, jobs, identity_file),
+    options = dataclasses.replace(verify_options(vault, level, jobs, identity_file),
                                   record=False)
     reports = []
     unrecorded: list[tuple[Any, Exception]] = []
     with scratch_servers(settings, server, keep) as servers:
 
-        def drill_one(run: Any, manifest: Any) -> Any:
-            return run_verify(storage, manifest, run, servers)
+        def drill_one(drill: Any, manifest: Any) -> Any:
+            return run_verify(storage, manifest, drill, servers)
 
         for manifest in manifests:
             progress = ProgressLine(f"restoring {manifest.id}", total=manifest.size)
-            run = dataclasses.replace(options, progress=progress,
-                                      on_check=None if as_json else print_check)
+            drill = dataclasses.replace(options, progress=progress,
+                                        on_check=None if as_json else print_check)
             if not as_json:
                 click.echo(f"verifying {manifest.id} ({manifest.database}), "
                            f"level {options.level}")
             try:
                 # As a job: verify.succeeded/failed reach [notify], the result [metrics].
-                report = run_verify_job(settings, storage, manifest,
-                                        functools.partial(drill_one, run))
+                report = run(vault, VerifyRequest(manifest, functools.partial(drill_one, drill)))
             finally:
                 progress.finish()
             reports.append(report)

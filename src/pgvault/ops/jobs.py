@@ -1,8 +1,10 @@
-"""Jobs: one operation plus what running it unattended needs (events, history, metrics).
+"""Jobs: one run of a use case plus what running it unattended needs (events, history,
+metrics), for every kind of run: ``run(vault, request)``.
 
 The CLI commands and the daemon both call these, so a backup run from cron and one run
-by `pgvault daemon` notify, record and publish exactly alike. A job never lets a
-notifier, the run history or a metrics target fail it: those are logged and counted.
+by `pgvault daemon`, a logical backup and a physical one, notify, record and publish
+exactly alike. A job never lets a notifier, the run history or a metrics target fail
+it: those are logged and counted.
 """
 
 from __future__ import annotations
@@ -11,53 +13,80 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, overload
 
-import msgspec
-
-from pgvault import logs
+from pgvault import config, logs
 from pgvault.errors import Interrupted, PgvaultError
-from pgvault.events import Event, Fanout, Sink
-from pgvault.ops.backup import BackupOptions, backup
+from pgvault.events import Event
 from pgvault.ops.status import DatabaseStatus, RunRecord, database_status, record_run
 from pgvault.storage.base import Storage
+from pgvault.vault import Vault
 
 if TYPE_CHECKING:
     from pgvault.config import Settings
-    from pgvault.metrics import Metrics
     from pgvault.model import Manifest, VerifyReport
     from pgvault.ops.prune import Policy, PruneReport
     from pgvault.pg.conninfo import ConnInfo
+    from pgvault.pipeline.stream import Progress
 
 log = logs.get("jobs")
 
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
+Drill = Callable[["Manifest"], "VerifyReport"]
 
 
-@dataclass
-class JobContext:
-    """What jobs share in one process: metrics, a stop signal, the clock."""
+# ---------------------------------------------------------------- requests
 
-    metrics: Metrics | None = None
-    cancel: threading.Event | None = None
-    """Set to abort a running backup cleanly (no manifest, uploads aborted)."""
-    clock: Callable[[], datetime] = field(default=_utcnow)
+@dataclass(frozen=True)
+class BackupRequest:
+    """A logical backup of the database ``conn`` names; ``None`` fields: the settings'."""
 
-    def fanout(self, settings: Settings, database: str) -> Fanout:
-        """The sinks ``settings`` configures; failures are logged and counted."""
-        from pgvault.sinks import fanout_for
+    conn: ConnInfo
+    compression: str | None = None
+    level: int | None = None
+    backup_globals: bool = True
+    """False (--no-globals) skips roles and tablespaces even when the settings want them."""
+    streams: int | None = None
+    progress: Progress | None = None
+    drill: Drill | None = None
+    """Restore-drills the new backup (verify_after_backup); a failed drill stops the prune."""
+    notify_failure: bool = True
+    """False records a failure without telling anyone (an attempt that will be retried)."""
+    stale: bool = False
+    """A stale alert is open, so success means recovered."""
 
-        def failed(sink: Sink, event: Event, reason: str) -> None:
-            log.warning("notification %s of %s via %s failed: %s", event.kind, database,
-                        sink.name, reason)
-            if self.metrics is not None:
-                self.metrics.notification_failed(database, sink.name)
 
-        return fanout_for(settings.notify, on_failure=failed)
+@dataclass(frozen=True)
+class BaseBackupRequest:
+    """A physical base backup of the server ``conn`` reaches; ``None`` fields: the settings'."""
+
+    conn: ConnInfo
+    cluster: str | None = None
+    compression: str | None = None
+    wal_method: str | None = None
+    fast_checkpoint: bool | None = None
+    progress: Progress | None = None
+    notify_failure: bool = True
+    stale: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """One restore drill of ``manifest``, run by ``drill``."""
+
+    manifest: Manifest
+    drill: Drill
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """Apply the vault's retention policy (to one database, or all)."""
+
+    dry_run: bool = False
+    force: bool = False
+    database: str | None = None
+    now: datetime | None = None
 
 
 @dataclass
@@ -77,57 +106,111 @@ class BackupRun:
         return self.drill_error is not None or (self.drill is not None and not self.drill.passed)
 
 
+@overload
+def run(vault: Vault, request: BackupRequest | BaseBackupRequest) -> BackupRun: ...
+@overload
+def run(vault: Vault, request: VerifyRequest) -> VerifyReport: ...
+@overload
+def run(vault: Vault, request: PruneRequest) -> PruneReport: ...
+
+
+def run(vault: Vault, request: Any) -> Any:
+    """Run ``request`` with the parts ``vault`` wires; raises what the run raised, after
+    recording and reporting it."""
+    if isinstance(request, BackupRequest):
+        return _logical(vault, request)
+    if isinstance(request, BaseBackupRequest):
+        return _physical(vault, request)
+    if isinstance(request, VerifyRequest):
+        return _verify(vault, request)
+    if isinstance(request, PruneRequest):
+        return _prune(vault, request)
+    raise TypeError(f"no job runs a {type(request).__name__}")
+
+
 def database_of(conn: ConnInfo) -> str:
     """The database name a connection names, as the repository will file it."""
     return conn.dbname or conn.redacted().rsplit("/", 1)[-1]
 
 
-def run_backup_job(settings: Settings, conn: ConnInfo, storage: Storage,
-                   options: BackupOptions, *, context: JobContext | None = None,
-                   drill: Callable[[Manifest], VerifyReport] | None = None,
-                   notify_failure: bool = True, stale: bool = False) -> BackupRun:
-    """Back up, record the run, emit events, drill and prune if asked, publish metrics.
+# ---------------------------------------------------------------- backups
 
-    ``drill`` restore-drills the new backup (verify_after_backup); if the drill fails,
-    nothing is pruned, since retention keeps the newest backups and the newest is bad.
-    ``notify_failure=False`` records a failure without telling anyone (an attempt that
-    will be retried); ``stale`` says a stale alert is open, so success means recovered.
-    Raises what the backup raised, after recording and reporting it.
+def _logical(vault: Vault, request: BackupRequest) -> BackupRun:
+    from pgvault.ops.backup import BackupOptions, backup
+
+    settings = vault.settings
+    options = BackupOptions(
+        stages=vault.stages_for(request.compression, request.level),
+        backup_globals=settings.backup_globals and request.backup_globals,
+        streams=settings.backup_streams if request.streams is None else request.streams,
+        lock_stale_after=vault.lock_stale_after,
+        progress=_abortable(request.progress, vault.cancel))
+    return _backup_run(vault, database_of(request.conn), lambda: backup(request.conn,
+                       vault.storage, options), drill=request.drill,
+                       notify_failure=request.notify_failure, stale=request.stale,
+                       kind="backup")
+
+
+def _physical(vault: Vault, request: BaseBackupRequest) -> BackupRun:
+    from pgvault.ops.basebackup import BasebackupOptions, basebackup
+
+    settings = vault.settings
+    physical = settings.physical
+    options = BasebackupOptions(
+        cluster=request.cluster or str(physical.cluster),
+        stages=vault.stages_for(request.compression),
+        wal_method=request.wal_method or physical.wal_method,
+        fast_checkpoint=(physical.fast_checkpoint if request.fast_checkpoint is None
+                         else request.fast_checkpoint),
+        archive_wait=physical.archive_wait_seconds,
+        lock_stale_after=vault.lock_stale_after,
+        progress=_abortable(request.progress, vault.cancel))
+    return _backup_run(vault, options.cluster, lambda: basebackup(request.conn, vault.storage,
+                       options), drill=None, notify_failure=request.notify_failure,
+                       stale=request.stale, kind="base backup")
+
+
+def _backup_run(vault: Vault, database: str, take: Callable[[], Manifest], *,
+                drill: Drill | None, notify_failure: bool, stale: bool,
+                kind: str) -> BackupRun:
+    """Take a backup, record the run, emit events, drill and prune if asked, publish.
+
+    ``kind`` names it in log lines: "backup" (logical) or "base backup" (physical, whose
+    prune also keeps what [physical] recovery_window needs).
     """
-    context = context or JobContext()
-    database = database_of(conn)
+    settings = vault.settings
     # Built before the backup, so a bad [retention] fails fast instead of after an hour's dump.
-    policy = _policy(settings) if settings.prune_after_backup else None
-    fanout = context.fanout(settings, database)
-    options = replace(options, progress=_abortable(options.progress, context.cancel))
-    started = context.clock()
+    policy: Policy | None = vault.policy if settings.prune_after_backup else None
+    window = vault.recovery_window if kind == "base backup" else None
+    fanout = vault.events
+    started = vault.clock()
     with logs.tail() as tail:
         fanout.emit(Event("backup.started", database, started, started_at=started))
         try:
-            manifest = backup(conn, storage, options)
+            manifest = take()
         except BaseException as exc:
-            finished = context.clock()
+            finished = vault.clock()
             error = str(exc) or type(exc).__name__
             duration = (finished - started).total_seconds()
-            run = RunRecord(at=started, finished_at=finished, duration=duration, error=error,
-                            notified=notify_failure)
-            _record(storage, database, run, failed=True)
+            record = RunRecord(at=started, finished_at=finished, duration=duration, error=error,
+                               notified=notify_failure)
+            _record(vault.storage, database, record, failed=True)
             # An abort because the daemon stops is logged, not announced; the next start
             # runs the missed backup.
-            if notify_failure and not (context.cancel is not None and context.cancel.is_set()):
+            if notify_failure and not (vault.cancel is not None and vault.cancel.is_set()):
                 fanout.emit(Event("backup.failed", database, finished, started_at=started,
                                   finished_at=finished, duration=duration, error=error,
                                   log_tail=tuple(tail)))
             else:
-                log.warning("backup attempt of %s failed after %.1fs: %s", database,
+                log.warning("%s attempt of %s failed after %.1fs: %s", kind, database,
                             duration, error)
-            publish(settings, storage, database, context)
+            publish(vault, database)
             raise
         database = manifest.database
         for warning in manifest.warnings:
-            log.warning("backup %s of %s: %s", manifest.id, database, warning)
+            log.warning("%s %s of %s: %s", kind, manifest.id, database, warning)
         duration = (manifest.finished_at - manifest.started_at).total_seconds()
-        before = _record(storage, database, RunRecord(
+        before = _record(vault.storage, database, RunRecord(
             at=manifest.started_at, finished_at=manifest.finished_at, duration=duration,
             backup_id=manifest.id, size=manifest.size), failed=False)
         fanout.emit(Event("backup.succeeded", database, manifest.finished_at,
@@ -144,8 +227,7 @@ def run_backup_job(settings: Settings, conn: ConnInfo, storage: Storage,
                               details={"failed_at": failure.at.isoformat()} if failure else {}))
         if drill is not None:
             try:
-                result.drill = run_verify_job(settings, storage, manifest, drill,
-                                              context=context)
+                result.drill = run(vault, VerifyRequest(manifest, drill))
             except PgvaultError as exc:
                 result.drill_error = exc
             if result.drill_failed and policy is not None:
@@ -156,26 +238,91 @@ def run_backup_job(settings: Settings, conn: ConnInfo, storage: Storage,
             from pgvault.ops.prune import prune_after_backup
 
             try:
-                result.prune = prune_after_backup(storage, policy, database=database,
-                                                  lock_stale_after=options.lock_stale_after)
+                result.prune = prune_after_backup(vault.storage, policy, database=database,
+                                                  lock_stale_after=vault.lock_stale_after,
+                                                  recovery_window=window)
                 plan = result.prune.databases.get(database)
-                fanout.emit(Event("prune.finished", database, context.clock(), details={
+                fanout.emit(Event("prune.finished", database, vault.clock(), details={
                     "removed": len(plan.remove) if plan else 0,
                     "kept": len(plan.keep) if plan else 0,
                     "orphans_removed": len(result.prune.orphans)}))
             except PgvaultError as exc:  # the backup is stored; a failed prune must not hide it
                 result.prune_error = str(exc)
-                log.warning("backup %s is stored, but pruning %s failed: %s", manifest.id,
+                log.warning("%s %s is stored, but pruning %s failed: %s", kind, manifest.id,
                             database, exc)
-    publish(settings, storage, database, context)
+    publish(vault, database)
     return result
 
 
-def _policy(settings: Settings) -> Policy:
-    """The retention policy of ``settings`` (the planner is imported only when pruning)."""
-    from pgvault.ops.prune import Policy
+def backup_databases(settings: Settings, dbname: str | None,
+                     request: Callable[[Vault, ConnInfo], BackupRequest], *,
+                     finished: Callable[[BackupRun], Exception | None],
+                     failed: Callable[[str | None, PgvaultError], None],
+                     ) -> list[BackupRun]:
+    """Back up every configured database ([[databases]]; ``dbname`` picks one) in turn.
 
-    return Policy.from_mapping(msgspec.structs.asdict(settings.retention))
+    One failure does not stop the others: each is handed to ``failed``, and the run then
+    ends with the worst one's class naming how many failed. ``finished`` is handed each
+    run once its progress is closed, and returns the error the run ends with (a failed
+    drill). With one database its own error is raised as it is.
+    """
+    from pgvault.errors import UsageError
+
+    targets = config.targets(settings)
+    # [[databases]]: -d names one entry; without it, each entry in turn (one cron line).
+    if settings.databases and dbname:
+        name = config.command_line_connection(dbname).dbname or dbname
+        targets = [t for t in targets if t.name == name]
+        if not targets:
+            names = ", ".join(e.name for e in settings.databases)
+            raise UsageError(f"--dbname {dbname!r} is not among [[databases]] ({names})")
+        dbname = None
+    failures: list[Exception] = []
+    runs: list[BackupRun] = []
+    for target in targets:
+        conn = config.target_connection(target, dbname)
+        vault = Vault.open(target.settings)
+        wanted = request(vault, conn)
+        try:
+            done = run(vault, wanted)
+        except PgvaultError as exc:
+            if len(targets) == 1:
+                raise
+            failed(target.name, exc)
+            failures.append(exc)
+            continue
+        finally:
+            _finish(wanted.progress)
+        runs.append(done)
+        error = finished(done)
+        if error is not None:
+            if len(targets) == 1:
+                raise error
+            failures.append(error)
+    if failures:
+        worst = max(failures, key=lambda e: getattr(e, "exit_code", 1))
+        raise type(worst)(f"{len(failures)} of {len(targets)} databases failed; first: "
+                          f"{failures[0]}")
+    return runs
+
+
+def _finish(progress: Any) -> None:
+    finish = getattr(progress, "finish", None)
+    if finish is not None:
+        finish()
+
+
+# ---------------------------------------------------------------- prune
+
+def _prune(vault: Vault, request: PruneRequest) -> PruneReport:
+    from datetime import UTC
+
+    from pgvault.ops.prune import prune
+
+    return prune(vault.storage, vault.policy, dry_run=request.dry_run,
+                 now=request.now or datetime.now(UTC), lock_stale_after=vault.lock_stale_after,
+                 database=request.database, recovery_window=vault.recovery_window,
+                 force=request.force)
 
 
 def _abortable(progress: Callable[[int], None] | None,
@@ -205,31 +352,32 @@ def _record(storage: Storage, database: str, run: RunRecord, *, failed: bool) ->
         return None
 
 
-def status_of(settings: Settings, storage: Storage, database: str) -> DatabaseStatus:
+def status_of(vault: Vault, database: str) -> DatabaseStatus:
     """The monitoring status of ``database`` against this target's objectives."""
-    return database_status(storage, database, rpo_hours=settings.objectives.rpo_hours,
+    settings = vault.settings
+    return database_status(vault.storage, database, rpo_hours=settings.objectives.rpo_hours,
                            rto_minutes=settings.objectives.rto_minutes,
-                           lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
+                           lock_stale_after=vault.lock_stale_after,
                            archive_stale_after=timedelta(
                                minutes=settings.check.warn_archive_minutes) or None)
 
 
-def publish(settings: Settings, storage: Storage, database: str,
-            context: JobContext) -> None:
+def publish(vault: Vault, database: str) -> None:
     """Refresh ``database`` in the metrics, then write the textfile / push, as configured."""
     from pgvault.sinks import prometheus
 
+    settings = vault.settings
     wanted = settings.metrics.textfile or settings.metrics.pushgateway_url
-    if context.metrics is None and not wanted:
+    if vault.metrics is None and not wanted:
         return
-    if context.metrics is None:
+    if vault.metrics is None:
         from pgvault.metrics import Metrics
 
         metrics = Metrics()
     else:
-        metrics = context.metrics
+        metrics = vault.metrics
     try:
-        metrics.update(status_of(settings, storage, database))
+        metrics.update(status_of(vault, database))
     except Exception as exc:
         log.warning("could not read the status of %s for metrics: %s", database, exc)
         return
@@ -238,24 +386,22 @@ def publish(settings: Settings, storage: Storage, database: str,
         prometheus.publish(metrics, settings.metrics, database, timeout=timeout)
 
 
-def run_verify_job(settings: Settings, storage: Storage, manifest: Manifest,
-                   drill: Callable[[Manifest], VerifyReport], *,
-                   context: JobContext | None = None) -> VerifyReport:
+def _verify(vault: Vault, request: VerifyRequest) -> VerifyReport:
     """Run one restore drill through ``drill``, emit verify.succeeded/failed, publish."""
-    context = context or JobContext()
+    manifest, drill = request.manifest, request.drill
     database = manifest.database
-    fanout = context.fanout(settings, database)
-    started = context.clock()
+    fanout = vault.events
+    started = vault.clock()
     with logs.tail() as tail:
         try:
             report = drill(manifest)
         except BaseException as exc:
-            finished = context.clock()
+            finished = vault.clock()
             fanout.emit(Event("verify.failed", database, finished, backup_id=manifest.id,
                               started_at=started, finished_at=finished,
                               duration=(finished - started).total_seconds(),
                               error=str(exc) or type(exc).__name__, log_tail=tuple(tail)))
-            publish(settings, storage, database, context)
+            publish(vault, database)
             raise
         failures = "; ".join(f"{c.name}: {c.detail}" for c in report.failures)
         fanout.emit(Event(
@@ -267,30 +413,29 @@ def run_verify_job(settings: Settings, storage: Storage, manifest: Manifest,
             details={"level": report.level,
                      **({"restore_seconds": round(report.restore_seconds, 3)}
                         if report.restore_seconds is not None else {})}))
-    publish(settings, storage, database, context)
+    publish(vault, database)
     return report
 
 
-def run_freshness_check(settings: Settings, storage: Storage, database: str, *,
-                        was_stale: bool, up_since: datetime,
-                        context: JobContext | None = None) -> bool:
+def run_freshness_check(vault: Vault, database: str, *, was_stale: bool,
+                        up_since: datetime) -> bool:
     """Raise backup.stale when the newest good backup is older than the RPO objective.
 
     Returns whether the database is stale now. A database with no backup at all counts
     as stale only once the caller has been up longer than the objective.
     """
-    context = context or JobContext()
-    status = status_of(settings, storage, database)
-    if context.metrics is not None:
-        context.metrics.update(status)
-    now = context.clock()
+    settings = vault.settings
+    status = status_of(vault, database)
+    if vault.metrics is not None:
+        vault.metrics.update(status)
+    now = vault.clock()
     rpo = timedelta(hours=settings.objectives.rpo_hours)
     age = status.age(now)
     # A database never backed up is stale once the caller has been up longer than the RPO.
     stale = now - up_since > rpo if age is None else age > rpo and not status.catching_up(rpo)
     if stale and not was_stale:
         newest = status.newest
-        context.fanout(settings, database).emit(Event(
+        vault.events.emit(Event(
             "backup.stale", database, now,
             backup_id=newest.id if newest else None,
             started_at=newest.started_at if newest else None,

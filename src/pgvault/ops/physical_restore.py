@@ -473,3 +473,20 @@ def drill_physical(storage: Storage, manifest: Manifest, cluster: str, *,
         return PhysicalDrill(seconds, checks, databases, tables, rows)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def restore_command(repo: str, cluster: str, *, program: str | None = None,
+                    config_file: str | None = None, identity_file: str | None = None) -> str:
+    """The restore_command a restored server runs: `pgvault wal-fetch %f %p` with this
+    repository, cluster, config and identity, every path absolute (the server's working
+    directory is its data folder, not ours)."""
+    import shlex
+
+    where = repo if "://" in repo else str(Path(repo).absolute())
+    command = [program or archive.pgvault_executable(), "wal-fetch", "%f", "%p",
+               "--repo", where, "--cluster", cluster]
+    if config_file:
+        command += ["--config", str(Path(config_file).absolute())]
+    if identity_file:
+        command += ["--identity-file", str(Path(identity_file).absolute())]
+    return shlex.join(command)

@@ -20,65 +20,43 @@ from pgvault.pipeline.compression import (
 from pgvault.pipeline.stream import Readable
 
 if TYPE_CHECKING:
-    from pgvault.config import Settings
+    from collections.abc import Sequence
+
     from pgvault.pipeline.age import Keyring
-    from pgvault.storage.base import Storage
 
 SUFFIXES = {"zstd": ".zst", "gzip": ".gz", "age": ".age"}
 # Level 1 keeps a backup at pg_dump's own speed on a 2-CPU client: at 1 GB it took 1.01x
 # the floor against 1.16x at level 3, whose output is 14% smaller (3.67x vs 3.16x).
-DEFAULT_ZSTD_LEVEL = 1
+DEFAULT_LEVELS = {"zstd": 1, "gzip": 6}
+"""The one place a compression's default level is decided; the --level help says it too."""
+DEFAULT_ZSTD_LEVEL = DEFAULT_LEVELS["zstd"]
 
 
 def compression_spec(algorithm: str, level: int | None, threads: int) -> list[StageSpec]:
     """The stage list for a configured compression (an empty list for 'none')."""
     if algorithm == "none":
         return []
+    if algorithm not in DEFAULT_LEVELS:
+        raise ConfigError(f"unknown compression {algorithm!r} (choose zstd, gzip or none)")
+    explicit = DEFAULT_LEVELS[algorithm] if level is None else level
     if algorithm == "zstd":
-        return [StageSpec(name="zstd", level=DEFAULT_ZSTD_LEVEL if level is None else level,
-                          threads=threads)]
-    if algorithm == "gzip":
-        return [StageSpec(name="gzip", level=6 if level is None else level)]
-    raise ConfigError(f"unknown compression {algorithm!r} (choose zstd, gzip or none)")
+        return [StageSpec(name="zstd", level=explicit, threads=threads)]
+    return [StageSpec(name="gzip", level=explicit)]
 
 
-def configured_stages(
-    settings: Settings, algorithm: str | None = None, level: int | None = None, *,
-    storage: Storage | None = None,
-) -> list[StageSpec]:
-    """The stage list a new artifact gets from the settings (flags may override compression).
+def configured_stages(algorithm: str, level: int | None = None, threads: int = 0, *,
+                      recipients: Sequence[str] = (), passphrase: bool = False,
+                      ) -> list[StageSpec]:
+    """The stage list a new artifact gets: compression first, then age when it has recipients.
 
-    Compression comes first, then age encryption when recipients or passphrase mode are
-    configured; passphrase mode needs ``storage``, where the wrapped identity lives.
+    ``recipients`` are canonical (see ``age.canonical_recipient``), the passphrase-wrapped
+    identity's among them in passphrase mode (``passphrase`` records that mode).
     """
-    comp = settings.compression
-    stages = compression_spec(algorithm or comp.algorithm,
-                              comp.level if level is None else level, comp.threads)
-    encryption = encryption_spec(settings, storage)
-    return stages + ([encryption] if encryption else [])
-
-
-def encryption_spec(settings: Settings, storage: Storage | None) -> StageSpec | None:
-    """The age stage the settings ask for (None: encryption is off)."""
-    from pgvault import config
-
-    recipients = config.age_recipients(settings)
-    passphrase = None
-    if settings.encryption.passphrase:
-        from pgvault.pipeline.age import passphrase_identity
-
-        passphrase = config.age_passphrase()
-        if not passphrase:
-            raise ConfigError("encryption.passphrase is on, but PGVAULT_AGE_PASSPHRASE "
-                              "(or PGVAULT_AGE_PASSPHRASE_FILE) is not set")
-        if storage is None:
-            raise ConfigError("passphrase mode needs the repository to keep its key in")
-        wrapped = passphrase_identity(storage, passphrase, create=True)
-        recipients += [r for r in wrapped.recipients if r]
-    if not recipients:
-        return None
-    return StageSpec(name="age", recipients=tuple(dict.fromkeys(recipients)),
-                     passphrase=True if passphrase else None)
+    stages = compression_spec(algorithm, level, threads)
+    if recipients:
+        stages.append(StageSpec(name="age", recipients=tuple(dict.fromkeys(recipients)),
+                                passphrase=True if passphrase else None))
+    return stages
 
 
 def suffix(stages: list[StageSpec]) -> str:
@@ -95,10 +73,10 @@ def encode(source: Readable, stages: list[StageSpec], *,
     stream = source
     for stage in stages:
         if stage.name == "zstd":
-            stream = ZstdEncoder(stream, level=stage.level or 3, threads=stage.threads or 0,
+            stream = ZstdEncoder(stream, level=_level(stage), threads=stage.threads or 0,
                                  split=split)
         elif stage.name == "gzip":
-            stream = GzipEncoder(stream, level=stage.level or 6)
+            stream = GzipEncoder(stream, level=_level(stage))
         elif stage.name == "age":
             from pgvault.pipeline.age import AgeEncoder
 
@@ -106,6 +84,10 @@ def encode(source: Readable, stages: list[StageSpec], *,
         else:
             raise ConfigError(f"unknown pipeline stage {stage.name!r}")
     return stream
+
+
+def _level(stage: StageSpec) -> int:
+    return DEFAULT_LEVELS[stage.name] if stage.level is None else stage.level
 
 
 def decode(source: Readable, stages: list[StageSpec], *, identities: Keyring | None = None,

@@ -20,11 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgvault.errors import (
-    AlreadyExists,
     ConfigError,
     DecryptionError,
     IntegrityError,
-    NotFound,
     PgvaultError,
 )
 from pgvault.pipeline.pump import Pump, pushing
@@ -32,7 +30,6 @@ from pgvault.pipeline.stream import Readable, Reader
 
 if TYPE_CHECKING:
     from pgvault.model import StageSpec
-    from pgvault.storage.base import Storage
 
 AGE_MAGIC = b"age-encryption.org/v1"
 ARMOR_MAGIC = b"-----BEGIN AGE ENCRYPTED FILE-----"
@@ -175,47 +172,35 @@ def write_identity_file(path: str, text: str) -> None:
         handle.write(text)
 
 
-def passphrase_identity(storage: Storage, passphrase: str, *, create: bool) -> Identities:
-    """The repository's passphrase-wrapped identity (an ``age -p`` file), opened.
-
-    With ``create`` a repository without one gets a new identity, wrapped with scrypt.
-    """
+def wrap_identity(text: str, passphrase: str) -> bytes:
+    """``text`` (an identity file) wrapped with ``passphrase`` as ``age -p`` does (scrypt)."""
     import pyrage
 
-    from pgvault.catalog import PASSPHRASE_IDENTITY
+    return bytes(pyrage.passphrase.encrypt(text.encode(), passphrase))
 
-    source = f"the repository key {PASSPHRASE_IDENTITY} (opened with the passphrase)"
-    for _ in range(2):
-        try:
-            wrapped = storage.read_bytes(PASSPHRASE_IDENTITY)
-        except NotFound:
-            if not create:
-                raise DecryptionError(
-                    f"the repository has no passphrase key {PASSPHRASE_IDENTITY}") from None
-            text, _recipient = new_identity()
-            try:
-                storage.create(PASSPHRASE_IDENTITY, pyrage.passphrase.encrypt(text.encode(),
-                                                                              passphrase))
-            except AlreadyExists:
-                continue  # another host made one first: use that one
-            return parse_identities(text.encode(), source)
-        try:
-            return parse_identities(pyrage.passphrase.decrypt(wrapped, passphrase), source)
-        except pyrage.DecryptError:
-            raise DecryptionError(
-                f"the passphrase (PGVAULT_AGE_PASSPHRASE) does not open {storage.url}/"
-                f"{PASSPHRASE_IDENTITY}: it is not the passphrase this repository was set up "
-                "with") from None
-    raise DecryptionError(f"cannot read {PASSPHRASE_IDENTITY}")  # pragma: no cover
+
+def unwrap_identity(wrapped: bytes, passphrase: str, source: str, *,
+                    refused: str) -> Identities:
+    """The identities inside a passphrase-wrapped identity file; ``refused`` when it won't open."""
+    import pyrage
+
+    try:
+        return parse_identities(pyrage.passphrase.decrypt(wrapped, passphrase), source)
+    except pyrage.DecryptError:
+        raise DecryptionError(refused) from None
 
 
 @dataclass
 class Keyring:
-    """What restore and verify may use to decrypt; loaded only when an artifact needs it."""
+    """What restore and verify may use to decrypt; loaded only when an artifact needs it.
+
+    ``repository_key`` opens the repository's passphrase-wrapped identity: the composition
+    root (vault.py) supplies it, so this stage never reaches into a repository itself.
+    """
 
     identity_file: str | None = None
     passphrase: str | None = None
-    storage: Storage | None = None
+    repository_key: Callable[[], Identities] | None = None
     _loaded: dict[str, Identities] = field(default_factory=dict, repr=False)
 
     def for_stage(self, stage: StageSpec) -> Identities:
@@ -225,10 +210,9 @@ class Keyring:
             if "file" not in self._loaded:
                 self._loaded["file"] = load_identity_file(self.identity_file, self.passphrase)
             found.append(self._loaded["file"])
-        if stage.passphrase and self.passphrase and self.storage is not None:
+        if stage.passphrase and self.passphrase and self.repository_key is not None:
             if "passphrase" not in self._loaded:
-                self._loaded["passphrase"] = passphrase_identity(self.storage, self.passphrase,
-                                                                 create=False)
+                self._loaded["passphrase"] = self.repository_key()
             found.append(self._loaded["passphrase"])
         return Identities(
             keys=[k for ids in found for k in ids.keys],

@@ -11,12 +11,11 @@ holding it, is removed afterwards, on failure and on Ctrl-C too, unless asked to
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pgvault import __version__, leftovers
 from pgvault.catalog import Catalog, manifest_key
@@ -39,6 +38,7 @@ from pgvault.model import (
     VerifyReport,
 )
 from pgvault.ops.restore import RestoreOptions, open_artifact, restore
+from pgvault.ops.scratch import Place, ScratchServers
 from pgvault.ops.shell import run_command
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.psql import PsqlSession, identifier
@@ -87,75 +87,6 @@ class VerifyOptions:
 
     def includes(self, level: str) -> bool:
         return LEVELS.index(self.level) >= LEVELS.index(level)
-
-
-@dataclass
-class _Place:
-    """A server drills restore onto: its admin connection and how to describe it."""
-
-    conn: ConnInfo
-    where: str
-    ephemeral: bool
-    cluster: Any = None
-
-
-class ScratchServers:
-    """Where drills restore: a configured server, or ephemeral clusters started on demand.
-
-    One ephemeral cluster per PostgreSQL major (the backup's own), shared by the drills
-    of one run and stopped by ``close()``; with ``keep`` they are left running instead.
-    """
-
-    def __init__(self, server: ConnInfo | None = None, *, keep: bool = False,
-                 base_dir: str | None = None) -> None:
-        self.server = server
-        self.keep = keep
-        self.base_dir = base_dir
-        self.kept: list[str] = []
-        """How to reach and remove what ``keep`` left behind, one line each."""
-        self._clusters: dict[int, _Place] = {}
-
-    def place(self, major: int) -> _Place:
-        """The server to restore a backup of PostgreSQL ``major`` onto."""
-        if self.server is not None:
-            return _Place(self.server, f"server {self.server.redacted()}", ephemeral=False)
-        if major not in self._clusters:
-            from pgvault.pg.cluster import EphemeralCluster
-
-            try:
-                cluster = EphemeralCluster(major=major, base_dir=self.base_dir,
-                                           dies_with_owner=not self.keep).start()
-            except DatabaseError as exc:
-                raise DatabaseError(
-                    f"cannot start a PostgreSQL {major} cluster for the drill: {exc}; "
-                    "or verify on a server with --server URL ([verify] server)"
-                ) from None
-            self._clusters[major] = _Place(
-                ConnInfo.parse(cluster.url()), f"ephemeral PostgreSQL {cluster.major} cluster",
-                ephemeral=True, cluster=cluster,
-            )
-        return self._clusters[major]
-
-    def close(self, *, interrupted: bool = False) -> None:
-        """Stop the ephemeral clusters (or, with keep, say how to stop them)."""
-        clusters, self._clusters = self._clusters, {}
-        for place in clusters.values():
-            cluster = place.cluster
-            if self.keep and not interrupted:
-                cluster.detach()
-                stop = f"{cluster.bindir / 'pg_ctl'} -D {cluster.data_dir} stop"
-                if os.geteuid() == 0:  # the cluster runs as the postgres OS user
-                    stop = f"su postgres -s /bin/sh -c '{stop}'"
-                self.kept.append(f"cluster kept running: stop it with: {stop} && "
-                                 f"rm -rf {cluster.root}")
-            else:
-                cluster.stop()
-
-    def __enter__(self) -> ScratchServers:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        self.close(interrupted=exc_type is not None)
 
 
 def verify(storage: Storage, manifest: Manifest, options: VerifyOptions,
@@ -338,7 +269,7 @@ class _Drill:
 
     globals_sql: list[bytes] | None = None
 
-    def roles(self, place: _Place) -> bool:
+    def roles(self, place: Place) -> bool:
         """In an ephemeral cluster, create the backup's roles so owners and policies restore."""
         if not place.ephemeral or self.globals_sql is None:
             return False
@@ -354,7 +285,7 @@ class _Drill:
             self.check("integrity", dump.name, True,
                        f"{dump.size} bytes, sha256 and decoding verified while restoring")
 
-    def restore(self, place: _Place, scratch: str, roles: bool) -> bool:
+    def restore(self, place: Place, scratch: str, roles: bool) -> bool:
         dumps = [a for a in self.manifest.artifacts if a.format in DUMP_FORMATS]
         dump = dumps[0]
         options = RestoreOptions(target=scratch, jobs=self.options.jobs, no_owner=not roles,

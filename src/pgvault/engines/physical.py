@@ -17,15 +17,18 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pgvault.bytestream import CHUNK, Readable, Reader
 from pgvault.errors import BackupFailed, DatabaseError, IntegrityError, RestoreFailed
 from pgvault.model import PhysicalFacts
 from pgvault.pg import wal
 from pgvault.pg.binaries import tool, tool_version
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput, run
-from pgvault.pipeline.stream import CHUNK, Readable, Reader
+
+if TYPE_CHECKING:
+    import psycopg
 
 BASE_FORMAT = "tar"
 MANIFEST_FORMAT = "pg-backup-manifest"
@@ -150,18 +153,14 @@ class PhysicalEngine:
         import psycopg
 
         with self.conn.connect(autocommit=True) as connection:
-            version, version_num, segment_size, archive_mode, in_recovery, superuser = \
-                connection.execute(
-                    "SELECT current_setting('server_version'),"
-                    " current_setting('server_version_num')::int,"
-                    " (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),"
-                    " current_setting('archive_mode'), pg_is_in_recovery(),"
-                    " (SELECT rolname FROM pg_roles WHERE oid = 10)"
-                ).fetchone()
+            version, version_num, archive_mode, in_recovery, superuser = connection.execute(
+                "SELECT current_setting('server_version'),"
+                " current_setting('server_version_num')::int,"
+                " current_setting('archive_mode'), pg_is_in_recovery(),"
+                " (SELECT rolname FROM pg_roles WHERE oid = 10)"
+            ).fetchone()
             try:
-                system_identifier = connection.execute(
-                    "SELECT system_identifier::text FROM pg_control_system()"
-                ).fetchone()[0]
+                system_identifier, segment_size = system_identity(connection)
             except psycopg.Error as exc:
                 raise DatabaseError(
                     f"cannot read the system identifier (pg_control_system()): {exc}"
@@ -248,6 +247,70 @@ class PhysicalEngine:
             label=label.get("LABEL", ""),
             superuser=self.info.superuser,
         )
+
+
+# The server's side of WAL archiving, asked here once for every use case (base backup,
+# check-archive): each function raises psycopg.Error, which its caller words.
+
+_SEGMENT_SIZE = "(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')"
+ARCHIVER_COLUMNS = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count",
+                    "last_failed_wal", "last_failed_time")
+
+
+def _row(connection: psycopg.Connection[Any], query: str) -> tuple[Any, ...]:
+    row = connection.execute(query).fetchone()
+    assert row is not None, "these views and functions always return one row"
+    return tuple(row)
+
+
+def system_identity(connection: psycopg.Connection[Any]) -> tuple[str, int]:
+    """The server's system identifier and WAL segment size (pg_control_system())."""
+    system_identifier, segment_size = _row(
+        connection, f"SELECT system_identifier::text, {_SEGMENT_SIZE} FROM pg_control_system()")
+    return str(system_identifier), int(segment_size)
+
+
+def switch_wal(connection: psycopg.Connection[Any]) -> str:
+    """Finish the current WAL segment (so the archiver gets it); its file name."""
+    return str(_row(connection, "SELECT pg_walfile_name(pg_switch_wal())")[0])
+
+
+def archiver_stats(connection: psycopg.Connection[Any]) -> dict[str, Any]:
+    """pg_stat_archiver: what the server's archiver did last, and how often it failed."""
+    row = _row(connection, f"SELECT {', '.join(ARCHIVER_COLUMNS)} FROM pg_stat_archiver")
+    return dict(zip(ARCHIVER_COLUMNS, row, strict=True))
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """How the server is told to archive (``library``: None before PostgreSQL 15)."""
+
+    mode: str | None
+    command: str | None
+    library: str | None
+    data_directory: str | None
+
+
+def archive_settings(connection: psycopg.Connection[Any]) -> ArchiveSettings:
+    row = connection.execute(
+        "SELECT current_setting('archive_mode'), current_setting('archive_command'),"
+        " current_setting('archive_library', true), current_setting('data_directory')"
+    ).fetchone() or (None, None, None, None)
+    return ArchiveSettings(*row)
+
+
+def waiting_for_archive(connection: psycopg.Connection[Any], application_name: str
+                        ) -> int | None:
+    """The pid of the walsender ``application_name`` while it waits for the archive (the
+    end of a base backup without WAL, PostgreSQL 13+); None while it does not."""
+    row = connection.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s"
+                             " AND wait_event = 'BackupWaitWalArchive'",
+                             (application_name,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def cancel_backend(connection: psycopg.Connection[Any], pid: int) -> None:
+    connection.execute("SELECT pg_cancel_backend(%s)", (pid,))
 
 
 def wal_ranges(manifest: bytes | None) -> list[tuple[int, int, int]]:

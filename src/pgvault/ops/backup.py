@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgvault import __version__, leftovers, pipeline
+from pgvault.artifacts import store_artifact
 from pgvault.catalog import Catalog, artifact_key, lock_key
 from pgvault.engines.logical import (
     DATA_FORMAT,
@@ -39,9 +40,7 @@ from pgvault.pg.archive import OffsetFinder
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput
 from pgvault.pg.psql import ServerInfo
-from pgvault.pipeline.compression import FrameSplit
-from pgvault.pipeline.digest import HashingReader
-from pgvault.pipeline.stream import CountingReader, Progress
+from pgvault.pipeline.stream import Progress
 from pgvault.storage.base import Storage
 
 
@@ -269,16 +268,10 @@ def _store(
 ) -> Artifact:
     key = artifact_key(database, backup_id, name + pipeline.suffix(options.stages))
     dump = fmt in DUMP_FORMATS
-    raw = CountingReader(child, options.progress if dump else None)
-    # zstd frames that decompress alone, and where each table's data is: see engines.spool.
-    split = (FrameSplit(OffsetFinder()) if dump and options.stages
-             and options.stages[0].name == "zstd" else None)
-    stored = HashingReader(pipeline.encode(raw, options.stages, split=split))
     try:
-        written.append(key)
-        storage.put(key, stored)  # type: ignore[arg-type]
+        # zstd frames that decompress alone, and where each table's data is: engines.spool.
+        return store_artifact(storage, key, child, options.stages, name=name, format=fmt,
+                              progress=options.progress if dump else None,
+                              boundaries=OffsetFinder() if dump else None, written=written)
     finally:
         child.close()
-    return Artifact(name=name, key=key, size=stored.size, sha256=stored.sha256,
-                    raw_size=raw.size, stages=options.stages, format=fmt,
-                    frames=list(split.starts) if split else [])

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgvault import __version__, pipeline
+from pgvault.artifacts import store_artifact
 from pgvault.catalog import Catalog, artifact_key, lock_key
 from pgvault.engines.physical import (
     BASE_FORMAT,
@@ -19,15 +20,17 @@ from pgvault.engines.physical import (
     MANIFEST_FORMAT,
     PhysicalEngine,
     TarWatcher,
+    archiver_stats,
+    cancel_backend,
     needed_wal,
+    waiting_for_archive,
 )
 from pgvault.errors import BackupFailed
 from pgvault.lock import hold
 from pgvault.model import Artifact, Facts, Manifest, StageSpec, new_backup_id
 from pgvault.ops import wal as archive
 from pgvault.pg.conninfo import ConnInfo
-from pgvault.pipeline.digest import HashingReader
-from pgvault.pipeline.stream import CountingReader, Progress, Readable
+from pgvault.pipeline.stream import Progress, Readable
 from pgvault.storage.base import Storage
 
 WAL_METHODS = ("auto", "fetch", "archive")
@@ -70,8 +73,8 @@ def basebackup(conn: ConnInfo, storage: Storage, options: BasebackupOptions) -> 
             server_wait = None if include_wal else _ServerArchiveWait(
                 conn, app_name, options.archive_wait)
             try:
-                base = _store(CountingReader(watcher, options.progress), "base.tar",
-                              BASE_FORMAT, storage, options, backup_id, written)
+                base = _store(watcher, "base.tar", BASE_FORMAT, storage, options, backup_id,
+                              written, progress=options.progress)
             except Exception:
                 if server_wait is not None and server_wait.stop():
                     raise BackupFailed(_not_archived(
@@ -144,25 +147,24 @@ class _ServerArchiveWait:
         with contextlib.suppress(Exception), conn.connect(autocommit=True) as db:
             since: float | None = None
             while not self._done.wait(0.25):
-                row = db.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s"
-                                 " AND wait_event = 'BackupWaitWalArchive'",
-                                 (app_name,)).fetchone()
+                pid = waiting_for_archive(db, app_name)
                 now = time.monotonic()
-                if row is None:
+                if pid is None:
                     continue
                 since = now if since is None else since
                 self.waited = now - since
                 if self.waited >= limit:
                     self.archiver = _archiver_state(db)
                     self.fired = True
-                    db.execute("SELECT pg_cancel_backend(%s)", (row[0],))
+                    cancel_backend(db, pid)
                     return
 
 
 def _archiver_state(db: Any) -> str:
-    failed, last_wal, last_at, archived = db.execute(
-        "SELECT failed_count, last_failed_wal, last_failed_time, last_archived_wal"
-        " FROM pg_stat_archiver").fetchone()
+    stats = archiver_stats(db)
+    failed, last_wal, last_at = (stats["failed_count"], stats["last_failed_wal"],
+                                 stats["last_failed_time"])
+    archived = stats["last_archived_wal"]
     if failed:
         return (f"the server's archive_command has failed {failed} times, last for {last_wal} "
                 f"at {last_at:%Y-%m-%d %H:%M:%S%z}")
@@ -190,11 +192,8 @@ def _include_wal(method: str, archives_with_pgvault: bool) -> bool:
 
 
 def _store(source: Readable, name: str, fmt: str, storage: Storage,
-           options: BasebackupOptions, backup_id: str, written: list[str]) -> Artifact:
+           options: BasebackupOptions, backup_id: str, written: list[str], *,
+           progress: Progress | None = None) -> Artifact:
     key = artifact_key(options.cluster, backup_id, name + pipeline.suffix(options.stages))
-    raw = source if isinstance(source, CountingReader) else CountingReader(source, None)
-    stored = HashingReader(pipeline.encode(raw, options.stages))
-    written.append(key)
-    storage.put(key, stored)  # type: ignore[arg-type]
-    return Artifact(name=name, key=key, size=stored.size, sha256=stored.sha256,
-                    raw_size=raw.size, stages=options.stages, format=fmt)
+    return store_artifact(storage, key, source, options.stages, name=name, format=fmt,
+                          progress=progress, written=written)

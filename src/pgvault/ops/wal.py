@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgvault import pipeline
+from pgvault.artifacts import store_artifact
 from pgvault.catalog import ArchivedFile, Catalog, wal_object_key
 from pgvault.errors import (
     AlreadyExists,
@@ -45,7 +46,6 @@ from pgvault.model import (
 )
 from pgvault.pg import wal
 from pgvault.pg.conninfo import ConnInfo
-from pgvault.pipeline.digest import HashingReader
 from pgvault.pipeline.stream import CHUNK
 from pgvault.storage.base import Storage
 
@@ -53,6 +53,10 @@ if TYPE_CHECKING:
     import psycopg
 
     from pgvault.pipeline.age import Keyring
+
+
+WAL_FORMAT = "wal"
+"""The format of an archived WAL file: the server's own bytes (no manifest records it)."""
 
 
 @dataclass(frozen=True)
@@ -141,8 +145,8 @@ def push(storage: Storage, cluster: str, path: Path, stages: list[StageSpec]) ->
                           time.monotonic() - started)
 
     key = wal_object_key(cluster, name.name, digest, pipeline.suffix(stages))
-    stored = HashingReader(pipeline.encode(io.BytesIO(data), stages))
-    storage.put(key, stored)  # type: ignore[arg-type]
+    stored = store_artifact(storage, key, io.BytesIO(data), stages, name=name.name,
+                            format=WAL_FORMAT)
     # A second writer racing us with other bytes shows up now; both then fail loudly.
     _refuse_conflicts(storage, name.name, digest, versions(storage, cluster, name.name))
     return PushResult(name.name, key, len(data), stored.size, False, time.monotonic() - started)
@@ -359,27 +363,20 @@ def check_archive(conn: ConnInfo, storage: Storage, cluster: str, *,
     """Force a WAL switch and wait until the finished segment is in the repository."""
     import psycopg
 
+    # Lazily: wal-push, which imports this module, never needs the engine.
+    from pgvault.engines.physical import archiver_stats, switch_wal, system_identity
+
     with conn.connect(autocommit=True) as connection:
         try:
-            system_identifier, segment_size = connection.execute(
-                "SELECT system_identifier::text, (SELECT setting::bigint FROM pg_settings"
-                " WHERE name = 'wal_segment_size') FROM pg_control_system()"
-            ).fetchone()
-            walfile = connection.execute(
-                "SELECT pg_walfile_name(pg_switch_wal())"
-            ).fetchone()[0]
+            system_identifier, segment_size = system_identity(connection)
+            walfile = switch_wal(connection)
         except psycopg.Error as exc:
             raise BackupFailed(f"cannot switch WAL on {conn.redacted()}: "
                                f"{str(exc).strip().splitlines()[0]}") from None
-        check_identity(storage, cluster, system_identifier, int(segment_size), bind=False)
+        check_identity(storage, cluster, system_identifier, segment_size, bind=False)
         started = time.monotonic()
         missing = wait_for(storage, cluster, [walfile], timeout=timeout)
-        row = connection.execute(
-            "SELECT archived_count, last_archived_wal, last_archived_time, failed_count,"
-            " last_failed_wal, last_failed_time FROM pg_stat_archiver").fetchone()
-        columns = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count",
-                   "last_failed_wal", "last_failed_time")
-        archiver = dict(zip(columns, row, strict=True))
+        archiver = archiver_stats(connection)
         cause = _archive_command_problem(connection, system_identifier) if missing else None
     if missing:
         failure = ""
@@ -403,15 +400,14 @@ def _archive_command_problem(connection: psycopg.Connection[Any],
     """
     import psycopg
 
+    from pgvault.engines.physical import archive_settings
     from pgvault.ops import archive_access
 
     try:
-        mode, command, library, data_directory = connection.execute(
-            "SELECT current_setting('archive_mode'), current_setting('archive_command'),"
-            " current_setting('archive_library', true), current_setting('data_directory')"
-        ).fetchone() or (None, None, None, None)
+        settings = archive_settings(connection)
     except psycopg.Error:
         return None
+    mode, command, library = settings.mode, settings.command, settings.library
     if mode == "off":
         return "archive_mode is off on the server (set it on and restart the server)"
     if library:
@@ -421,7 +417,7 @@ def _archive_command_problem(connection: psycopg.Connection[Any],
     host = connection.info.host
     loopback = host.startswith("/") or host in ("localhost", "::1") or host.startswith("127.")
     server = archive_access.local_server(
-        str(data_directory), system_identifier,
+        str(settings.data_directory), system_identifier,
         backend_pid=connection.info.backend_pid if loopback else None)
     return archive_access.diagnose(command, server) if server is not None else None
 

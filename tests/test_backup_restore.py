@@ -287,7 +287,8 @@ def test_lock_held_by_live_process_then_stale(
     holder = {"host": os.uname().nodename, "pid": os.getpid(), "operation": "backup",
               "since": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), "token": "x"}
     lock.write_text(json.dumps(holder))
-    proc = pgvault("backup", "--dbname", url, "--repo", repo, expect=7)
+    # A real process: the lock's holder (this test) must be another live process.
+    proc = pgvault("backup", "--dbname", url, "--repo", repo, expect=7, subprocess=True)
     assert f"pid {os.getpid()}" in one_line_error(proc)
     # A lock whose process is gone is stale: the next backup takes it over.
     holder["pid"] = 2**22 + 12345  # above pid_max's default: no such process

@@ -47,8 +47,9 @@ def test_failed_preflight_leaves_no_lock_and_wins_over_a_held_one(
                          "since": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
                          "token": "theirs"})
     lock.write_text(holder)
+    # A real process: the lock's holder (this test) must be another live process.
     proc = pgvault("backup", "--dbname", pg_cluster.url(missing), "--repo", f"file://{repo}",
-                   expect=4)
+                   expect=4, subprocess=True)
     assert "cannot connect" in one_line_error(proc)
     assert lock.read_text() == holder, "another process's lock is never touched"
 
@@ -151,7 +152,7 @@ def spy(self, args, *a, **k):
     real(self, args, *a, **k)
 subprocess.Popen.__init__ = spy
 from pgvault.cli import main
-main(sys.argv[1:])
+sys.exit(main(sys.argv[1:]))
 """
 
 

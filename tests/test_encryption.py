@@ -308,7 +308,7 @@ def test_keygen_writes_a_private_file_and_never_overwrites(tmp_path: Path) -> No
     path = tmp_path / "key.txt"
     proc = subprocess.run(
         [sys.executable, "-c", "import os, sys; os.umask(0); from pgvault.cli import main; "
-         "main(sys.argv[1:])", "keygen", "-o", str(path)],
+         "sys.exit(main(sys.argv[1:]))", "keygen", "-o", str(path)],
         capture_output=True, text=True, check=True)
     assert (path.stat().st_mode & 0o777) == 0o600
     recipient = proc.stdout.strip()

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
 import msgspec
@@ -38,8 +38,10 @@ from pgvault.model import (
     new_backup_id,
     to_json,
 )
-from pgvault.pg.wal import WalName, parse_wal_name
 from pgvault.storage.base import ObjectInfo, Storage
+
+if TYPE_CHECKING:
+    from pgvault.pg.wal import WalName
 
 MANIFESTS = "manifests/"
 BACKUPS = "backups/"
@@ -187,6 +189,8 @@ class ArchivedFile:
 
 
 def _archived(infos: Iterable[ObjectInfo]) -> builtins.list[ArchivedFile]:
+    from pgvault.pg.wal import parse_wal_name  # only WAL commands need it: `list` starts faster
+
     found = []
     for info in infos:
         parsed = parse_wal_key(info.key)

@@ -441,7 +441,10 @@ def test_self_contained_base_backup_restores_without_an_archive_and_failures_lea
         failed = pgvault("basebackup", "-d", source.url().replace("postgres@", "reader@"),
                          "--repo", repo, expect=8)
         assert "replication" in one_line_error(failed)
-        assert not list(repo_dir.rglob("*.zst")) and not list(repo_dir.rglob("*.json"))
+        # Only the run history says it failed (status/main/), as for a logical backup.
+        assert not list(repo_dir.rglob("*.zst"))
+        assert [p.relative_to(repo_dir) for p in repo_dir.rglob("*.json")] == [
+            Path("status/main/backup.json")]
 
         out = pgvault("basebackup", "-d", source.url(), "--repo", repo, "--wal-method", "fetch",
                       "--fast-checkpoint", "--compression", "gzip", "--json")

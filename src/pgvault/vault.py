@@ -44,7 +44,7 @@ def open_repository(settings: Settings) -> Storage:
     """The storage ``settings.repo`` names, with the [s3] options for an S3 repository."""
     from pgvault.storage import open_storage
 
-    options = config.s3_options(settings) if settings.repo.startswith("s3://") else None
+    options = config.s3_options(settings) if settings.location.kind == "s3" else None
     return open_storage(settings.repo, options)
 
 
@@ -101,14 +101,19 @@ class Vault:
     @cached_property
     def recipients(self) -> tuple[str, ...]:
         """The configured age recipients (canonical); the passphrase key's not among them."""
-        return tuple(config.age_recipients(self.settings))
+        written = self.settings.secrets.age_recipients
+        if not written:
+            return ()  # without importing the age stage: most backups are not encrypted
+        from pgvault.pipeline.age import canonical_recipient
+
+        return tuple(canonical_recipient(r) for r in written)
 
     # -- what may decrypt -------------------------------------------------------------
 
     @cached_property
     def passphrase(self) -> str | None:
         """The repository passphrase (PGVAULT_AGE_PASSPHRASE or its _FILE only)."""
-        return config.age_passphrase()
+        return self.settings.secrets.age_passphrase
 
     @cached_property
     def keyring(self) -> Keyring:

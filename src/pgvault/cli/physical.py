@@ -416,8 +416,7 @@ def restore_physical(ctx: click.Context, backup_id: str, params: dict[str, Any])
     manifest = choose_backup(storage, name, backup_id, target)
     identity_file = params.get("identity_file")
     command = restore_command(settings.repo, name, program=params.get("pgvault_bin"),
-                              config_file=ctx.params.get("config")
-                              or os.environ.get("PGVAULT_CONFIG"),
+                              config_file=settings.config_file,
                               identity_file=identity_file)
     progress = ProgressLine(f"unpacking {manifest.id}", total=manifest.artifact("base.tar").size)
     options = PhysicalRestoreOptions(

@@ -70,3 +70,32 @@ def test_bad_variables_are_one_line_config_errors(
         config.load()
     proc = pgvault("list", env={name: value}, expect=3)
     assert message in one_line_error(proc)
+
+
+def test_an_in_process_run_reads_its_env_and_leaves_nothing_behind(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """main(argv, env) takes settings from ``env`` only (not this process's environment),
+    and puts back the streams, the pgvault logger and the redactor's secrets after it."""
+    import logging
+    import sys
+
+    from pgvault import redact
+    from pgvault.cli import main
+
+    repo = tmp_path / "repo"
+    password = "in-process-secret-4711"
+    streams = sys.stdout, sys.stderr
+    handlers = list(logging.getLogger("pgvault").handlers)
+    assert "PGVAULT_REPO" not in os.environ
+    env = {"PGVAULT_REPO": repo.as_uri(), "PGPASSWORD": password, "HOME": str(tmp_path)}
+    assert main(["list"], env) == 5  # the repository env names, not the default one
+    assert f"repository {repo.as_uri()} does not exist" in capsys.readouterr().err
+    assert (sys.stdout, sys.stderr) == streams
+    assert logging.getLogger("pgvault").handlers == handlers
+    assert not redact.contains_secret(password)
+    assert main(["--log-format", "json", "list"], env) == 5
+    assert '"exit_code": 5' in capsys.readouterr().err
+    assert main(["list"], {**env, "PGVAULT_LOG_FORMAT": "json"}) == 5
+    assert '"exit_code": 5' in capsys.readouterr().err
+    assert main(["list"], env) == 5  # --log-format json did not stay
+    assert capsys.readouterr().err.startswith("pgvault: repository")

@@ -733,7 +733,7 @@ def _classify(code: str, status: int) -> type[StorageError]:
     return StorageError
 
 
-def _credentials(given: tuple[str, str, str | None] | None) -> dict[str, str | None]:
+def _credentials(given: tuple[str, str, str | None] | None) -> dict[str, Any]:
     """create_client's credential arguments: none, so boto's chain decides, unless given."""
     if given is None:
         return {}

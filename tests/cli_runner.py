@@ -15,6 +15,7 @@ import io
 import os
 import subprocess as sp
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -99,10 +100,13 @@ def _in_process(argv: list[str], env: Mapping[str, str]) -> sp.CompletedProcess[
     saved = dict(os.environ)
     try:
         _replace_environ(env)
+        # The standard library caches TMPDIR at its first look; a real run starts afresh.
+        tempfile.tempdir = None
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(argv, env)
     finally:
         _replace_environ(saved)
+        tempfile.tempdir = None
     return sp.CompletedProcess([PGVAULT, *argv], code, out.getvalue(), err.getvalue())
 
 

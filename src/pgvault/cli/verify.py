@@ -77,7 +77,7 @@ def verify_options(vault: Any, level: str | None = None, jobs: int = 0,
 def scratch_servers(settings: Any, server: str | None = None, keep: bool = False) -> Any:
     """Where drills restore: --server, else [verify] server, else ephemeral clusters."""
     from pgvault import config
-    from pgvault.ops.verify import ScratchServers
+    from pgvault.ops.scratch import ScratchServers
     from pgvault.pg.conninfo import ConnInfo
 
     if server is not None:  # from the command line: a password there is refused

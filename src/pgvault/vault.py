@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgvault import config, logs
 from pgvault.catalog import PASSPHRASE_IDENTITY, Catalog
@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from pgvault.config import Settings
     from pgvault.events import Fanout
     from pgvault.metrics import Metrics
-    from pgvault.model import StageSpec
+    from pgvault.model import Artifact, StageSpec
     from pgvault.pipeline.age import Identities, Keyring
+    from pgvault.pipeline.stream import Readable
     from pgvault.retention import Duration, Policy
 
 log = logs.get("vault")
@@ -107,6 +108,16 @@ class Vault:
         from pgvault.pipeline.age import canonical_recipient
 
         return tuple(canonical_recipient(r) for r in written)
+
+    def store_artifact(self, key: str, source: Readable, *, name: str, format: str,
+                       stages: list[StageSpec] | None = None, **extra: Any) -> Artifact:
+        """Store one artifact in this repository through ``stages`` (default: the vault's);
+        the one ``artifacts.store_artifact`` does the encoding, hashing and put."""
+        from pgvault.artifacts import store_artifact
+
+        return store_artifact(self.storage, key, source,
+                              self.stages if stages is None else stages, name=name,
+                              format=format, **extra)
 
     # -- what may decrypt -------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -26,6 +27,7 @@ from botocore.awsrequest import AWSResponse
 from pgvault.errors import (
     AlreadyExists,
     ConfigError,
+    Conflict,
     NotFound,
     StorageError,
     TransientStorageError,
@@ -191,6 +193,47 @@ def test_create_is_create_if_absent(storage: Storage) -> None:
     storage.delete(["locks/db.lock"])
     storage.create("locks/db.lock", b"third")
     assert storage.read_bytes("locks/db.lock") == b"third"
+
+
+def test_replace_if_is_compare_and_swap(storage: Storage) -> None:
+    first = storage.replace_if("fleet/a.json", b"one", None)
+    assert first.etag
+    with pytest.raises(Conflict):
+        storage.replace_if("fleet/a.json", b"again", None)  # exists: not created twice
+    data, etag = storage.read_versioned("fleet/a.json")
+    assert (data, etag) == (b"one", first.etag)
+    second = storage.replace_if("fleet/a.json", b"two", etag)
+    assert second.etag and second.etag != etag
+    with pytest.raises(Conflict):
+        storage.replace_if("fleet/a.json", b"late", etag)  # a writer that read the old one
+    assert storage.read_versioned("fleet/a.json") == (b"two", second.etag)
+    storage.delete(["fleet/a.json"])
+    with pytest.raises(Conflict):
+        storage.replace_if("fleet/a.json", b"gone", second.etag)
+    with pytest.raises(NotFound):
+        storage.read_versioned("fleet/a.json")
+    assert [i.key for i in storage.list("fleet/")] == []  # the local lock file is hidden
+
+
+def test_replace_if_has_one_winner_among_racers(storage: Storage) -> None:
+    """Eight writers holding the same version: exactly one replaces it."""
+    _, etag = storage.read_versioned(storage.replace_if("race.json", b"v0", None).key)
+    barrier = threading.Barrier(8)
+    won: list[int] = []
+
+    def racer(n: int) -> None:
+        barrier.wait()
+        with contextlib.suppress(Conflict):
+            storage.replace_if("race.json", f"v1-{n}".encode(), etag)
+            won.append(n)
+
+    threads = [threading.Thread(target=racer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1
+    assert storage.read_bytes("race.json") == f"v1-{won[0]}".encode()
 
 
 def test_missing_key_is_not_found(storage: Storage) -> None:

@@ -45,6 +45,10 @@ class AlreadyExists(StorageError):
     """A create-if-absent write found the key already there."""
 
 
+class Conflict(StorageError):
+    """A conditional write (``replace_if``) found the object not at the version it expected."""
+
+
 class IntegrityError(PgvaultError):
     """Stored bytes do not match what the manifest recorded."""
 
@@ -103,3 +107,9 @@ class Terminated(Interrupted):
     """Stopped by SIGTERM, after the same cleanup as for Ctrl-C."""
 
     exit_code = 143
+
+
+class SnapshotFailed(PgvaultError):
+    """A provider snapshot (RDS, Aurora) was refused, failed, or did not finish in time."""
+
+    exit_code = 14

@@ -51,6 +51,8 @@ class ObjectInfo:
     modified: datetime  # timezone-aware UTC
     locked_until: datetime | None = None
     """S3 Object Lock: the object cannot be deleted before this (only ``stat`` reports it)."""
+    etag: str | None = None
+    """The version token ``replace_if`` compares (only ``replace_if`` reports it)."""
 
 
 class Storage(Protocol):
@@ -79,6 +81,20 @@ class Storage(Protocol):
 
     def create(self, key: str, data: bytes) -> ObjectInfo:
         """Store a small object only if ``key`` does not exist; else raise AlreadyExists."""
+        ...
+
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        """A small object's content and its version token (ETag); raises NotFound."""
+        ...
+
+    def replace_if(self, key: str, data: bytes, etag: str | None) -> ObjectInfo:
+        """Store a small object only if it is still at version ``etag`` (None: only if absent).
+
+        Atomic against every other ``replace_if`` and ``create`` of the key, across
+        processes and hosts: S3 PutObject with If-Match / If-None-Match, a folder under an
+        advisory lock. Raises Conflict when the object changed, was deleted, or (``etag``
+        None) exists; the returned info's ``etag`` is the new version's.
+        """
         ...
 
     def open(self, key: str) -> BinaryIO:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import io
 import os
 import secrets
 import stat as statmod
+import time
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from pgvault.errors import AlreadyExists, NotFound, StorageError
+from pgvault.errors import AlreadyExists, Conflict, NotFound, StorageError, TransientStorageError
 from pgvault.storage.base import TEMP_PREFIX, ObjectInfo, check_key
 
 WRITEBACK_EVERY = 8 << 20
@@ -54,6 +57,30 @@ def _fsync_dir(path: Path) -> None:
 
 def _info(key: str, st: os.stat_result) -> ObjectInfo:
     return ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+
+
+def _etag(data: bytes) -> str:
+    """A local object's version: its content's digest (the bytes are the whole state)."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+_LOCK_WAIT = 10.0
+
+
+def _flock(fd: int, path: Path) -> None:
+    """An exclusive flock, polled so a stopped holder fails us after a bound, not forever."""
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TransientStorageError(
+                    f"cannot lock {path}: held for over {_LOCK_WAIT:g} s") from None
+            time.sleep(0.005)
+        except OSError as exc:
+            raise _error("lock", path, exc) from exc
 
 
 def _walk(folder: Path, base: str, prefix: str) -> Iterator[ObjectInfo]:
@@ -202,6 +229,40 @@ class LocalStorage:
                     ) from exc
                 raise _error("create", path, exc) from exc
         return _info(key, st)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.read_bytes(key)
+        return data, _etag(data)
+
+    def replace_if(self, key: str, data: bytes, etag: str | None) -> ObjectInfo:
+        """Compare and rename under an flock on a hidden file beside the key.
+
+        The lock serialises only conditional writers of this key; readers never take it
+        (the rename is atomic), and the kernel drops it when its holder dies, so a killed
+        process never leaves the key locked.
+        """
+        path = self._path(key)
+        data = bytes(data)
+        self._make_dirs(path.parent)
+        guard = path.with_name(f"{TEMP_PREFIX}cas-{path.name}")
+        try:
+            fd = os.open(guard, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        except OSError as exc:
+            raise _error("lock", guard, exc) from exc
+        try:
+            _flock(fd, guard)
+            try:
+                current: str | None = _etag(path.read_bytes())
+            except _MISSING:
+                current = None
+            except OSError as exc:
+                raise _read_error("read", path, exc) from exc
+            if current != etag:
+                raise Conflict(f"{path} is not at version {etag} (now {current})")
+            info = self.put(key, io.BytesIO(data))
+        finally:
+            os.close(fd)  # releases the flock
+        return ObjectInfo(key, info.size, info.modified, etag=_etag(data))
 
     def open(self, key: str) -> BinaryIO:
         path = self._path(key)

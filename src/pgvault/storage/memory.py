@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
 
-from pgvault.errors import AlreadyExists, NotFound
+from pgvault.errors import AlreadyExists, Conflict, NotFound
 from pgvault.storage.base import ObjectInfo, check_key
 
 
@@ -42,6 +43,24 @@ class MemoryStorage:
     def create(self, key: str, data: bytes) -> ObjectInfo:
         return self._store(check_key(key), bytes(data), replace=False)
 
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        data, modified = self._get(key)
+        return data, _etag(data, modified)
+
+    def replace_if(self, key: str, data: bytes, etag: str | None) -> ObjectInfo:
+        check_key(key)
+        data = bytes(data)
+        with self._lock:
+            current = self._objects.get(key)
+            if (etag is None) != (current is None) or (
+                    current is not None and _etag(*current) != etag):
+                raise Conflict(f"memory://{key} is not at version {etag}")
+            modified = datetime.now(UTC)
+            if current is not None and modified <= current[1]:
+                modified = current[1] + timedelta(microseconds=1)  # a new version, always
+            self._objects[key] = (data, modified)
+        return ObjectInfo(key, len(data), modified, etag=_etag(data, modified))
+
     def _get(self, key: str) -> tuple[bytes, datetime]:
         check_key(key)
         with self._lock:
@@ -73,3 +92,8 @@ class MemoryStorage:
         with self._lock:
             for key in keys:
                 self._objects.pop(key, None)
+
+
+def _etag(data: bytes, modified: datetime) -> str:
+    # The time is part of the version: rewriting the same bytes is still a new version.
+    return hashlib.sha256(data + modified.isoformat().encode()).hexdigest()[:32]

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from pgvault.errors import (
     AlreadyExists,
     ConfigError,
+    Conflict,
     Interrupted,
     NotFound,
     StorageError,
@@ -468,6 +469,29 @@ class S3Storage:
         """PutObject with If-None-Match: *, which the server refuses (412) if the key exists."""
         return self._put_single(key, self._full(key), bytes(data), IfNoneMatch="*")
 
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        with self._errors("get", key):
+            response = self._client.get_object(Bucket=self.bucket, Key=self._full(key),
+                                               **self._sse_c)
+            return response["Body"].read(), response["ETag"]
+
+    def replace_if(self, key: str, data: bytes, etag: str | None) -> ObjectInfo:
+        """PutObject with If-Match on ``etag`` (If-None-Match: * when None): S3 refuses a
+        changed object with 412, a missing one with 404, a write racing ours with 409."""
+        condition = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+        try:
+            return self._put_single(key, self._full(key), bytes(data), **condition)
+        except StorageError as exc:
+            cause = exc.__cause__
+            from botocore.exceptions import ClientError
+
+            if isinstance(cause, ClientError):
+                status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status in (404, 409, 412):
+                    raise Conflict(f"s3://{self.bucket}/{self._root}{key} is not at version "
+                                   f"{etag}: {exc}") from None
+            raise
+
     def _lock(self) -> dict[str, Any]:
         """Object Lock retention for an object written now (none unless configured)."""
         if not self._options.object_lock_mode:
@@ -495,7 +519,7 @@ class S3Storage:
                 **self._sse, **self._sse_c, **self._lock(), **extra
             )
         self._check_etag(key, response.get("ETag"), digest.hex())
-        return ObjectInfo(key, len(data), _response_time(response))
+        return ObjectInfo(key, len(data), _response_time(response), etag=response.get("ETag"))
 
     def _put_multipart(
         self,

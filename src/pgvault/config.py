@@ -213,6 +213,16 @@ class DaemonSettings(Section):
     grace_seconds: Annotated[float, Meta(ge=0)] = 300.0
 
 
+class ConsoleSettings(Section):
+    """The read-only web console: `pgvault daemon` serves it on daemon.listen (unless
+    enabled = false), `pgvault console` on listen. Beyond loopback it answers only with a
+    token: the file token_file names, or PGVAULT_CONSOLE_TOKEN (or its _FILE)."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:9848"
+    token_file: str | None = None
+
+
 class EmailSettings(Section, kw_only=True):
     """Notification e-mail over SMTP."""
 
@@ -281,6 +291,82 @@ class PhysicalSettings(Section):
     push_ahead: Annotated[int, Meta(ge=0, le=64)] = 4
 
 
+class RepoEntry(Section):
+    """One `[[repos]]` entry: a repository by name, with its own retention and [s3] keys.
+
+    One entry is the primary (backups go there); the others are copies `pgvault copy`
+    brings up to date. ``retention`` and ``s3`` hold only the keys this repository
+    overrides; ``copy_lag_hours`` is the copy's objective (default: one backup interval).
+    """
+
+    name: Annotated[str, Meta(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    url: Annotated[str, Meta(min_length=1)]
+    primary: bool = False
+    retention: dict[str, Any] = field(default_factory=dict)
+    s3: dict[str, Any] = field(default_factory=dict)
+    copy_lag_hours: Annotated[float, Meta(gt=0)] | None = None
+
+    def __post_init__(self) -> None:
+        for key, section in (("retention", RetentionSettings), ("s3", S3Settings)):
+            try:
+                msgspec.convert(getattr(self, key), section, strict=False, dec_hook=_dec_hook)
+            except msgspec.ValidationError as exc:
+                raise ValueError(f"[{key}] {exc}") from None
+
+
+class FleetSettings(Section):
+    """`pgvault run --shard I/N`: each database backed up once per window, under leases.
+
+    Windows are aligned on the epoch (window_hours = 24: one per UTC day). A database's
+    start is spread by up to jitter_minutes into its window; a failure waits
+    backoff_seconds, doubled each time up to backoff_max_seconds. A lease not renewed for
+    lease_seconds is taken over.
+    """
+
+    window_hours: Annotated[float, Meta(gt=0)] = 24.0
+    jitter_minutes: Annotated[float, Meta(ge=0)] = 0.0
+    max_per_repository: Annotated[int, Meta(ge=1, le=1000)] = 4
+    max_per_server: Annotated[int, Meta(ge=1, le=100)] = 1
+    lease_seconds: Annotated[float, Meta(ge=1)] = 120.0
+    backoff_seconds: Annotated[float, Meta(ge=0)] = 60.0
+    backoff_max_seconds: Annotated[float, Meta(ge=0)] = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.jitter_minutes >= self.window_hours * 60:
+            raise ValueError("[fleet] jitter_minutes must be shorter than the window")
+
+
+class SnapshotSettings(Section):
+    """Provider snapshots of a managed database (`pgvault snapshot`): RDS or Aurora.
+
+    Credentials come from the AWS_* chain, as for S3 (never from this file).
+    """
+
+    provider: Literal["rds", "aurora"]
+    instance: str | None = None  # rds: the DB instance identifier
+    cluster: str | None = None  # aurora: the DB cluster identifier
+    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the AWS profile's
+    endpoint_url: str | None = None  # another RDS API endpoint (a test server, a VPC endpoint)
+    # AWS allows 100 manual snapshots per region (instance and cluster snapshots each):
+    # pgvault refuses to create one at this count and warns from 80% of it.
+    quota: Annotated[int, Meta(ge=1, le=100000)] = 100
+    wait_timeout_seconds: Annotated[float, Meta(gt=0)] = 3600.0
+    poll_seconds: Annotated[float, Meta(gt=0)] = 15.0
+    # The automated backups' retention that check/status expect; None: [retention]
+    # keep_daily (at most 35, RDS's maximum).
+    automated_retention_days: Annotated[int, Meta(ge=0, le=35)] | None = None
+
+    def __post_init__(self) -> None:
+        needed = "instance" if self.provider == "rds" else "cluster"
+        if not getattr(self, needed):
+            raise ValueError(f"[snapshot] provider {self.provider!r} needs {needed} (its "
+                             f"DB {needed} identifier)")
+
+    @property
+    def source_id(self) -> str:
+        return (self.instance if self.provider == "rds" else self.cluster) or ""
+
+
 _ENTRY_SECTIONS = ("compression", "retention", "objectives", "schedule", "notify")
 
 
@@ -297,6 +383,7 @@ class DatabaseEntry(Section, dict=True):
     objectives: ObjectivesSettings = field(default_factory=ObjectivesSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
+    snapshot: SnapshotSettings | None = None
 
     def given(self, section: str) -> frozenset[str]:
         """The keys of ``section`` this entry sets (overriding the top-level settings).
@@ -341,11 +428,15 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     verify: VerifySettings = field(default_factory=VerifySettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     check: CheckSettings = field(default_factory=CheckSettings)
     physical: PhysicalSettings = field(default_factory=PhysicalSettings)
+    fleet: FleetSettings = field(default_factory=FleetSettings)
     databases: list[DatabaseEntry] = field(default_factory=list)
+    snapshot: SnapshotSettings | None = None
+    repos: list[RepoEntry] = field(default_factory=list)  # 3-2-1: see repository()
 
     def __post_init__(self) -> None:
         # "[key] message": _describe names the key (msgspec names only the section).
@@ -355,6 +446,17 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
                 raise ValueError(f"[databases] database {name!r} is listed twice")
         from pgvault.storage import parse_repo
 
+        repo_names = [entry.name for entry in self.repos]
+        for name in repo_names:
+            if repo_names.count(name) > 1:
+                raise ValueError(f"[repos] repository {name!r} is listed twice")
+        if self.repos and sum(entry.primary for entry in self.repos) != 1:
+            raise ValueError("[repos] exactly one repository must have primary = true")
+        for entry in self.repos:
+            try:
+                parse_repo(entry.url)
+            except ConfigError as exc:
+                raise ValueError(f"[repos] {entry.name}: {exc}") from None
         try:
             parse_repo(self.repo)  # a typo must not become a folder in the current directory
         except ConfigError as exc:
@@ -381,6 +483,30 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
         from pgvault.storage import parse_repo
 
         return parse_repo(self.repo)
+
+    @property
+    def repository_name(self) -> str | None:
+        """The `[[repos]]` entry ``repo`` is (by name or URL; the primary by default)."""
+        return self.__dict__.get("_repository")
+
+    def repository(self, name: str) -> Settings:
+        """These settings for the `[[repos]]` entry ``name``: its URL, the top-level
+        [retention] and [s3] with the keys it overrides. ConfigError for an unknown name."""
+        entry = next((e for e in self.repos if e.name == name), None)
+        if entry is None:
+            known = ", ".join(e.name for e in self.repos) or "none configured"
+            raise ConfigError(f"no repository named {name!r} in [[repos]] ({known})")
+        retention, s3 = self.__dict__.get("_repo_base") or (self.retention, self.s3)
+        chosen = msgspec.structs.replace(
+            self, repo=entry.url,
+            retention=msgspec.convert(msgspec.structs.asdict(retention) | entry.retention,
+                                      RetentionSettings, strict=False),
+            s3=msgspec.convert(_deep_update(msgspec.to_builtins(s3), entry.s3), S3Settings,
+                               strict=False, dec_hook=_dec_hook))
+        _attach(chosen, self)
+        chosen.__dict__["_repository"] = entry.name
+        chosen.__dict__["_repo_base"] = (retention, s3)
+        return chosen
 
     @property
     def config_file(self) -> str | None:
@@ -506,6 +632,12 @@ def _load(flags: Mapping[str, Any], environ: Mapping[str, str],
     if age_env:
         overrides["encryption"] = {**age_env, **overrides.get("encryption", {})}
     values = _deep_update(_deep_update(values, _env_values(snapshot)), overrides)
+    repo_given = "repo" in values
+    if repo_given and isinstance(values.get("repos"), list):
+        # --repo NAME: a [[repos]] entry by its name stands for its URL.
+        for raw in values["repos"]:
+            if isinstance(raw, dict) and raw.get("name") == values["repo"] and raw.get("url"):
+                values["repo"] = raw["url"]
     if "repo" not in values:
         values["repo"] = default_repo(snapshot)
     try:
@@ -519,7 +651,18 @@ def _load(flags: Mapping[str, Any], environ: Mapping[str, str],
     settings.__dict__["_environ"] = snapshot
     settings.__dict__["_config_file"] = path or None
     settings.__dict__["_secrets"] = _read_secrets(settings, snapshot)
-    return settings
+    return _selected_repository(settings, repo_given)
+
+
+def _selected_repository(settings: Settings, repo_given: bool) -> Settings:
+    """With `[[repos]]`: the primary, unless repo (--repo, PGVAULT_REPO, the file's repo)
+    names another entry, by its name or its URL; a URL of none stays as given."""
+    if not settings.repos:
+        return settings
+    if not repo_given:
+        return settings.repository(next(e.name for e in settings.repos if e.primary))
+    entry = next((e for e in settings.repos if e.url == settings.repo), None)
+    return settings if entry is None else settings.repository(entry.name)
 
 
 def _expanduser(path: str, environ: Mapping[str, str]) -> str:
@@ -668,8 +811,10 @@ def _secret_keys(data: Any, path: str = "") -> list[str]:
     if isinstance(data, dict):
         for key, value in data.items():
             name = f"{path}.{key}" if path else str(key)
+            # A [[repos]] url is no secret: a repository URL cannot hold credentials.
+            secret_key = key in _SECRET_KEYS and not (key == "url" and path.startswith("repos["))
             if isinstance(value, str) and value and (
-                    key in _SECRET_KEYS or _url_password(value) is not None):
+                    secret_key or _url_password(value) is not None):
                 found.append(name)
             else:
                 found += _secret_keys(value, name)
@@ -732,7 +877,8 @@ def _describe(exc: msgspec.ValidationError) -> str:
 
 
 # Read from VAR or from the file VAR_FILE names, once, at load (see Secrets).
-_FILE_SECRETS = (*SECRET_VARIABLES, "PGVAULT_AGE_PASSPHRASE", "PGVAULT_S3_SSE_C_KEY")
+_FILE_SECRETS = (*SECRET_VARIABLES, "PGVAULT_AGE_PASSPHRASE", "PGVAULT_S3_SSE_C_KEY",
+                 "PGVAULT_CONSOLE_TOKEN")
 
 
 def _read_secret(environ: Mapping[str, str], name: str) -> str | ConfigError | None:
@@ -998,7 +1144,7 @@ def targets(settings: Settings) -> list[Target]:
 def _merged(settings: Settings, entry: DatabaseEntry) -> Settings:
     """``settings`` with the keys ``entry`` sets (and only those) replaced."""
     update: dict[str, Any] = {"databases": []}
-    for key in ("backup_globals", "prune_after_backup"):
+    for key in ("backup_globals", "prune_after_backup", "snapshot"):
         if getattr(entry, key) is not None:
             update[key] = getattr(entry, key)
     for key in _ENTRY_SECTIONS:

@@ -73,6 +73,16 @@ class Vault:
                    lock_stale_after=timedelta(hours=settings.lock_stale_after_hours),
                    metrics=metrics, cancel=cancel, clock=clock or _utcnow)
 
+    def repository(self, name: str) -> Vault:
+        """The vault of the `[[repos]]` entry ``name``: its storage, catalog and policy."""
+        return Vault.open(self.settings.repository(name), metrics=self.metrics,
+                          cancel=self.cancel, clock=self.clock)
+
+    @property
+    def copies(self) -> list[str]:
+        """The `[[repos]]` this repository's backups are copied to (every other entry)."""
+        return [e.name for e in self.settings.repos if e.url != self.settings.repo]
+
     # -- what a new artifact becomes ----------------------------------------------------
 
     @cached_property

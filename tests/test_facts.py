@@ -22,6 +22,8 @@ from pgvault.facts import (
     compare_rows,
     compare_schema,
     qualified,
+    seal,
+    unseal,
 )
 from pgvault.model import (
     Facts,
@@ -311,3 +313,42 @@ def test_a_drill_reports_rows_then_each_uncounted_table_schema_extensions_migrat
                      schema_fingerprint=fingerprint(), migrations=[])
     names = [name for name, _ in compare(recorded, recorded, set())]
     assert names == ["rows", "rows public.u", "rows s.v", "schema", "extensions", "migrations"]
+
+
+# -- sealed names (encrypted backups) ------------------------------------------------------
+
+KEY = bytes(range(32))
+
+
+def test_a_sealed_fingerprint_holds_no_name_and_no_definition_digest() -> None:
+    fp = fingerprint(columns={"public.notes.secret_col": "d1", "public.notes.id": "d2"})
+    sealed = seal(fp, KEY)
+    assert isinstance(sealed.entries, dict)
+    text = repr(sealed.entries)
+    assert "secret_col" not in text and "d1" not in text and "d2" not in text
+    assert len(sealed.entries["columns"]) == 2, "how many objects there are stays visible"
+    assert sealed.sections == fp.sections and sealed.sha256 == fp.sha256
+    assert seal(fp, bytes(32)).entries != sealed.entries, "the key decides the digests"
+
+
+def test_unsealed_entries_compare_as_the_clear_ones_do_named_from_the_restore() -> None:
+    recorded = fingerprint(columns={"public.t.a": "d1", "public.t.b": "d2"})
+    restored = fingerprint(columns={"public.t.a": "d1", "public.t.b": "changed"})
+    want, got = unseal(seal(recorded, KEY), restored, KEY)
+    assert compare_entries(want, got) == compare_entries(recorded, restored)
+    assert compare_entries(want, got).objects == ["column public.t.b differs"]
+
+
+def test_a_sealed_object_the_restore_lacks_is_named_by_its_digest_only() -> None:
+    recorded = fingerprint(columns={"public.t.a": "d1", "public.t.gone": "d2"})
+    restored = fingerprint(columns={"public.t.a": "d1"})
+    want, got = unseal(seal(recorded, KEY), restored, KEY)
+    (missing,) = compare_entries(want, got).objects
+    assert "gone" not in missing and missing.startswith("column (name sealed in the manifest: ")
+    assert missing.endswith(" is missing")
+
+
+def test_with_another_key_nothing_matches() -> None:
+    recorded = fingerprint(columns={"public.t.a": "d1"})
+    want, got = unseal(seal(recorded, bytes(32)), recorded, KEY)
+    assert compare_entries(want, got).verdict is False

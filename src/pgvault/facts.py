@@ -24,9 +24,13 @@ The rules, in the order a drill reports them:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from typing import Literal, NamedTuple
 
-from pgvault.model import Facts, MigrationTable, SchemaFingerprint, plural
+import msgspec
+
+from pgvault.model import ENTRY_DIGEST_CHARS, Facts, MigrationTable, SchemaFingerprint, plural
 from pgvault.pg.fingerprint import MIGRATION_TABLES
 from pgvault.pg.psql import identifier
 
@@ -236,3 +240,49 @@ def _named(items: list[str]) -> str:
 def _summary(problems: list[str], shown: int = SUMMARY_PROBLEMS) -> str:
     more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
     return "; ".join(problems[:shown]) + more
+
+
+# -- sealed names (encrypted backups) -------------------------------------------------------
+
+
+def _keyed(key: bytes, *parts: str) -> str:
+    digest = hmac.new(key, "\0".join(parts).encode(), hashlib.sha256).hexdigest()
+    return digest[:ENTRY_DIGEST_CHARS]
+
+
+def seal(fingerprint: SchemaFingerprint, key: bytes) -> SchemaFingerprint:
+    """The fingerprint with every object's name and digest replaced by keyed digests.
+
+    An encrypted backup's manifest must name nothing that only its data shows (a column
+    named after a customer, say): without ``key`` the entries reveal only how many objects
+    of each kind there are. The section digests hash whole listings and stay as they are.
+    """
+    if not isinstance(fingerprint.entries, dict):
+        return fingerprint
+    entries = {kind: {_keyed(key, kind, name): _keyed(key, digest)
+                      for name, digest in named.items()}
+               for kind, named in fingerprint.entries.items()}
+    return msgspec.structs.replace(fingerprint, entries=entries)
+
+
+def unseal(recorded: SchemaFingerprint, restored: SchemaFingerprint, key: bytes
+           ) -> tuple[SchemaFingerprint, SchemaFingerprint]:
+    """Both sides comparable, named by the restored database's own names.
+
+    The restored side is sealed with the same key, then both are relabelled: a recorded
+    object the restore lacks can only be named by its keyed digest.
+    """
+    if not isinstance(recorded.entries, dict) or not isinstance(restored.entries, dict):
+        return recorded, restored
+    sealed = seal(restored, key)
+    assert isinstance(sealed.entries, dict)
+    names = {kind: {_keyed(key, kind, name): name for name in named}
+             for kind, named in restored.entries.items()}
+
+    def named(entries: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        return {kind: {names.get(kind, {}).get(k, f"(name sealed in the manifest: {k})"): v
+                       for k, v in items.items()} for kind, items in entries.items()}
+
+    return (msgspec.structs.replace(recorded, entries=named(recorded.entries)),
+            msgspec.structs.replace(restored, entries=named(sealed.entries)))
+

@@ -205,6 +205,10 @@ class SchemaFingerprint(msgspec.Struct, frozen=True):
     sections: dict[str, str] = field(default_factory=dict)
     objects: dict[str, int] = field(default_factory=dict)
     entries: dict[str, dict[str, str]] | UnsetType = UNSET
+    sealed_key: str | UnsetType = UNSET
+    """Set when the backup is encrypted: ``entries`` then hold keyed digests of the names
+    and definitions (facts.seal), and this is their key, age-encrypted (base64) to the
+    backup's own recipients, so the manifest names no object a reader could not see."""
 
     @classmethod
     def from_sections(cls, sections: dict[str, list[str]],

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import msgspec
 
 from pgvault import __version__, leftovers, pipeline
 from pgvault.artifacts import store_artifact
@@ -26,6 +29,7 @@ from pgvault.engines.logical import (
     split_tables,
 )
 from pgvault.errors import BackupFailed
+from pgvault.facts import seal
 from pgvault.lock import Lock, acquire, release
 from pgvault.model import (
     MANIFEST_FORMAT,
@@ -113,7 +117,7 @@ def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest
                 pgvault_version=__version__,
                 tool_versions={**versions, "server": server.version},
                 artifacts=artifacts,
-                facts=facts_box[0],
+                facts=_sealed(facts_box[0], options.stages),
                 warnings=warnings,
             )
             Catalog(storage).commit(manifest)
@@ -126,6 +130,19 @@ def backup(conn: ConnInfo, storage: Storage, options: BackupOptions) -> Manifest
             raise
         finally:
             side.shutdown(wait=False)
+
+
+def _sealed(facts: Facts, stages: list[StageSpec]) -> Facts:
+    """An encrypted backup's manifest names no schema object: its names are keyed digests
+    (facts.seal), the key age-encrypted to the backup's own recipients."""
+    age = next((stage for stage in stages if stage.name == "age"), None)
+    fingerprint = facts.schema_fingerprint
+    if age is None or fingerprint is None or not isinstance(fingerprint.entries, dict):
+        return facts
+    key = secrets.token_bytes(32)
+    sealed = msgspec.structs.replace(seal(fingerprint, key),
+                                     sealed_key=pipeline.seal_value(key, age))
+    return msgspec.structs.replace(facts, schema_fingerprint=sealed)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
+import msgspec
+
 from pgvault import __version__, leftovers
 from pgvault.catalog import Catalog, manifest_key
 from pgvault.engines.logical import DUMP_FORMATS, GLOBALS_FORMAT, LogicalEngine
@@ -28,11 +30,12 @@ from pgvault.errors import (
     RestoreFailed,
     UsageError,
 )
-from pgvault.facts import Verdict, compare
+from pgvault.facts import Verdict, compare, unseal
 from pgvault.facts import compare_entries as compare_entries  # tests/test_facts_truth.py
 from pgvault.model import (
     LEVELS,
     Artifact,
+    Facts,
     Manifest,
     VerifyCheck,
     VerifyReport,
@@ -42,6 +45,7 @@ from pgvault.ops.scratch import Place, ScratchServers
 from pgvault.ops.shell import run_command
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.psql import PsqlSession, identifier
+from pgvault.pipeline import open_sealed
 from pgvault.pipeline.stream import CHUNK, Readable
 from pgvault.storage.base import Storage
 
@@ -325,8 +329,22 @@ class _Drill:
         with engine.snapshot() as snapshot:
             restored = engine.facts(snapshot)
             matviews = {tuple(r) for r in snapshot.connection.execute(_MATVIEWS_SQL).fetchall()}
+        recorded, restored = self.unsealed(recorded, restored)
         for name, finding in compare(recorded, restored, matviews):
             self.check("facts", name, *finding)
+
+    def unsealed(self, recorded: Facts, restored: Facts) -> tuple[Facts, Facts]:
+        """An encrypted backup's schema entries, named again from the restored database."""
+        want, got = recorded.schema_fingerprint, restored.schema_fingerprint
+        if want is None or got is None or not isinstance(want.sealed_key, str):
+            return recorded, restored
+        age = next(stage for artifact in self.manifest.artifacts for stage in artifact.stages
+                   if stage.name == "age")
+        key = open_sealed(want.sealed_key, age, self.options.identities,
+                          f"the schema fingerprint of {self.manifest.id}")
+        want, got = unseal(want, got, key)
+        return (msgspec.structs.replace(recorded, schema_fingerprint=want),
+                msgspec.structs.replace(restored, schema_fingerprint=got))
 
     # -- assertions ---------------------------------------------------------------------
 

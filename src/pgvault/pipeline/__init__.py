@@ -110,3 +110,26 @@ def decode(source: Readable, stages: list[StageSpec], *, identities: Keyring | N
         else:
             raise IntegrityError(f"artifact uses stage {stage.name!r}, which this pgvault lacks")
     return stream
+
+
+def seal_value(data: bytes, stage: StageSpec) -> str:
+    """A small secret encrypted by one age stage, as base64 text for a manifest."""
+    import base64
+    import io
+
+    return base64.b64encode(_read_all(encode(io.BytesIO(data), [stage]))).decode()
+
+
+def open_sealed(text: str, stage: StageSpec, identities: Keyring | None, what: str) -> bytes:
+    """Undo ``seal_value`` with the identities that open the backup itself."""
+    import base64
+    import io
+
+    reader = decode(io.BytesIO(base64.b64decode(text)), [stage], identities=identities,
+                    what=what)
+    return _read_all(reader)
+
+
+def _read_all(reader: Readable) -> bytes:
+    return b"".join(iter(lambda: reader.read(1 << 16), b""))
+

@@ -5,6 +5,9 @@ Layout (the only module that knows it):
     manifests/<db>/<id>.json               commit record, written last, deleted first
     drills/<db>/<id>/<time>.json           restore drill records of that backup
     locks/<db>.lock                        who is writing to <db> now
+    locks/snapshots/<db>.lock              who creates or prunes <db>'s provider snapshots now
+    fleet/leases/<db>.json                 fleet mode: which window of <db> is done, or who runs it
+    fleet/slots/<scope>/<n>.json           fleet mode: job slot n of a repository or server cap
     status/<db>/<name>.json                run history (last success, last failure), overwritten
     keys/passphrase-identity.age           passphrase mode: the age identity, scrypt-wrapped
     wal/<cluster>/identity.json            the system identifier whose WAL this cluster holds
@@ -50,6 +53,7 @@ STATUS = "status/"
 DRILLS = "drills/"
 PASSPHRASE_IDENTITY = "keys/passphrase-identity.age"
 WAL = "wal/"
+FLEET = "fleet/"
 
 
 def db_segment(database: str) -> str:
@@ -68,6 +72,20 @@ def artifact_key(database: str, backup_id: str, filename: str) -> str:
 
 def lock_key(database: str) -> str:
     return f"{LOCKS}{db_segment(database)}.lock"
+
+
+def fleet_lease_key(database: str) -> str:
+    return f"{FLEET}leases/{db_segment(database)}.json"
+
+
+def fleet_slot_key(scope: str, number: int) -> str:
+    """Slot ``number`` of a cap: scope "repository", or "server/<host:port>"."""
+    return f"{FLEET}slots/{'/'.join(db_segment(part) for part in scope.split('/'))}/{number}.json"
+
+
+def snapshot_lock_key(database: str) -> str:
+    """Apart from ``lock_key``: a provider snapshot never waits for a logical backup."""
+    return f"{LOCKS}snapshots/{db_segment(database)}.lock"
 
 
 def wal_prefix(cluster: str) -> str:
@@ -339,11 +357,17 @@ class Catalog:
         bad = self.bad(database)
         passed: list[tuple[str, Damaged]] = [(d.backup_id, d) for d in listing.damaged]
         for m in reversed(listing.manifests):
+            if m.kind == "snapshot":
+                continue  # the provider restores a snapshot, pgvault does not
             why = bad.get((m.database, m.id))
             if why is None:
                 newer = [d for bid, d in passed if bid > m.id]
                 return m, sorted(newer, key=lambda d: d.backup_id, reverse=True)
             passed.append((m.id, Damaged(manifest_key(m.database, m.id), m.database, m.id, why)))
+        if not passed:
+            raise NotFound(f"no backup of {next(iter(names))!r} that pgvault restores in "
+                           f"{self.storage.url}: only provider snapshots (restore those "
+                           "with the provider)")
         every = "; ".join(f"{d.backup_id}: {d.reason}" for _, d in
                           sorted(passed, key=lambda p: p[0], reverse=True))
         raise IntegrityError(f"no backup of {next(iter(names))!r} can be trusted: {every}")

@@ -21,11 +21,15 @@ import click
 from pgvault import redact
 from pgvault.cli import (  # noqa: F401  (registers the commands)
     backup,
+    copy,
+    fleet,
     monitor,
     physical,
     retention,
     security,
+    snapshot,
     verify,
+    web,
 )
 from pgvault.cli.app import Invocation, cli
 from pgvault.errors import Interrupted, PgvaultError, Terminated

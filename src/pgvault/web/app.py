@@ -1,0 +1,289 @@
+"""The console's HTTP side: routes, the token check, the security headers, rendering.
+
+``Console.respond(handler, method)`` answers one request on a ``BaseHTTPRequestHandler``,
+so the daemon mounts it on its own server (beside /metrics, /healthz, /status) and
+``pgvault console`` on one of its own (``serve``). Read-only: GET pages, and POST only to
+/login, which sets a session cookie once the token matches.
+
+Beyond loopback every page needs the token (``Authorization: Bearer <token>``, or the
+cookie /login sets: an HMAC of the token, never the token itself), compared in constant
+time; a console beyond loopback without a token refuses every page. Every answer carries
+a Content-Security-Policy that allows nothing but this server's own style sheet: no
+script runs on these pages, and none can be injected. Every page passes through the
+redactor, so no registered secret (a password, a webhook URL) can be rendered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from pgvault import __version__, logs, redact
+from pgvault.config import Settings
+from pgvault.errors import ConfigError, PgvaultError
+from pgvault.web import views
+
+log = logs.get("console")
+
+CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = (
+    ("Content-Security-Policy", CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+)
+COOKIE = "pgvault_console"
+HTML = "text/html; charset=utf-8"
+MAX_FORM = 4096
+"""The only form (/login) holds one token: anything longer is refused unread."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (as the server binds it) is reachable from this host only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def console_token(settings: Settings) -> str | None:
+    """The console's token: PGVAULT_CONSOLE_TOKEN (or its _FILE), else [console] token_file.
+
+    Registered with the redactor, so no page, log line or error can show it.
+    """
+    token = settings.secrets.get("PGVAULT_CONSOLE_TOKEN")
+    path = settings.console.token_file
+    if not token and path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read console.token_file ({path}): "
+                              f"{exc.strerror or exc}") from None
+    if token is not None and token and len(token) < 16:
+        raise ConfigError("the console token is shorter than 16 characters: make one with "
+                          "`openssl rand -hex 32`")
+    redact.register(token)
+    return token or None
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = HTML
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+    def send(self, handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(self.status)
+        handler.send_header("Content-Type", self.content_type)
+        handler.send_header("Content-Length", str(len(self.body)))
+        for name, value in (*SECURITY_HEADERS, *self.headers):
+            handler.send_header(name, value)
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(self.body)
+
+
+class Console:
+    """The read-only console over some databases (``sources``, asked on every request)."""
+
+    def __init__(self, sources: views.Sources, *, host: str, token: str | None,
+                 next_runs: views.NextRuns | None = None,
+                 clock: Callable[[], datetime] | None = None, daemon: bool = False) -> None:
+        self.sources = sources
+        self.host = host
+        self.token = token
+        self.next_runs = next_runs
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self.daemon = daemon
+        self.needs_token = token is not None or not is_loopback(host)
+
+    @cached_property
+    def _templates(self) -> Any:
+        import jinja2
+
+        env = jinja2.Environment(loader=jinja2.PackageLoader("pgvault.web", "templates"),
+                                 autoescape=True, undefined=jinja2.StrictUndefined,
+                                 trim_blocks=True, lstrip_blocks=True)
+        env.globals["version"] = __version__
+        return env
+
+    @cached_property
+    def _css(self) -> bytes:
+        return resources.files("pgvault.web").joinpath("static/console.css").read_bytes()
+
+    # -- the token ----------------------------------------------------------------------
+
+    def _session(self) -> str:
+        assert self.token is not None
+        return hmac.new(self.token.encode(), b"pgvault console session",
+                        hashlib.sha256).hexdigest()
+
+    def authorized(self, headers: Any) -> bool:
+        """Whether the request may see pages: on loopback without a token, always; else
+        with the token (bearer) or the session cookie, compared in constant time."""
+        if not self.needs_token:
+            return True
+        if self.token is None:
+            return False
+        given = headers.get("Authorization") or ""
+        if given.startswith("Bearer ") and hmac.compare_digest(
+                given[7:].strip().encode(), self.token.encode()):
+            return True
+        for part in (headers.get("Cookie") or "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == COOKIE and hmac.compare_digest(value.encode(), self._session().encode()):
+                return True
+        return False
+
+    def refusal(self, headers: Any) -> Response | None:
+        """The answer to a request without the token (None: it may go on)."""
+        if self.authorized(headers):
+            return None
+        if self.token is None:
+            return self._page("message.html", 403, title="Console locked",
+                              message=f"This console listens on {self.host}, beyond loopback, "
+                                      "and has no token, so it shows nothing. Set [console] "
+                                      "token_file or PGVAULT_CONSOLE_TOKEN_FILE.")
+        response = self._page("login.html", 401, failed=False)
+        response.headers.append(("WWW-Authenticate", 'Bearer realm="pgvault console"'))
+        return response
+
+    # -- answering ----------------------------------------------------------------------
+
+    def respond(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        """Answer the request ``handler`` holds (its path, headers and body)."""
+        try:
+            response = self.answer(method, handler.path, handler.headers, handler.rfile)
+        except Exception as exc:  # a page must never take the server down, nor leak a trace
+            log.warning("console: %s %s failed: %s", method, handler.path.split("?")[0],
+                        redact.scrub(f"{type(exc).__name__}: {exc}"))
+            response = self._page("message.html", 500, title="Internal error",
+                                  message="The page could not be built; the log says why.")
+        response.send(handler)
+
+    def answer(self, method: str, target: str, headers: Any,
+               body: Any = None) -> Response:
+        """The response to one request (``body``: a readable for POST)."""
+        path = unquote(target.split("?", 1)[0])
+        if path == "/static/console.css":
+            return Response(200, self._css, "text/css; charset=utf-8",
+                            [("Cache-Control", "max-age=300")])
+        if path == "/login":
+            return self._login(method, headers, body)
+        if method not in ("GET", "HEAD"):
+            return self._page("message.html", 405, title="Read-only",
+                              message="This console is read-only: it changes nothing.")
+        refused = self.refusal(headers)
+        if refused is not None:
+            return refused
+        now = self.clock()
+        runs = self.next_runs() if self.next_runs is not None else {}
+        if path == "/":
+            started = time.perf_counter()
+            rows = views.overview(self.sources(), now, runs)
+            return self._page("overview.html", 200, rows=rows, now=now,
+                              counts=_counts(rows), took=time.perf_counter() - started)
+        if path.startswith("/db/"):
+            name = path[4:]
+            vault = next((v for n, v in self.sources() if n == name), None)
+            if vault is None:
+                return self._page("message.html", 404, title="No such database",
+                                  message=f"No database {name!r} is configured here.")
+            try:
+                page = views.database_page(name, vault, now, runs)
+            except PgvaultError as exc:
+                return self._page("message.html", 503, title=f"{name}: repository unreadable",
+                                  message=str(exc))
+            return self._page("database.html", 200, page=page, row=page.row, now=now)
+        return self._page("message.html", 404, title="Not found",
+                          message="Nothing here: the overview is at /.")
+
+    def _login(self, method: str, headers: Any, body: Any) -> Response:
+        if self.token is None:
+            return self._page("message.html", 404 if not self.needs_token else 403,
+                              title="No login", message="This console has no token to log "
+                              "in with." if not self.needs_token else
+                              "This console listens beyond loopback without a token: set "
+                              "[console] token_file or PGVAULT_CONSOLE_TOKEN_FILE.")
+        if method != "POST":
+            return self._page("login.html", 200, failed=False)
+        try:
+            length = int(headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_FORM or body is None:
+            return self._page("message.html", 413, title="Too large",
+                              message="A login form holds one token.")
+        form = parse_qs(body.read(length).decode("utf-8", "replace"))
+        given = (form.get("token") or [""])[0].strip()
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            return self._page("login.html", 401, failed=True)
+        return Response(303, b"", "text/plain; charset=utf-8", [
+            ("Location", "/"),
+            ("Set-Cookie", f"{COOKIE}={self._session()}; Path=/; HttpOnly; SameSite=Strict"),
+        ])
+
+    def _page(self, template: str, status: int, **values: Any) -> Response:
+        html = self._templates.get_template(template).render(
+            daemon=self.daemon, needs_token=self.needs_token, **values)
+        return Response(status, redact.scrub(html).encode())
+
+
+def _counts(rows: list[views.Row]) -> dict[str, int]:
+    counts = {"CRITICAL": 0, "WARNING": 0, "OK": 0, "UNKNOWN": 0}
+    for r in rows:
+        counts[r.state_name] += 1
+    return counts
+
+
+def handler_class(console: Console) -> type[BaseHTTPRequestHandler]:
+    """A request handler serving only the console (and /healthz), for `pgvault console`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = f"pgvault/{__version__}"
+
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] == "/healthz":
+                Response(200, b"ok\n", "text/plain; charset=utf-8").send(self)
+            else:
+                console.respond(self, "GET")
+
+        def do_HEAD(self) -> None:
+            console.respond(self, "HEAD")
+
+        def do_POST(self) -> None:
+            console.respond(self, "POST")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # pages are read often; errors are logged by the console itself
+
+    return Handler
+
+
+def serve(console: Console, listen: tuple[str, int]) -> ThreadingHTTPServer:
+    """Start serving ``console`` on ``listen`` in a thread; the caller shuts it down."""
+    try:
+        server = ThreadingHTTPServer(listen, handler_class(console))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {listen[0]}:{listen[1]}: "
+                          f"{exc.strerror or exc}") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="pgvault-console", daemon=True).start()
+    return server

@@ -1,0 +1,322 @@
+"""What the console's pages show, as plain rows built from what the repository says.
+
+The state of a database is ``DatabaseStatus.verdict`` of ``ops.jobs.status_of``, with the
+[check] thresholds of its settings: exactly what `pgvault check` and `pgvault status`
+say, never judged a second way here. The retention column is the plan a dry-run prune
+makes now (``ops.prune.prune``), so the page says what the next prune keeps and removes.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from urllib.parse import quote
+
+from pgvault.console import human_bytes, human_seconds
+from pgvault.errors import PgvaultError
+from pgvault.model import (
+    CRITICAL,
+    OK,
+    STATE_NAMES,
+    UNKNOWN,
+    WARNING,
+    DatabaseStatus,
+    Manifest,
+    Verdict,
+    VerifyReport,
+)
+from pgvault.ops import jobs
+from pgvault.redact import scrub
+from pgvault.vault import Vault
+
+Sources = Callable[[], Iterable[tuple[str, Vault]]]
+"""(database name, its vault) of every database the console shows, asked per request."""
+NextRuns = Callable[[], Mapping[tuple[str, str], datetime]]
+"""(database, job) -> the next scheduled run (the daemon's scheduler), or nothing."""
+
+STATE_CLASS = {OK: "ok", WARNING: "warning", CRITICAL: "critical", UNKNOWN: "unknown"}
+
+
+def database_href(name: str) -> str:
+    return "/db/" + quote(name, safe="")
+
+
+def ago(seconds: float) -> str:
+    """'3.2s ago', '4m05s ago', '2h10m00s ago', or '3 days ago' past two days."""
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} days ago"
+    return f"{human_seconds(max(seconds, 0))} ago"
+
+
+def _when(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S}Z"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One database on the overview."""
+
+    database: str
+    href: str
+    state: int
+    reasons: tuple[str, ...]
+    newest: str = "none"
+    age_seconds: float | None = None
+    rpo: str = ""
+    rpo_met: bool | None = None
+    drill: str = "never drilled"
+    drill_passed: bool | None = None
+    rto: str = ""
+    rto_met: bool | None = None
+    archive: str = ""
+    next_runs: str = ""
+    last_error: str = ""
+    running: str = ""
+    untrusted: int = 0
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES[self.state]
+
+    @property
+    def state_class(self) -> str:
+        return STATE_CLASS[self.state]
+
+    @property
+    def age(self) -> str:
+        return "" if self.age_seconds is None else ago(self.age_seconds)
+
+
+def verdict_of(status: DatabaseStatus, vault: Vault, now: datetime) -> Verdict:
+    """The verdict `pgvault check` gives this database, with its settings' thresholds."""
+    check = vault.settings.check
+    return status.verdict(now, warn_age_hours=check.warn_age_hours,
+                          warn_drill_age_days=check.warn_drill_age_days)
+
+
+def row(status: DatabaseStatus, verdict: Verdict, now: datetime,
+        next_runs: Mapping[str, datetime] | None = None) -> Row:
+    """The overview row of one database."""
+    newest = status.newest
+    age = status.age(now)
+    rpo = timedelta(hours=status.rpo_hours)
+    drill = status.drill
+    history = status.history
+    failure = history.last_failure
+    last_error = ""
+    if failure is not None:
+        last_error = f"{_when(failure.at)}: {failure.error or 'unknown error'}"
+        if not history.failing:
+            last_error += " (succeeded since)"
+    if drill is None:
+        drill_text, rto_text = "never drilled", ""
+    else:
+        drill_text = (f"{'PASS' if drill.passed else 'FAIL'} {drill.level} of "
+                      f"{drill.backup_id}, {ago((now - drill.finished_at).total_seconds())}")
+        rto_text = ("" if drill.restore_seconds is None else
+                    f"restore {human_seconds(drill.restore_seconds)} of RTO "
+                    f"{status.rto_minutes:g}m")
+    archive = ""
+    if status.archive is not None:
+        last = status.archive.last_archived_at
+        archive = (f"{status.archive.last_wal or 'empty'}, "
+                   + (ago((now - last).total_seconds()) if last else "never archived")
+                   + f", {len(status.archive.gaps)} gap(s)")
+    running = ""
+    if status.running is not None:
+        running = f"{status.running.get('operation')} since {status.running.get('since')}"
+    return Row(
+        database=status.database,
+        href=database_href(status.database),
+        state=verdict.state,
+        reasons=tuple(scrub(r) for r in verdict.reasons),
+        newest=newest.id if newest is not None else "none",
+        age_seconds=None if age is None else age.total_seconds(),
+        rpo=f"RPO {status.rpo_hours:g}h",
+        rpo_met=None if age is None else age <= rpo,
+        drill=drill_text,
+        drill_passed=None if drill is None else drill.passed,
+        rto=rto_text,
+        rto_met=status.rto_met(),
+        archive=archive,
+        next_runs=", ".join(f"{job} {_when(when)}" for job, when in sorted(
+            (next_runs or {}).items())),
+        last_error=scrub(last_error),
+        running=running,
+        untrusted=len(status.bad),
+    )
+
+
+def unreadable(name: str, exc: Exception) -> Row:
+    """A database whose repository could not be read: UNKNOWN, as `pgvault check` says."""
+    return Row(database=name, href=database_href(name), state=UNKNOWN,
+               reasons=(scrub(str(exc)) or type(exc).__name__,))
+
+
+def overview(sources: Iterable[tuple[str, Vault]], now: datetime,
+             next_runs: Mapping[tuple[str, str], datetime] | None = None) -> list[Row]:
+    """Every database's row, worst state first (UNKNOWN, CRITICAL, WARNING, OK), then by name."""
+    runs: dict[str, dict[str, datetime]] = {}
+    for (name, job), when in (next_runs or {}).items():
+        runs.setdefault(name, {})[job] = when
+    rows = []
+    for name, vault in sources:
+        try:
+            status = jobs.status_of(vault, name)
+        except PgvaultError as exc:
+            rows.append(unreadable(name, exc))
+            continue
+        rows.append(row(status, verdict_of(status, vault, now), now, runs.get(name)))
+    rows.sort(key=lambda r: (-r.state, r.database))
+    return rows
+
+
+# -- the database page ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    level: str
+    name: str
+    status: str  # PASS, FAIL, WARN, SKIP
+    detail: str
+
+
+@dataclass(frozen=True)
+class DrillView:
+    backup_id: str
+    level: str
+    finished: str
+    passed: bool
+    restore: str
+    rto_met: bool | None
+    where: str
+    checks: list[Check]
+
+
+@dataclass(frozen=True)
+class BackupView:
+    id: str
+    kind: str
+    started: str
+    age: str
+    size: str
+    size_bytes: int
+    duration: str
+    compression: str
+    pinned: str
+    retention: str
+    removed_next: bool
+    trust: str
+    """Empty when the backup can be trusted; else why not (damaged, failed integrity)."""
+    drill: str
+
+
+@dataclass
+class DatabasePage:
+    database: str
+    repository: str
+    row: Row
+    backups: list[BackupView] = field(default_factory=list)
+    drills: list[DrillView] = field(default_factory=list)
+    plan_note: str = ""
+    commands: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _compression(manifest: Manifest) -> str:
+    names = []
+    for artifact in manifest.artifacts[:1]:
+        for stage in artifact.stages:
+            level = getattr(stage, "level", None)
+            if stage.name in ("sha256", "digest"):
+                continue
+            names.append(stage.name + (f" {level}" if level is not None else ""))
+    return ", ".join(names) or "none"
+
+
+def _drill_view(report: VerifyReport) -> DrillView:
+    restore = ("" if report.restore_seconds is None else
+               f"{human_seconds(report.restore_seconds)} of RTO "
+               f"{human_seconds(report.rto_objective_seconds)}")
+    return DrillView(
+        backup_id=report.backup_id, level=report.level, finished=_when(report.finished_at),
+        passed=report.passed, restore=restore, rto_met=report.rto_met,
+        where=scrub(report.where),
+        checks=[Check(c.level, c.name, c.status.upper(), scrub(c.detail)) for c in report.checks])
+
+
+def commands(name: str, vault: Vault, newest: str | None) -> list[tuple[str, str]]:
+    """(what, the exact command) for each thing a user does to this database."""
+    settings = vault.settings
+    where = (["--config", settings.config_file] if settings.config_file else
+             ["--repo", scrub(vault.storage.url)])
+    backup_id = newest or "latest"
+
+    def cmd(*args: str) -> str:
+        return shlex.join(["pgvault", *args, *where])
+
+    return [
+        ("Back up now", cmd("backup", "-d", name)),
+        ("Restore drill of the newest backup", cmd("verify", backup_id, "-d", name)),
+        ("Restore into a new database",
+         cmd("restore", backup_id, "--from-database", name, "--to", f"{name}_restored")),
+        ("Pin (never pruned)", cmd("pin", backup_id, "-d", name, "--reason", "why")),
+        ("What the next prune removes", cmd("prune", "--dry-run", "-d", name)),
+        ("Status as monitoring sees it", cmd("check", "-d", name)),
+    ]
+
+
+def database_page(name: str, vault: Vault, now: datetime,
+                  next_runs: Mapping[tuple[str, str], datetime] | None = None) -> DatabasePage:
+    """The database page: its row, every backup (newest first) with its retention role and
+    trust, every drill's checks, and the commands."""
+    from pgvault.ops.prune import prune
+
+    status = jobs.status_of(vault, name)
+    runs = {job: when for (db, job), when in (next_runs or {}).items() if db == name}
+    page = DatabasePage(database=name, repository=scrub(vault.storage.url),
+                        row=row(status, verdict_of(status, vault, now), now, runs))
+    catalog = vault.catalog
+    listing = catalog.scan(name)
+    drills = catalog.drill_records(name)
+    bad = dict(status.bad)
+    decisions: dict[str, tuple[str, bool]] = {}
+    try:
+        report = prune(vault.storage, vault.policy, dry_run=True, now=now,
+                       lock_stale_after=vault.lock_stale_after, database=name,
+                       recovery_window=vault.recovery_window)
+        plan = report.databases.get(name)
+        if plan is not None:
+            for d in plan.keep:
+                decisions[d.id] = ("kept: " + ", ".join(d.reasons), False)
+            for d in plan.remove:
+                decisions[d.id] = ("removed by the next prune: " + (d.because or "no rule "
+                                                                     "keeps it"), True)
+            if plan.refused:
+                page.plan_note = scrub(f"the next prune is refused: {plan.refused}")
+    except PgvaultError as exc:
+        page.plan_note = scrub(f"no retention plan: {exc}")
+    for manifest in reversed(listing.manifests):
+        took = (manifest.finished_at - manifest.started_at).total_seconds()
+        role, removed = decisions.get(manifest.id, ("", False))
+        drill = drills.newest.get((name, manifest.id))
+        page.backups.append(BackupView(
+            id=manifest.id, kind=manifest.kind, started=_when(manifest.started_at),
+            age=ago((now - manifest.started_at).total_seconds()),
+            size=human_bytes(manifest.size), size_bytes=manifest.size,
+            duration=human_seconds(took), compression=_compression(manifest),
+            pinned=scrub(manifest.pin.reason) if manifest.pin else "",
+            retention=scrub(role), removed_next=removed, trust=scrub(bad.get(manifest.id, "")),
+            drill="" if drill is None else ("PASS" if drill.passed else "FAIL")))
+    for damaged in listing.damaged:
+        page.backups.append(BackupView(
+            id=damaged.backup_id, kind="?", started="", age="", size="", size_bytes=0,
+            duration="", compression="", pinned="", retention="never touched by prune",
+            removed_next=False, trust=scrub(damaged.reason), drill=""))
+    page.backups.sort(key=lambda b: b.id, reverse=True)
+    page.drills = [_drill_view(r) for r in sorted(
+        drills.newest.values(), key=lambda r: r.finished_at, reverse=True)]
+    page.commands = commands(name, vault, status.newest.id if status.newest else None)
+    return page

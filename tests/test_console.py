@@ -1,0 +1,358 @@
+"""The web console (issue 22): what it shows, who may see it, and how fast.
+
+Real parts: the real `pgvault console` process serving over HTTP on loopback, the
+console's own request handling (token, headers, routes), and for the load test the same
+status code path `pgvault check` runs. The load test's repository is FAKED: 200
+databases' manifests, run histories and drill records written into a MemoryStorage
+(pgvault's own in-memory backend, the one the storage contract tests), because taking
+200 real backups would take minutes; everything above the storage is the real code.
+The browser tests against real backups and drills of a real cluster are in
+tests/fixtures_browser.py's users (test_console_browser below).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import socket
+import statistics
+import subprocess as sp
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from cli_runner import PGVAULT, clean_env, pgvault
+from dbcompare import assert_databases_equal
+from fixtures_browser import Browser, browser  # noqa: F401  (the fixture)
+from fixtures_pg import NewName
+from pgvault import config
+from pgvault.catalog import Catalog
+from pgvault.model import (
+    Artifact,
+    Manifest,
+    RunHistory,
+    RunRecord,
+    StageSpec,
+    VerifyCheck,
+    VerifyReport,
+    new_backup_id,
+    to_dict,
+)
+from pgvault.ops import jobs
+from pgvault.ops.status import HISTORY
+from pgvault.storage import open_storage
+from pgvault.storage.memory import MemoryStorage
+from pgvault.vault import Vault
+from pgvault.web import views
+from pgvault.web.app import CSP, Console
+from sampledb import fill_sized_database
+
+DOCS_IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
+
+# -- a faked repository of many databases (MemoryStorage) ---------------------------------
+
+
+def fake_manifest(database: str, started: datetime, *, size: int = 123_456) -> Manifest:
+    backup_id = new_backup_id(started)
+    return Manifest(
+        id=backup_id, database=database, started_at=started,
+        finished_at=started + timedelta(seconds=42), pgvault_version="test",
+        artifacts=[Artifact(name="db.dump", key=f"backups/{database}/{backup_id}/db.dump.zst",
+                            size=size, sha256="0" * 64, raw_size=size * 4,
+                            stages=[StageSpec(name="zstd", level=3)], format="pg_dump-custom")])
+
+
+def fake_repository(count: int, backups_each: int, now: datetime) -> MemoryStorage:
+    """``count`` databases: every 5th CRITICAL (too old), every 7th with a failed run
+    (WARNING), a passing drill on each newest backup; the rest OK."""
+    storage = MemoryStorage()
+    catalog = Catalog(storage)
+    for n in range(count):
+        name = f"db{n:03d}"
+        newest_age = timedelta(hours=30 if n % 5 == 0 else 2)
+        manifests = [fake_manifest(name, now - newest_age - timedelta(days=k))
+                     for k in range(backups_each)]
+        for manifest in manifests:
+            catalog.commit(manifest)
+        newest = manifests[0]
+        catalog.record_drill(VerifyReport(
+            backup_id=newest.id, database=name, level="facts",
+            started_at=newest.finished_at, finished_at=newest.finished_at + timedelta(minutes=2),
+            checks=[VerifyCheck(level="integrity", name="sha256", status="pass"),
+                    VerifyCheck(level="facts", name="row counts", status="pass")],
+            restore_seconds=95.0, rto_met=True))
+        failure = (RunRecord(at=now - timedelta(hours=1), finished_at=now - timedelta(hours=1),
+                             duration=3.0, error="pg_dump: connection refused")
+                   if n % 7 == 0 else None)
+        history = RunHistory(last_success=RunRecord(
+            at=newest.started_at, finished_at=newest.finished_at, duration=42.0,
+            backup_id=newest.id, size=newest.size), last_failure=failure,
+            failures_total=1 if failure else 0)
+        catalog.write_status(name, HISTORY, to_dict(history))
+    return storage
+
+
+def fake_sources(storage: MemoryStorage) -> views.Sources:
+    settings = config.load({"repo": "memory://"}, {})
+    vault = Vault.open(settings, storage=storage)
+    names = vault.catalog.databases()
+    return lambda: [(name, vault) for name in names]
+
+
+def test_overview_of_200_databases_renders_in_under_a_second_at_p95() -> None:
+    """200 databases x 5 backups (a faked repository: see the module docstring), 100 GETs
+    of the overview through the console's request handling: p95 under 1 s."""
+    now = datetime.now(UTC)
+    storage = fake_repository(200, 5, now)
+    console = Console(fake_sources(storage), host="127.0.0.1", token=None)
+    times = []
+    for _ in range(100):
+        started = time.perf_counter()
+        response = console.answer("GET", "/", {})
+        times.append(time.perf_counter() - started)
+        assert response.status == 200
+    body = response.body.decode()
+    assert body.count('<tr class="row-') == 200
+    p50, p95 = statistics.median(times), statistics.quantiles(times, n=20)[-1]
+    print(f"\noverview of 200 databases: p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
+          f"max {max(times) * 1000:.0f} ms over 100 requests")
+    assert p95 < 1.0
+    # Worst first: every CRITICAL row before every WARNING one, every WARNING before OK.
+    states = re.findall(r'data-state="(\w+)"', body)
+    order = {"UNKNOWN": 0, "CRITICAL": 1, "WARNING": 2, "OK": 3}
+    assert states == sorted(states, key=order.__getitem__)
+    assert states.count("CRITICAL") == 40 and "WARNING" in states and "OK" in states
+    # The same verdicts as `pgvault check`, database by database.
+    vault = fake_sources(storage)()[0][1]
+    for name, state in zip(re.findall(r'data-database="(\w+)"', body), states, strict=True):
+        verdict = jobs.status_of(vault, name).verdict(now, warn_drill_age_days=8.0)
+        assert verdict.name == state, name
+    # The database page of one of them, timed too.
+    started = time.perf_counter()
+    page = console.answer("GET", "/db/db005", {})
+    took = time.perf_counter() - started
+    print(f"database page (5 backups, retention plan, drills): {took * 1000:.0f} ms")
+    assert page.status == 200 and b"CRITICAL" in page.body and took < 1.0
+
+
+def test_every_answer_is_locked_down_and_beyond_loopback_needs_the_token() -> None:
+    storage = fake_repository(3, 2, datetime.now(UTC))
+    sources = fake_sources(storage)
+    token = "t0ken-" + uuid.uuid4().hex
+    # Beyond loopback without a token: nothing is shown.
+    locked = Console(sources, host="0.0.0.0", token=None)
+    assert locked.answer("GET", "/", {}).status == 403
+    assert b"db000" not in locked.answer("GET", "/", {}).body
+    console = Console(sources, host="0.0.0.0", token=token)
+    refused = console.answer("GET", "/", {})
+    assert refused.status == 401 and b"db000" not in refused.body
+    assert console.answer("GET", "/db/db000", {"Authorization": "Bearer wrong"}).status == 401
+    assert console.answer("GET", "/", {"Authorization": f"Bearer {token}"}).status == 200
+    # The login form: a wrong token is refused, the right one sets a session cookie that is
+    # not the token itself.
+    import io
+
+    def login(given: str) -> tuple[int, dict[str, str]]:
+        form = f"token={given}".encode()
+        answer = console.answer("POST", "/login", {"Content-Length": str(len(form))},
+                                io.BytesIO(form))
+        return answer.status, dict(answer.headers)
+
+    assert login("nope")[0] == 401
+    status, headers = login(token)
+    assert status == 303 and token not in headers["Set-Cookie"]
+    assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+    cookie = headers["Set-Cookie"].split(";")[0]
+    assert console.answer("GET", "/", {"Cookie": cookie}).status == 200
+    assert console.answer("GET", "/", {"Cookie": cookie + "x"}).status == 401
+    # Read-only: nothing but the login accepts a POST.
+    assert console.answer("POST", "/", {"Authorization": f"Bearer {token}"}).status == 405
+    # On loopback without a token, pages are open (as /status is).
+    assert Console(sources, host="127.0.0.1", token=None).answer("GET", "/", {}).status == 200
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str, headers: dict[str, str] | None = None
+        ) -> tuple[int, dict[str, str], str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path, headers=headers or {})
+    answer = conn.getresponse()
+    body = answer.read().decode()
+    conn.close()
+    return answer.status, {k.lower(): v for k, v in answer.getheaders()}, body
+
+
+@contextlib.contextmanager
+def console_process(*args: str, env: dict[str, str] | None = None,
+                    port: int) -> Iterator[sp.Popen[str]]:
+    """A real `pgvault console` process, once it answers /healthz; SIGTERM after."""
+    full = clean_env() | (env or {})
+    proc = sp.Popen([PGVAULT, "console", *args], env=full, stdout=sp.PIPE, stderr=sp.PIPE,
+                    text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if get(port, "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out, err = proc.communicate(timeout=5)
+                raise AssertionError(f"console did not start ({proc.returncode}): {out}{err}")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+def test_console_beyond_loopback_refuses_to_start_without_a_token(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    proc = pgvault("console", "--repo", f"file://{repo}", "--listen", "0.0.0.0:1", expect=3)
+    assert "beyond loopback" in proc.stderr and "token_file" in proc.stderr
+    (tmp_path / "short").write_text("abc\n")
+    short = pgvault("console", "--repo", f"file://{repo}", "--listen", "127.0.0.1:1",
+                    env={"PGVAULT_CONSOLE_TOKEN_FILE": str(tmp_path / "short")}, expect=3)
+    assert "shorter than 16" in short.stderr
+
+
+# -- real backups and drills of a real cluster, in a real browser ----------------------
+
+
+def _database(pg_cluster: object, new_name: NewName, rows: int) -> tuple[str, str]:
+    name = new_name()
+    base = pg_cluster.url()  # type: ignore[attr-defined]
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = pg_cluster.url(name)  # type: ignore[attr-defined]
+    fill_sized_database(url, rows)
+    return name, url
+
+
+def test_console_browser(pg_cluster: object, new_name: NewName, tmp_path: Path,
+                         browser: Browser, free_port: int) -> None:  # noqa: F811
+    """Three real databases, real backups and drills, the real `pgvault console` process
+    behind a token on 0.0.0.0, read by headless Chromium: order by state, ages, a damaged
+    backup, a drill's checks, no secret, the CSP; screenshots for the README."""
+    good, good_url = _database(pg_cluster, new_name, 1500)
+    damaged, _ = _database(pg_cluster, new_name, 800)
+    stale, _ = _database(pg_cluster, new_name, 500)
+    repo = f"file://{tmp_path / 'repo'}"
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    token_file = tmp_path / "console-token"
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    token_file.write_text(token + "\n")
+    cfg = tmp_path / "pgvault.toml"
+    base = pg_cluster.url()  # type: ignore[attr-defined]
+    cfg.write_text(f"""
+repo = "{repo}"
+[check]
+warn_drill_age_days = 0
+[console]
+token_file = "{token_file}"
+[[databases]]
+name = "{good}"
+[[databases]]
+name = "{damaged}"
+[[databases]]
+name = "{stale}"
+objectives = {{ rpo_hours = 0.0005 }}
+""")
+    cfg.chmod(0o600)
+    env = {"DATABASE_URL": base}
+    pgvault("backup", "--config", str(cfg), "-d", good, env=env)
+    pgvault("verify", "latest", "--config", str(cfg), "-d", good, "--level", "restore")
+    pgvault("backup", "--config", str(cfg), "-d", damaged, env=env)
+    time.sleep(1.1)  # backup ids are per second
+    pgvault("backup", "--config", str(cfg), "-d", damaged, env=env)
+    pgvault("backup", "--config", str(cfg), "-d", stale, env=env)
+    storage = open_storage(repo)
+    catalog = Catalog(storage)
+    bad = catalog.list(damaged)[-1]
+    artifact = bad.artifacts[0]
+    data = bytearray(storage.read_bytes(artifact.key))
+    data[len(data) // 2] ^= 0xFF  # a flipped byte in the stored dump
+    storage.put_bytes(artifact.key, bytes(data))
+    drill = pgvault("verify", bad.id, "--config", str(cfg), "-d", damaged, "--level",
+                    "integrity", expect=None)
+    assert drill.returncode != 0
+    older = catalog.list(damaged)[0]
+    # The older backup still proves itself: the database is WARNING (one backup cannot be
+    # trusted), not CRITICAL (its last drill failed).
+    pgvault("verify", older.id, "--config", str(cfg), "-d", damaged, "--level", "integrity")
+    time.sleep(2)  # the stale database's RPO (1.8 s) has passed
+    good_manifest = catalog.list(good)[-1]
+
+    # A password in the console's environment (unused by the trust cluster): never shown.
+    with console_process("--config", str(cfg), "--listen", f"0.0.0.0:{free_port}",
+                         env=env | {"PGPASSWORD": secret}, port=free_port):
+        status, headers, body = get(free_port, "/")
+        assert status == 401 and good not in body
+        assert headers["content-security-policy"] == CSP
+        status, headers, body = get(free_port, "/", {"Authorization": f"Bearer {token}"})
+        assert status == 200 and secret not in body and token not in body
+        for header in ("content-security-policy", "x-content-type-options", "x-frame-options"):
+            assert header in headers
+        url = f"http://127.0.0.1:{free_port}"
+        browser.get(url + "/")
+        assert browser.title().startswith("Log in")
+        browser.fill("#token", token)
+        browser.click("form.login button")
+        browser.wait_for("#overview")
+        rows = browser.attributes("#overview tbody tr", "data-database")
+        states = browser.attributes("#overview tbody tr", "data-state")
+        assert rows == [stale, damaged, good], (rows, states)
+        assert states == ["CRITICAL", "WARNING", "OK"]
+        text = browser.text("#overview")
+        assert "newest backup is" in text and "(RPO 0.0005h)" in text
+        assert "1 backup cannot be trusted" in text
+        assert secret not in browser.source() and token not in browser.source()
+        # Ages: the good database's newest backup, as old as its manifest says.
+        age = float(browser.attributes(f'tr[data-database="{good}"] td.newest',
+                                       "data-age-seconds")[0])
+        expected = (datetime.now(UTC) - good_manifest.started_at).total_seconds()
+        assert abs(age - expected) < 15, (age, expected)
+        assert browser.css_color(f'tr[data-database="{stale}"] .state') == "rgba(176, 0, 32, 1)"
+        DOCS_IMG.mkdir(parents=True, exist_ok=True)
+        browser.screenshot(DOCS_IMG / "console-overview.png", width=1280, height=560)
+
+        browser.click(f'tr[data-database="{damaged}"] a')
+        browser.wait_for("#backups")
+        trust = browser.text(f'#backups tr[data-backup="{bad.id}"] .trust')
+        assert trust.startswith("DAMAGED") and "integrity check failed" in trust
+        assert browser.text(f'#backups tr[data-backup="{older.id}"] .trust').startswith("good")
+        assert "FAIL" in browser.text(f'section[data-drill="{bad.id}"]')
+        commands = browser.text(".commands")
+        assert f"pgvault restore {older.id} --from-database {damaged} --to {damaged}_restored" \
+            in commands
+
+        browser.get(url + f"/db/{good}")
+        browser.wait_for("#backups")
+        checks = browser.text(f'section[data-drill="{good_manifest.id}"]')
+        assert "PASS" in checks and "restore" in checks
+        assert "kept: " in browser.text("#backups")
+        assert secret not in browser.source()
+        browser.screenshot(DOCS_IMG / "console-database.png", width=1280, height=900)
+        browser.screenshot(DOCS_IMG / "console-phone.png", width=390, height=844)
+    # What the console showed as good restores and matches its source.
+    target = new_name()
+    pgvault("restore", good_manifest.id, "--to", target, "--repo", repo, "-d", base)
+    assert_databases_equal(good_url, pg_cluster.url(target))  # type: ignore[attr-defined]
+    assert os.path.getsize(DOCS_IMG / "console-overview.png") > 10_000

@@ -111,7 +111,7 @@ def startup_done() -> None:
 def common(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options every command takes."""
     func = click.option("--repo", metavar="URL", help="Repository: file:///path or "
-                        "s3://bucket/prefix [env PGVAULT_REPO].")(func)
+                        "s3://bucket/prefix, or a [[repos]] name [env PGVAULT_REPO].")(func)
     func = click.option("--config", "config", metavar="FILE", type=click.Path(dir_okay=False),
                         help="TOML config file [env PGVAULT_CONFIG].")(func)
     return func

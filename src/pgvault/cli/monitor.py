@@ -81,9 +81,11 @@ def _monitored(settings: Any, dbname: str | None) -> list[tuple[str, Any]]:
 
 
 def _statuses(settings: Any, dbname: str | None) -> list[tuple[Any, Any]]:
+    from pgvault.cli.snapshot import with_audit
     from pgvault.ops.jobs import status_of
 
-    return [(status_of(v, name), v.settings) for name, v in _monitored(settings, dbname)]
+    return [(with_audit(status_of(v, name), v), v.settings)
+            for name, v in _monitored(settings, dbname)]
 
 
 @cli.command(epilog=STATUS_CODES)
@@ -128,6 +130,10 @@ def status(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) -
             entry = status.to_json(now)
             entry["state"] = verdict.name
             entry["reasons"] = list(verdict.reasons)
+            if settings.repos:
+                from pgvault.cli.copy import copy_status
+
+                entry["copies"] = copy_status(settings, status.database, now)[2]
             out.append(entry)
         click.echo(json.dumps(out, indent=2, default=str))
         if critical:
@@ -176,6 +182,18 @@ def status(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) -
                       if start and end else "; no recoverable window yet")
             click.echo(f"  WAL archive    {archive.last_wal or 'empty'} archived {lag}, "
                        f"{len(archive.gaps)} gap(s){window}")
+        from pgvault.cli.snapshot import status_lines
+
+        for line in status_lines(status, now):
+            click.echo(line)
+        copy_lines: list[str] = []
+        copy_warnings: list[str] = []
+        if settings.repos:
+            from pgvault.cli.copy import copy_status
+
+            copy_lines, copy_warnings, _copies = copy_status(settings, status.database, now)
+        for line in copy_lines:
+            click.echo(line)
         if status.running is not None:
             click.echo(f"  running now    {status.running.get('operation')} since "
                        f"{status.running.get('since')}")
@@ -183,8 +201,10 @@ def status(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) -
             click.echo(f"  cannot trust   {backup_id}: {why}")
         for problem in status.damaged_records:
             click.echo(f"  damaged        {problem}")
-        click.echo(f"  state          {verdict.name}"
-                   + (": " + "; ".join(verdict.reasons) if verdict.reasons else ""))
+        state = "WARNING" if copy_warnings and verdict.name == "OK" else verdict.name
+        reasons = [*verdict.reasons, *copy_warnings]
+        click.echo(f"  state          {state}"
+                   + (": " + "; ".join(reasons) if reasons else ""))
     if critical:
         raise failed
 
@@ -245,6 +265,13 @@ def check(ctx: click.Context, /, dbname: str | None, warn_age: float | None,
             parts.append(f"{status.database}: newest backup {age.total_seconds() / 3600:.1f}h "
                          f"old (RPO {status.rpo_hours:g}h)")
         perfdata += _perfdata(status, s, now, warn_age)
+        if s.repos:  # [[repos]]: each copy's lag against its objective
+            from pgvault.cli.copy import copy_status
+
+            copy_warnings = copy_status(s, status.database, now)[1]
+            if copy_warnings:
+                worst = max(worst, 1)
+                parts += [f"{status.database}: {reason}" for reason in copy_warnings]
     click.echo(f"PGVAULT {STATE_NAMES[worst]} - {'; '.join(parts)} | {' '.join(perfdata)}")
     sys.exit(worst)
 

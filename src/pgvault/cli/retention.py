@@ -47,6 +47,9 @@ def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, force: bool
     damaged manifest (--force prunes the others and leaves the damaged one alone).
     Leaving a database without a good backup is refused even with --force.
 
+    With [[repos]] and no --repo, every repository is pruned by its own policy
+    (its retention keys over [retention]); --repo NAME prunes one.
+
     Manifests are deleted before data. Data without a manifest (a failed backup or an
     interrupted prune) is removed once its id and its files are both 24 hours old.
     A database locked by a running backup is skipped, and the exit code is then 7;
@@ -64,10 +67,13 @@ def prune_(ctx: click.Context, /, dbname: str | None, dry_run: bool, force: bool
     """
     from datetime import UTC
 
+    from pgvault.cli.copy import prune_each_repository
     from pgvault.errors import LockHeld
     from pgvault.ops.jobs import PruneRequest, run
     from pgvault.retention import describe
 
+    if prune_each_repository(ctx):  # [[repos]]: each by its own policy
+        return
     vault = vault_of(ctx)
     policy = vault.policy  # a bad [retention] fails before the repository is read
     vault.catalog.require()

@@ -1,0 +1,269 @@
+"""3-2-1 copies (`pgvault copy`): killed copies finish exactly, restores from a copy, per-repo
+retention, and the copy lag in status/check. Real parts: PostgreSQL clusters, moto's S3
+server over HTTP, real `pgvault` processes killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess as sp
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from cli_runner import PGVAULT, clean_env, pgvault
+from dbcompare import assert_databases_equal
+from pgvault.catalog import Catalog
+from pgvault.config import load as config_load
+from pgvault.pg.cluster import EphemeralCluster
+from pgvault.storage import open_storage
+from pgvault.storage.base import Storage
+from pgvault.storage.s3 import S3Options
+from test_prune import at, fabricate
+
+MakeDb = Callable[..., str]
+
+
+def write_config(path: Path, repos: list[dict[str, object]], extra: str = "") -> Path:
+    """A config file with these [[repos]] (inline tables as TOML text)."""
+    lines = [extra]
+    for repo in repos:
+        lines.append("[[repos]]")
+        for key, value in repo.items():
+            inline = isinstance(value, str) and value.startswith("{")
+            lines.append(f"{key} = {value if inline else json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def snapshot(storage: Storage) -> dict[str, bytes]:
+    """Every manifest and data object of a repository, by key, with its bytes."""
+    return {info.key: storage.read_bytes(info.key)
+            for prefix in ("manifests/", "backups/") for info in storage.list(prefix)}
+
+
+def assert_consistent(target: Storage, source: Storage) -> None:
+    """What a copy (killed or not) may leave: only the source's manifests, each complete
+    with the source's bytes, and otherwise only data objects equal to the source's."""
+    src = snapshot(source)
+    for key, data in snapshot(target).items():
+        assert src.get(key) == data, f"{key} differs from the source's"
+    for manifest in Catalog(target).list():
+        for artifact in manifest.artifacts:
+            assert target.stat(artifact.key).size == artifact.size
+
+
+@pytest.fixture
+def target_names(pg_cluster: EphemeralCluster) -> Iterator[list[str]]:
+    names: list[str] = []
+    yield names
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
+def fill(url: str, rows: int, generation: int) -> None:
+    """Rows that compress poorly (hex digests), so a copy takes long enough to be killed."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS blob (id serial PRIMARY KEY, g int, data text)")
+        conn.execute("INSERT INTO blob (g, data) SELECT %s, string_agg(md5(random()::text || "
+                     "i::text), '') FROM generate_series(1, %s) g, generate_series(1, 8) i "
+                     "GROUP BY g", (generation, rows))
+
+
+def test_a_copy_killed_anywhere_is_invisible_and_the_rerun_finishes_without_resending(
+    make_db: MakeDb, pg_cluster: EphemeralCluster, s3_server: str, s3_bucket: str,
+    s3_options: S3Options, tmp_path: Path, target_names: list[str],
+) -> None:
+    primary = f"file://{tmp_path / 'primary'}"
+    config = write_config(tmp_path / "pgvault.toml", [
+        {"name": "main", "url": primary, "primary": True},
+        # keep_last: every backup of the source is one the copy keeps (same-day backups
+        # would otherwise be one daily slot).
+        {"name": "offsite", "url": f"s3://{s3_bucket}/app", "retention": "{ keep_last = 10 }"},
+    ], f'[s3]\nendpoint_url = "{s3_server}"\npath_style = true\n')
+    env = {"PGVAULT_CONFIG": str(config)}
+    source = make_db(prefix="copy_src")
+    states = []
+    for generation in range(3):
+        fill(source, 6000, generation)
+        pgvault("backup", "--dbname", source, env=env)
+        states.append(make_db(source, prefix=f"copy_state{generation}"))
+    src = open_storage(primary)
+    dst = open_storage(f"s3://{s3_bucket}/app", s3_options)
+    objects = [a.key for m in Catalog(src).list() for a in m.artifacts]
+    assert len(objects) == 6
+
+    # SIGKILL a real copy once k objects are at the target, for growing k, checking after
+    # each kill that the target holds nothing a listing or restore could trust wrongly.
+    full_env = clean_env() | env
+    kept_total = killed = 0
+    for k in (1, 2, 4, 5):
+        proc = sp.Popen([PGVAULT, "copy", "--jobs", "1", "--json"], env=full_env,
+                        stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if sum(1 for _ in dst.list("backups/")) >= k:
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        out, _err = proc.communicate()
+        if out.strip():  # it had finished before the kill
+            kept_total += json.loads(out)["objects_kept"]
+        else:
+            killed += 1
+        assert_consistent(dst, src)
+    assert killed >= 2, "the copies finished before they could be killed"
+    done = json.loads(pgvault("copy", "--json", env=env).stdout)
+    assert done["failed"] == {}
+    # What a killed run had verified at the target was not sent again.
+    assert kept_total + done["objects_kept"] > 0
+    assert done["objects_sent"] + done["objects_kept"] <= len(objects)
+    assert snapshot(dst) == snapshot(src)  # exactly the source's manifests and objects
+    assert not list(dst.list("locks/"))
+    again = json.loads(pgvault("copy", "--json", env=env).stdout)
+    assert (again["copied"], again["objects_sent"], again["in_sync"]) == ([], 0, 3)
+
+    # The copy alone restores every backup: the primary is gone.
+    for info in list(src.list("")):
+        src.delete([info.key])
+    ids = [m.id for m in Catalog(dst).list()]
+    for backup_id, state in zip(ids, states, strict=True):
+        target = f"copy_restored_{uuid.uuid4().hex[:10]}"
+        target_names.append(target)
+        pgvault("restore", backup_id, "--repo", "offsite", "--to", target, "--dbname",
+                pg_cluster.url(), env=env)
+        assert_databases_equal(state, pg_cluster.url(target))
+
+
+def test_s3_to_s3_and_to_a_folder_then_verify_and_restore_from_the_copies_and_lag(
+    make_db: MakeDb, pg_cluster: EphemeralCluster, s3_server: str, s3_client: Any,
+    s3_options: S3Options, tmp_path: Path, target_names: list[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    buckets = [request.getfixturevalue("s3_bucket")]
+    other = f"pgvault-test-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=other)
+    request.addfinalizer(lambda: _empty(s3_client, other))
+    buckets.append(other)
+    folder = tmp_path / "cold"
+    config = write_config(tmp_path / "pgvault.toml", [
+        {"name": "main", "url": f"s3://{buckets[0]}/app", "primary": True},
+        # Per-repository [s3] keys over [s3].
+        {"name": "offsite", "url": f"s3://{buckets[1]}/x", "s3": "{ max_concurrency = 2 }",
+         "copy_lag_hours": 0.0001},
+        {"name": "cold", "url": f"file://{folder}", "retention": "{ keep_daily = 1 }"},
+    ], f'[s3]\nendpoint_url = "{s3_server}"\npath_style = true\n'
+       '[schedule]\nbackup = "@every 6h"\n')
+    env = {"PGVAULT_CONFIG": str(config)}
+    settings = config_load({}, clean_env(), config)
+    assert (settings.repository_name, settings.s3.max_concurrency) == ("main", 4)
+    assert settings.repository("offsite").s3.max_concurrency == 2
+    assert settings.repository("offsite").s3.endpoint_url == s3_server
+    source = make_db(prefix="copy_s3")
+    fill(source, 500, 0)
+    pgvault("backup", "--dbname", source, env=env)
+    state = make_db(source, prefix="copy_s3_state")
+
+    time.sleep(0.5)  # past offsite's objective of 0.36 s
+    status = pgvault("status", "-d", _name(source), env=env, expect=None).stdout
+    assert "copy offsite   1 backup(s) behind" in status and "LATE" in status
+    assert "copy cold      1 backup(s) behind" in status
+    assert "objective 6h" in status  # the default objective: one backup interval
+    check = pgvault("check", "-d", _name(source), env=env, expect=1).stdout
+    assert check.startswith("PGVAULT WARNING") and "copy offsite is 1 backup(s) behind" in check
+
+    out = pgvault("copy", env=env).stdout
+    assert "offsite: 1 backup(s) copied" in out and "cold: 1 backup(s) copied" in out
+    main = open_storage(f"s3://{buckets[0]}/app", s3_options)
+    offsite = open_storage(f"s3://{buckets[1]}/x", s3_options)
+    cold = open_storage(f"file://{folder}")
+    assert snapshot(offsite) == snapshot(main) == snapshot(cold)
+    lag = json.loads(pgvault("status", "--json", "-d", _name(source), env=env).stdout)
+    assert [(c["name"], c["behind"]) for c in lag[0]["copies"]] == [("offsite", 0),
+                                                                   ("cold", 0)]
+    after = pgvault("check", "-d", _name(source), env=env, expect=None).stdout
+    assert "behind" not in after  # (never drilled: still a WARNING of its own)
+
+    for info in list(main.list("")):
+        main.delete([info.key])
+    verified = pgvault("verify", "latest", "--repo", "cold", "--level", "integrity",
+                       "-d", _name(source), env=env)
+    assert "PASS" in verified.stdout or "passed" in verified.stdout.lower()
+    listed = json.loads(pgvault("list", "--repo", "offsite", "--json", env=env).stdout)
+    assert len(listed) == 1
+    for repo in ("offsite", "cold"):
+        target = f"copy_s3_restored_{uuid.uuid4().hex[:10]}"
+        target_names.append(target)
+        pgvault("restore", "latest", "--repo", repo, "--to", target,
+                "--dbname", pg_cluster.url(), env=env)
+        assert_databases_equal(state, pg_cluster.url(target))
+
+
+def _name(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+def _empty(client: Any, bucket: str) -> None:
+    for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket):
+        for o in page.get("Contents", []):
+            client.delete_object(Bucket=bucket, Key=o["Key"])
+    client.delete_bucket(Bucket=bucket)
+
+
+# A year of daily backups at 01:00 UTC ending Sunday 2026-12-06 (ISO week 49).
+YEAR = [date(2025, 12, 7) + timedelta(n) for n in range(365)]
+# 7 daily / 4 weekly / 3 monthly (the primary): Nov 30..Dec 6, the Sundays ending weeks
+# 48, 47, 46, and October's newest.
+PRIMARY_KEPT = {date(2026, 11, 30) + timedelta(n) for n in range(7)} | {
+    date(2026, 11, 29), date(2026, 11, 22), date(2026, 11, 15), date(2026, 10, 31)}
+# 12 monthly (the cold copy): each month's newest, Jan 2026 .. Dec 2026.
+COLD_KEPT = {date(2026, 12, 6)} | {date(2026, m + 1, 1) - timedelta(1) for m in range(1, 12)}
+
+
+def test_each_repository_keeps_what_its_own_policy_says_over_a_year(tmp_path: Path) -> None:
+    primary, cold = tmp_path / "primary", tmp_path / "cold"
+    config = write_config(tmp_path / "pgvault.toml", [
+        {"name": "main", "url": f"file://{primary}", "primary": True},
+        {"name": "cold", "url": f"file://{cold}",
+         "retention": "{ keep_daily = 0, keep_weekly = 0, keep_monthly = 12 }"},
+    ])
+    env = {"PGVAULT_CONFIG": str(config)}
+    # Backups cannot be taken in the past: their manifests are fabricated as test_prune's.
+    src = open_storage(f"file://{primary}")
+    made = {day: fabricate(src, at(f"{day}T01:00")) for day in YEAR}
+    assert len(COLD_KEPT) == 12 and len(PRIMARY_KEPT) == 11
+
+    # A copy brings only what the copy's policy keeps: nothing it would prune again.
+    report = json.loads(pgvault("copy", "--json", env=env).stdout)
+    assert (len(report["copied"]), report["not_kept"]) == (12, 353)
+    dst = open_storage(f"file://{cold}")
+    assert {m.id for m in Catalog(dst).list()} == {made[d].id for d in COLD_KEPT}
+
+    refused = pgvault("prune", env=env, expect=2)  # the primary would lose > half
+    assert "== repository main" in refused.stdout and "== repository cold" in refused.stdout
+    out = pgvault("prune", "--force", env=env).stdout
+    assert "app: 11 kept, 354 removed" in out and "app: 12 kept, 0 removed" in out
+    assert {m.id for m in Catalog(src).list()} == {made[d].id for d in PRIMARY_KEPT}
+    assert {m.id for m in Catalog(dst).list()} == {made[d].id for d in COLD_KEPT}
+    assert pgvault("prune", "--repo", "cold", "--dry-run", env=env).stdout.count("KEEP") == 12
+
+    # The next day's backup: the copy gets it, and its own prune drops last month's...
+    made[date(2026, 12, 7)] = fabricate(src, at("2026-12-07T01:00"))
+    again = json.loads(pgvault("copy", "--json", env=env).stdout)
+    assert again["copied"] == [f"app/{made[date(2026, 12, 7)].id}"]
+    pgvault("prune", "--repo", "cold", env=env)
+    assert {m.id for m in Catalog(dst).list()} == {
+        made[d].id for d in COLD_KEPT - {date(2026, 12, 6)} | {date(2026, 12, 7)}}
+    # ...which the next copy does not bring back.
+    assert json.loads(pgvault("copy", "--json", env=env).stdout)["copied"] == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import re
 import socket
@@ -356,3 +357,54 @@ objectives = {{ rpo_hours = 0.0005 }}
     pgvault("restore", good_manifest.id, "--to", target, "--repo", repo, "-d", base)
     assert_databases_equal(good_url, pg_cluster.url(target))  # type: ignore[attr-defined]
     assert os.path.getsize(DOCS_IMG / "console-overview.png") > 10_000
+
+
+def test_the_daemon_serves_the_console_beside_metrics_and_status(
+        tmp_path: Path, free_port: int) -> None:
+    """A real `pgvault daemon` process: the console at /, its last error and next runs;
+    with a token, /status and the pages need it, /healthz and /metrics never do."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    cfg = tmp_path / "pgvault.toml"
+    cfg.write_text(f"""
+repo = "file://{repo}"
+[schedule]
+backup = "0 1 1 1 *"
+retries = 0
+[[databases]]
+name = "ledger"
+""")
+    token = uuid.uuid4().hex
+    env = {"PGVAULT_CONSOLE_TOKEN": token,
+           # Nothing listens there: the catch-up backup at start fails at once.
+           "DATABASE_URL": "postgresql://app@127.0.0.1:1/ledger"}
+    full = clean_env() | env
+    proc = sp.Popen([PGVAULT, "daemon", "--config", str(cfg), "--listen",
+                     f"127.0.0.1:{free_port}"], env=full, stdout=sp.PIPE, stderr=sp.PIPE,
+                    text=True)
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        deadline = time.monotonic() + 30
+        body = ""
+        while "connection" not in body.lower() or "refused" not in body.lower():
+            assert proc.poll() is None and time.monotonic() < deadline, body
+            time.sleep(0.2)
+            try:
+                status, _, body = get(free_port, "/", auth)
+            except OSError:
+                continue
+        assert status == 200 and 'data-state="CRITICAL"' in body and "no complete backup" in body
+        assert "Next runs" in body and "backup 20" in body  # the scheduler's next backup
+        assert get(free_port, "/")[0] == 401
+        assert get(free_port, "/status")[0] == 401
+        assert get(free_port, "/db/ledger")[0] == 401
+        status, _, body = get(free_port, "/status", auth)
+        assert status == 200 and json.loads(body)["databases"][0]["database"] == "ledger"
+        assert get(free_port, "/healthz")[0] == 200 and get(free_port, "/metrics")[0] == 200
+        status, headers, page = get(free_port, "/db/ledger", auth)
+        assert status == 200 and headers["content-security-policy"] == CSP
+        assert "pgvault backup -d ledger --config" in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0

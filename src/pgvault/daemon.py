@@ -98,6 +98,15 @@ class Daemon:
         self._server: ThreadingHTTPServer | None = None
         self.stuck = False
         """True when a job did not end after the grace period and the abort."""
+        self.console = self._console() if settings.console.enabled else None
+        """The read-only web console (pgvault.web), served beside /metrics and /status."""
+
+    def _console(self) -> Any:
+        from pgvault.web.app import Console, console_token
+
+        return Console(lambda: [(db.name, db.vault) for db in self.databases],
+                       host=self.listen[0], token=console_token(self.settings),
+                       next_runs=self.next_runs, daemon=True)
 
     @staticmethod
     def _name(target: config.Target) -> str:
@@ -367,12 +376,24 @@ class Daemon:
                     ok = not daemon.stopping.is_set()
                     self._answer(200 if ok else 503, "text/plain; charset=utf-8",
                                  b"ok\n" if ok else b"stopping\n")
+                elif path == "/status" and daemon.console is not None and \
+                        daemon.console.token is not None and \
+                        not daemon.console.authorized(self.headers):
+                    daemon.console.respond(self, "GET")  # with a token, /status needs it
                 elif path == "/status":
                     body = json.dumps(daemon.status(), indent=2, default=str).encode()
                     self._answer(200, "application/json", body)
+                elif daemon.console is not None:
+                    daemon.console.respond(self, "GET")
                 else:
                     self._answer(404, "text/plain; charset=utf-8",
                                  b"not found: try /metrics, /healthz or /status\n")
+
+            def do_POST(self) -> None:
+                if daemon.console is not None:
+                    daemon.console.respond(self, "POST")  # /login only; read-only otherwise
+                else:
+                    self._answer(405, "text/plain; charset=utf-8", b"read-only\n")
 
             def _answer(self, code: int, content_type: str, body: bytes) -> None:
                 self.send_response(code)

@@ -1,0 +1,123 @@
+"""Provider snapshots of a managed database: what pgvault asks of any provider.
+
+A provider (``engines.rds`` for RDS and Aurora) creates a manual snapshot with pgvault's
+tags, describes one, lists the ones pgvault made of its source, counts the manual snapshots
+of the region (the provider's quota counts every one, not only pgvault's), deletes one,
+and reports its own automated backups. The use case (``ops.snapshot``) decides the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from pgvault.errors import SnapshotFailed
+from pgvault.model import AutomatedBackups
+
+TAG_MANAGED = "pgvault:managed"
+"""Every snapshot pgvault creates carries it ("true"); retention touches no other."""
+TAG_DATABASE = "pgvault:database"
+"""The database name the snapshot is recorded under in the repository."""
+TAG_BACKUP_ID = "pgvault:backup-id"
+"""The id of the manifest that records it."""
+
+AVAILABLE = "available"
+FAILED = ("failed", "incompatible-restore", "incompatible-parameters", "deleting")
+
+
+@dataclass(frozen=True)
+class ProviderSnapshot:
+    """One snapshot as the provider describes it."""
+
+    snapshot_id: str
+    arn: str
+    source_id: str
+    status: str
+    engine: str = ""
+    engine_version: str = ""
+    size_gb: int = 0
+    encrypted: bool = False
+    kms_key_id: str | None = None
+    created_at: datetime | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def ours(self, database: str) -> bool:
+        """Created by pgvault for ``database``: the only snapshots retention may delete."""
+        return (self.tags.get(TAG_MANAGED) == "true"
+                and self.tags.get(TAG_DATABASE) == database)
+
+    @property
+    def backup_id(self) -> str | None:
+        return self.tags.get(TAG_BACKUP_ID)
+
+
+class SnapshotProvider(Protocol):
+    """The calls pgvault makes of a snapshot provider (RDS, Aurora)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def region(self) -> str: ...
+
+    @property
+    def source_id(self) -> str: ...
+
+    def create(self, snapshot_id: str, tags: Mapping[str, str]) -> ProviderSnapshot: ...
+
+    def describe(self, snapshot_id: str) -> ProviderSnapshot | None:
+        """The snapshot, or None when it does not exist."""
+        ...
+
+    def list_ours(self, database: str) -> list[ProviderSnapshot]:
+        """Manual snapshots of the source that pgvault created for ``database``."""
+        ...
+
+    def count_manual(self) -> int:
+        """Every manual snapshot of this kind in the region, whoever made it."""
+        ...
+
+    def delete(self, snapshot_id: str) -> bool:
+        """Delete one; False if it was already gone."""
+        ...
+
+    def automated_backups(self, expected_retention_days: int) -> AutomatedBackups: ...
+
+
+def snapshot_name(source_id: str, backup_id: str) -> str:
+    """A snapshot identifier RDS accepts (a letter first, letters, digits and single
+    hyphens, at most 255), unique per backup id: pgvault-<source>-<id>."""
+    tail = "".join(c if c.isalnum() else "-" for c in backup_id.lower())
+    name = f"pgvault-{source_id.lower()}-{tail}"
+    while "--" in name:
+        name = name.replace("--", "-")
+    return name.strip("-")[:255].rstrip("-")
+
+
+def wait_available(provider: SnapshotProvider, snapshot_id: str, *, timeout: float,
+                   poll: float, sleep: Callable[[float], None] = time.sleep,
+                   monotonic: Callable[[], float] = time.monotonic) -> ProviderSnapshot:
+    """Poll until the snapshot is available; SnapshotFailed past ``timeout`` seconds or
+    when the provider says it failed."""
+    deadline = monotonic() + timeout
+    while True:
+        found = provider.describe(snapshot_id)
+        if found is None:
+            raise SnapshotFailed(f"{provider.kind} snapshot {snapshot_id} disappeared while "
+                                 "pgvault waited for it")
+        if found.status == AVAILABLE:
+            return found
+        if found.status in FAILED:
+            raise SnapshotFailed(f"{provider.kind} snapshot {snapshot_id} failed (status "
+                                 f"{found.status!r})")
+        left = deadline - monotonic()
+        if left <= 0:
+            raise SnapshotFailed(
+                f"{provider.kind} snapshot {snapshot_id} was not available after "
+                f"{timeout:g} s (status {found.status!r}); it is not recorded, and "
+                "`pgvault snapshot prune` deletes it once it is a day old "
+                "([snapshot] wait_timeout_seconds)")
+        sleep(min(poll, left))

@@ -310,6 +310,23 @@ class PhysicalFacts(msgspec.Struct):
     superuser: str = "postgres"  # the bootstrap superuser (oid 10), for restore drills
 
 
+class SnapshotFacts(msgspec.Struct):
+    """A provider's snapshot that a backup of kind "snapshot" records (no artifacts: the
+    bytes stay with the provider; restore it with the provider's own restore)."""
+
+    provider: str  # "rds" or "aurora"
+    region: str
+    snapshot_id: str  # DBSnapshotIdentifier / DBClusterSnapshotIdentifier
+    arn: str
+    source_id: str  # the DB instance or DB cluster identifier
+    engine: str
+    engine_version: str
+    size_gb: int  # allocated storage the snapshot holds, in GiB
+    encrypted: bool
+    created_at: datetime | None = None  # the provider's SnapshotCreateTime
+    kms_key_id: str | None = None
+
+
 class Pin(msgspec.Struct):
     """Why a backup must never be pruned."""
 
@@ -333,6 +350,9 @@ class Manifest(msgspec.Struct, kw_only=True):
     warnings: list[str] = field(default_factory=list)
     pin: Pin | None = None
     physical: PhysicalFacts | None = None  # set when kind == "physical"
+    # Set when kind == "snapshot"; UNSET (left out of the JSON) for every other kind, so
+    # older manifests read and written again keep their bytes.
+    snapshot: SnapshotFacts | UnsetType = UNSET
 
     @property
     def time(self) -> datetime:
@@ -526,6 +546,50 @@ class Drill:
 
 
 @dataclasses.dataclass(frozen=True)
+class AutomatedBackups:
+    """A managed database's own automated backups, as its provider's API reports them."""
+
+    provider: str  # "rds" or "aurora"
+    source_id: str  # the DB instance or DB cluster identifier
+    status: str = ""  # the instance's or cluster's status: "available", "stopped", ...
+    retention_days: int = 0  # 0: automated backups are off
+    latest_restorable: datetime | None = None  # the provider's own recovery point
+    expected_retention_days: int = 0  # what pgvault's retention policy asks of them
+    error: str | None = None  # why the provider could not be asked (nothing else is known)
+
+    def problems(self, now: datetime, rpo_hours: float) -> list[str]:
+        """What is wrong with them, each as one warning line (none: all is well)."""
+        what = f"{self.provider} {self.source_id}: automated backups"
+        if self.error is not None:
+            return [f"{what} could not be audited: {self.error}"]
+        if self.retention_days <= 0:
+            return [f"{what} are off (backup retention period 0 days)"]
+        found = []
+        if self.retention_days < self.expected_retention_days:
+            found.append(f"{what} are kept {self.retention_days} days, shorter than the "
+                         f"{self.expected_retention_days} days the policy asks")
+        if self.status == "stopped":
+            what_stops = "cluster" if self.provider == "aurora" else "instance"
+            found.append(f"{what} do not run: the {what_stops} is stopped")
+        if self.latest_restorable is None:
+            found.append(f"{what}: no latest restorable time yet")
+        elif now - self.latest_restorable > timedelta(hours=rpo_hours):
+            found.append(f"{what}: latest restorable time is "
+                         f"{_hours(now - self.latest_restorable)} old (RPO {rpo_hours:g}h)")
+        return found
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        latest = self.latest_restorable
+        return {"provider": self.provider, "source_id": self.source_id, "status": self.status,
+                "retention_days": self.retention_days,
+                "expected_retention_days": self.expected_retention_days,
+                "latest_restorable_time": latest.isoformat() if latest else None,
+                "latest_restorable_age_seconds": None if latest is None
+                else round((now - latest).total_seconds(), 3),
+                "error": self.error}
+
+
+@dataclasses.dataclass(frozen=True)
 class Verdict:
     """OK (0), WARNING (1), CRITICAL (2) or UNKNOWN (3), with the reasons for it."""
 
@@ -563,13 +627,19 @@ class DatabaseStatus:
     last drill that failed integrity. None of them is ``newest`` or counts in ``backups``."""
     damaged_records: tuple[str, ...] = ()
     """Drill and status records that cannot be read (what they said is lost)."""
+    snapshots: int = 0
+    """Provider snapshots (kind "snapshot") recorded for this database; not in ``backups``."""
+    newest_snapshot: Manifest | None = None
+    automated: AutomatedBackups | None = None
+    """The provider's own automated backups, when [snapshot] names a managed database."""
 
     def age(self, now: datetime) -> timedelta | None:
         """How old the newest recovery point is: the newest backup's snapshot, or, with a
         gap-free WAL archive, the newest archived segment."""
-        if self.newest is None:
+        points = [m.started_at for m in (self.newest, self.newest_snapshot) if m is not None]
+        if not points:
             return None
-        point = self.newest.started_at
+        point = max(points)
         if self.archive is not None and self.archive.latest_restore is not None:
             point = max(point, self.archive.latest_restore)
         return now - point
@@ -612,6 +682,13 @@ class DatabaseStatus:
             first, last = self.archive.gaps[0]
             warning.append(f"WAL archive has {len(self.archive.gaps)} gap(s), first "
                            f"{first}..{last}: point-in-time recovery cannot cross them")
+        snapshot = self.newest_snapshot
+        if snapshot is not None and now - snapshot.started_at > rpo and age is not None \
+                and age <= rpo:
+            warning.append(f"newest provider snapshot is {_hours(now - snapshot.started_at)} "
+                           f"old (RPO {self.rpo_hours:g}h)")
+        if self.automated is not None:
+            warning += self.automated.problems(now, self.rpo_hours)
         if self.history.failing and self.history.last_failure is not None:
             failure = self.history.last_failure
             warning.append(f"last backup failed at {failure.at:%Y-%m-%d %H:%M}Z: "
@@ -690,7 +767,22 @@ class DatabaseStatus:
             "archive": None if self.archive is None else _archive_json(self.archive),
             "bad": [{"id": backup_id, "reason": why} for backup_id, why in self.bad],
             "damaged_records": list(self.damaged_records),
+            **({"snapshots": self.snapshots, "newest_snapshot": _snapshot_json(
+                self.newest_snapshot, now)} if self.newest_snapshot is not None else {}),
+            **({"automated_backups": self.automated.to_json(now)}
+               if self.automated is not None else {}),
         }
+
+
+def _snapshot_json(manifest: Manifest, now: datetime) -> dict[str, Any]:
+    facts = manifest.snapshot
+    return {"id": manifest.id, "started_at": manifest.started_at.isoformat(),
+            "finished_at": manifest.finished_at.isoformat(),
+            "age_seconds": round((now - manifest.started_at).total_seconds(), 3),
+            **({} if isinstance(facts, UnsetType) else
+               {"provider": facts.provider, "region": facts.region,
+                "snapshot_id": facts.snapshot_id, "source_id": facts.source_id,
+                "engine_version": facts.engine_version, "size_gb": facts.size_gb})}
 
 
 def _archive_json(archive: ArchiveStatus) -> dict[str, Any]:

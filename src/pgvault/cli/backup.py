@@ -187,7 +187,8 @@ def list_(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) ->
         last = f"{'PASS' if drill.passed else 'FAIL'} {drill.level}" if drill else "never"
         why = bad.get((m.database, m.id))
         click.echo(f"{m.id:<30} {m.database:<20} {m.started_at:%Y-%m-%d %H:%M:%S} "
-                   f"{human_bytes(m.size):>10} {took:>8}  {last:<18}  "
+                   f"{human_bytes(m.size) if m.kind != 'snapshot' else 'snapshot':>10} "
+                   f"{took:>8}  {last:<18}  "
                    + (f"BAD: {why}" if why else role[m.id]))
 
 
@@ -330,6 +331,9 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
     if manifest.kind == "physical":
         raise UsageError(f"backup {manifest.id} is a physical backup: restore it with "
                          "--physical --pgdata DIR")
+    if manifest.kind == "snapshot":
+        raise UsageError(f"backup {manifest.id} is a provider snapshot: restore it with the "
+                         "provider (aws rds restore-db-instance-from-db-snapshot)")
     progress = ProgressLine(f"restoring {manifest.id}", total=sum(
         a.size for a in manifest.artifacts if a.name.startswith("db.")))
     options = RestoreOptions(target=target, jobs=jobs, clean=clean, schemas=schemas,

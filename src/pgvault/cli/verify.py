@@ -179,13 +179,17 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
     settings, storage, catalog = vault.settings, vault.storage, vault.catalog
     database = database_filter(dbname)
     if backup_id == "all":
-        manifests = catalog.list(database)
+        # Drills of provider snapshots are not pgvault's yet: the provider restores them.
+        manifests = [m for m in catalog.list(database) if m.kind != "snapshot"]
         if not manifests:
             raise NotFound(f"no backups in {storage.url}")
         if keep and len(manifests) > 1:
             raise UsageError("--keep keeps one drill's database: name one backup, not 'all'")
     else:
         manifests = [catalog.get(backup_id, database)]
+        if manifests[0].kind == "snapshot":
+            raise UsageError(f"backup {manifests[0].id} is a provider snapshot: pgvault "
+                             "verify does not drill snapshots yet")
     # The report is stored here, after its verdict is printed: a repository that refuses
     # it (read-only) must not swallow the verdict of a drill that ran.
     options = dataclasses.replace(verify_options(vault, level, jobs, identity_file),

@@ -233,9 +233,10 @@ def roles(manifests: Iterable[Manifest], policy: Policy,
 
     ``bad`` (from ``Catalog.bad``) names backups known bad: they count for nothing.
     """
-    by_database: dict[str, list[_Candidate]] = defaultdict(list)
+    by_database: dict[tuple[str, str], list[_Candidate]] = defaultdict(list)
     for manifest in manifests:
-        by_database[manifest.database].append(_candidate(manifest, bad or {}))
+        # Each kind is its own series, as prune plans it (provider snapshots apart).
+        by_database[manifest.database, manifest.kind].append(_candidate(manifest, bad or {}))
     result: dict[str, str] = {}
     for backups in by_database.values():
         for backup_id, why in retention.plan(backups, policy).reasons.items():
@@ -257,7 +258,9 @@ def _prune_database(
 ) -> None:
     listing = catalog.scan(name)
     bad = catalog.bad(name)
-    manifests = {m.id: m for m in listing.manifests}
+    # Provider snapshots are pruned by ops.snapshot, which deletes the provider's snapshot
+    # before its manifest: deleting the manifest alone here would orphan a snapshot.
+    manifests = {m.id: m for m in listing.manifests if m.kind != "snapshot"}
     result = report.databases.setdefault(name, DatabasePlan())
     result.damaged = [d.backup_id for d in listing.damaged]
     candidates = {i: _candidate(m, bad) for i, m in manifests.items()}

@@ -83,6 +83,9 @@ def database_status(storage: Storage, database: str, *, rpo_hours: float, rto_mi
     bad += [(m.id, known[(m.database, m.id)]) for m in listing.manifests
             if (m.database, m.id) in known]
     manifests = [m for m in listing.manifests if (m.database, m.id) not in known]
+    # The provider holds a snapshot's bytes: shown beside the repository's own backups.
+    snapshots = [m for m in manifests if m.kind == "snapshot"]
+    manifests = [m for m in manifests if m.kind != "snapshot"]
     physical = [m for m in manifests if m.kind == "physical"]
     reports = list(drills.newest.values())
     drill = last_drill(reports)
@@ -106,6 +109,8 @@ def database_status(storage: Storage, database: str, *, rpo_hours: float, rto_mi
         archive_stale_after=archive_stale_after,
         bad=tuple(sorted(bad, reverse=True)),
         damaged_records=tuple(damaged_records),
+        snapshots=len(snapshots),
+        newest_snapshot=snapshots[-1] if snapshots else None,
     )
 
 

@@ -333,6 +333,7 @@ objectives = {{ rpo_hours = 0.0005 }}
         assert browser.css_color(f'tr[data-database="{stale}"] .state') == "rgba(176, 0, 32, 1)"
         DOCS_IMG.mkdir(parents=True, exist_ok=True)
         browser.screenshot(DOCS_IMG / "console-overview.png", width=1280, height=560)
+        browser.screenshot(DOCS_IMG / "console-phone.png", width=390, height=844)
 
         browser.click(f'tr[data-database="{damaged}"] a')
         browser.wait_for("#backups")
@@ -351,7 +352,6 @@ objectives = {{ rpo_hours = 0.0005 }}
         assert "kept: " in browser.text("#backups")
         assert secret not in browser.source()
         browser.screenshot(DOCS_IMG / "console-database.png", width=1280, height=900)
-        browser.screenshot(DOCS_IMG / "console-phone.png", width=390, height=844)
     # What the console showed as good restores and matches its source.
     target = new_name()
     pgvault("restore", good_manifest.id, "--to", target, "--repo", repo, "-d", base)

@@ -53,13 +53,13 @@ class RdsSource:
     endpoint_url: str
     client: Any
 
-    def toml(self, **extra: object) -> str:
+    def toml(self, header: str = "[snapshot]", **extra: object) -> str:
         """The [snapshot] section of a config file for it."""
         key = "instance" if self.kind == "rds" else "cluster"
         values: dict[str, object] = {"provider": self.kind, key: self.source_id,
                                      "region": self.region, "endpoint_url": self.endpoint_url,
                                      "poll_seconds": 0.05, **extra}
-        lines = ["[snapshot]"] + [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}"
+        lines = [header] + [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}"
                                   for k, v in values.items()]
         return "\n".join(lines) + "\n"
 

@@ -299,3 +299,20 @@ def test_restore_latest_names_a_snapshot_only_database(tmp_path: Path) -> None:
                                size_gb=1, encrypted=False)))
     with pytest.raises(NotFound, match="only provider snapshots"):
         Catalog(storage).latest("app")
+
+
+def test_databases_entries_name_their_own_snapshot_source(rds_instance: RdsSource,
+                                                          tmp_path: Path) -> None:
+    path = tmp_path / "pgvault.toml"
+    path.write_text(f'repo = "{(tmp_path / "repo").as_uri()}"\n'
+                    '[[databases]]\nname = "app"\n'
+                    + rds_instance.toml("[databases.snapshot]")
+                    + '[[databases]]\nname = "other"\n')
+    pgvault("snapshot", "--config", str(path), "-d", "app")
+    [made] = rds_instance.snapshots()
+    assert tags_of(made)[TAG_DATABASE] == "app"
+    refused = pgvault("snapshot", "--config", str(path), "-d", "other", expect=3)
+    assert refused.stderr.strip() == ("pgvault: no [snapshot] section configured for "
+                                      "database 'other': see pgvault snapshot --help")
+    dry = pgvault("snapshot", "prune", "--config", str(path), "--dry-run").stdout
+    assert dry.startswith("snapshots of app (rds instance "), dry

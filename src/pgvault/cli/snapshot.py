@@ -26,7 +26,8 @@ the IAM policy it needs is in docs/security.md.
 
 
 def _dbname_option(func: Any) -> Any:
-    return click.option("-d", "--dbname", metavar="DB",
+    # Not named "dbname": no connection is made, so the password help does not apply.
+    return click.option("-d", "--dbname", "only", metavar="DB",
                         help="Only this database (its [[databases]] name).")(func)
 
 
@@ -95,7 +96,7 @@ def _options(settings: Any, vault: Any) -> Any:
                    "does).")
 @click.option("--json", "as_json", is_flag=True, help="Print the recorded manifests as JSON.")
 @click.pass_context
-def snapshot(ctx: click.Context, /, dbname: str | None, then_prune: bool, as_json: bool,
+def snapshot(ctx: click.Context, /, only: str | None, then_prune: bool, as_json: bool,
              **_: Any) -> None:
     """Create a provider snapshot of each managed database and record it as a backup.
 
@@ -126,7 +127,7 @@ def snapshot(ctx: click.Context, /, dbname: str | None, then_prune: bool, as_jso
 
     settings_ = _settings(ctx)
     done = []
-    for name, settings in snapshot_targets(settings_, dbname):
+    for name, settings in snapshot_targets(settings_, only):
         vault = vault_of(ctx, settings)
         provider = provider_of(settings)
         manifest = take_snapshot(provider, vault.catalog, name, _options(settings, vault),
@@ -191,7 +192,7 @@ def _prune(vault: Any, provider: Any, name: str, *, dry_run: bool, force: bool,
               "snapshots.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.pass_context
-def snapshot_prune(ctx: click.Context, /, dbname: str | None, dry_run: bool, force: bool,
+def snapshot_prune(ctx: click.Context, /, only: str | None, dry_run: bool, force: bool,
                    as_json: bool, **_: Any) -> None:
     """Delete the provider snapshots the retention policy no longer keeps.
 
@@ -216,7 +217,7 @@ def snapshot_prune(ctx: click.Context, /, dbname: str | None, dry_run: bool, for
 
     settings_ = _settings(ctx)
     reports = []
-    for name, settings in snapshot_targets(settings_, dbname):
+    for name, settings in snapshot_targets(settings_, only):
         vault = vault_of(ctx, settings)
         reports.append(_prune(vault, provider_of(settings), name, dry_run=dry_run,
                               force=force, as_json=as_json))

@@ -28,6 +28,7 @@ from pgvault import retention
 from pgvault.catalog import (
     PASSPHRASE_IDENTITY,
     Catalog,
+    artifact_key,
     lock_key,
     manifest_key,
     wal_identity_key,
@@ -210,7 +211,11 @@ def _copy_backup(source: Storage, target: Storage, manifest: Manifest,
     stored = from_json(Manifest, data)
     if not _same(stored, manifest):
         raise IntegrityError(f"backup {manifest.id} changed at the source while copying")
-    results = list(pool.map(lambda a: _copy_artifact(source, target, a), manifest.artifacts))
+    # One listing instead of a HEAD per object: small objects cost a request each.
+    there = {info.key: info.size for info in
+             target.list(artifact_key(manifest.database, manifest.id, ""))}
+    results = list(pool.map(lambda a: _copy_artifact(source, target, a, there.get(a.key)),
+                            manifest.artifacts))
     if manifest.kind == "physical":
         results += _copy_wal(source, target, manifest.database, pool)
     for sent, size in results:
@@ -222,13 +227,10 @@ def _copy_backup(source: Storage, target: Storage, manifest: Manifest,
     target.put_bytes(manifest_key(manifest.database, manifest.id), data)
 
 
-def _copy_artifact(source: Storage, target: Storage, artifact: Artifact) -> tuple[bool, int]:
+def _copy_artifact(source: Storage, target: Storage, artifact: Artifact,
+                   size_there: int | None) -> tuple[bool, int]:
     """(sent, size): put unless the target already holds exactly these bytes."""
-    try:
-        info: ObjectInfo | None = target.stat(artifact.key)
-    except NotFound:
-        info = None
-    if info is not None and info.size == artifact.size and \
+    if size_there == artifact.size and \
             _sha256(target, artifact.key) == artifact.sha256:
         return False, artifact.size
     with contextlib.closing(source.open(artifact.key)) as stream:

@@ -254,6 +254,16 @@ def test_each_repository_keeps_what_its_own_policy_says_over_a_year(tmp_path: Pa
     dst = open_storage(f"file://{cold}")
     assert {m.id for m in Catalog(dst).list()} == {made[d].id for d in COLD_KEPT}
 
+    # An object of the right size but other bytes at the target is sent again.
+    one = made[date(2026, 6, 30)]
+    damaged = cold / one.artifacts[0].key
+    damaged.write_bytes(b"X" + damaged.read_bytes()[1:])
+    dst.delete([f"manifests/app/{one.id}.json"])
+    redo = json.loads(pgvault("copy", one.id, "--json", env=env).stdout)
+    assert (redo["copied"], redo["objects_sent"], redo["objects_kept"]) == (
+        [f"app/{one.id}"], 1, 1)
+    assert dst.read_bytes(one.artifacts[0].key) == src.read_bytes(one.artifacts[0].key)
+
     refused = pgvault("prune", env=env, expect=2)  # the primary would lose > half
     assert "== repository main" in refused.stdout and "== repository cold" in refused.stdout
     out = pgvault("prune", "--force", env=env).stdout

@@ -1,0 +1,333 @@
+"""Fleet mode: the pure decisions (specification style, like test_retention.py), then the
+fleet simulated on this machine: 60 databases on two local clusters, worker processes
+running `pgvault run --shard I/N` against one repository (a folder, and S3 through moto over
+HTTP), workers SIGKILLed and restarted, one SIGSTOPped past its lease while a replacement
+and a worker with another shard count overlap it. Every database must get exactly one
+backup in the window, concurrency must stay within both caps, and sampled backups must
+restore to their source."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cli_runner import pgvault
+from dbcompare import assert_databases_equal
+from fixtures_fleet import (
+    Fleet,
+    backups,
+    fleet_dbs,  # noqa: F401  (fixture)
+    max_overlap,
+    start_worker,
+    wait_all,
+    write_config,
+)
+from pgvault import catalog, config, fleet, lease
+from pgvault.fleet import LeaseRecord, Shard, Timing
+from pgvault.ops.fleet import run_shard
+from pgvault.storage import open_storage
+from pgvault.storage.base import Storage
+from pgvault.storage.memory import MemoryStorage
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
+NAMES = [f"db{n:03d}" for n in range(300)]
+
+
+# ---------------------------------------------------------------- pure decisions
+
+def test_every_database_has_exactly_one_shard() -> None:
+    for count in (1, 2, 3, 7):
+        owners = [fleet.owner(name, count) for name in NAMES]
+        assert all(0 <= o < count for o in owners)
+        for name, o in zip(NAMES, owners, strict=True):
+            assert [fleet.in_shard(name, Shard(i, count)) for i in range(count)].count(True) == 1
+            assert fleet.owner(name, count) == o  # stable: a pure function of the name
+        # Spread evenly enough that no worker gets twice its share.
+        assert max(Counter(owners).values()) < 2 * len(NAMES) / count
+
+
+def test_adding_a_shard_moves_only_what_the_new_shard_takes() -> None:
+    for count in (2, 4, 8):
+        before = {name: fleet.owner(name, count) for name in NAMES}
+        after = {name: fleet.owner(name, count + 1) for name in NAMES}
+        moved = [name for name in NAMES if before[name] != after[name]]
+        assert all(after[name] == count for name in moved)  # only to the new shard
+        assert len(moved) < 2 * len(NAMES) / (count + 1)  # about 1/(N+1), not most
+
+
+def test_shard_parsing_and_the_indexed_job_environment() -> None:
+    assert fleet.parse_shard("2/4") == Shard(2, 4)
+    for bad in ("4/4", "1", "-1/2", "a/b", "0/0"):
+        with pytest.raises(ValueError):
+            fleet.parse_shard(bad)
+    env = {"JOB_COMPLETION_INDEX": "3", "JOB_COMPLETIONS": "5"}
+    assert fleet.shard_from_environ(env) == Shard(3, 5)
+    assert fleet.shard_from_environ({}) is None
+    with pytest.raises(ValueError, match="JOB_COMPLETIONS"):
+        fleet.shard_from_environ({"JOB_COMPLETION_INDEX": "0"})
+
+
+def test_windows_are_aligned_and_jitter_spreads_starts_inside_them() -> None:
+    w = fleet.window_at(T0 + timedelta(hours=5), DAY)
+    assert (w.start, w.end) == (T0, T0 + DAY)
+    assert fleet.window_at(T0 + DAY, DAY).index == w.index + 1
+    jitter = timedelta(hours=2)
+    offsets = [fleet.start_offset(n, w, jitter) for n in NAMES]
+    assert all(timedelta(0) <= o < jitter for o in offsets)
+    # Spread: every quarter of the jitter gets some starts, none gets most.
+    quarters = Counter(int(o / (jitter / 4)) for o in offsets)
+    assert set(quarters) == {0, 1, 2, 3} and max(quarters.values()) < len(NAMES) / 2
+    nxt = fleet.window_at(T0 + DAY, DAY)
+    assert [fleet.start_offset(n, nxt, jitter) for n in NAMES] != offsets  # a new draw
+    assert fleet.start_offset("x", w, timedelta(0)) == timedelta(0)
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    base, cap = timedelta(minutes=1), timedelta(minutes=10)
+    assert [fleet.backoff(n, base, cap).total_seconds() / 60 for n in range(6)] == \
+        [0, 1, 2, 4, 8, 10]
+
+
+TIMING = Timing(window=DAY, lease=timedelta(minutes=2), backoff=timedelta(minutes=1))
+W = fleet.window_at(T0, DAY)
+
+
+def rec(state: str, window: int = W.index, **kw: object) -> LeaseRecord:
+    return LeaseRecord(state=state, window=window, holder="h 1 t", **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("record", "at", "action", "reason"), [
+    (None, T0, "take", "first backup"),
+    (rec("done", backup_id="b1"), T0 + timedelta(hours=3), "done", "window"),
+    (rec("done", W.index - 1), T0 + timedelta(hours=3), "take", "due"),
+    # An outage of many windows: due once in the current one, never once per window.
+    (rec("done", W.index - 30), T0 + timedelta(hours=3), "take", "due"),
+    (rec("running", expires=T0 + timedelta(minutes=1)), T0, "wait", "held"),
+    (rec("running", expires=T0 - timedelta(seconds=1)), T0, "take", "expired"),
+    (rec("failed", attempts=2, retry_after=T0 + timedelta(minutes=2)), T0, "wait", "backing"),
+    (rec("failed", attempts=2, retry_after=T0 - timedelta(minutes=2)), T0, "take", "retry"),
+    # Backoff survives a new window: a broken database is not hammered at midnight.
+    (rec("failed", W.index - 1, attempts=5, retry_after=T0 + timedelta(minutes=9)), T0,
+     "wait", "backing"),
+])
+def test_decide(record: LeaseRecord | None, at: datetime, action: str, reason: str) -> None:
+    decision = fleet.decide("app", record, at, TIMING)
+    assert decision.action == action and reason in decision.reason
+
+
+def test_decide_waits_for_the_jittered_start() -> None:
+    timing = Timing(window=DAY, jitter=timedelta(hours=4))
+    offset = fleet.start_offset("app", W, timing.jitter)
+    assert offset > timedelta(0)
+    early = fleet.decide("app", None, T0 + offset / 2, timing)
+    assert early.action == "wait" and early.at == T0 + offset
+    assert fleet.decide("app", None, T0 + offset, timing).action == "take"
+
+
+# ---------------------------------------------------------------- in-process, fake clock
+
+class FakeClock:
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+    def sleep(self, seconds: float) -> None:
+        self.at += timedelta(seconds=seconds)
+
+
+def _settings(path: Path, urls: dict[str, str], repo: Path, **kw: float) -> config.Settings:
+    write_config(path, urls, **kw)
+    return config.load({"repo": repo.as_uri()}, {}, str(path))
+
+
+def _restore_and_compare(repo: str, manifest_id: str, name: str, fleet_: Fleet,
+                         env: dict[str, str] | None = None) -> None:
+    server = fleet_.urls[name].rsplit("/", 1)[0]
+    target = f"r_{name}_{random.randrange(10**6)}"
+    pgvault("restore", manifest_id, "--to", target, "--dbname", f"{server}/postgres",
+            "--repo", repo, "-j", "1", env=env)
+    try:
+        assert_databases_equal(fleet_.urls[name], f"{server}/{target}")
+    finally:
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+
+
+def test_an_outage_gives_one_catch_up_each(tmp_path: Path, fleet_dbs: Fleet) -> None:  # noqa: F811
+    urls = dict(list(fleet_dbs.urls.items())[:3] + list(fleet_dbs.urls.items())[-3:])
+    repo = tmp_path / "repo"
+    settings = _settings(tmp_path / "fleet.toml", urls, repo, window_hours=1)
+    now = datetime.now(UTC)
+    clock = FakeClock(now)
+    first = run_shard(settings, Shard(0, 1), clock=clock, sleep=clock.sleep)
+    assert sorted(first.backed_up) == sorted(urls) and not first.missed
+    again = run_shard(settings, Shard(0, 1), clock=clock, sleep=clock.sleep)
+    assert again.backed_up == {} and sorted(again.found) == sorted(urls)
+    # 24 windows pass with no worker at all, then one comes back: one backup each.
+    clock.at = now + timedelta(hours=24, minutes=1)
+    catch_up = run_shard(settings, Shard(0, 1), clock=clock, sleep=clock.sleep)
+    assert sorted(catch_up.backed_up) == sorted(urls)
+    assert run_shard(settings, Shard(0, 1), clock=clock, sleep=clock.sleep).backed_up == {}
+    found = backups(open_storage(repo.as_uri()))
+    assert {name: len(found[name]) for name in urls} == dict.fromkeys(urls, 2)
+    name = next(iter(urls))
+    _restore_and_compare(repo.as_uri(), catch_up.backed_up[name], name, fleet_dbs)
+
+
+def test_a_failing_database_backs_off_and_the_rest_go_on(tmp_path: Path,
+                                                         fleet_dbs: Fleet) -> None:  # noqa: F811
+    good = next(iter(fleet_dbs.urls))
+    urls = {good: fleet_dbs.urls[good],
+            "nosuchdb": fleet_dbs.urls[good].rsplit("/", 1)[0] + "/nosuchdb"}
+    repo = tmp_path / "repo"
+    settings = _settings(tmp_path / "fleet.toml", urls, repo, window_hours=1,
+                         backoff_seconds=60, backoff_max_seconds=600)
+    start = fleet.window_at(datetime.now(UTC), timedelta(hours=1)).start
+    clock = FakeClock(start)
+    report = run_shard(settings, Shard(0, 1), clock=clock, sleep=clock.sleep)
+    assert list(report.backed_up) == [good] and report.missed == ["nosuchdb"]
+    record, _ = lease.read(open_storage(repo.as_uri()), catalog.fleet_lease_key("nosuchdb"))
+    # Attempts at 0, 1, 3, 7, 15, 25, 35, 45, 55 min: backoff doubles to its 10 min cap.
+    assert record is not None and record.state == "failed" and record.attempts == 9
+    assert "nosuchdb" in (record.error or "")
+    _restore_and_compare(repo.as_uri(), report.backed_up[good], good, fleet_dbs)
+
+
+# ---------------------------------------------------------------- worker processes
+
+def _lease_holder(storage: Storage, name: str) -> str | None:
+    record, _ = lease.read(storage, catalog.fleet_lease_key(name))
+    return record.holder if record is not None and record.state == "running" else None
+
+
+def _simulate(tmp_path: Path, fleet_: Fleet, repo: str, urls: dict[str, str],
+              storage: Storage, *, extra: str = "", env: dict[str, str] | None = None) -> None:
+    cfg = write_config(tmp_path / "fleet.toml", urls, extra=extra)
+    logs = tmp_path / "workers.log"
+    # The database worker 2 of 3 is dumping when it is paused: its pg_dump waits on a lock.
+    slow = next(n for n in urls if fleet.owner(n, 3) == 2)
+    blocker = psycopg.connect(fleet_.urls[slow])
+    blocker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+    workers = [start_worker(f"{i}/3", cfg, repo, logs) for i in range(3)]
+    try:
+        deadline = time.monotonic() + 30
+        while _lease_holder(storage, slow) is None or not \
+                list(storage.list(catalog.lock_key(slow))):
+            assert time.monotonic() < deadline, logs.read_text()[-3000:]
+            time.sleep(0.05)
+        os.kill(workers[2].pid, signal.SIGSTOP)  # paused mid-backup, past its lease
+        blocker.rollback()
+        blocker.close()
+        # SIGKILL worker 1 once it is under way, and start it again (as a Job would).
+        while len(backups(storage)) < 6:
+            assert time.monotonic() < deadline, logs.read_text()[-3000:]
+            time.sleep(0.05)
+        os.kill(workers[1].pid, signal.SIGKILL)
+        workers[1].wait()
+        workers[1] = start_worker("1/3", cfg, repo, logs)
+        # A replacement for the paused one, and a worker that thinks there are 2 shards.
+        workers.append(start_worker("2/3", cfg, repo, logs))
+        workers.append(start_worker("0/2", cfg, repo, logs))
+        time.sleep(2 * 2 + 1)  # well past the paused worker's 2 s leases
+        os.kill(workers[0].pid, signal.SIGKILL)  # and one more killed, restarted
+        workers[0].wait()
+        workers[0] = start_worker("0/3", cfg, repo, logs)
+        os.kill(workers[2].pid, signal.SIGCONT)
+        wait_all(workers, 120, logs)
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.wait()
+    found = backups(storage)
+    counts = {name: len(found.get(name, [])) for name in urls}
+    assert counts == dict.fromkeys(urls, 1), {n: c for n, c in counts.items() if c != 1}
+    intervals = [(m.started_at, m.finished_at) for ms in found.values() for m in ms]
+    assert max_overlap(intervals) <= 3  # max_per_repository
+    for server in {fleet_.server_of(n) for n in urls}:
+        on_server = [(m.started_at, m.finished_at) for name, ms in found.items()
+                     for m in ms if fleet_.server_of(name) == server]
+        assert max_overlap(on_server) <= 1  # max_per_server
+    text = logs.read_text()
+    # The pause did what it is here for: the replacement took the database over, and
+    # the paused worker gave its backup up when it woke.
+    assert f"removing the backup lock of {slow}" in text
+    assert f"lease {catalog.fleet_lease_key(slow)} was taken over" in text
+    reports = [json.loads(chunk) for chunk in _json_reports(logs.read_text())]
+    assert reports and all(not r["missed"] for r in reports)
+    leases = {name: lease.read(storage, catalog.fleet_lease_key(name))[0] for name in urls}
+    assert all(r is not None and r.state == "done" for r in leases.values())
+    slow_lease = leases[slow]
+    assert slow_lease is not None and slow_lease.backup_id == found[slow][0].id
+    for name in [slow, *random.sample(sorted(urls), 2)]:
+        _restore_and_compare(repo, found[name][0].id, name, fleet_, env)
+
+
+def _json_reports(text: str) -> list[str]:
+    chunks, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "{" and (depth or text[max(i - 1, 0)] in "\n"):
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                chunks.append(text[start:i + 1])
+    return [c for c in chunks if '"shard"' in c]
+
+
+def test_fleet_on_a_folder_survives_kills_and_a_pause(tmp_path: Path,
+                                                      fleet_dbs: Fleet) -> None:  # noqa: F811
+    repo = tmp_path / "repo"
+    _simulate(tmp_path, fleet_dbs, repo.as_uri(), fleet_dbs.urls, open_storage(repo.as_uri()))
+
+
+def test_fleet_on_s3_survives_kills_and_a_pause(tmp_path: Path, fleet_dbs: Fleet,  # noqa: F811
+                                                s3_bucket: str, s3_server: str) -> None:
+    urls = dict(list(fleet_dbs.urls.items())[:15] + list(fleet_dbs.urls.items())[-15:])
+    from pgvault.storage.s3 import S3Options, S3Storage
+
+    storage = S3Storage(s3_bucket, "fleet", S3Options(endpoint_url=s3_server,
+                                                      region="us-east-1", path_style=True))
+    extra = (f'[s3]\nendpoint_url = "{s3_server}"\nregion = "us-east-1"\npath_style = true')
+    env = {"PGVAULT_S3__ENDPOINT_URL": s3_server, "PGVAULT_S3__PATH_STYLE": "true",
+           "PGVAULT_S3__REGION": "us-east-1"}
+    _simulate(tmp_path, fleet_dbs, f"s3://{s3_bucket}/fleet", urls, storage, extra=extra,
+              env=env)
+
+
+def test_run_refuses_a_bad_shard_and_a_config_without_databases(tmp_path: Path) -> None:
+    proc = pgvault("run", "--shard", "3/3", "--repo", (tmp_path / "r").as_uri(), expect=2)
+    assert "0..2" in proc.stderr
+    proc = pgvault("run", "--repo", (tmp_path / "r").as_uri(), expect=3)
+    assert "[[databases]]" in proc.stderr
+    proc = pgvault("run", "--repo", (tmp_path / "r").as_uri(), expect=2,
+                   env={"JOB_COMPLETION_INDEX": "1"})
+    assert "JOB_COMPLETIONS" in proc.stderr
+
+
+def test_memory_storage_runs_the_same_protocol() -> None:
+    """The lease's window logic over a store with no files at all (a unit-level check)."""
+    storage = MemoryStorage()
+    key = catalog.fleet_lease_key("app")
+    now = T0
+    record = fleet.running("a 1 t", W, now, TIMING, None)
+    held = lease.Lease.claim(storage, key, record, None)
+    held.write(fleet.finished(held.record, now, "b1"))
+    got, _ = lease.read(storage, key)
+    assert fleet.decide("app", got, now + timedelta(hours=1), TIMING).action == "done"
+    assert fleet.decide("app", got, now + DAY, TIMING).action == "take"

@@ -14,6 +14,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 from psycopg import sql
@@ -281,3 +282,25 @@ def test_each_repository_keeps_what_its_own_policy_says_over_a_year(tmp_path: Pa
         made[d].id for d in COLD_KEPT - {date(2026, 12, 6)} | {date(2026, 12, 7)}}
     # ...which the next copy does not bring back.
     assert json.loads(pgvault("copy", "--json", env=env).stdout)["copied"] == []
+
+
+def test_a_physical_backup_takes_its_clusters_archived_wal_along() -> None:
+    from pgvault.ops.copy import copy
+    from pgvault.retention import Policy
+    from pgvault.storage.memory import MemoryStorage
+
+    src, dst = MemoryStorage(), MemoryStorage()
+    manifest = fabricate(src, at("2026-12-01T01:00"), database="main")
+    physical = msgspec.structs.replace(manifest, kind="physical")
+    Catalog(src).commit(physical)
+    wal = [f"wal/main/00000001/00000001000000000000000{n}/{str(n) * 64}.zst" for n in (1, 2)]
+    for key in wal:
+        src.put_bytes(key, key.encode())
+    src.put_bytes("wal/main/identity.json", b'{"system_identifier": "1"}')
+    src.put_bytes("wal/main/push-failures.json", b"{}")  # the source's own record
+    report = copy(src, dst, name="cold", policy=Policy(), now=at("2026-12-02T00:00"))
+    assert report.copied == [f"main/{manifest.id}"] and report.objects_sent == 4
+    assert {i.key for i in dst.list("wal/")} == {*wal, "wal/main/identity.json"}
+    assert all(dst.read_bytes(k) == src.read_bytes(k) for k in wal)
+    again = copy(src, dst, name="cold", policy=Policy(), now=at("2026-12-02T00:00"))
+    assert (again.copied, again.objects_sent, again.in_sync) == ([], 0, 1)

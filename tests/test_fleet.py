@@ -148,7 +148,7 @@ class FakeClock:
 
 
 def _settings(path: Path, urls: dict[str, str], repo: Path, **kw: float) -> config.Settings:
-    write_config(path, urls, **kw)
+    write_config(path, urls, fleet=kw)
     return config.load({"repo": repo.as_uri()}, {}, str(path))
 
 

@@ -71,8 +71,9 @@ def fleet_dbs() -> Iterator[Fleet]:
 
 def write_config(path: Path, urls: dict[str, str], *, extra: str = "",
                  fleet: dict[str, float] | None = None) -> Path:
-    settings: dict[str, float] = {"window_hours": 24, "max_per_repository": 3, "max_per_server": 1,
-                "lease_seconds": 2, "backoff_seconds": 0.5, "backoff_max_seconds": 2} | (fleet or {})
+    settings: dict[str, float] = {
+        "window_hours": 24, "max_per_repository": 3, "max_per_server": 1, "lease_seconds": 2,
+        "backoff_seconds": 0.5, "backoff_max_seconds": 2} | (fleet or {})
     lines = ["backup_globals = false", extra, "[fleet]"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
     for name, url in urls.items():

@@ -56,7 +56,9 @@ from pgvault.web import views
 from pgvault.web.app import CSP, Console
 from sampledb import fill_sized_database
 
-DOCS_IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
+# The README's screenshots are refreshed on demand, never by a plain run (which would leave
+# the checkout changed): PGVAULT_SCREENSHOTS=docs/img scripts/test -k console_browser
+SCREENSHOTS = os.environ.get("PGVAULT_SCREENSHOTS")
 
 # -- a faked repository of many databases (MemoryStorage) ---------------------------------
 
@@ -252,6 +254,7 @@ def test_console_browser(pg_cluster: object, new_name: NewName, tmp_path: Path,
     """Three real databases, real backups and drills, the real `pgvault console` process
     behind a token on 0.0.0.0, read by headless Chromium: order by state, ages, a damaged
     backup, a drill's checks, no secret, the CSP; screenshots for the README."""
+    shots = Path(SCREENSHOTS).resolve() if SCREENSHOTS else tmp_path / "img"
     good, good_url = _database(pg_cluster, new_name, 1500)
     damaged, _ = _database(pg_cluster, new_name, 800)
     stale, _ = _database(pg_cluster, new_name, 500)
@@ -331,9 +334,9 @@ objectives = {{ rpo_hours = 0.0005 }}
         expected = (datetime.now(UTC) - good_manifest.started_at).total_seconds()
         assert abs(age - expected) < 15, (age, expected)
         assert browser.css_color(f'tr[data-database="{stale}"] .state') == "rgba(176, 0, 32, 1)"
-        DOCS_IMG.mkdir(parents=True, exist_ok=True)
-        browser.screenshot(DOCS_IMG / "console-overview.png", width=1280, height=560)
-        browser.screenshot(DOCS_IMG / "console-phone.png", width=390, height=844)
+        shots.mkdir(parents=True, exist_ok=True)
+        browser.screenshot(shots / "console-overview.png", width=1280, height=560)
+        browser.screenshot(shots / "console-phone.png", width=390, height=844)
 
         browser.click(f'tr[data-database="{damaged}"] a')
         browser.wait_for("#backups")
@@ -351,12 +354,12 @@ objectives = {{ rpo_hours = 0.0005 }}
         assert "PASS" in checks and "restore" in checks
         assert "kept: " in browser.text("#backups")
         assert secret not in browser.source()
-        browser.screenshot(DOCS_IMG / "console-database.png", width=1280, height=900)
+        browser.screenshot(shots / "console-database.png", width=1280, height=900)
     # What the console showed as good restores and matches its source.
     target = new_name()
     pgvault("restore", good_manifest.id, "--to", target, "--repo", repo, "-d", base)
     assert_databases_equal(good_url, pg_cluster.url(target))  # type: ignore[attr-defined]
-    assert os.path.getsize(DOCS_IMG / "console-overview.png") > 10_000
+    assert os.path.getsize(shots / "console-overview.png") > 10_000
 
 
 def test_the_daemon_serves_the_console_beside_metrics_and_status(

@@ -331,3 +331,50 @@ def test_memory_storage_runs_the_same_protocol() -> None:
     got, _ = lease.read(storage, key)
     assert fleet.decide("app", got, now + timedelta(hours=1), TIMING).action == "done"
     assert fleet.decide("app", got, now + DAY, TIMING).action == "take"
+
+
+# ---------------------------------------------------------------- the deploy kit
+
+KIT = Path(__file__).resolve().parent.parent / "deploy" / "kustomize" / "fleet"
+
+
+def test_the_kustomize_base_is_an_indexed_job_of_n_workers_with_its_config(
+        tmp_path: Path) -> None:
+    """No kubectl, kustomize or helm installs here: the YAML is parsed and checked for what
+    matters, and the config it embeds is loaded by pgvault itself."""
+    import yaml
+
+    kustomization = yaml.safe_load((KIT / "kustomization.yaml").read_text())
+    docs = {path: yaml.safe_load((KIT / path).read_text())
+            for path in kustomization["resources"]}
+    kinds = {doc["kind"]: doc for doc in docs.values()}
+    assert set(kinds) == {"ServiceAccount", "ConfigMap", "Secret", "CronJob", "PrometheusRule"}
+    cron = kinds["CronJob"]["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid"
+    job = cron["jobTemplate"]["spec"]
+    assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"]
+    pod = job["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["JOB_COMPLETIONS"] == str(job["completions"])  # shard count = workers
+    assert container["args"][2:4] == ["run", "--config"] and "--shard" not in container["args"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert kinds["ServiceAccount"]["automountServiceAccountToken"] is False
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    config_path = Path(mounts["config"]) / "pgvault.toml"
+    assert container["args"][4] == str(config_path)
+    # The embedded config loads, and every url_env has its _FILE in the Secret's mount.
+    toml = tmp_path / "pgvault.toml"
+    toml.write_text(kinds["ConfigMap"]["data"]["pgvault.toml"])
+    toml.chmod(0o600)
+    settings = config.load({}, {}, str(toml))
+    assert settings.fleet.max_per_server >= 1 and len(settings.databases) >= 2
+    secret_keys = set(kinds["Secret"]["stringData"])
+    for entry in settings.databases:
+        path = env[f"{entry.url_env}_FILE"]
+        assert path.startswith(mounts["secrets"] + "/")
+        assert path.rsplit("/", 1)[1] in secret_keys
+    # The shard of a pod comes from what Kubernetes sets: index 1 of those completions.
+    shard = fleet.shard_from_environ({"JOB_COMPLETION_INDEX": "1", **env})
+    assert shard == Shard(1, job["completions"])

@@ -103,7 +103,8 @@ def run_shard(settings: Settings, shard: Shard, *, drill_for: DrillFor | None = 
     log.info("shard %s: %d of %d databases, window %d (%s to %s)", shard, len(mine),
              len(settings.databases), window.index, window.start.isoformat(),
              window.end.isoformat())
-    poll = min(max(timing.lease.total_seconds() / 10, 0.05), 5.0)
+    # How soon to look again at databases waiting for a slot or another worker.
+    poll = min(max(timing.lease.total_seconds() / 10, 0.05), 1.0)
     pending = dict(mine)
     while pending and not (stop is not None and stop.is_set()):
         now = clock()

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from cli_runner import one_line_error, pgvault
-from pgvault import config
+from pgvault import config, redact
 from pgvault.errors import ConfigError
 from pgvault.pg.conninfo import ConnInfo
 
@@ -181,3 +181,20 @@ def test_password_reaches_children_through_a_private_passfile() -> None:
         assert "hunter2" in passfile.read_text()
         assert "PGPASSWORD" not in env
     assert not passfile.exists()  # an in-memory file, gone once closed
+
+
+def test_a_connection_url_in_the_file_masks_its_password_not_its_database_name(
+        tmp_path: Path) -> None:
+    file = tmp_path / "pgvault.toml"
+    file.write_text(
+        '[notify]\nwebhook_url = "https://hooks.example/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX"\n'
+        '[[databases]]\nname = "app"\n'
+        'url = "postgresql://app:hunter2-hunter2@db.internal/target_61a19702a9abcdef"\n')
+    file.chmod(0o600)
+    settings = config.load({}, {"PGVAULT_REPO": "file:///r"}, file)
+    with redact.scope():
+        config.register_secrets(settings)
+        shown = redact.scrub("backup of target_61a19702a9abcdef as app:hunter2-hunter2 via "
+                             "https://hooks.example/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX")
+    assert "target_61a19702a9abcdef" in shown, shown
+    assert "hunter2" not in shown and "XXXXXXXXXXXXXXXX" not in shown, shown

@@ -930,8 +930,12 @@ def _read_secrets(settings: Settings, environ: Mapping[str, str]) -> Secrets:
 
     def walk(value: Any) -> None:
         if isinstance(value, Secret):
-            urls.append(value.get_secret_value())
-            plain.append(_spec_password(value.get_secret_value()) or "")
+            text = value.get_secret_value()
+            # A connection's secret is its password; its database name is shown (console,
+            # status). A webhook's or a ping's URL is secret whole, tokens in its path.
+            if not _is_connection(text):
+                urls.append(text)
+            plain.append(_spec_password(text) or "")
         elif isinstance(value, msgspec.Struct):
             for name in value.__struct_fields__:
                 walk(getattr(value, name))
@@ -945,6 +949,12 @@ def _read_secrets(settings: Settings, environ: Mapping[str, str]) -> Secrets:
     return Secrets(found, _recipients(settings.encryption, environ),
                    tuple(dict.fromkeys(v for v in plain if v)),
                    tuple(dict.fromkeys(u for u in urls if u)))
+
+
+def _is_connection(text: str) -> bool:
+    """A PostgreSQL URL or key=value conninfo (as opposed to an HTTP URL)."""
+    return text.startswith(("postgres://", "postgresql://")) or (
+        "=" in text and "://" not in text)
 
 
 def _secret_parts(value: str) -> list[str]:

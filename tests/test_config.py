@@ -30,18 +30,18 @@ def write(tmp_path: Path, text: str) -> str:
 def test_precedence_flag_over_env_over_file_over_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert config.load().repo.startswith("file://")
+    assert config.load({}, os.environ).repo.startswith("file://")
     cfg = write(tmp_path, 'repo = "file:///from/file"\n[compression]\nlevel = 5\n')
-    assert config.load(cfg).repo == "file:///from/file"
+    assert config.load({}, os.environ, cfg).repo == "file:///from/file"
     monkeypatch.setenv("PGVAULT_REPO", "file:///from/env")
     monkeypatch.setenv("PGVAULT_COMPRESSION__LEVEL", "7")
-    settings = config.load(cfg)
+    settings = config.load({}, os.environ, cfg)
     assert settings.repo == "file:///from/env"
     assert settings.compression.level == 7
-    assert config.load(cfg, repo="file:///from/flag").repo == "file:///from/flag"
+    assert config.load({"repo": "file:///from/flag"}, os.environ, cfg).repo == "file:///from/flag"
     monkeypatch.setenv("PGVAULT_CONFIG", cfg)
     monkeypatch.delenv("PGVAULT_REPO")
-    assert config.load().repo == "file:///from/file"
+    assert config.load({}, os.environ).repo == "file:///from/file"
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_precedence_flag_over_env_over_file_over_default(
 )
 def test_bad_keys_are_named(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        config.load(write(tmp_path, text))
+        config.load({}, os.environ, write(tmp_path, text))
 
 
 def test_cli_reports_bad_config_in_one_line_with_exit_3(tmp_path: Path) -> None:
@@ -122,14 +122,14 @@ def test_secrets_from_file_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     secret = tmp_path / "url"
     secret.write_text("postgresql://app:s3cr%3At@db.example:6543/app\n")
     monkeypatch.setenv("DATABASE_URL_FILE", str(secret))
-    conn = config.connection(config.load())
+    conn = config.connection(config.load({}, os.environ))
     assert conn.password == "s3cr:t"
     assert "s3cr" not in conn.dsn() and "s3cr" not in conn.redacted()
     pw = tmp_path / "pw"
     pw.write_text("other\n")
     monkeypatch.setenv("PGPASSWORD_FILE", str(pw))
     monkeypatch.delenv("DATABASE_URL_FILE")
-    assert config.connection(config.load(), "app").password == "other"
+    assert config.connection(config.load({}, os.environ), "app").password == "other"
 
 
 def test_prisma_parameters_are_stripped() -> None:

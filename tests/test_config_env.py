@@ -29,7 +29,7 @@ def test_nested_variables_refine_the_file_key_by_key(
     monkeypatch.setenv("pgvault_s3__Path_Style", "true")  # names are case-insensitive
     monkeypatch.setenv("PGVAULT_S3__OBJECT_LOCK__DAYS", "35")
     monkeypatch.setenv("PGVAULT_RETENTION__KEEP_DAILY", "9")
-    settings = config.load(str(cfg))
+    settings = config.load({}, os.environ, str(cfg))
     assert settings.s3.endpoint_url == "http://file" and settings.s3.region == "env"
     assert settings.s3.path_style is True
     assert settings.s3.object_lock is not None and settings.s3.object_lock.days == 35
@@ -42,7 +42,7 @@ def test_lists_and_sections_are_json(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGVAULT_DATABASES", '[{"name": "a"}, {"name": "b"}]')
     monkeypatch.setenv("PGVAULT_COMPRESSION", '{"algorithm": "gzip", "level": 4}')
     monkeypatch.setenv("PGVAULT_COMPRESSION__LEVEL", "6")
-    settings = config.load()
+    settings = config.load({}, os.environ)
     assert settings.notify.events == ["all"]
     assert [entry.name for entry in settings.databases] == ["a", "b"]
     assert settings.compression.algorithm == "gzip" and settings.compression.level == 6
@@ -53,7 +53,7 @@ def test_variables_that_name_no_setting_are_not_settings(monkeypatch: pytest.Mon
                  "PGVAULT_AGE_PASSPHRASE"):
         monkeypatch.setenv(name, "x")
     monkeypatch.setenv("PGVAULT_DATABASE", "postgresql://h/fromenv")
-    assert config.load().database == "postgresql://h/fromenv"
+    assert config.load({}, os.environ).database == "postgresql://h/fromenv"
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -67,7 +67,7 @@ def test_bad_variables_are_one_line_config_errors(
 ) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=message):
-        config.load()
+        config.load({}, os.environ)
     proc = pgvault("list", env={name: value}, expect=3)
     assert message in one_line_error(proc)
 

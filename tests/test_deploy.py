@@ -253,7 +253,7 @@ def test_kubernetes_daemon_deployment_and_its_config(tmp_path: Path) -> None:
     # The embedded config is one pgvault accepts, and its grace fits the pod's.
     toml = tmp_path / "pgvault.toml"
     toml.write_text(docs["ConfigMap"]["data"]["pgvault.toml"])
-    settings = config.load(str(toml))
+    settings = config.load({}, os.environ, str(toml))
     assert pod["terminationGracePeriodSeconds"] > settings.daemon.grace_seconds
     assert settings.daemon.listen.endswith(":9847")
     for expr in (settings.schedule.backup, settings.schedule.verify):
@@ -268,7 +268,7 @@ def test_kubernetes_daemon_drills_have_somewhere_to_run(tmp_path: Path) -> None:
     docs = {doc["kind"]: doc for doc in k8s("daemon.yaml")}
     toml = tmp_path / "pgvault.toml"
     toml.write_text(docs["ConfigMap"]["data"]["pgvault.toml"])
-    settings = config.load(str(toml))
+    settings = config.load({}, os.environ, str(toml))
     assert settings.schedule.verify is not None
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]

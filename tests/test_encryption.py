@@ -346,7 +346,7 @@ def test_recipients_from_env_file_and_recipients_file(tmp_path: Path,
     toml.write_text(f'[encryption]\nrecipients = ["{c}"]\nrecipients_file = "{listing}"\n'
                     'identity_file = "/keys/restore.txt"\n')
     monkeypatch.setenv("PGVAULT_AGE_RECIPIENTS", f"{a}, {a}")
-    settings = config.load(str(toml))
+    settings = config.load({}, os.environ, str(toml))
     # The environment replaces the file's list; the file's other keys stay.
     assert settings.encryption.identity_file == "/keys/restore.txt"
     (stage,) = Vault.open(settings, storage=MemoryStorage()).stages_for("none")

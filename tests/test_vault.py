@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,7 @@ def test_opening_a_vault_in_passphrase_mode_writes_nothing_until_a_backup_needs_
     monkeypatch.setenv("PGVAULT_AGE_PASSPHRASE", "correct horse battery staple")
     toml = tmp_path / "c.toml"
     toml.write_text("[compression]\nalgorithm = \"gzip\"\n")
-    settings = config.load(str(toml))
+    settings = config.load({}, os.environ, str(toml))
     storage = MemoryStorage()
     vault = Vault.open(settings, storage=storage)
     assert vault.keyring.passphrase and vault.lock_stale_after.total_seconds() == 12 * 3600

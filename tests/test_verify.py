@@ -540,8 +540,8 @@ def test_deleting_a_backup_deletes_its_drills_and_stray_drills_are_orphans() -> 
 def test_verify_config_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("PGVAULT_CONFIG", "PGVAULT_VERIFY__LEVEL", "PGVAULT_VERIFY__COMMAND"):
         monkeypatch.delenv(name, raising=False)
-    assert config.load().verify.default_level() == "facts"
-    assert config.load().verify_after_backup is False
+    assert config.load({}, os.environ).verify.default_level() == "facts"
+    assert config.load({}, os.environ).verify_after_backup is False
     cfg = write_config(tmp_path, """
 verify_after_backup = true
 [verify]
@@ -551,14 +551,14 @@ command = "npx prisma migrate status"
 name = "x"
 query = "SELECT true"
 """)
-    settings = config.load(cfg)
+    settings = config.load({}, os.environ, cfg)
     assert settings.verify_after_backup and settings.verify.default_level() == "command"
     assert "s3cret" not in repr(settings.verify)
     assert settings.verify.sql[0].name == "x"
     with pytest.raises(ConfigError, match=r"verify\.levle"):
-        config.load(write_config(tmp_path, '[verify]\nlevle = "facts"\n'))
+        config.load({}, os.environ, write_config(tmp_path, '[verify]\nlevle = "facts"\n'))
     with pytest.raises(ConfigError, match=r"verify\.level"):
-        config.load(write_config(tmp_path, '[verify]\nlevel = "deep"\n'))
+        config.load({}, os.environ, write_config(tmp_path, '[verify]\nlevel = "deep"\n'))
 
 
 def test_encrypted_backup_drills_with_its_identity(

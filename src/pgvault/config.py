@@ -598,22 +598,12 @@ ENV_PREFIX = "PGVAULT_"
 ENV_NESTED = "__"
 
 
-def load(flags: Mapping[str, Any] | str | os.PathLike[str] | None = None,
-         environ: Mapping[str, str] | None = None,
-         files: str | os.PathLike[str] | None = None, **legacy_flags: Any) -> Settings:
+def load(flags: Mapping[str, Any], environ: Mapping[str, str],
+         files: str | os.PathLike[str] | None = None) -> Settings:
     """Settings from ``flags`` (non-None values), ``environ`` and the TOML file ``files``
-    (None: the file PGVAULT_CONFIG names, if any).
-
-    The old call shape ``load(config_file, **flags)`` still works: it reads this process's
-    environment and registers the secrets with the redactor, as load() used to.
-    """
-    if not isinstance(flags, Mapping):
-        if environ is not None:
-            raise TypeError("load(flags, environ, files): flags is a mapping")
-        settings = _load(legacy_flags, os.environ, flags)
-        register_secrets(settings)
-        return settings
-    return _load(flags, os.environ if environ is None else environ, files)
+    (None: the file PGVAULT_CONFIG names, if any). Read once; nothing else reads the
+    environment, and nothing here writes it or tells the redactor (``register_secrets``)."""
+    return _load(flags, environ, files)
 
 
 def _load(flags: Mapping[str, Any], environ: Mapping[str, str],
@@ -1005,47 +995,6 @@ def register_secrets(settings: Settings) -> None:
         redact.register_url(url)
 
 
-def secret_env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """A secret from the environment: VAR itself, or the content of the file VAR_FILE.
-
-    Kept for callers of the old load(); they read this process's environment.
-    """
-    value = _read_secret(os.environ if environ is None else environ, name)
-    if isinstance(value, ConfigError):
-        raise value
-    if value:
-        redact.register(*_secret_parts(value))
-    return value
-
-
-def export_file_secrets() -> None:
-    """Nothing left to do: the credentials AWS_*_FILE give reach the S3 client through
-    ``Secrets.aws_credentials`` (kept until every caller of the old load() is gone)."""
-
-
-def age_recipients(settings: Settings) -> list[str]:
-    """The age recipients: the setting (or PGVAULT_AGE_RECIPIENTS) plus recipients_file."""
-    recipients = settings.secrets.age_recipients
-    if not recipients:
-        return []  # without importing the age stage: most backups are not encrypted
-    # An upward import, kept only until the pipeline's callers canonicalize themselves.
-    from pgvault.pipeline.age import canonical_recipient
-
-    return [canonical_recipient(r) for r in recipients]
-
-
-def age_passphrase(settings: Settings | None = None) -> str | None:
-    """The age passphrase, from PGVAULT_AGE_PASSPHRASE or _FILE only (never a flag or file).
-
-    Without ``settings`` (the old call shape): read now from this process's environment.
-    """
-    if settings is not None:
-        return settings.secrets.age_passphrase
-    value = secret_env("PGVAULT_AGE_PASSPHRASE")
-    redact.register(value)  # whole, even when it looks like a URL
-    return value
-
-
 # Where a database password may come from: never the command line.
 PASSWORD_SOURCES = ("PGPASSWORD or PGPASSWORD_FILE, ~/.pgpass or PGPASSFILE, or a URL in "
                     "DATABASE_URL(_FILE), DIRECT_URL(_FILE), PGVAULT_DATABASE or the config "
@@ -1103,34 +1052,6 @@ def connection(settings: Settings, dbname: str | None = None) -> ConnInfo:
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return conn
-
-
-def s3_options(settings: Settings) -> Any:
-    """S3Options for the storage layer, built from the [s3] section."""
-    # An upward import, kept until Vault.open builds the storage (it moves there).
-    from pgvault.storage.s3 import S3Options
-
-    s3 = settings.s3
-    if not s3.verify_tls:
-        log.warning("TLS certificate verification for the S3 endpoint is off "
-                    "(s3.verify_tls = false): anyone on the network path can read and alter "
-                    "backups in transit")
-    lock = s3.object_lock
-    return S3Options(
-        endpoint_url=s3.endpoint_url,
-        region=s3.region,
-        path_style=s3.path_style,
-        sse=None if s3.sse in ("none", "sse-c") else s3.sse,
-        kms_key_id=s3.kms_key_id,
-        verify_tls=s3.verify_tls,
-        part_size=s3.part_size_mb << 20,
-        max_concurrency=s3.max_concurrency,
-        sse_customer_key=settings.secrets.sse_c_key if s3.sse == "sse-c" else None,
-        object_lock_mode=lock.mode.upper() if lock else None,
-        object_lock_days=lock.days if lock else 0,
-        io_timeout=settings.io_timeout_seconds,
-        credentials=settings.secrets.aws_credentials(),
-    )
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from pgvault import config, logs
+from pgvault import logs
 from pgvault.catalog import PASSPHRASE_IDENTITY, Catalog
 from pgvault.errors import AlreadyExists, ConfigError, DecryptionError, NotFound
 from pgvault.storage.base import Storage
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from pgvault.pipeline.age import Identities, Keyring
     from pgvault.pipeline.stream import Readable
     from pgvault.retention import Duration, Policy
+    from pgvault.storage.s3 import S3Options
 
 log = logs.get("vault")
 
@@ -45,8 +46,35 @@ def open_repository(settings: Settings) -> Storage:
     """The storage ``settings.repo`` names, with the [s3] options for an S3 repository."""
     from pgvault.storage import open_storage
 
-    options = config.s3_options(settings) if settings.location.kind == "s3" else None
+    options = s3_options(settings) if settings.location.kind == "s3" else None
     return open_storage(settings.repo, options)
+
+
+def s3_options(settings: Settings) -> S3Options:
+    """S3Options for the storage layer, built from the [s3] section."""
+    from pgvault.storage.s3 import S3Options
+
+    s3 = settings.s3
+    if not s3.verify_tls:
+        log.warning("TLS certificate verification for the S3 endpoint is off "
+                    "(s3.verify_tls = false): anyone on the network path can read and alter "
+                    "backups in transit")
+    lock = s3.object_lock
+    return S3Options(
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        path_style=s3.path_style,
+        sse=None if s3.sse in ("none", "sse-c") else s3.sse,
+        kms_key_id=s3.kms_key_id,
+        verify_tls=s3.verify_tls,
+        part_size=s3.part_size_mb << 20,
+        max_concurrency=s3.max_concurrency,
+        sse_customer_key=settings.secrets.sse_c_key if s3.sse == "sse-c" else None,
+        object_lock_mode=lock.mode.upper() if lock else None,
+        object_lock_days=lock.days if lock else 0,
+        io_timeout=settings.io_timeout_seconds,
+        credentials=settings.secrets.aws_credentials(),
+    )
 
 
 @dataclass(frozen=True)

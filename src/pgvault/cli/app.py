@@ -79,26 +79,13 @@ def settings_of(ctx: click.Context) -> Any:
     The composition edge: the secrets the settings hold are registered with the redactor
     here, so nothing this run prints shows them.
     """
-    from pgvault import config, redact
+    from pgvault import config
 
     params = ctx.find_root().params | ctx.params
     settings = config.load({"repo": params.get("repo")}, invocation(ctx).environ,
                            params.get("config"))
-    redact.register(*settings.secrets.scrub_values)
-    for url in settings.secrets.scrub_urls:
-        redact.register_url(url)
+    config.register_secrets(settings)
     return settings
-
-
-def storage_of(settings: Any) -> Any:
-    """The repository the settings name; a command asks for it once it is set up."""
-    from pgvault import config
-    from pgvault.storage import open_storage
-
-    options = config.s3_options(settings) if settings.location.kind == "s3" else None
-    storage = open_storage(settings.repo, options)
-    startup_done()
-    return storage
 
 
 def startup_done() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -202,3 +204,24 @@ def test_a_refused_snapshot_export_or_import_still_records_facts(
         assert [(t.name, t.rows) for t in engine.facts(unknown).tables] == [("t", 7)]
     finally:
         unknown.connection.close()
+
+
+def test_every_command_is_in_the_lazy_map_and_a_run_imports_only_its_own() -> None:
+    import importlib
+    import pkgutil
+
+    import pgvault.cli
+    from pgvault.cli.app import COMMANDS, cli
+
+    for module in pkgutil.iter_modules(pgvault.cli.__path__):
+        importlib.import_module(f"pgvault.cli.{module.name}")
+    defined = {name: cmd.callback.__module__.rsplit(".", 1)[-1]
+               for name, cmd in cli.commands.items() if cmd.callback is not None}
+    assert defined == COMMANDS, "a new command needs its line in cli/app.py COMMANDS"
+    script = ("import sys; from pgvault.cli import main; code = main(sys.argv[1:]); "
+              "print(sorted(m for m in sys.modules if m.startswith('pgvault.cli.')))")
+    for argv, wanted in ((["--version"], ["pgvault.cli.app"]),
+                         (["wal-push", "--help"], ["pgvault.cli.app", "pgvault.cli.physical"])):
+        out = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True,
+                             text=True, check=True).stdout.splitlines()[-1]
+        assert out == repr(wanted), (argv, out)

@@ -19,22 +19,9 @@ from types import FrameType
 import click
 
 from pgvault import redact
-from pgvault.cli import (  # noqa: F401  (registers the commands)
-    backup,
-    copy,
-    fleet,
-    monitor,
-    physical,
-    retention,
-    security,
-    snapshot,
-    verify,
-    web,
-)
 from pgvault.cli.app import Invocation, cli
 from pgvault.errors import Interrupted, PgvaultError, Terminated
 from pgvault.redact import ScrubbingWriter, scrub
-from pgvault.storage.base import STOPPING
 
 CLEANUP_SECONDS = 15.0
 """After SIGTERM or SIGINT, how long the cleanup (abort uploads, delete partial data, release
@@ -57,7 +44,11 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _signalled:
         return  # a second Ctrl-C must not cut the cleanup short: the watchdog bounds it
     _signalled.append(signum)
-    STOPPING.set()  # threads other than this one (parallel dumps' uploads) stop waiting too
+    # Threads other than this one (parallel dumps' uploads) stop waiting too. Imported here:
+    # a run that never reaches the storage (--version) does not pay for it.
+    from pgvault.storage.base import STOPPING
+
+    STOPPING.set()
     name = signal.Signals(signum).name
     _exit_later(CLEANUP_SECONDS, _exit_code(signum),
                 f"pgvault: interrupted by {name}; cleanup did not finish within "

@@ -119,8 +119,31 @@ def dbname_option(func: Callable[..., Any]) -> Callable[..., Any]:
                              "here; see below).")(func)
 
 
+# The module of pgvault.cli that defines each command. A run imports only the one it asks
+# for (the server runs wal-push once per WAL segment); --help imports them all.
+COMMANDS = {
+    "backup": "backup", "list": "backup", "show": "backup", "restore": "backup",
+    "demo": "backup", "basebackup": "physical", "wal-push": "physical", "wal-fetch": "physical",
+    "check-archive": "physical", "status": "monitor", "check": "monitor", "daemon": "monitor",
+    "prune": "retention", "pin": "retention", "unpin": "retention", "verify": "verify",
+    "keygen": "security", "copy": "copy", "snapshot": "snapshot", "run": "fleet",
+    "console": "web",
+}
+
+
 class _Group(click.Group):
-    """The pgvault group: every command that takes --dbname explains where passwords go."""
+    """The pgvault group: commands are imported when asked for, and every command that
+    takes --dbname explains where passwords go."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            import importlib
+
+            importlib.import_module(f"pgvault.cli.{COMMANDS[cmd_name]}")  # registers it
+        return self.commands.get(cmd_name)
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         takes_connection = any(param.name in ("dbname", "server") for param in cmd.params)

@@ -59,6 +59,17 @@ class BackupLike(Protocol):
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """A backup as the planner sees it, for callers whose own records are not BackupLike
+    (prune reads the drills beside the manifests, copy plans for another repository)."""
+
+    id: str
+    time: datetime
+    pinned: bool = False
+    bad: str | None = None
+
+
+@dataclass(frozen=True)
 class Duration:
     """A keep_within span: calendar years, months, weeks and days, then exact hours."""
 

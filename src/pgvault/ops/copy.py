@@ -38,21 +38,11 @@ from pgvault.errors import AlreadyExists, ConfigError, IntegrityError, NotFound,
 from pgvault.lock import hold
 from pgvault.model import Artifact, Manifest, from_json
 from pgvault.pipeline.digest import HashingReader, VerifyingReader
-from pgvault.retention import Policy
+from pgvault.retention import Candidate, Policy
 from pgvault.storage.base import ObjectInfo, Storage
 
 Progress = Callable[[str], None]
 """Told one line per backup copied (the CLI prints it)."""
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    """A backup as the retention planner sees it."""
-
-    id: str
-    time: datetime
-    pinned: bool
-    bad: str | None = None
 
 
 @dataclass
@@ -126,11 +116,11 @@ def missing(source: Catalog, target: Catalog, policy: Policy, now: datetime,
         for kind in sorted({m.kind for m in ours}):
             # The plan runs over what the target would hold after the copy: its own
             # backups and every good one of the source it lacks.
-            pool: dict[str, _Candidate] = {
-                m.id: _Candidate(m.id, m.time, m.pinned) for m in theirs if m.kind == kind}
+            pool: dict[str, Candidate] = {
+                m.id: Candidate(m.id, m.time, m.pinned) for m in theirs if m.kind == kind}
             for m in ours:
                 if m.kind == kind and (m.database, m.id) not in bad and m.id not in pool:
-                    pool[m.id] = _Candidate(m.id, m.time, m.pinned)
+                    pool[m.id] = Candidate(m.id, m.time, m.pinned)
             if not pool:
                 continue
             keep = set(retention.plan(list(pool.values()), policy, now).keep)

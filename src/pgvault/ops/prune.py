@@ -27,7 +27,7 @@ from pgvault.catalog import Catalog, Orphan, lock_key, manifest_key
 from pgvault.errors import IntegrityError, LockHeld, NotFound, UsageError
 from pgvault.lock import hold
 from pgvault.model import Manifest, backup_id_time
-from pgvault.retention import Duration, Policy
+from pgvault.retention import Candidate, Duration, Policy
 from pgvault.storage.base import Storage
 
 __all__ = [
@@ -73,16 +73,6 @@ class DatabasePlan:
     """Ids whose manifest cannot be read: never planned, never touched."""
     refused: str | None = None
     """Why nothing of this database was removed (the plan shows what would have been)."""
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    """A manifest as the planner sees it, with what the drills know against it."""
-
-    id: str
-    time: datetime
-    pinned: bool
-    bad: str | None
 
 
 @dataclass
@@ -233,7 +223,7 @@ def roles(manifests: Iterable[Manifest], policy: Policy,
 
     ``bad`` (from ``Catalog.bad``) names backups known bad: they count for nothing.
     """
-    by_database: dict[tuple[str, str], list[_Candidate]] = defaultdict(list)
+    by_database: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
     for manifest in manifests:
         # Each kind is its own series, as prune plans it (provider snapshots apart).
         by_database[manifest.database, manifest.kind].append(_candidate(manifest, bad or {}))
@@ -337,8 +327,8 @@ def _sort(plan: DatabasePlan) -> None:
     plan.remove.sort(key=lambda d: (d.time.astimezone(UTC), d.id), reverse=True)
 
 
-def _candidate(manifest: Manifest, bad: Mapping[tuple[str, str], str]) -> _Candidate:
-    return _Candidate(manifest.id, manifest.time, manifest.pinned,
+def _candidate(manifest: Manifest, bad: Mapping[tuple[str, str], str]) -> Candidate:
+    return Candidate(manifest.id, manifest.time, manifest.pinned,
                       bad.get((manifest.database, manifest.id)))
 
 

@@ -37,7 +37,7 @@ from pgvault.engines.snapshots import (
 from pgvault.errors import IntegrityError, NotFound, SnapshotFailed
 from pgvault.lock import hold
 from pgvault.model import Manifest, SnapshotFacts, backup_id_time, new_backup_id
-from pgvault.retention import Policy
+from pgvault.retention import Candidate, Policy
 
 QUOTA_WARNING = 0.8
 """A snapshot that brings the region to this share of the quota is taken with a warning."""
@@ -112,14 +112,6 @@ def _facts(provider: SnapshotProvider, found: ProviderSnapshot) -> SnapshotFacts
                          kms_key_id=found.kms_key_id)
 
 
-@dataclass(frozen=True)
-class _Candidate:
-    id: str
-    time: datetime
-    pinned: bool
-    bad: str | None
-
-
 @dataclass
 class SnapshotPruneReport:
     """What snapshot prune deleted (or would, in a dry run) and what it kept, and why."""
@@ -189,7 +181,7 @@ def prune_snapshots(provider: SnapshotProvider, catalog: Catalog, database: str,
             assert isinstance(m.snapshot, SnapshotFacts)
             gone = None if m.snapshot.snapshot_id in tagged else (
                 f"{provider.kind} no longer has snapshot {m.snapshot.snapshot_id}")
-            candidates.append(_Candidate(m.id, m.time, m.pinned, gone))
+            candidates.append(Candidate(m.id, m.time, m.pinned, gone))
         planned = retention.plan(candidates, policy, now)
         caution = retention.caution(candidates, planned.remove)
         if caution is not None and (not caution.forceable or not force):

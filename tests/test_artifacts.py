@@ -172,7 +172,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lock", "lease", "fleet", "pipeline"),
     ("storage", "pg", "leftovers"),
     ("config", "retention", "schedule", "events", "console", "logs"),
-    ("model", "redact", "errors", "bytestream", "__init__"),
+    ("model", "health", "redact", "errors", "bytestream", "__init__"),
 ]
 # Edges still pointing up, each with its owner's reason; the list may only shrink.
 KNOWN_UPWARD = {

@@ -34,7 +34,8 @@ from pgvault.engines.snapshots import (
     wait_available,
 )
 from pgvault.errors import NotFound, SnapshotFailed
-from pgvault.model import AutomatedBackups, Manifest, SnapshotFacts, from_json, to_json
+from pgvault.health import AutomatedBackups
+from pgvault.model import Manifest, SnapshotFacts, from_json, to_json
 from pgvault.ops.snapshot import SnapshotOptions, prune_snapshots, take_snapshot
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.retention import Policy

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
-from pgvault.model import DatabaseStatus
+from pgvault.health import DatabaseStatus
 
 NextRuns = Callable[[], dict[tuple[str, str], datetime]]
 """(database, job) -> when the daemon runs that job next."""

@@ -67,7 +67,7 @@ def provider_of(settings: Any, *, timeout: float = 60.0) -> Any:
 def audit(vault: Any) -> Any:
     """The provider's automated backups against the policy (None without [snapshot])."""
     from pgvault.errors import PgvaultError
-    from pgvault.model import AutomatedBackups
+    from pgvault.health import AutomatedBackups
     from pgvault.ops.snapshot import expected_retention_days
 
     section = vault.settings.snapshot

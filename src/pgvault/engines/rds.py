@@ -15,7 +15,7 @@ from typing import Any
 
 from pgvault.engines.snapshots import ProviderSnapshot
 from pgvault.errors import SnapshotFailed
-from pgvault.model import AutomatedBackups
+from pgvault.health import AutomatedBackups
 
 _NOT_FOUND = ("DBSnapshotNotFound", "DBClusterSnapshotNotFoundFault", "DBSnapshotNotFoundFault",
               "DBClusterSnapshotNotFound")

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Protocol
 
 from pgvault.errors import SnapshotFailed
-from pgvault.model import AutomatedBackups
+from pgvault.health import AutomatedBackups
 
 TAG_MANAGED = "pgvault:managed"
 """Every snapshot pgvault creates carries it ("true"); retention touches no other."""

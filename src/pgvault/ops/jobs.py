@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, overload
 from pgvault import config, logs
 from pgvault.errors import Interrupted, PgvaultError
 from pgvault.events import Event
-from pgvault.model import DatabaseStatus, RunRecord
+from pgvault.health import DatabaseStatus
+from pgvault.model import RunRecord
 from pgvault.ops.status import database_status, record_run
 from pgvault.storage.base import Storage
 from pgvault.vault import Vault

@@ -14,8 +14,7 @@ from datetime import UTC, timedelta
 import msgspec
 
 from pgvault.catalog import Catalog, lock_key
-from pgvault.lock import holder
-from pgvault.model import (
+from pgvault.health import (
     CRITICAL,
     OK,
     STATE_NAMES,
@@ -23,13 +22,10 @@ from pgvault.model import (
     WARNING,
     DatabaseStatus,
     Drill,
-    RunHistory,
-    RunRecord,
     Verdict,
-    VerifyReport,
-    from_dict,
-    to_dict,
 )
+from pgvault.lock import holder
+from pgvault.model import RunHistory, RunRecord, VerifyReport, from_dict, to_dict
 from pgvault.ops.wal import archive_status
 from pgvault.storage.base import Storage
 

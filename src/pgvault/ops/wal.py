@@ -36,14 +36,8 @@ from pgvault.errors import (
     NotFound,
     UsageError,
 )
-from pgvault.model import (
-    ArchiveStatus,
-    Identity,
-    Manifest,
-    PushFailures,
-    StageSpec,
-    TimelineRange,
-)
+from pgvault.health import ArchiveStatus, TimelineRange
+from pgvault.model import Identity, Manifest, PushFailures, StageSpec
 from pgvault.pg import wal
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pipeline.stream import CHUNK

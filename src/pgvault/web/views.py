@@ -16,17 +16,8 @@ from urllib.parse import quote
 
 from pgvault.console import human_bytes, human_seconds
 from pgvault.errors import PgvaultError
-from pgvault.model import (
-    CRITICAL,
-    OK,
-    STATE_NAMES,
-    UNKNOWN,
-    WARNING,
-    DatabaseStatus,
-    Manifest,
-    Verdict,
-    VerifyReport,
-)
+from pgvault.health import CRITICAL, OK, STATE_NAMES, UNKNOWN, WARNING, DatabaseStatus, Verdict
+from pgvault.model import Manifest, VerifyReport
 from pgvault.ops import jobs
 from pgvault.redact import scrub
 from pgvault.vault import Vault

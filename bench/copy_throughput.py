@@ -1,7 +1,7 @@
 """Copy throughput: `pgvault copy` local->S3 and S3->S3 against a plain transfer of the same
 objects in the same run.
 
-    .venv/bin/python bench/copy.py [--size-mb 100] [--small 400] [--runs 3]
+    .venv/bin/python bench/copy_throughput.py [--size-mb 100] [--small 400] [--runs 3]
 
 The repository holds one backup of --size-mb MB (one incompressible artifact, as a zstd
 dump is) and one of --small objects of 16 KiB each (objects/s: many small objects). The
@@ -13,33 +13,22 @@ its own loopback moto server (bench/_s3.py), so figures compare tools, not netwo
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-# This file is named copy.py: its folder, first on sys.path, would shadow the standard
-# library's copy module for everything imported after it.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from datetime import UTC, datetime, timedelta  # noqa: E402
-from typing import Any  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("_s3", _HERE / "_s3.py")
-assert _spec is not None and _spec.loader is not None
-_s3 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_s3)
-BUCKET, MotoServer = _s3.BUCKET, _s3.MotoServer
+from _s3 import BUCKET, MotoServer  # beside this script, as bench/run.py imports it
 
 VENV = Path(sys.executable).parent
 

@@ -92,3 +92,14 @@ def new_name(pg_cluster: EphemeralCluster) -> Iterator[NewName]:
     yield make
     for name in names:
         _drop_db(pg_cluster, name)
+
+
+@pytest.fixture
+def target_names(pg_cluster: EphemeralCluster) -> Iterator[list[str]]:
+    """Restore targets a test names here are dropped afterwards, whatever happened."""
+    names: list[str] = []
+    yield names
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))

@@ -9,7 +9,7 @@ import signal
 import subprocess as sp
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,6 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
-from psycopg import sql
 
 from cli_runner import PGVAULT, clean_env, pgvault
 from dbcompare import assert_databases_equal
@@ -60,16 +59,6 @@ def assert_consistent(target: Storage, source: Storage) -> None:
     for manifest in Catalog(target).list():
         for artifact in manifest.artifacts:
             assert target.stat(artifact.key).size == artifact.size
-
-
-@pytest.fixture
-def target_names(pg_cluster: EphemeralCluster) -> Iterator[list[str]]:
-    names: list[str] = []
-    yield names
-    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
 
 
 def fill(url: str, rows: int, generation: int) -> None:

@@ -171,13 +171,19 @@ def test_fingerprint_comparison_names_objects_and_knows_pg_dump_limitations() ->
     assert "and 100 more: every one in --json" in detail
 
 
+def _regression_db(make_db: Callable[..., str]) -> str:
+    """A new database holding REGRESSION_OBJECTS."""
+    source = make_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(REGRESSION_OBJECTS)
+    return source
+
+
 def test_drill_of_a_database_pg_dump_cannot_reproduce_warns_by_name(
     make_db: Callable[..., str], pg_cluster: EphemeralCluster, new_name: Callable[[], str],
     tmp_path: Path,
 ) -> None:
-    source = make_db()
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(REGRESSION_OBJECTS)
+    source = _regression_db(make_db)
     repo = tmp_path / "repo"
     backup = _cli("backup", "--dbname", source, "--repo", f"file://{repo}", "--no-globals")
     # One vocabulary: materialized views are not tables, in backup, show and verify.
@@ -210,9 +216,7 @@ def test_a_real_schema_difference_fails_naming_the_object(
     make_db: Callable[..., str], pg_cluster: EphemeralCluster, new_name: Callable[[], str],
     tmp_path: Path,
 ) -> None:
-    source = make_db()
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(REGRESSION_OBJECTS)
+    source = _regression_db(make_db)
     repo = tmp_path / "repo"
     _cli("backup", "--dbname", source, "--repo", f"file://{repo}", "--no-globals")
     restored = _restore(repo, pg_cluster, new_name())
@@ -408,9 +412,8 @@ def test_an_encrypted_backup_names_no_object_in_its_manifest_and_its_drill_still
     make_db: Callable[..., str], pg_cluster: EphemeralCluster, new_name: Callable[[], str],
     tmp_path: Path,
 ) -> None:
-    source = make_db()
+    source = _regression_db(make_db)
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(REGRESSION_OBJECTS)
         columns = {name for (name,) in conn.execute(
             "SELECT attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
             " JOIN pg_namespace n ON n.oid = c.relnamespace"

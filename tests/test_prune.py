@@ -13,7 +13,6 @@ from pathlib import Path
 import msgspec
 import psycopg
 import pytest
-from psycopg import sql
 
 from cli_runner import pgvault
 from dbcompare import assert_databases_equal
@@ -389,17 +388,6 @@ FAKED_TIMES = ["2026-01-10T01:00", "2026-02-10T01:00", "2026-02-20T01:00",
 KEPT = {4: "daily 1/1, monthly 1/2, newest", 2: "monthly 2/2", 0: "pinned"}
 RETENTION_ENV = {"PGVAULT_RETENTION__KEEP_DAILY": "1", "PGVAULT_RETENTION__KEEP_WEEKLY": "0",
                  "PGVAULT_RETENTION__KEEP_MONTHLY": "2"}
-
-
-@pytest.fixture
-def target_names(pg_cluster: EphemeralCluster) -> Iterator[list[str]]:
-    """Restore targets a test names here are dropped afterwards, whatever happened."""
-    names: list[str] = []
-    yield names
-    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
 
 
 @pytest.mark.parametrize("backend", ["file", "s3"])

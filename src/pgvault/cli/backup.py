@@ -307,9 +307,10 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
           --target-time '2026-11-25 09:14:00+00' --start --port 5499
     """
     from pgvault import config
+    from pgvault.cli.copy import restore_sources
     from pgvault.console import ProgressLine, human_bytes, human_seconds
     from pgvault.errors import UsageError
-    from pgvault.ops.restore import RestoreOptions, resolve
+    from pgvault.ops.restore import RestoreOptions, first_intact, resolve
     from pgvault.ops.restore import restore as run_restore
 
     if ctx.params.get("physical"):
@@ -321,31 +322,39 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
     settings = settings_of(ctx)
     conn = config.connection(settings, dbname)
     vault = vault_of(ctx, settings)
-    storage = vault.storage
-    if source_db is None and backup_id == "latest":
-        source_db = _source_database(storage, dbname)
-    if backup_id == "latest":
-        manifest = _latest(storage, source_db)
-    else:
-        manifest = resolve(storage, backup_id, source_db)
-    if manifest.kind == "physical":
-        raise UsageError(f"backup {manifest.id} is a physical backup: restore it with "
-                         "--physical --pgdata DIR")
-    if manifest.kind == "snapshot":
-        raise UsageError(f"backup {manifest.id} is a provider snapshot: restore it with the "
-                         "provider (aws rds restore-db-instance-from-db-snapshot)")
-    progress = ProgressLine(f"restoring {manifest.id}", total=sum(
-        a.size for a in manifest.artifacts if a.name.startswith("db.")))
-    options = RestoreOptions(target=target, jobs=jobs, clean=clean, schemas=schemas,
-                             tables=tables, no_owner=no_owner, progress=progress,
-                             identities=vault.keyring_with(identity_file))
-    try:
-        result = run_restore(conn, storage, manifest, options)
-    finally:
-        progress.finish()
-    click.echo(f"restored {manifest.id} ({manifest.database}) into {result.target.redacted()}: "
-               f"{human_bytes(result.bytes_read)} read and verified, "
-               f"{human_seconds(result.seconds)}")
+
+    def attempt(chosen: Any) -> Any:
+        storage = chosen.storage
+        wanted = source_db
+        if wanted is None and backup_id == "latest":
+            wanted = _source_database(storage, dbname)
+        if backup_id == "latest":
+            manifest = _latest(storage, wanted)
+        else:
+            manifest = resolve(storage, backup_id, wanted)
+        if manifest.kind == "physical":
+            raise UsageError(f"backup {manifest.id} is a physical backup: restore it with "
+                             "--physical --pgdata DIR")
+        if manifest.kind == "snapshot":
+            raise UsageError(f"backup {manifest.id} is a provider snapshot: restore it with "
+                             "the provider (aws rds restore-db-instance-from-db-snapshot)")
+        progress = ProgressLine(f"restoring {manifest.id}", total=sum(
+            a.size for a in manifest.artifacts if a.name.startswith("db.")))
+        options = RestoreOptions(target=target, jobs=jobs, clean=clean, schemas=schemas,
+                                 tables=tables, no_owner=no_owner, progress=progress,
+                                 identities=chosen.keyring_with(identity_file))
+        try:
+            return run_restore(conn, storage, manifest, options)
+        finally:
+            progress.finish()
+
+    found = first_intact(restore_sources(ctx, vault), attempt,
+                         tell=lambda line: click.echo(f"pgvault: {line}", err=True))
+    result = found.result
+    where = f" from repository {found.repository}" if found.repository else ""
+    click.echo(f"restored {result.manifest.id} ({result.manifest.database}){where} into "
+               f"{result.target.redacted()}: {human_bytes(result.bytes_read)} read and "
+               f"verified, {human_seconds(result.seconds)}")
 
 
 @cli.command()

@@ -217,3 +217,15 @@ def copy_status(settings: Any, database: str, now: datetime
         else:
             entries.append({"name": name, "error": str(found)})
     return lines, reasons, entries
+
+
+def restore_sources(ctx: click.Context, vault: Any) -> list[tuple[str, Any]]:
+    """The repositories a restore may read from, in order, each as (name, vault opener):
+    the one the command names; with `[[repos]]` and none named, the primary and then each
+    copy (``ops.restore.first_intact`` falls back along them)."""
+    named = ctx.params.get("repo") or invocation(ctx).environ.get("PGVAULT_REPO")
+    name = vault.settings.repository_name or ""
+    if named or not vault.settings.repos:
+        return [(name, lambda: vault)]
+    return [(name, lambda: vault)] + [
+        (copy, lambda copy=copy: vault.repository(copy)) for copy in vault.copies]

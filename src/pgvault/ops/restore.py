@@ -9,8 +9,9 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from pgvault import leftovers, pipeline
 from pgvault.catalog import Catalog
@@ -18,7 +19,13 @@ from pgvault.console import human_bytes
 from pgvault.engines.logical import DATA_FORMAT, LogicalEngine
 from pgvault.engines.pg_restore import Selected, SelectingSpool, spool_toc
 from pgvault.engines.spool import Spool
-from pgvault.errors import DatabaseError, RestoreFailed, UsageError
+from pgvault.errors import (
+    DatabaseError,
+    IntegrityError,
+    RestoreFailed,
+    StorageError,
+    UsageError,
+)
 from pgvault.model import READABLE_FORMATS, Artifact, Manifest
 from pgvault.pg.archive import select
 from pgvault.pg.conninfo import ConnInfo
@@ -317,3 +324,45 @@ def _has_user_objects(target: ConnInfo) -> bool:
 def resolve(storage: Storage, ref: str, database: str | None) -> Manifest:
     """The manifest a user means by ID, id prefix or 'latest'."""
     return Catalog(storage).get(ref, database)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Fallback(Generic[T]):
+    """What ``first_intact`` got: the result, the repository it came from, and why each
+    repository before it was passed over (name, reason)."""
+
+    result: T
+    repository: str
+    passed_over: list[tuple[str, str]]
+
+
+def first_intact(repositories: Sequence[tuple[str, Callable[[], R]]],
+                 attempt: Callable[[R], T], *,
+                 tell: Callable[[str], None] | None = None) -> Fallback[T]:
+    """``attempt`` against each repository in turn (the primary first, then its copies)
+    until one succeeds: the next is tried when a repository cannot be reached, holds no
+    such backup, or its backup is damaged (a manifest, or bytes failing their sha256 as
+    they are read). Any other failure (the target exists, a bad --table, the server) is
+    the restore's own and ends it there: another copy would fail the same way.
+
+    A failed attempt leaves nothing behind (a restore runs into a scratch database that is
+    renamed only on success), so trying the next one is safe.
+    """
+    passed: list[tuple[str, str]] = []
+    for index, (name, opening) in enumerate(repositories):
+        try:
+            return Fallback(attempt(opening()), name, passed)
+        except (StorageError, IntegrityError) as exc:
+            if index == len(repositories) - 1:
+                if not passed:
+                    raise
+                tried = "; ".join(f"{n}: {why}" for n, why in [*passed, (name, str(exc))])
+                raise type(exc)(f"no repository holds an intact copy ({tried})") from exc
+            passed.append((name, str(exc)))
+            if tell is not None:
+                tell(f"repository {name}: {exc}; trying {repositories[index + 1][0]}")
+    raise UsageError("no repository to restore from")

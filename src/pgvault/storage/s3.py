@@ -433,6 +433,11 @@ class S3Storage:
             )
         if isinstance(exc, bx.SSLError):
             return StorageError(f"{where}: {op} failed: TLS error talking to {self._endpoint}")
+        if isinstance(exc, bx.EndpointConnectionError):
+            return TransientStorageError(
+                f"{where}: {op} failed: cannot connect to {self._endpoint} ({ATTEMPTS} tries; "
+                "connection refused or host unreachable)"
+            )
         if isinstance(exc, bx.ConnectionError | bx.HTTPClientError | bx.IncompleteReadError):
             return TransientStorageError(
                 f"{where}: {op} failed: {type(exc).__name__} talking to {self._endpoint}"
@@ -727,13 +732,16 @@ class S3Storage:
 def _timed_out(exc: BaseException) -> bool:
     """Whether a socket timeout is behind ``exc``, however deep botocore wrapped it."""
     from botocore import exceptions as bx
+    from urllib3.exceptions import NewConnectionError
     from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
         error = todo.pop()
-        if id(error) in seen:
+        if id(error) in seen or isinstance(error, NewConnectionError):
+            # urllib3 derives NewConnectionError (refused, unreachable) from its timeout
+            # class; a connect that timed out raises ConnectTimeoutError itself.
             continue
         seen.add(id(error))
         if isinstance(error, TimeoutError | Urllib3Timeout | bx.ReadTimeoutError

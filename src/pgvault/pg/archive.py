@@ -42,6 +42,9 @@ class TocEntry:
     deps: tuple[int, ...] = ()
     section: int = 0  # SECTION_*; entries without one (comments, grants) take the previous'
     identity: bool = False  # a SEQUENCE made by ALTER TABLE ... ADD GENERATED ... AS IDENTITY
+    owner: str = ""  # the role pg_restore makes the object's owner (ALTER ... OWNER TO)
+    drop: str = ""  # its DROP statement, which names the object as ALTER ... OWNER TO does
+    acl: str = ""  # an ACL or DEFAULT ACL entry's GRANT/REVOKE statements (others: "")
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,14 @@ def read_toc(buf: bytes | bytearray) -> Toc:
         desc = cur.str() or ""
         section = cur.int()
         defn = cur.str() or ""
-        cur.str(), cur.str()  # drop, copy
+        drop = cur.str() or ""
+        cur.str()  # copy
         namespace = cur.str() or ""
         cur.str(), cur.str()  # tablespace, table access method
         if version >= (1, 16):
             cur.int()  # relkind
-        cur.str(), cur.str()  # owner, "with oids"
+        owner = cur.str() or ""
+        cur.str()  # "with oids"
         deps = []
         while (dep := cur.str()) is not None:  # dependencies, ended by a null string
             deps.append(int(dep))
@@ -125,7 +130,8 @@ def read_toc(buf: bytes | bytearray) -> Toc:
         cur.take(off_size)
         identity = desc == "SEQUENCE" and defn.startswith("ALTER TABLE")
         entries.append(TocEntry(dump_id, desc, offset_at, state == OFFSET_NOT_SET,
-                                namespace, tag, tuple(deps), section, identity))
+                                namespace, tag, tuple(deps), section, identity, owner, drop,
+                                defn if desc in ("ACL", "DEFAULT ACL") else ""))
     return Toc(version, cur.int_size, off_size, compressed, entries, cur.pos)
 
 

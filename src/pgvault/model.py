@@ -308,6 +308,9 @@ class PhysicalFacts(msgspec.Struct):
     wal_included: bool  # True: pg_basebackup -X fetch put the WAL in base.tar
     label: str = ""
     superuser: str = "postgres"  # the bootstrap superuser (oid 10), for restore drills
+    # An incremental backup: the backup (full or incremental) whose restore it patches.
+    # UNSET (left out of the JSON) for a full one, so older manifests keep their bytes.
+    parent: str | UnsetType = UNSET
 
 
 class SnapshotFacts(msgspec.Struct):

@@ -8,6 +8,10 @@ A backup known bad (``bad`` names why: its drill failed integrity, say) is not a
 retention: it fills no rule's slot, is never "the newest", and is removed unless pinned,
 so a damaged newest backup can never push the last restorable one out. Only when no good
 backup exists at all are the bad ones kept: they are all that is left to salvage from.
+
+A backup may depend on another (``parent``: an incremental base backup patches its
+parent's restore). Every backup a kept one depends on is kept ("parent of ..."), whatever
+the rules say of it; a backup whose parent is known bad or missing is itself known bad.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ _UNITS: Final = ("y", "m", "w", "d", "h")
 
 
 class BackupLike(Protocol):
-    """What the planner reads from a backup; `pinned` (bool) and `bad` (why it cannot be
-    trusted, or None) are optional and read with getattr."""
+    """What the planner reads from a backup; `pinned` (bool), `bad` (why it cannot be
+    trusted, or None) and `parent` (the id of the backup it depends on, or None) are
+    optional and read with getattr."""
 
     @property
     def id(self) -> str: ...
@@ -67,6 +72,7 @@ class Candidate:
     time: datetime
     pinned: bool = False
     bad: str | None = None
+    parent: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,11 +233,12 @@ def plan(backups: Iterable[BackupLike], policy: Policy, now: datetime | None = N
     ordered = _newest_first(backups)
     if not ordered:
         return Plan(keep=[], remove=[], reasons={})
-    good = [b for b in ordered if _bad(b) is None]
+    bad = _bad_with_parents(ordered)
+    good = [b for b in ordered if b.id not in bad]
     reasons: dict[str, list[str]] = {}
     removed_because: dict[str, str] = {}
     for backup in ordered:
-        why_bad = _bad(backup)
+        why_bad = bad.get(backup.id)
         if why_bad is None:
             continue
         reasons[backup.id] = ["pinned"] if bool(getattr(backup, "pinned", False)) else []
@@ -239,6 +246,11 @@ def plan(backups: Iterable[BackupLike], policy: Policy, now: datetime | None = N
             reasons[backup.id].append(SALVAGE)
         removed_because[backup.id] = f"known bad: {why_bad}"
     reasons |= _rules(good, policy)
+    # Newest first, so a parent kept for its child passes that on to its own parent.
+    for backup in ordered:
+        parent = _parent(backup)
+        if reasons[backup.id] and parent is not None and parent in reasons:
+            reasons[parent].append(f"parent of {backup.id}")
     keep = [b.id for b in ordered if reasons[b.id]]
     remove = [b.id for b in ordered if not reasons[b.id]]
     return Plan(keep=keep, remove=remove, reasons=reasons,
@@ -288,6 +300,29 @@ def _bad(backup: BackupLike) -> str | None:
     return str(why) if why else None
 
 
+def _parent(backup: BackupLike) -> str | None:
+    parent = getattr(backup, "parent", None)
+    return str(parent) if parent else None
+
+
+def _bad_with_parents(ordered: list[BackupLike]) -> dict[str, str]:
+    """Why each untrustworthy backup is so: its own `bad`, or a parent known bad or missing."""
+    by_id = {b.id: b for b in ordered}
+    bad: dict[str, str] = {}
+    # Oldest first: a parent is older than its child, so its verdict is known first.
+    for backup in reversed(ordered):
+        why = _bad(backup)
+        parent = _parent(backup)
+        if why is None and parent is not None:
+            if parent not in by_id:
+                why = f"its parent {parent} is missing"
+            elif parent in bad:
+                why = f"its parent {parent} is known bad"
+        if why is not None:
+            bad[backup.id] = why
+    return bad
+
+
 @dataclass(frozen=True)
 class Caution:
     """Why a plan must not simply be applied; ``forceable`` if prune --force may override."""
@@ -306,7 +341,8 @@ def caution(backups: Iterable[BackupLike], remove: Iterable[str]) -> Caution | N
     """
     items = list(backups)
     removing = set(remove) & {b.id for b in items}
-    good = [b for b in items if _bad(b) is None]
+    bad = _bad_with_parents(_newest_first(items))
+    good = [b for b in items if b.id not in bad]
     if good and all(b.id in removing for b in good):
         return Caution(f"it would remove the last good backup ({len(good)} of "
                        f"{len(items)} backups are not known bad)", forceable=False)

@@ -175,11 +175,15 @@ def wal_fetch(ctx: click.Context, /, walfile: str, path: str, cluster: str | Non
                    "[config physical.fast_checkpoint].")
 @click.option("--compression", type=click.Choice(["zstd", "gzip", "none"]), default=None,
               help="Compression (default zstd) [config compression.algorithm].")
+@click.option("--incremental", is_flag=True,
+              help="Store only what changed since the newest base backup (a full one when "
+                   "there is none): run on the database host, as a user that can read the "
+                   "data directory; WAL from the archive.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
 def basebackup(ctx: click.Context, /, dbname: str | None, cluster: str | None,
                wal_method: str | None, fast_checkpoint: bool | None, compression: str | None,
-               as_json: bool, **_: Any) -> None:
+               incremental: bool, as_json: bool, **_: Any) -> None:
     """Back up a whole PostgreSQL cluster: pg_basebackup streamed into the repository.
 
     pg_basebackup's tar (with its backup_manifest) goes through zstd (and age) into
@@ -193,6 +197,7 @@ def basebackup(ctx: click.Context, /, dbname: str | None, cluster: str | None,
     Examples:
       pgvault basebackup -d postgresql://postgres@db/postgres --repo s3://bk/app
       pgvault basebackup --cluster app --fast-checkpoint
+      pgvault basebackup --incremental   # on the database host, e.g. hourly between fulls
       pgvault restore --physical latest --pgdata /srv/pg-restore --target-time '2026-11-25 09:14'
     """
     from pgvault import config
@@ -206,7 +211,7 @@ def basebackup(ctx: click.Context, /, dbname: str | None, cluster: str | None,
     try:
         done = run(vault, BaseBackupRequest(
             conn, cluster=cluster, compression=compression, wal_method=wal_method,
-            fast_checkpoint=fast_checkpoint, progress=progress))
+            fast_checkpoint=fast_checkpoint, progress=progress, incremental=incremental))
     finally:
         progress.finish()
     manifest = done.manifest
@@ -219,6 +224,10 @@ def basebackup(ctx: click.Context, /, dbname: str | None, cluster: str | None,
     assert facts is not None
     seconds = (manifest.finished_at - manifest.started_at).total_seconds()
     where = "in the backup" if facts.wal_included else "in the archive"
+    if isinstance(facts.parent, str):
+        where += f"; incremental on {facts.parent}"
+    for warning in manifest.warnings:
+        click.echo(f"note: {warning}", err=True)
     click.echo(f"base backup {manifest.id} of cluster {manifest.database} (system "
                f"{facts.system_identifier}): {human_bytes(manifest.raw_size)} -> "
                f"{human_bytes(manifest.size)} stored, {human_seconds(seconds)}; "

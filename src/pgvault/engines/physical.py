@@ -376,44 +376,61 @@ _MODE_MASK = 0o750
 def _extract_safely(archive: tarfile.TarFile, target: Path) -> None:
     """Extract member by member; refuse any that would write or point outside ``target``."""
     root = os.path.realpath(target)
-
-    def inside(path: str) -> bool:
-        return os.path.commonpath([root, os.path.realpath(path)]) == root
-
     try:
         for member in archive:
-            name = member.name
-            if member.isdir() and os.path.normpath(name) == ".":
-                continue  # "./", as tar(1) writes it: PGDATA itself, made already
-
-            def refuse(why: str, name: str = name) -> IntegrityError:
-                return IntegrityError(f"base backup tar member {name!r} {why}; refused, "
-                                      f"nothing is written outside {target}")
-
-            if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
-                raise refuse("is a device, FIFO or other special file")
-            if name.startswith("/") or ".." in name.split("/") or not name.strip("/."):
-                raise refuse("has an absolute path, '..' or no name")
-            dest = os.path.join(root, name)
-            if not inside(os.path.dirname(dest)) or (not member.issym() and not inside(dest)):
-                raise refuse("would be written through a link that leads outside")
-            if member.issym():
-                link = os.path.join(os.path.dirname(dest), member.linkname)
-                if os.path.isabs(member.linkname) or not inside(link):
-                    raise refuse(f"is a symbolic link to {member.linkname!r}, outside")
-            elif member.islnk():
-                link = os.path.join(root, member.linkname)
-                if os.path.isabs(member.linkname) or ".." in member.linkname.split("/") \
-                        or not inside(link):
-                    raise refuse(f"is a hard link to {member.linkname!r}, outside")
-            member.mode &= _MODE_MASK
-            if member.isdir():
-                member.mode |= 0o700  # the extraction itself must be able to fill it
-            archive.extract(member, root, **_NO_FILTER)
-    finally:
+            extract_member(archive, member, root, target)
+    except BaseException:
         # A later member may repoint a link an earlier one resolved through: no link that
         # leads outside stays, also when a refusal stopped the extraction.
-        escaped = _remove_links_out(root, inside)
+        _remove_links_out(root, lambda path: _inside(root, path))
+        raise
+    check_links(root, target)
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
+def extract_member(archive: tarfile.TarFile, member: tarfile.TarInfo, root: str,
+                   target: Path) -> None:
+    """Extract one member under ``root`` (``target``, resolved); IntegrityError for one
+    that would write or point outside it. Call ``check_links`` after the last."""
+    name = member.name
+    if member.isdir() and os.path.normpath(name) == ".":
+        return  # "./", as tar(1) writes it: PGDATA itself, made already
+
+    def refuse(why: str) -> IntegrityError:
+        return IntegrityError(f"base backup tar member {name!r} {why}; refused, "
+                              f"nothing is written outside {target}")
+
+    def inside(path: str) -> bool:
+        return _inside(root, path)
+
+    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+        raise refuse("is a device, FIFO or other special file")
+    if name.startswith("/") or ".." in name.split("/") or not name.strip("/."):
+        raise refuse("has an absolute path, '..' or no name")
+    dest = os.path.join(root, name)
+    if not inside(os.path.dirname(dest)) or (not member.issym() and not inside(dest)):
+        raise refuse("would be written through a link that leads outside")
+    if member.issym():
+        link = os.path.join(os.path.dirname(dest), member.linkname)
+        if os.path.isabs(member.linkname) or not inside(link):
+            raise refuse(f"is a symbolic link to {member.linkname!r}, outside")
+    elif member.islnk():
+        link = os.path.join(root, member.linkname)
+        if os.path.isabs(member.linkname) or ".." in member.linkname.split("/") \
+                or not inside(link):
+            raise refuse(f"is a hard link to {member.linkname!r}, outside")
+    member.mode &= _MODE_MASK
+    if member.isdir():
+        member.mode |= 0o700  # the extraction itself must be able to fill it
+    archive.extract(member, root, **_NO_FILTER)
+
+
+def check_links(root: str, target: Path) -> None:
+    """Remove every link under ``root`` that leads outside; IntegrityError if there was one."""
+    escaped = _remove_links_out(root, lambda path: _inside(root, path))
     if escaped:
         path, points_to = escaped[0]
         raise IntegrityError(f"base backup tar leaves {path!r} a link to {points_to!r}, "

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgvault import __version__, pipeline
 from pgvault.artifacts import store_artifact
@@ -28,10 +28,14 @@ from pgvault.engines.physical import (
 from pgvault.errors import BackupFailed
 from pgvault.lock import hold
 from pgvault.model import Artifact, Facts, Manifest, StageSpec, new_backup_id
+from pgvault.ops import incremental
 from pgvault.ops import wal as archive
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pipeline.stream import Progress, Readable
 from pgvault.storage.base import Storage
+
+if TYPE_CHECKING:
+    from pgvault.pipeline.age import Keyring
 
 WAL_METHODS = ("auto", "fetch", "archive")
 
@@ -48,6 +52,9 @@ class BasebackupOptions:
     lock_stale_after: timedelta = timedelta(hours=12)
     progress: Progress | None = None
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    # On top of the newest base backup when there is one (ops.incremental); else a full one.
+    incremental: bool = False
+    identities: Keyring | None = None  # to read the parent's file list when it is encrypted
 
 
 def basebackup(conn: ConnInfo, storage: Storage, options: BasebackupOptions) -> Manifest:
@@ -57,12 +64,27 @@ def basebackup(conn: ConnInfo, storage: Storage, options: BasebackupOptions) -> 
     archive.check_identity(storage, options.cluster, info.system_identifier,
                            info.wal_segment_size, bind=False)
     include_wal = _include_wal(options.wal_method, info.archives_with_pgvault)
+    if options.incremental and include_wal:
+        raise BackupFailed("an incremental base backup takes its WAL from the archive: the "
+                           "server must archive with pgvault wal-push (and --wal-method not "
+                           "be fetch)")
     with hold(storage, lock_key(options.cluster), "basebackup",
               stale_after=options.lock_stale_after, name=options.cluster):
         started = options.clock()
         backup_id = new_backup_id(started)
         written: list[str] = []
+        notes: list[str] = []
         try:
+            if options.incremental:
+                parent, why = incremental.choose_parent(
+                    storage, options.cluster, info, incremental.current_timeline(conn))
+                if parent is not None:
+                    return incremental.take(
+                        conn, storage, options, info, parent, backup_id, started, written,
+                        lambda source, name, fmt, progress=None: _store(
+                            source, name, fmt, storage, options, backup_id, written,
+                            progress=progress))
+                notes.append(why)
             app_name = "pgvault-" + backup_id.replace(".", "-")
             child = engine.basebackup(include_wal=include_wal,
                                       fast_checkpoint=options.fast_checkpoint,
@@ -113,6 +135,7 @@ def basebackup(conn: ConnInfo, storage: Storage, options: BasebackupOptions) -> 
                 artifacts=artifacts,
                 facts=Facts(server_version=info.version, server_version_num=info.version_num),
                 physical=facts,
+                warnings=notes,
             )
             Catalog(storage).commit(manifest)
             return manifest

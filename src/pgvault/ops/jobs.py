@@ -71,6 +71,7 @@ class BaseBackupRequest:
     progress: Progress | None = None
     notify_failure: bool = True
     stale: bool = False
+    incremental: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,9 @@ def _physical(vault: Vault, request: BaseBackupRequest) -> BackupRun:
                          else request.fast_checkpoint),
         archive_wait=physical.archive_wait_seconds,
         lock_stale_after=vault.lock_stale_after,
-        progress=_abortable(request.progress, vault.cancel))
+        progress=_abortable(request.progress, vault.cancel),
+        incremental=request.incremental,
+        identities=vault.keyring if request.incremental else None)
     return _backup_run(vault, options.cluster, lambda: basebackup(request.conn, vault.storage,
                        options), drill=None, notify_failure=request.notify_failure,
                        stale=request.stale, kind="base backup")

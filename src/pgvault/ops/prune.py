@@ -328,8 +328,10 @@ def _sort(plan: DatabasePlan) -> None:
 
 
 def _candidate(manifest: Manifest, bad: Mapping[tuple[str, str], str]) -> Candidate:
+    parent = manifest.physical.parent if manifest.physical is not None else None
     return Candidate(manifest.id, manifest.time, manifest.pinned,
-                      bad.get((manifest.database, manifest.id)))
+                      bad.get((manifest.database, manifest.id)),
+                      parent if isinstance(parent, str) else None)
 
 
 def _window_keeps(series: list[Manifest], window: Duration, now: datetime,

@@ -1,0 +1,302 @@
+"""Incremental base backups: what changed since a parent, and restoring a chain of them.
+
+The data directory is read under pg_backup_start/pg_backup_stop (``engines.datadir`` says
+what goes into the tar and why page LSNs decide it); the WAL comes from the archive, as for
+a base backup with ``--wal-method archive``. A chain is a full base backup (pg_basebackup)
+and the incrementals on top of it, each naming its parent in its manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pgvault import __version__
+from pgvault.catalog import Catalog
+from pgvault.engines import datadir
+from pgvault.engines.physical import CONTROL, LABEL, MANIFEST, ClusterInfo
+from pgvault.errors import BackupFailed, IntegrityError, NotFound, RestoreFailed, StorageError
+from pgvault.model import Facts, Manifest, PhysicalFacts
+from pgvault.pg import wal
+from pgvault.pg.conninfo import ConnInfo
+from pgvault.pipeline.stream import CHUNK
+from pgvault.storage.base import Storage
+
+if TYPE_CHECKING:
+    from pgvault.ops.basebackup import BasebackupOptions
+    from pgvault.pipeline.age import Keyring
+
+LIST = "incremental.list"
+TAR_FORMAT = "tar-incremental"
+LIST_FORMAT = "pgvault-incremental-listing"
+
+
+def choose_parent(storage: Storage, cluster: str, info: ClusterInfo, timeline: int
+                  ) -> tuple[Manifest | None, str]:
+    """The newest good physical backup an incremental can build on; else None and why."""
+    catalog = Catalog(storage)
+    bad = catalog.bad(cluster)
+    backups = [m for m in catalog.list(cluster) if m.kind == "physical" and m.physical
+               and (m.database, m.id) not in bad]
+    if not backups:
+        return None, "no earlier base backup of this cluster: a full one is taken"
+    parent = backups[-1]
+    facts = parent.physical
+    assert facts is not None
+    if facts.system_identifier != info.system_identifier:
+        return None, (f"the newest base backup {parent.id} is of another system "
+                      f"({facts.system_identifier}): a full one is taken")
+    if facts.stop_timeline != timeline:
+        # Pages of another timeline's history may carry LSNs the parent never saw.
+        return None, (f"the newest base backup {parent.id} is on timeline "
+                      f"{facts.stop_timeline}, the server on {timeline}: a full one is taken")
+    if not any(a.name in (LIST, MANIFEST) for a in parent.artifacts):
+        return None, (f"the newest base backup {parent.id} has no file list "
+                      "(backup_manifest): a full one is taken")
+    return parent, ""
+
+
+def current_timeline(conn: ConnInfo) -> int:
+    """The timeline the server writes now (its last checkpoint's)."""
+    with conn.connect(autocommit=True) as db:
+        return int(_one(db, "SELECT timeline_id FROM pg_control_checkpoint()"))
+
+
+def parent_files(storage: Storage, parent: Manifest, identities: Keyring | None
+                 ) -> dict[str, int]:
+    """The files (path -> size) a restore of ``parent`` has."""
+    from pgvault.ops.restore import open_artifact
+
+    name = LIST if any(a.name == LIST for a in parent.artifacts) else MANIFEST
+    reader = open_artifact(storage, parent, parent.artifact(name), identities=identities)
+    data = b"".join(iter(lambda: reader.read(CHUNK), b""))
+    if name == LIST:
+        return datadir.files_after(datadir.parse_listing(data))
+    return datadir.manifest_files(data)
+
+
+def take(conn: ConnInfo, storage: Storage, options: BasebackupOptions, info: ClusterInfo,
+         parent: Manifest, backup_id: str, started: datetime, written: list[str],
+         store: Callable[..., Any]) -> Manifest:
+    """One incremental backup on top of ``parent``; the manifest is committed last."""
+    parent_facts = parent.physical
+    assert parent_facts is not None
+    files = parent_files(storage, parent, options.identities)
+    since = wal.parse_lsn(parent_facts.start_lsn)
+    with conn.connect(autocommit=True) as db:
+        data_dir = Path(_one(db, "SELECT current_setting('data_directory')"))
+        _same_system(data_dir, info)
+        label = f"pgvault {backup_id}"
+        if info.version_num >= 150000:
+            _one(db, "SELECT pg_backup_start(%s, %s)", (label, options.fast_checkpoint))
+        else:
+            _one(db, "SELECT pg_start_backup(%s, %s, false)", (label, options.fast_checkpoint))
+        stopped: dict[str, Any] = {}
+
+        def finish() -> bytes:
+            stop = ("pg_backup_stop(false)" if info.version_num >= 150000
+                    else "pg_stop_backup(false, false)")
+            row = db.execute(f"SELECT lsn::text, labelfile FROM {stop}").fetchone()
+            assert row is not None
+            stopped["lsn"], stopped["label"] = row
+            return str(row[1]).encode()
+
+        tar = datadir.IncrementalTar(data_dir, files, since, finish,
+                                     f"pgvault incremental backup {backup_id} on {parent.id}"
+                                     f" (pages with LSN >= {parent_facts.start_lsn})")
+        try:
+            base = store(tar, "base.tar", TAR_FORMAT, progress=options.progress)
+        except BaseException:
+            if not stopped:
+                with contextlib.suppress(Exception):
+                    db.execute("SELECT pg_backup_stop(false)" if info.version_num >= 150000
+                               else "SELECT pg_stop_backup(false, false)")
+            raise
+    listing = datadir.format_listing(tar.scan.entries, f"pgvault incremental backup "
+                                     f"{backup_id} on {parent.id}")
+    listed = store(io.BytesIO(listing), LIST, LIST_FORMAT)
+    facts = _facts(info, stopped["label"], stopped["lsn"], options, parent.id)
+    from pgvault.engines.physical import needed_wal
+    from pgvault.ops import wal as archive
+
+    missing = archive.wait_for(storage, options.cluster, needed_wal(facts, None),
+                               timeout=options.archive_wait)
+    if missing:
+        raise BackupFailed(f"the backup's WAL ({', '.join(missing)}) did not reach the "
+                           f"archive of cluster {options.cluster!r} within "
+                           f"{options.archive_wait:g}s (archive_wait_seconds); check "
+                           "archive_command (pgvault check-archive)")
+    scan = tar.scan
+    share = scan.blocks_changed / scan.blocks_total if scan.blocks_total else 0.0
+    manifest = Manifest(
+        id=backup_id, kind="physical", database=options.cluster, started_at=started,
+        finished_at=options.clock(), pgvault_version=__version__,
+        tool_versions={"server": info.version}, artifacts=[base, listed],
+        facts=Facts(server_version=info.version, server_version_num=info.version_num),
+        physical=facts,
+        warnings=[f"incremental on {parent.id}: {scan.blocks_changed} of "
+                  f"{scan.blocks_total} relation pages changed ({share:.1%}), "
+                  f"{scan.bytes_read} bytes of the data directory read"],
+    )
+    Catalog(storage).commit(manifest)
+    return manifest
+
+
+def _one(db: Any, query: str, params: tuple[Any, ...] | None = None) -> Any:
+    import psycopg
+
+    try:
+        row = db.execute(query, params).fetchone()
+    except psycopg.Error as exc:
+        raise BackupFailed(f"incremental base backup: {str(exc).strip().splitlines()[0]} "
+                           "(it needs a superuser, or pg_backup_start/pg_backup_stop and "
+                           "pg_read_all_settings)") from None
+    return row[0] if row else None
+
+
+def _same_system(data_dir: Path, info: ClusterInfo) -> None:
+    """The folder the server names must be this host's copy of that server's data."""
+    try:
+        control = (data_dir / CONTROL).read_bytes()
+    except OSError as exc:
+        raise BackupFailed(f"cannot read {data_dir / CONTROL} ({exc.strerror}): an "
+                           "incremental base backup runs on the database host, as a user "
+                           "that can read the data directory (postgres)") from None
+    found = str(wal.control_system_identifier(control))
+    if found != info.system_identifier:
+        raise BackupFailed(f"{data_dir} belongs to system {found}, not to the server "
+                           f"connected ({info.system_identifier}): run the incremental "
+                           "backup on the database host")
+
+
+def _facts(info: ClusterInfo, label_text: str, stop_text: str, options: BasebackupOptions,
+           parent: str) -> PhysicalFacts:
+    label = wal.parse_backup_label(label_text)
+    start = wal.parse_lsn(label["START WAL LOCATION"].split(" ", 1)[0])
+    timeline = int(label["START TIMELINE"])
+    stop = wal.parse_lsn(stop_text)
+    size = info.wal_segment_size
+    return PhysicalFacts(
+        system_identifier=info.system_identifier, wal_segment_size=size, timeline=timeline,
+        start_lsn=wal.format_lsn(start), stop_lsn=wal.format_lsn(stop),
+        start_wal=wal.segment_name(timeline, wal.segment_of(start, size), size),
+        stop_wal=wal.segment_name(timeline, wal.last_segment_of(max(stop, 1), size), size),
+        stop_timeline=timeline, stop_time=options.clock(), wal_included=False,
+        label=label.get("LABEL", ""), superuser=info.superuser, parent=parent)
+
+
+# ---------------------------------------------------------------- restoring a chain
+
+def chain(storage: Storage, manifest: Manifest) -> list[Manifest]:
+    """The full backup and every incremental up to ``manifest``, oldest first; each one's
+    stored objects checked (size and sha256 of the stored bytes) before anything is written.
+    RestoreFailed names the first missing or damaged member."""
+    catalog = Catalog(storage)
+    members = [manifest]
+    while isinstance(members[-1].physical, PhysicalFacts) and \
+            isinstance(parent := members[-1].physical.parent, str):
+        try:
+            members.append(catalog.get(parent, manifest.database))
+        except (NotFound, IntegrityError, StorageError) as exc:
+            raise RestoreFailed(f"backup {members[-1].id} is incremental on {parent}, which "
+                                f"cannot be read ({exc}); the chain cannot be restored and "
+                                "nothing was written") from None
+        if len(members) > 10_000 or members[-1].id in {m.id for m in members[:-1]}:
+            raise RestoreFailed(f"backup {manifest.id}: its chain of parents loops")
+    members.reverse()
+    if len(members) > 1:
+        for member in members:
+            for artifact in member.artifacts:
+                _check_stored(storage, member, artifact.key, artifact.size, artifact.sha256)
+    return members
+
+
+def _check_stored(storage: Storage, member: Manifest, key: str, size: int, sha256: str) -> None:
+    digest = hashlib.sha256()
+    seen = 0
+    try:
+        with contextlib.closing(storage.open(key)) as reader:
+            while chunk := reader.read(CHUNK):
+                digest.update(chunk)
+                seen += len(chunk)
+    except (NotFound, StorageError, OSError) as exc:
+        raise RestoreFailed(f"backup {member.id} of the chain is missing {key} ({exc}); "
+                            "nothing was written") from None
+    if seen != size or digest.hexdigest() != sha256:
+        raise RestoreFailed(f"backup {member.id} of the chain is damaged: {key} has {seen} "
+                            f"bytes and sha256 {digest.hexdigest()[:12]}..., the manifest "
+                            f"says {size} and {sha256[:12]}...; nothing was written")
+
+
+def apply(storage: Storage, member: Manifest, pgdata: Path, *, owner: tuple[int, int] | None,
+          progress: Callable[[int], None] | None, identities: Keyring | None) -> None:
+    """Patch a restored parent in ``pgdata`` with one incremental backup of its chain."""
+    import tarfile
+
+    from pgvault.engines.physical import check_links, extract_member
+    from pgvault.ops.restore import open_artifact
+
+    reader = open_artifact(storage, member, member.artifact(LIST), identities=identities)
+    entries = datadir.parse_listing(b"".join(iter(lambda: reader.read(CHUNK), b"")))
+    deltas = {e.path: e for e in entries if e.op == "delta"}
+    source = open_artifact(storage, member, member.artifact("base.tar"), progress=progress,
+                           identities=identities)
+    root = Path(os.path.realpath(pgdata))
+    try:
+        with tarfile.open(fileobj=source, mode="r|") as archive:  # type: ignore[call-overload]
+            for item in archive:
+                if item.name.startswith(datadir.DELTA):
+                    path = item.name[len(datadir.DELTA):]
+                    entry = deltas.get(path)
+                    handle = archive.extractfile(item)
+                    if entry is None or handle is None or ".." in path.split("/"):
+                        raise IntegrityError(f"backup {member.id}: tar member {item.name!r} "
+                                             "is not in its listing")
+                    datadir.apply_delta(handle, root / path, entry)
+                    del deltas[path]
+                elif item.name == datadir.LISTING:
+                    continue
+                else:
+                    extract_member(archive, item, str(root), pgdata)
+    except (tarfile.TarError, EOFError) as exc:
+        raise IntegrityError(f"backup {member.id}: the incremental tar is damaged: {exc}"
+                             ) from None
+    finally:
+        check_links(str(root), pgdata)
+    while source.read(CHUNK):
+        pass
+    for entry in deltas.values():  # size changes only: no page of theirs is stored
+        try:
+            os.truncate(root / entry.path, entry.size)
+        except FileNotFoundError:
+            raise RestoreFailed(f"incremental chain broken: {entry.path} is not in the "
+                                f"backups before {member.id}") from None
+    for entry in entries:
+        if entry.op == "removed":
+            (root / entry.path).unlink(missing_ok=True)
+    (root / MANIFEST).unlink(missing_ok=True)  # the full's: it does not describe the chain
+    wrong = [e.path for e in entries if e.op in ("same", "delta")
+             and not _has_size(root / e.path, e.size)]
+    if wrong:
+        raise IntegrityError(f"backup {member.id}: after applying it, {len(wrong)} files "
+                             f"differ in size from its listing (first: {wrong[0]})")
+    if owner is not None:
+        for folder, dirs, names in os.walk(root):
+            os.chown(folder, *owner)
+            for name in dirs + names:
+                os.chown(os.path.join(folder, name), *owner, follow_symlinks=False)
+    if not (root / LABEL).is_file():
+        raise IntegrityError(f"backup {member.id}: no backup_label in the incremental tar")
+
+
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except FileNotFoundError:
+        return False

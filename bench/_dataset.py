@@ -344,3 +344,135 @@ def table_counts(url: str) -> dict[str, int]:
             assert row is not None
             out[t] = int(row[0])
         return out
+
+
+# ---------------------------------------------------------------- restore shapes (issue 21)
+
+# Bump when a shape's generator changes, so stale caches are not reused.
+SHAPES_VERSION = 1
+SHAPES = ("mid", "big", "bigidx", "pgbench")
+SHAPE_DBS = {name: f"shape_{name}" for name in SHAPES}
+MID_TABLES = 40
+# On-disk bytes per row, heap and indexes, measured on PostgreSQL 15 (100 MB builds).
+MID_ROW_BYTES = 190
+BIG_ROW_BYTES = 520
+BIGIDX_ROW_BYTES = 330
+
+# Text with what COPY must escape (tab, newline, backslash), NULLs, jsonb and numerics.
+BIG_SCHEMA = """
+CREATE TABLE customers (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL,
+    created_at timestamptz NOT NULL);
+CREATE TABLE events (id bigint PRIMARY KEY, customer_id bigint, kind text NOT NULL,
+    payload jsonb NOT NULL, at timestamptz NOT NULL);
+CREATE TABLE orders (id bigint NOT NULL, customer_id bigint NOT NULL, status text NOT NULL,
+    note text, attrs jsonb NOT NULL, total numeric(12,2) NOT NULL,
+    ordered_at timestamptz NOT NULL, shipped_at timestamptz);
+"""
+BIG_ORDERS = """
+INSERT INTO orders SELECT g, 1 + (g * 7919) %% %(customers)s,
+    (ARRAY['delivered','shipped','pending','cancelled'])[1 + g %% 4],
+    CASE WHEN g %% 5 = 0 THEN NULL
+         ELSE md5(g::text) || E'\\t' || md5((g + 1)::text) || E'\\n' || repeat('x', (g %% 40)::int)
+              || E' \\\\ ' || md5((g * 3)::text) END,
+    jsonb_build_object('sku', 'SKU-' || (g %% 50000), 'qty', 1 + g %% 7,
+                       'tags', jsonb_build_array(md5((g * 5)::text), g %% 13),
+                       'gift', g %% 11 = 0),
+    round((5 + (g * 37 %% 60000) / 100.0)::numeric, 2),
+    timestamptz '2020-01-01' + g * interval '7 seconds',
+    CASE WHEN g %% 3 = 0 THEN timestamptz '2020-01-02' + g * interval '7 seconds' END
+FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g
+"""
+BIGIDX_SCHEMA = """
+CREATE TABLE lookup (id int PRIMARY KEY, label text NOT NULL);
+CREATE TABLE items (id bigint NOT NULL, a int NOT NULL, b bigint NOT NULL, c text NOT NULL,
+    d timestamptz NOT NULL, e numeric(12,2), f text);
+"""
+BIGIDX_ITEMS = """
+INSERT INTO items SELECT g, (g * 7919) %% 100000, (g * 104729) %% 1000003,
+    md5(g::text), timestamptz '2021-01-01' + ((g * 31) %% 9000000) * interval '1 second',
+    round(((g * 13) %% 100000 / 7.0)::numeric, 2),
+    CASE WHEN g %% 4 = 0 THEN NULL ELSE repeat(md5((g * 7)::text), (1 + g %% 3)::int) END
+FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g
+"""
+BIGIDX_INDEXES = [
+    "ALTER TABLE items ADD PRIMARY KEY (id)",
+    "CREATE INDEX items_a ON items (a)",
+    "CREATE INDEX items_b ON items (b)",
+    "CREATE INDEX items_c ON items (c)",
+    "CREATE INDEX items_d ON items (d)",
+]
+
+
+def _fresh_db(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def _ranged(query: str, total: int, params: dict[str, Any] | None = None
+            ) -> list[Callable[[psycopg.Connection[Any]], None]]:
+    return [_exec_params_job(query, {**(params or {}), "lo": lo, "hi": hi})
+            for lo, hi in _chunks(total, 100_000)]
+
+
+def _exec_params_job(query: str, params: dict[str, Any]
+                     ) -> Callable[[psycopg.Connection[Any]], None]:
+    def job(conn: psycopg.Connection[Any]) -> None:
+        conn.execute(query, params)
+
+    return job
+
+
+def build_shape(shape: str, admin_url: str, db_url: str, size_mb: int) -> None:
+    """Create shape's database (SHAPE_DBS) of about size_mb; deterministic (no random())."""
+    if shape == "pgbench":
+        scale = max(1, round(size_mb / PGBENCH_MB_PER_SCALE))
+        _fresh_db(admin_url, SHAPE_DBS[shape])
+        subprocess.run([str(PG_BIN / "pgbench"), "-i", "-q", "--foreign-keys", "-s",
+                        str(scale), db_url], check=True, capture_output=True)
+        _parallel(db_url, [_exec_job("VACUUM (FREEZE, ANALYZE)")])
+        return
+    _fresh_db(admin_url, SHAPE_DBS[shape])
+    size = size_mb * 1024 * 1024
+    if shape == "mid":  # many mid-sized tables, a key and an index each
+        rows = max(1_000, size // MID_ROW_BYTES // MID_TABLES)
+        names = [f"t{i:02d}" for i in range(1, MID_TABLES + 1)]
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            for t in names:
+                conn.execute(f"CREATE TABLE {t} (id bigint PRIMARY KEY, a int NOT NULL, "
+                             "b text, c timestamptz NOT NULL, d numeric(10,2))")
+        _parallel(db_url, [_exec_job(
+            f"INSERT INTO {t} SELECT g, (g * 7919) % 100000, "
+            f"CASE WHEN g % 6 = 0 THEN NULL ELSE md5(g::text) || ' {t}' END, "
+            "timestamptz '2022-01-01' + g * interval '1 minute', (g % 100000) / 100.0 "
+            f"FROM generate_series(1, {rows}) g") for t in names])
+        _parallel(db_url, [_exec_job(f"CREATE INDEX {t}_a ON {t} (a)") for t in names])
+    elif shape == "big":  # one big table holds most of the data
+        orders = max(10_000, int(size * 0.85) // BIG_ROW_BYTES)
+        customers = max(1_000, orders // 20)
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(BIG_SCHEMA)
+            conn.execute(
+                "INSERT INTO customers SELECT g, 'name ' || g, 'c' || g || '@example.com', "
+                "timestamptz '2019-01-01' + g * interval '1 hour' "
+                f"FROM generate_series(1, {customers}) g")
+            conn.execute(
+                "INSERT INTO events SELECT g, CASE WHEN g % 7 = 0 THEN NULL ELSE g % "
+                f"{customers} + 1 END, (ARRAY['view','search','cart'])[1 + g % 3], "
+                "jsonb_build_object('path', '/p/' || g, 'ua', repeat('Mozilla ', 1 + g % 4)), "
+                "timestamptz '2023-01-01' + g * interval '1 second' "
+                f"FROM generate_series(1, {customers * 2}) g")
+        _parallel(db_url, _ranged(BIG_ORDERS, orders, {"customers": customers}))
+        _parallel(db_url, [_exec_job("ALTER TABLE orders ADD PRIMARY KEY (id)"),
+                           _exec_job("CREATE INDEX orders_customer ON orders (customer_id)")])
+    elif shape == "bigidx":  # a big table with several indexes
+        rows = max(10_000, int(size * 0.95) // BIGIDX_ROW_BYTES)
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(BIGIDX_SCHEMA)
+            conn.execute("INSERT INTO lookup SELECT g, 'label ' || g "
+                         "FROM generate_series(1, 1000) g")
+        _parallel(db_url, _ranged(BIGIDX_ITEMS, rows))
+        _parallel(db_url, [_exec_job(q) for q in BIGIDX_INDEXES])
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    _parallel(db_url, [_exec_job("VACUUM (FREEZE, ANALYZE)")])

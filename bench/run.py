@@ -976,7 +976,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", help="parent folder for dump files and repos (default: /tmp)")
     p.add_argument("--results-dir", default=str(BENCH_DIR / "results"),
                    help="where the JSON results go (default bench/results)")
+    p.add_argument("--shapes", metavar="LIST",
+                   help="restore/backup speed on database shapes instead (issue 21): a "
+                        f"comma-separated list of {','.join(ds.SHAPES)}, each built once and "
+                        "cached; runs alternate the order of the measured commands")
+    p.add_argument("--quick", action="store_true",
+                   help="a few minutes: --shapes at 60 MB (unless --size-mb), 2 runs "
+                        "(unless --runs)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.shapes = args.shapes or ",".join(ds.SHAPES)
+        if "--size-mb" not in (argv if argv is not None else sys.argv):
+            args.size_mb = 60
+        if "--runs" not in (argv if argv is not None else sys.argv):
+            args.runs = 2
     if args.runs < 1 or args.size_mb < 1 or args.memory_runs < 1 or args.startup_runs < 0:
         p.error("--runs, --size-mb and --memory-runs must be positive")
     return args
@@ -1017,12 +1030,240 @@ def start_s3(args: argparse.Namespace, stack: contextlib.ExitStack, scratch: Pat
     return server, "", aws
 
 
+# ---------------------------------------------------------------- restore shapes (issue 21)
+
+# (name, op, base, limit): wall(op) / wall(base) medians, on every shape.
+SHAPE_TARGETS = [
+    ("21.1a restore / pg_restore -j N", "restore.pgvault", "restore.pg_restore", 0.8),
+    ("21.1b restore / gunzip | psql", "restore.pgvault", "restore.strategy", 0.6),
+    ("21.2  backup / pg_dump -Fc -Z0", "backup.pgvault", "backup.floor", 1.1),
+]
+SHAPE_LABELS = {
+    "backup.floor": "pg_dump -Fc -Z0 > /dev/null (floor)",
+    "backup.pgvault": "pgvault backup (local repo)",
+    "restore.strategy": "gunzip -c | psql (strategy)",
+    "restore.pg_restore": "pg_restore -j N (-Fc -Z0 file)",
+    "restore.pgvault": "pgvault restore latest",
+}
+
+
+def prepare_shapes(args: argparse.Namespace, stack: contextlib.ExitStack, size_mb: int,
+                   shapes: list[str]) -> Prepared:
+    """A data dir holding every asked-for shape's database, each built once and cached."""
+    base = Path(args.cache_dir) / f"pg15-shapes-v{ds.SHAPES_VERSION}-{size_mb}mb"
+    _lock(base.with_suffix(".lock"), stack)
+    data_dir, meta_path = base / "pgdata", base / "dataset.json"
+    if args.rebuild and base.exists():
+        stop_stale(data_dir)
+        shutil.rmtree(base)
+    if not data_dir.exists():
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        base.chmod(0o755)
+        log(f"initdb {data_dir}")
+        initdb(data_dir)
+        meta_path.unlink(missing_ok=True)
+    meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    missing = [s for s in shapes if s not in meta]
+    if not missing:
+        log(f"using cached shapes {base}")
+        return Prepared(data_dir, meta, set())
+    cluster = Cluster(data_dir, BUILD_SETTINGS)
+    stack.callback(cluster.stop)
+    cluster.start()
+    for shape in missing:
+        log(f"building shape {shape} of ~{size_mb} MB")
+        t = time.monotonic()
+        db = ds.SHAPE_DBS[shape]
+        ds.build_shape(shape, cluster.url(), cluster.url(db), size_mb)
+        meta[shape] = {"build_seconds": round(time.monotonic() - t, 2),
+                       "rows": ds.table_counts(cluster.url(db))}
+        log(f"shape {shape} built in {meta[shape]['build_seconds']}s, "
+            f"{ds.database_size(cluster.url(db)) / MB:.1f} MB")
+        with psycopg.connect(cluster.url(), autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+        meta_path.write_text(json.dumps(meta, indent=2))  # only after the shape is whole
+    cluster.stop()
+    os.sync()  # the build ran with fsync=off
+    return Prepared(data_dir, meta, set(missing))
+
+
+def run_shape(bench: Bench, info: DatasetInfo, runs: int, jobs: int) -> dict[str, OpResult]:
+    """Each measured command once per run, the order reversed every other run (ABBA...), so
+    a slow drift of the shared machine weighs on each side alike."""
+    src = bench.cluster.url(info.dbname)
+    work = bench.workdir / info.name
+    work.mkdir(parents=True, exist_ok=True)
+    ref, gz = work / "floor.dump", work / "strategy.sql.gz"
+    repo, scratch_repo = work / "repo", work / "scratch-repo"
+    restore_db = f"{RESTORE_PREFIX}{info.name}"
+    vault = str(bench.pgvault)
+    env = bench.env(DATABASE_URL=src)
+    log(f"[{info.name}] untimed: reference -Z0 dump, strategy dump, a pgvault backup")
+    bench._check(measure([str(PG_BIN / "pg_dump"), "-Fc", "-Z0", "-f", str(ref), src],
+                         env=env, sample=False), "reference dump")
+    info.reference_dump_bytes = ref.stat().st_size
+    bench._check(measure(["bash", "-c", STRATEGY_BACKUP], env=bench.env(
+        DATABASE_URL=src, DUMP_FILE=str(gz)), sample=False), "strategy backup")
+    shutil.rmtree(repo, ignore_errors=True)
+    repo.mkdir(parents=True)
+    bench._check(measure([vault, "backup", "--dbname", src, "--repo", f"file://{repo}"],
+                         env=env, sample=False), "pgvault backup (for the restores)")
+    res = {op: OpResult(op, label) for op, label in SHAPE_LABELS.items()}
+
+    def floor() -> Sample:
+        return measure([str(PG_BIN / "pg_dump"), "-Fc", "-Z0", src], env=env, sample=False)
+
+    def vault_backup() -> Sample:
+        shutil.rmtree(scratch_repo, ignore_errors=True)
+        scratch_repo.mkdir()
+        return measure([vault, "backup", "--dbname", src, "--repo", f"file://{scratch_repo}"],
+                       env=env, sample=False)
+
+    def strategy() -> Sample:
+        bench._create_db(restore_db)
+        return measure(["bash", "-c", STRATEGY_RESTORE], env=bench.env(
+            DUMP_FILE=str(gz), DATABASE_URL_RESTORE=bench.cluster.url(restore_db)),
+            sample=False)
+
+    def pg_restore() -> Sample:
+        bench._create_db(restore_db)
+        return measure([str(PG_BIN / "pg_restore"), "-j", str(jobs), "-d",
+                        bench.cluster.url(restore_db), str(ref)], env=env, sample=False)
+
+    def vault_restore() -> Sample:
+        bench._drop_db(restore_db)
+        return measure([vault, "restore", "latest", "--to", restore_db, "--dbname", src,
+                        "--repo", f"file://{repo}"], env=env, sample=False)
+
+    commands: list[tuple[str, Callable[[], Sample]]] = [
+        ("backup.floor", floor), ("backup.pgvault", vault_backup),
+        ("restore.strategy", strategy), ("restore.pg_restore", pg_restore),
+        ("restore.pgvault", vault_restore)]
+    for i in range(runs):
+        order = commands if i % 2 == 0 else commands[::-1]
+        log(f"[{info.name}] run {i + 1}/{runs}")
+        for op, command in order:
+            r = res[op]
+            if r.status != "ok":
+                continue
+            s = command()
+            if op.startswith("restore.pgvault") or op == "backup.pgvault":
+                if not bench._pgvault_ok(r, s):
+                    continue
+            else:
+                bench._check(s, r.command)
+            verified = (bench._verify(restore_db, info.rows, s) if op.startswith("restore.")
+                        else True)
+            bench._add(r, s, None, verified, label=SHAPE_LABELS[op])
+            bench._drop_db(restore_db)
+    return res
+
+
+def report_shape(info: DatasetInfo, res: dict[str, OpResult], runs: int, jobs: int
+                 ) -> dict[str, Any]:
+    """Print one shape's table and its targets; the same as JSON."""
+    print(f"\n== shape {info.name}: {info.db_size_bytes / MB:.1f} MB on disk, "
+          f"{sum(info.rows.values()):,} rows in {len(info.rows)} tables, -Z0 dump "
+          f"{info.reference_dump_bytes / MB:.1f} MB; medians of {runs} alternated runs; "
+          f"N = {jobs}")
+    head = f"{'operation':<38} {'wall s':>8} {'min':>7} {'max':>7} {'CPU s':>8}  note"
+    print(head)
+    print("-" * len(head))
+    ops: dict[str, Any] = {}
+    for op, r in res.items():
+        walls = [s.wall_s for s in r.samples]
+        note = _op_note(op, r)
+        print(f"{SHAPE_LABELS[op]:<38} {_fmt(r.median('wall_s')):>8} "
+              f"{_fmt(min(walls) if walls else None):>7} "
+              f"{_fmt(max(walls) if walls else None):>7} {_fmt(r.median('cpu_s')):>8}  "
+              f"{note}".rstrip())
+        ops[op] = {"label": SHAPE_LABELS[op], "status": r.status, "note": r.note,
+                   "median_wall_s": r.median("wall_s"), "median_cpu_s": r.median("cpu_s"),
+                   "walls": walls, "verified": r.verified}
+    targets = []
+    for name, op, base, limit in SHAPE_TARGETS:
+        ratio = _ratio(res[op].median("wall_s"), res[base].median("wall_s"))
+        paired = _paired(res[op], res[base])
+        verdict = _verdict(ratio, limit)
+        if not all(res[op].verified):
+            verdict = "MISS (restore mismatch)"
+        print(f"  {name:<36} {_fmt(ratio, '.2f', 'x'):>7} {f'<={limit:.2f}x':>8} "
+              f"{verdict:>6}  paired {_fmt(paired, '.2f', 'x')}")
+        targets.append({"target": name, "ratio": ratio, "limit": limit, "result": verdict,
+                        "paired_ratio": paired})
+    return {"shape": info.name, "db_size_bytes": info.db_size_bytes,
+            "reference_dump_bytes": info.reference_dump_bytes, "rows": info.rows,
+            "operations": ops, "targets": targets}
+
+
+def run_shapes(args: argparse.Namespace) -> int:
+    """--shapes: restore and backup speed on several database shapes (issue 21, 1-2)."""
+    started = dt.datetime.now(dt.UTC)
+    cpu_at_start = cpu_times()
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in ds.SHAPES]
+    if unknown:
+        print(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(ds.SHAPES)}",
+              file=sys.stderr)
+        return 2
+    jobs = args.restore_jobs or os.cpu_count() or 2
+    out: list[dict[str, Any]] = []
+    with signals_raise(), contextlib.ExitStack() as stack:
+        scratch = Path(tempfile.mkdtemp(prefix="pgvault-bench-", dir=args.workdir))
+        scratch.chmod(0o755)
+        stack.callback(shutil.rmtree, scratch, True)
+        prepared = prepare_shapes(args, stack, args.size_mb, shapes)
+        cluster = Cluster(prepared.data_dir, BENCH_SETTINGS)
+        stack.callback(cluster.stop)
+        cluster.start()
+        drop_leftovers(cluster)
+        pgvault_commit = ""
+        if args.pgvault_rev:
+            script, pgvault_commit = export_revision(args.pgvault_rev, scratch / "pgvault-rev")
+            pgvault, note = find_pgvault(str(script))
+        else:
+            pgvault, note = find_pgvault(args.pgvault)
+            pgvault_commit = working_tree_commit()
+        if pgvault is None:
+            print(f"pgvault: {note}", file=sys.stderr)
+            return 2
+        bench = Bench(cluster, scratch / "work", pgvault, note, jobs)
+        for shape in shapes:
+            m = prepared.meta[shape]
+            db = ds.SHAPE_DBS[shape]
+            info = DatasetInfo(name=shape, dbname=db, target_mb=args.size_mb,
+                               db_size_bytes=ds.database_size(cluster.url(db)),
+                               build_seconds=float(m["build_seconds"]),
+                               cached=shape not in prepared.built_now, rows=m["rows"])
+            out.append(report_shape(info, run_shape(bench, info, args.runs, jobs), args.runs,
+                                    jobs))
+            sys.stdout.flush()
+        cluster.stop()
+    steal = stolen_share(cpu_at_start, cpu_times())
+    if steal is not None:
+        print(f"\nCPU time stolen by the hypervisor during the run: {100 * steal:.1f}%")
+    elapsed = (dt.datetime.now(dt.UTC) - started).total_seconds()
+    print(f"shapes run took {elapsed:.0f} s")
+    res_dir = Path(args.results_dir)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    path = res_dir / f"{started.strftime('%Y%m%dT%H%M%SZ')}-shapes.json"
+    path.write_text(json.dumps({"started_at": started.isoformat(), "seconds": elapsed,
+                                "args": vars(args), "host": machine(),
+                                "pgvault_commit": pgvault_commit, "shapes": out},
+                               indent=2, default=str))
+    print(f"results written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prepare the cluster, run the benchmark, print and save the results."""
     args = parse_args(argv)
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         print("runuser is needed to run PostgreSQL as the postgres user", file=sys.stderr)
         return 2
+    if args.shapes:
+        return run_shapes(args)
     started = dt.datetime.now(dt.UTC)
     host = machine()
     cpu_at_start = cpu_times()

@@ -16,21 +16,34 @@ of one pg_restore per load and per index, loads fed from the arriving frames (5-
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import queue
 import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 from pgvault.engines.spool import Spool
 from pgvault.errors import IntegrityError, RestoreFailed
-from pgvault.pg.archive import MAX_TOC_BYTES, Incomplete, Selection, Toc, after_loads, read_toc
+from pgvault.pg.archive import (
+    MAX_TOC_BYTES,
+    Incomplete,
+    Selection,
+    Toc,
+    TocEntry,
+    after_loads,
+    read_toc,
+)
 from pgvault.pg.binaries import tool
 from pgvault.pg.process import StderrTail, describe_exit, feed
 from pgvault.pipeline.pump import Prefetch
 from pgvault.pipeline.stream import CHUNK, Readable, Reader
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -290,8 +303,14 @@ def restore_spooled(source: Readable | Spool, argv: list[Any], env: dict[str, st
             PgRestore.start([*argv, f"--jobs={jobs}", path], env).finish()
             return
         schema.finish()
-        PgRestore.start([*argv, "--section=data", "--section=post-data", f"--jobs={jobs}",
-                         path], env).finish()
+        big = [] if selection is not None else big_tables(spool, jobs)
+        if not big:
+            PgRestore.start([*argv, "--section=data", "--section=post-data", f"--jobs={jobs}",
+                             path], env).finish()
+            return
+        load = _SplitLoad(path, big, argv, env, jobs, spool_toc(spool))
+        _load_beside(spool, path, [load], _passes(spool, frozenset(e.dump_id for e in big)),
+                     argv, env, jobs, busy=jobs)
     finally:
         if schema is not None:
             schema.kill()
@@ -317,21 +336,22 @@ def _spool_list(spool: Spool, name: str, keep: Collection[int]) -> str:
     return path
 
 
-def _passes(spool: Spool) -> _Passes:
+def _passes(spool: Spool, loaded: frozenset[int] = frozenset()) -> _Passes:
     """The passes, from the main archive's table of contents (pg/archive.py's after_loads).
 
     Indexes and constraints of the other tables are built while the big tables load, and
     theirs as soon as they are loaded, as one pg_restore --jobs would schedule them.
     Without a table of contents this can read, all of post-data waits for the loads.
+    ``loaded``: TABLE DATA entries of the main archive loaded beside it (_SplitLoad).
     """
     toc = spool.finder.toc
     selection = selection_of(spool)
     if toc is None and selection is None:
         return _Passes(["--section=data"], None, ["--section=post-data"])
     toc = spool_toc(spool)
-    after = after_loads(toc)
+    after = after_loads(toc, loaded)
     chosen = set(selection.pick(toc) if selection is not None else
-                 (e.dump_id for e in toc.entries))
+                 (e.dump_id for e in toc.entries)) - loaded
 
     def use_list(name: str, keep: Callable[[int], bool]) -> list[str]:
         """``-L FILE``: only the entries ``keep`` picks (of the sections also given), in the
@@ -366,7 +386,6 @@ def restore_split(main: Readable | Spool, parts: Sequence[Callable[[], Readable]
         restore_streamed(again(), [*argv, "--section=post-data"], env, selection=selection)
         return
     loads: list[_Load] = []
-    running: list[PgRestore] = []
     try:
         path = main.path if main.wait_toc() else main.wait()
         pre = (["-L", _spool_list(main, "pre", set(selection.pick(spool_toc(main))))]
@@ -374,9 +393,21 @@ def restore_split(main: Readable | Spool, parts: Sequence[Callable[[], Readable]
         PgRestore.start([*argv, "--section=pre-data", *pre, path], env).finish()
         loads = [_Load(part, argv, env, selection) for part in parts]
         passes = _passes(main)
-        path = main.wait()
+        _load_beside(main, main.wait(), loads, passes, argv, env, jobs, busy=len(parts))
+    finally:
+        for load in loads:
+            load.stop()
+        main.close()
+
+
+def _load_beside(spool: Spool, path: str, loads: Sequence[_Load | _SplitLoad], passes: _Passes,
+                 argv: list[Any], env: dict[str, str], jobs: int, busy: int) -> None:
+    """The main archive's data and post-data in ``passes`` while ``loads`` (keeping ``busy``
+    sessions at work) fill the tables apart; the first failure stops everything."""
+    running: list[PgRestore] = []
+    try:
         running.append(PgRestore.start(
-            [*argv, *passes.beside, f"--jobs={max(1, jobs - len(parts))}", path], env))
+            [*argv, *passes.beside, f"--jobs={max(1, jobs - busy)}", path], env))
         ready = passes.ready
         while running or ready is not None:
             for load in loads:
@@ -404,4 +435,247 @@ def restore_split(main: Readable | Spool, parts: Sequence[Callable[[], Readable]
             restore.kill()
         for load in loads:
             load.stop()
-        main.close()
+
+
+SPLIT_MIN_BYTES = 32 << 20  # a table's data smaller than this loads in one COPY
+PIECE = 1 << 20  # rows handed to one COPY session at a time
+END_OF_ROWS = b"\\.\n"  # COPY text's end marker; a row never starts with it (\ is doubled)
+F_SETPIPE_SZ = 1031  # Linux fcntl: a larger pipe means fewer, larger reads
+
+
+def splits(table_bytes: int) -> bool:
+    """Whether a table with this much COPY data is worth loading in several streams."""
+    return table_bytes >= SPLIT_MIN_BYTES
+
+
+def big_tables(spool: Spool, streams: int) -> list[TocEntry]:
+    """The TABLE DATA entries of a whole spool worth loading in ``streams`` COPY sessions:
+    at least SPLIT_MIN_BYTES of COPY data and a 1/(2 x streams) share of the archive's."""
+    toc = spool.finder.toc
+    if streams < 2 or toc is None or toc.compressed:
+        return []
+    offsets = spool.finder.offsets
+    blocks = [e for e in toc.entries if e.has_data]
+    end = os.stat(spool.path).st_size
+    sizes: dict[int, int] = {}
+    for i, entry in enumerate(blocks):  # data blocks follow the TOC's order
+        start = offsets.get(entry.dump_id)
+        stop = offsets.get(blocks[i + 1].dump_id) if i + 1 < len(blocks) else end
+        if start is not None and stop is not None and entry.desc == "TABLE DATA":
+            sizes[entry.dump_id] = stop - start
+    total = end - toc.end
+    return [e for e in blocks if sizes.get(e.dump_id, 0) >= max(SPLIT_MIN_BYTES,
+                                                               total // (2 * streams))]
+
+
+class _SplitLoad:
+    """The rows of big tables, one table after another, each cut at row ends into PIECE-sized
+    runs that ``streams`` concurrent COPY sessions (psql children) take as they are free.
+
+    pg_restore extracts the table's COPY text from the spool (``-f -``: it undoes the
+    archive's per-row framing in C); this thread only looks for line ends. Each session is
+    one COPY, so one transaction; the tables were created by pre-data (committed), and their
+    indexes and constraints wait for the load (_passes). The first session to fail stops
+    them all, and the restore, whose scratch database is then dropped (ops/restore.py).
+    """
+
+    def __init__(self, path: str, entries: Sequence[TocEntry], argv: list[Any],
+                 env: dict[str, str], streams: int, toc: Toc) -> None:
+        self._path, self._toc, self._streams = path, toc, streams
+        self._pg_restore = str(argv[0])
+        dbname = next(str(a) for a in argv if str(a).startswith("--dbname="))
+        self._psql = [str(Path(self._pg_restore).with_name("psql")), "-X", "-q", "-v",
+                      "ON_ERROR_STOP=1", "--no-password", dbname]
+        self._env = {**env, "PGAPPNAME": "pgvault-load"}
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, args=(list(entries),),
+                                        name="pgvault-split", daemon=True)
+        self._thread.start()
+
+    def _run(self, entries: list[TocEntry]) -> None:
+        try:
+            for entry in entries:
+                if self._stop.is_set():
+                    return
+                self._load(entry)
+        except BaseException as exc:  # raised again by check() or join(), in the caller
+            self._error = exc
+            self._kill()
+
+    def _spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._stop.is_set():
+                raise RestoreFailed("restore stopped")
+            proc = subprocess.Popen(argv, env=self._env, stderr=subprocess.PIPE, **kwargs)
+            self._procs.append(proc)
+            return proc
+
+    def _load(self, entry: TocEntry) -> None:
+        name = f"{entry.namespace}.{entry.tag}"
+        log.info("restore: loading %s in %d streams", name, self._streams)
+        listed = _list_file(self._toc, {entry.dump_id})
+        try:
+            dump = self._spawn([self._pg_restore, "-f", "-", "-L", f"/dev/fd/{listed}",
+                                self._path], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, pass_fds=(listed,))
+        finally:
+            os.close(listed)
+        assert dump.stdout is not None and dump.stderr is not None
+        dump_tail = StderrTail(dump.stderr)
+        fd = dump.stdout.fileno()
+        with contextlib.suppress(OSError):
+            fcntl_setpipe(fd)
+        preamble, rows = _copy_head(fd)
+        if preamble is None:
+            dump.wait()
+            dump_tail.join()
+            raise RestoreFailed(f"pg_restore gave no COPY for {name}: "
+                                f"{describe_exit('pg_restore', dump.returncode, dump_tail)}")
+        pieces: queue.Queue[bytes | None] = queue.Queue(maxsize=2 * self._streams)
+        sessions = []
+        for _ in range(self._streams):
+            proc = self._spawn(self._psql, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+            assert proc.stderr is not None
+            sessions.append((proc, StderrTail(proc.stderr), threading.Thread(
+                target=self._feed, args=(proc, preamble, pieces), daemon=True)))
+        for _, _, writer in sessions:
+            writer.start()
+        try:
+            self._dispatch(fd, rows, pieces)
+            for _ in sessions:
+                self._put(pieces, None)
+        finally:
+            for _, _, writer in sessions:
+                while writer.is_alive():
+                    if self._stop.is_set():
+                        self._kill()
+                    writer.join(0.2)
+            failures = []
+            for proc, tail, _ in sessions:
+                proc.wait()
+                tail.join()
+                if proc.returncode != 0:
+                    failures.append(describe_exit("psql", proc.returncode, tail))
+            dump.wait()
+            dump_tail.join()
+        if failures:  # the session that failed first says why; the others were stopped
+            real = [f for f in failures if "killed by signal" not in f] or failures
+            raise RestoreFailed(f"loading {name} in {self._streams} streams: {real[0]}")
+        if dump.returncode != 0:
+            raise RestoreFailed(describe_exit("pg_restore", dump.returncode, dump_tail))
+
+    def _dispatch(self, fd: int, rows: bytes, pieces: queue.Queue[bytes | None]) -> None:
+        """Cut the COPY text read from ``fd`` at line ends into pieces, until its end marker."""
+        carry = rows
+        while True:
+            if carry.startswith(END_OF_ROWS):
+                return
+            end = carry.find(b"\n" + END_OF_ROWS)
+            if end >= 0:
+                self._put(pieces, carry[:end + 1])
+                return
+            if len(carry) >= PIECE:
+                cut = carry.rfind(b"\n") + 1
+                if cut:
+                    self._put(pieces, carry[:cut])
+                    carry = carry[cut:]
+            data = os.read(fd, PIECE)
+            if not data:
+                raise RestoreFailed("pg_restore's COPY text ended without its end marker")
+            carry += data
+
+    def _put(self, pieces: queue.Queue[bytes | None], piece: bytes | None) -> None:
+        while True:
+            if self._stop.is_set():
+                raise RestoreFailed("restore stopped")
+            try:
+                pieces.put(piece, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _feed(self, proc: subprocess.Popen[bytes], preamble: bytes,
+              pieces: queue.Queue[bytes | None]) -> None:
+        """One COPY session: the settings and COPY line, the pieces it takes, the end."""
+        assert proc.stdin is not None
+        try:
+            with proc.stdin as out:
+                out.write(preamble)
+                while True:
+                    try:
+                        piece = pieces.get(timeout=0.2)
+                    except queue.Empty:
+                        piece = b""
+                    if self._stop.is_set():
+                        # Killed before its stdin closes: psql would take that end of
+                        # input for the end of the rows and commit what it had.
+                        self._kill()
+                        return
+                    if piece is None:
+                        break
+                    out.write(piece)
+                out.write(END_OF_ROWS)
+        except OSError:  # psql died: its exit status says why
+            self._stop.set()
+
+    def _kill(self) -> None:
+        with self._lock:
+            self._stop.set()
+            for proc in self._procs:
+                if proc.poll() is None:
+                    with contextlib.suppress(OSError):
+                        proc.kill()
+
+    def check(self) -> None:
+        """Raise the load's error if it failed."""
+        if self._error is not None:
+            raise self._error
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, seconds: float) -> None:
+        self._thread.join(seconds)
+
+    def join(self) -> None:
+        while self._thread.is_alive():
+            self._thread.join(0.2)  # a timed join keeps Ctrl-C deliverable
+        self.check()
+
+    def stop(self) -> None:
+        """Kill the load's processes and wait for its thread."""
+        self._kill()
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+        for proc in self._procs:
+            with contextlib.suppress(OSError):
+                proc.wait()
+
+
+def fcntl_setpipe(fd: int) -> None:
+    import fcntl
+
+    fcntl.fcntl(fd, F_SETPIPE_SZ, PIECE)
+
+
+def _copy_head(fd: int) -> tuple[bytes | None, bytes]:
+    """pg_restore's script up to its COPY line: the session settings and that line (None if
+    the script ends first), and the rows already read after it."""
+    head = b""
+    while (at := head.find(b" FROM stdin;\n")) < 0:
+        data = os.read(fd, 1 << 16)
+        if not data:
+            return None, b""
+        head += data
+    line_end = at + len(b" FROM stdin;\n")
+    lines = head[:line_end].split(b"\n")
+    settings = [line for line in lines[:-2]
+                if line.startswith((b"SET ", b"SELECT pg_catalog.set_config("))]
+    copy = lines[-2]
+    if not copy.startswith(b"COPY "):
+        return None, b""
+    preamble = b"\n".join([*settings, b"SET synchronous_commit = off;", copy]) + b"\n"
+    return preamble, head[line_end:]

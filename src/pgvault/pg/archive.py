@@ -153,19 +153,22 @@ class AfterLoads:
         return self.ready | self.last
 
 
-def after_loads(toc: Toc) -> AfterLoads:
+def after_loads(toc: Toc, loaded: frozenset[int] = frozenset()) -> AfterLoads:
     """Sort out the entries that depend, directly or through others, on a table apart.
 
-    Such a table has a TABLE entry and no TABLE DATA one. Other tables (a partition, an
-    inheritance child) do not wait for it, nor their data. A table without data of its own
-    (a partitioned one) counts as apart: its entries then only wait, which is always safe.
+    Such a table has a TABLE entry and no TABLE DATA one, or one in ``loaded`` (TABLE DATA
+    entries whose rows are loaded by other means; never in the result). Other tables (a
+    partition, an inheritance child) do not wait for it, nor their data. A table without
+    data of its own (a partitioned one) counts as apart: its entries then only wait, which
+    is always safe.
     """
     by_id = {e.dump_id: e for e in toc.entries}
-    with_data = {(e.namespace, e.tag) for e in toc.entries if e.desc == "TABLE DATA"}
+    with_data = {(e.namespace, e.tag) for e in toc.entries
+                 if e.desc == "TABLE DATA" and e.dump_id not in loaded}
     apart = {e.dump_id for e in toc.entries
              if e.desc == "TABLE" and (e.namespace, e.tag) not in with_data}
     last = {e.dump_id for e in toc.entries if e.desc == "MATERIALIZED VIEW DATA"}
-    waiting = set(last)
+    waiting = set(last) | loaded  # what needs the loaded rows waits for them too
     _spread(toc, waiting, lambda e, d: d in apart or d in waiting)
 
     def needs_more(entry: TocEntry, dep: int) -> bool:
@@ -175,7 +178,7 @@ def after_loads(toc: Toc) -> AfterLoads:
                     and other.section != SECTION_PRE_DATA))
 
     _spread(toc, last, needs_more, within=waiting)
-    return AfterLoads(ready=frozenset(waiting - last), last=frozenset(last))
+    return AfterLoads(ready=frozenset(waiting - last - loaded), last=frozenset(last - loaded))
 
 
 def _spread(toc: Toc, marked: set[int], reaches: Callable[[TocEntry, int], bool],

@@ -3,7 +3,10 @@
 Its own process (not the S3 tests' one): the quota is counted per region over every
 manual snapshot, so each test also gets a region of its own (``rds_region``) and sees only
 the snapshots it made. moto creates instances, clusters and snapshots "available" at once,
-and a restored instance's endpoint is fake: nothing here connects to a database.
+and a restored instance's endpoint is fake: nothing here connects to a database (a drill's
+checks are pointed at a local PostgreSQL through ``drill_connect_override``, the test-only
+seam of [snapshot]). One moto server serves every region on one endpoint, so cross-region
+copies (and the destination's KMS keys) run against it too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ _REGIONS = itertools.cycle([
     "us-east-2", "us-west-1", "us-west-2", "eu-west-1", "eu-west-2", "eu-west-3",
     "eu-central-1", "eu-north-1", "ap-southeast-1", "ap-southeast-2", "ap-northeast-1",
     "ap-south-1", "ca-central-1", "sa-east-1", "ap-northeast-2", "us-east-1",
+    "ap-northeast-3", "eu-south-1", "ap-east-1", "me-south-1", "af-south-1", "il-central-1",
+    "ap-southeast-3", "eu-central-2", "eu-south-2", "ap-south-2", "me-central-1",
 ])
 
 
@@ -72,6 +77,46 @@ class RdsSource:
             found = self.client.describe_db_cluster_snapshots(
                 SnapshotType="manual")["DBClusterSnapshots"]
         return found
+
+    def drills(self) -> list[dict[str, Any]]:
+        """The instances (rds) or clusters (aurora) of the region tagged as pgvault drills."""
+        if self.kind == "rds":
+            items: list[dict[str, Any]] = self.client.describe_db_instances()["DBInstances"]
+        else:
+            items = self.client.describe_db_clusters()["DBClusters"]
+        return [i for i in items if any(t["Key"] == "pgvault:drill"
+                                        for t in i.get("TagList", []))]
+
+    def instances(self) -> list[str]:
+        """Every DB instance identifier of the region."""
+        return [i["DBInstanceIdentifier"]
+                for i in self.client.describe_db_instances()["DBInstances"]]
+
+    def network(self) -> tuple[str, str]:
+        """A VPC with two subnets, a DB subnet group and a security group for drills."""
+        session = botocore.session.get_session()
+        ec2 = session.create_client("ec2", region_name=self.region,
+                                    endpoint_url=self.endpoint_url)
+        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        zones = [z["ZoneName"] for z in ec2.describe_availability_zones()["AvailabilityZones"]]
+        subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24",
+                                     AvailabilityZone=zone)["Subnet"]["SubnetId"]
+                   for i, zone in enumerate(zones[:2], 1)]
+        group = ec2.create_security_group(GroupName="pgvault-drills", Description="drills",
+                                          VpcId=vpc)["GroupId"]
+        name = f"drills-{uuid.uuid4().hex[:6]}"
+        self.client.create_db_subnet_group(DBSubnetGroupName=name, SubnetIds=subnets,
+                                           DBSubnetGroupDescription="pgvault drills")
+        return name, str(group)
+
+    def other_region(self) -> tuple[str, Any, str]:
+        """Another region no test uses: (region, its RDS client, a KMS key ARN there)."""
+        region = next(_REGIONS)
+        session = botocore.session.get_session()
+        client = session.create_client("rds", region_name=region,
+                                       endpoint_url=self.endpoint_url)
+        kms = session.create_client("kms", region_name=region, endpoint_url=self.endpoint_url)
+        return region, client, str(kms.create_key()["KeyMetadata"]["Arn"])
 
     def foreign_snapshot(self, name: str, tags: dict[str, str] | None = None) -> None:
         """A manual snapshot pgvault did not create (by hand, AWS Backup, another tool)."""

@@ -12,6 +12,8 @@ backup taken beside it, restored into the local test cluster.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +24,8 @@ import pytest
 
 from cli_runner import pgvault
 from dbcompare import assert_databases_equal
+from fixtures_kill import has_child, kill_when, start
+from http_recorder import Recorder
 from pgvault import retention
 from pgvault.catalog import Catalog
 from pgvault.engines.rds import RdsProvider
@@ -29,6 +33,7 @@ from pgvault.engines.snapshots import (
     TAG_BACKUP_ID,
     TAG_DATABASE,
     TAG_MANAGED,
+    DrillPlacement,
     ProviderSnapshot,
     snapshot_name,
     wait_available,
@@ -36,11 +41,23 @@ from pgvault.engines.snapshots import (
 from pgvault.errors import NotFound, SnapshotFailed
 from pgvault.health import AutomatedBackups
 from pgvault.model import Manifest, SnapshotFacts, from_json, to_json
-from pgvault.ops.snapshot import SnapshotOptions, prune_snapshots, take_snapshot
+from pgvault.ops.snapshot import (
+    CopyTarget,
+    DrillOptions,
+    SnapshotOptions,
+    drill_snapshot,
+    prune_snapshots,
+    snapshot_run,
+    take_snapshot,
+    wait_copy_slot,
+)
+from pgvault.ops.verify import VerifyOptions
 from pgvault.pg.cluster import EphemeralCluster
+from pgvault.pg.conninfo import ConnInfo
 from pgvault.retention import Policy
 from pgvault.storage import open_storage
 from pgvault.storage.memory import MemoryStorage
+from test_monitoring import metrics_of
 
 if TYPE_CHECKING:
     from fixtures_rds import MakeSource, RdsSource
@@ -144,11 +161,16 @@ def test_quota_refuses_at_the_limit_and_warns_from_80_percent(rds_instance: RdsS
     assert len(json.loads(pgvault("list", "--config", config, "--json").stdout)) == 2
 
 
-def test_sixty_days_keep_exactly_the_gfs_set_under_a_quota_of_15(rds_instance: RdsSource,
-                                                                 tmp_path: Path) -> None:
-    """Daily runs with a fake clock (the times the manifests record): after each day's
-    snapshot and prune, pgvault's snapshots are exactly what retention.plan keeps of every
-    snapshot taken so far; the region never holds more than 15; the others are untouched."""
+def test_sixty_days_keep_exactly_the_gfs_set_under_a_quota_of_15(
+        rds_instance: RdsSource, tmp_path: Path, pg_cluster: EphemeralCluster) -> None:
+    """60 daily runs (ops.snapshot.snapshot_run, as `pgvault snapshot --prune` runs it)
+    with a fake clock: each day a snapshot at home and a copy into a second region, each
+    region pruned by its own policy. After every day, pgvault's snapshots in each region
+    are exactly what retention.plan keeps of every snapshot taken there so far; neither
+    region ever holds more than 15; the others' snapshots are untouched. On day 30 a drill
+    dies midway (its instance left tagged with a dead owner): the next day's run leaves
+    nothing of it. On day 45 a drill restores the newest snapshot and is timed (moto's
+    endpoint is fake: the readiness query goes to the local test cluster)."""
     foreign = ["by-hand", "aws-backup-weekly"]
     rds_instance.foreign_snapshot(foreign[0])
     rds_instance.foreign_snapshot(foreign[1], {"aws:backup:source-resource": "x"})
@@ -156,34 +178,77 @@ def test_sixty_days_keep_exactly_the_gfs_set_under_a_quota_of_15(rds_instance: R
     other = "pgvault-other-database"
     rds_instance.foreign_snapshot(other, {TAG_MANAGED: "true", TAG_DATABASE: "other",
                                           TAG_BACKUP_ID: "20250101T010000.000Z-abcdef"})
+    region, client, key = rds_instance.other_region()
     catalog = Catalog(MemoryStorage())  # 60 days of fsyncs would double the test's time
     provider = RdsProvider("rds", rds_instance.source_id, region=rds_instance.region,
                            endpoint_url=rds_instance.endpoint_url)
+    away = RdsProvider("rds", rds_instance.source_id, region=region,
+                       endpoint_url=rds_instance.endpoint_url)
     policy = Policy(daily=7, weekly=4, monthly=2)
+    away_policy = Policy(daily=3, weekly=2, monthly=1)
+    target = CopyTarget(away, key, away_policy)
     options = SnapshotOptions(quota=15, poll=0.01)
+
+    def away_snapshots() -> list[dict[str, object]]:
+        found: list[dict[str, object]] = client.describe_db_snapshots(
+            SnapshotType="manual")["DBSnapshots"]
+        return found
+
     taken: list[Manifest] = []
-    most = 0
+    copied: list[Manifest] = []
+    most = {rds_instance.region: 0, region: 0}
+    drill_seconds = None
     start = datetime(2026, 1, 1, 1, 0, tzinfo=UTC)
     for day in range(60):
         now = start + timedelta(days=day)
-        taken.append(take_snapshot(provider, catalog, "app", options, clock=lambda n=now: n))
-        report = prune_snapshots(provider, catalog, "app", policy, now=now)
-        assert not report.errors and report.refused is None
-        # Before today's prune the region held one more: the one just taken.
-        region = rds_instance.snapshots()
-        most = max(most, len(region) + len(report.remove))
-        expected = set(retention.plan(taken, policy, now).keep)
-        ours = {tags_of(s)[TAG_BACKUP_ID] for s in region
-                if tags_of(s).get(TAG_DATABASE) == "app"}
-        assert ours == expected, f"day {day}"
-        assert {m.id for m in catalog.list("app")} == expected, f"day {day}"
-    assert most <= 15
+        run = snapshot_run(provider, catalog, "app", options, copies=(target,),
+                           policy=policy, clock=lambda n=now: n)
+        assert not run.copy_errors and all(not p.errors and p.refused is None
+                                           for p in run.prunes)
+        taken.append(run.manifest)
+        copied += run.copies
+        home, there = rds_instance.snapshots(), away_snapshots()
+        # Before the prune each region held one more: the one just taken (or copied).
+        most[rds_instance.region] = max(most[rds_instance.region],
+                                        len(home) + len(run.prunes[0].remove))
+        most[region] = max(most[region], len(there) + len(run.prunes[1].remove))
+        for snapshots, made, rule in ((home, taken, policy), (there, copied, away_policy)):
+            expected = set(retention.plan(made, rule, now).keep)
+            ours = {tags_of(s)[TAG_BACKUP_ID] for s in snapshots  # type: ignore[arg-type]
+                    if tags_of(s).get(TAG_DATABASE) == "app"}  # type: ignore[arg-type]
+            assert ours == expected, f"day {day}"
+        assert {m.id for m in catalog.list("app")} == (
+            set(retention.plan(taken, policy, now).keep)
+            | set(retention.plan(copied, away_policy, now).keep)), f"day {day}"
+        if day == 30:  # a drill that dies: its instance stays, tagged with a dead owner
+            dead = subprocess.run([sys.executable, "-c", "from pgvault import leftovers; "
+                                   "print(leftovers.me().token())"], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+            provider.restore_drill(run.manifest.snapshot.snapshot_id,  # type: ignore[union-attr]
+                                   "pgvault-drill-killed", {
+                                       TAG_MANAGED: "true", "pgvault:drill": dead,
+                                       "pgvault:drill-started": now.isoformat()},
+                                   DrillPlacement())
+            assert len(rds_instance.drills()) == 1
+        if day == 31:
+            assert run.swept == ["pgvault-drill-killed"] and rds_instance.drills() == []
+        if day == 45:
+            report = drill_snapshot(provider, catalog.storage, run.manifest, DrillOptions(
+                verify=VerifyOptions(level="restore", record=False),
+                connect=lambda _: ConnInfo.parse(pg_cluster.url()), poll=0.01))
+            assert report.passed, report.checks
+            drill_seconds = report.restore_seconds
+            assert rds_instance.drills() == []
+    assert max(most.values()) <= 15
     names = {s["DBSnapshotIdentifier"] for s in rds_instance.snapshots()}
     assert set(foreign) | {other} <= names
-    final = retention.plan(taken, policy, start + timedelta(days=59))
-    print(f"60 days: {len(final.keep)} snapshots kept of 60 taken, at most {most} in the "
-          "region (quota 15)")
-    assert len(final.keep) == len(names) - 3
+    end = start + timedelta(days=59)
+    kept = {rds_instance.region: len(retention.plan(taken, policy, end).keep),
+            region: len(retention.plan(copied, away_policy, end).keep)}
+    assert kept[rds_instance.region] == len(names) - 3 and kept[region] == len(away_snapshots())
+    print(f"60 days: kept {kept} of 60 taken per region, at most {most} in each region "
+          f"(quota 15); a killed drill's instance removed the next day; drill {drill_seconds} s"
+          " to a queryable copy")
 
 
 def test_prune_deletes_unrecorded_pgvault_snapshots_after_a_day_and_drops_missing_ones(
@@ -317,3 +382,199 @@ def test_databases_entries_name_their_own_snapshot_source(rds_instance: RdsSourc
                                       "database 'other': see pgvault snapshot --help")
     dry = pgvault("snapshot", "prune", "--config", str(path), "--dry-run").stdout
     assert dry.startswith("snapshots of app (rds instance "), dry
+
+
+# -- runs as jobs, drills, copies ----------------------------------------------------------
+
+
+def drill_config(tmp_path: Path, source: RdsSource, url: str, copy_url: str,
+                 hook: str, prom: Path, server: str, **snapshot: object) -> str:
+    """A config whose database is a local PostgreSQL (facts at snapshot time come from it)
+    and whose drills' checks reach ``copy_url`` through the test-only override."""
+    subnet_group, group = source.network()
+    path = tmp_path / "pgvault.toml"
+    path.write_text(
+        f'repo = "{(tmp_path / "repo").as_uri()}"\ndatabase = "{url}"\n'
+        f'[notify]\nwebhook_url = "{hook}"\nevents = ["all"]\n'
+        f'[metrics]\ntextfile = "{prom}"\n'
+        f'[verify]\nserver = "{server}"\nlevel = "command"\n'
+        'command = "test \\"$(psql -Atc \'SELECT count(*) FROM t\')\\" = 500"\n'
+        '[[verify.sql]]\nname = "t has rows"\nquery = "SELECT count(*) > 0 FROM t"\n'
+        + source.toml(drill_connect_override=copy_url, drill_subnet_group=subnet_group,
+                      drill_security_groups=[group], **snapshot))
+    return str(path)
+
+
+def test_snapshot_runs_as_a_job_and_its_drill_checks_a_temporary_instance(
+        rds_source: RdsSource, tmp_path: Path, make_db: object, new_name: object,
+        pg_cluster: EphemeralCluster, recorder: Recorder) -> None:
+    """`pgvault snapshot` through jobs.run (events, history, metrics), then `pgvault verify`
+    on the snapshot: moto restores a temporary instance (or cluster) with the configured
+    network, tags and no public access; its endpoint is fake, so the drill's checks (facts
+    recorded from the source at snapshot time, [[verify.sql]], the command) run against a
+    throwaway copy of the source on the local test cluster, named by [snapshot]
+    drill_connect_override (the documented test-only seam). The instance is deleted after
+    a passing and after a failing drill."""
+    url = make_db(prefix="snapdrill")  # type: ignore[operator]
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        conn.execute("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 500) g")
+    copy = new_name()  # type: ignore[operator]
+    prom = tmp_path / "pgvault.prom"
+    config = drill_config(tmp_path, rds_source, url, pg_cluster.url(copy),
+                          f"{recorder.url}/hook", prom, pg_cluster.url())
+    done = pgvault("snapshot", "--config", config)
+    assert done.stdout.startswith("snapshot "), done.stdout
+    events = [r.json() for r in recorder.wait_for("/hook", 2)]
+    assert [e["event"] for e in events] == ["snapshot.started", "snapshot.succeeded"]
+    [manifest] = json.loads(pgvault("list", "--config", config, "--json").stdout)
+    assert manifest["kind"] == "snapshot"
+    history = json.loads((tmp_path / "repo" / "status" / Path(url).name
+                          / "snapshot.json").read_text())
+    assert history["last_success"]["backup_id"] == manifest["id"]
+    labels = (("database", Path(url).name),)
+    assert metrics_of(prom)[("pgvault_snapshots", labels)] == 1
+
+    # What the provider would restore: the source as it was at the snapshot.
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{copy}" TEMPLATE "{Path(url).name}"')
+    verified = pgvault("verify", manifest["id"], "--config", config)
+    text = verified.stdout
+    assert "PASSED command drill of " + manifest["id"] in text, text
+    for needle in ("PASS  integrity  snapshot", "PASS  restore    restore", "rows",
+                   "PASS  assertions sql t has rows", "PASS  command    command",
+                   "PASS  restore    cleanup"):
+        assert needle in text, (needle, text)
+    assert rds_source.drills() == []
+    assert rds_source.instances() == [rds_source.source_id] if rds_source.kind == "rds" \
+        else rds_source.instances() == []
+    events = [r.json() for r in recorder.wait_for("/hook", 3)]
+    assert events[-1]["event"] == "verify.succeeded"
+
+    [status] = json.loads(pgvault("status", "--config", config, "--json").stdout)
+    drill = status["snapshot_last_drill"]
+    assert drill["passed"] and drill["rto_met"] and drill["restore_seconds"] < 30
+    assert status["snapshot_rpo_met"] is True and status["last_drill"] is None
+    # The logical path beside it: a backup, drilled on the test cluster.
+    pgvault("backup", "--config", config)
+    pgvault("verify", "latest", "--config", config)
+    text = pgvault("status", "--config", config).stdout
+    [logical, snap] = [line for line in text.splitlines() if line.startswith("    ")]
+    assert logical.startswith("    logical   ") and "RPO met; last drill PASSED, restore " \
+        in logical and logical.endswith("RTO met"), text
+    assert snap.startswith(f"    snapshot  {manifest['id']}, ") and \
+        "RPO met; last drill PASSED, to queryable " in snap and snap.endswith("RTO met"), text
+    assert metrics_of(prom)[("pgvault_snapshot_restore_last_duration_seconds", labels)] == \
+        drill["restore_seconds"]
+    print(f"snapshot drill ({rds_source.kind}): {drill['restore_seconds']} s to a queryable "
+          "copy (moto + local PostgreSQL)")
+
+    # A copy that lost rows fails on the facts, names the table, and still goes away.
+    with psycopg.connect(pg_cluster.url(copy)) as conn:
+        conn.execute("DELETE FROM t WHERE id > 400")
+    failed = pgvault("verify", manifest["id"], "--config", config, expect=10)
+    assert "FAIL  facts" in failed.stdout and "t" in failed.stdout, failed.stdout
+    assert "PASS  restore    cleanup" in failed.stdout
+    assert rds_source.drills() == []
+    check = pgvault("check", "--config", config, expect=2)
+    assert "last snapshot drill failed" in check.stdout, check.stdout
+
+
+def test_a_failed_snapshot_run_is_recorded_and_announced(rds_instance: RdsSource,
+                                                         tmp_path: Path,
+                                                         recorder: Recorder) -> None:
+    rds_instance.foreign_snapshot("by-hand")
+    path = tmp_path / "pgvault.toml"
+    path.write_text(f'repo = "{(tmp_path / "repo").as_uri()}"\ndatabase = "app"\n'
+                    f'[notify]\nwebhook_url = "{recorder.url}/hook"\nevents = ["all"]\n'
+                    + rds_instance.toml(quota=1))
+    refused = pgvault("snapshot", "--config", str(path), expect=14)
+    assert "reach the quota of 1" in refused.stderr
+    events = [r.json() for r in recorder.wait_for("/hook", 2)]
+    assert [e["event"] for e in events] == ["snapshot.started", "snapshot.failed"]
+    assert "reach the quota of 1" in events[1]["error"]
+    history = json.loads((tmp_path / "repo" / "status" / "app" / "snapshot.json").read_text())
+    assert history["failures_total"] == 1 and history["last_success"] is None
+
+
+def test_a_killed_drill_leaves_a_tagged_instance_the_next_run_deletes(
+        rds_instance: RdsSource, tmp_path: Path, make_db: object,
+        pg_cluster: EphemeralCluster, recorder: Recorder) -> None:
+    """A real `pgvault verify` SIGKILLed while its command runs against the restored copy:
+    the temporary instance stays, tagged with the dead owner; the next `pgvault snapshot`
+    deletes it (moto's endpoint is fake: the checks go to a local database through the
+    test-only drill_connect_override)."""
+    url = make_db(prefix="snapkill")  # type: ignore[operator]
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    config = drill_config(tmp_path, rds_instance, url, url, f"{recorder.url}/hook",
+                          tmp_path / "p.prom", pg_cluster.url())
+    text = Path(config).read_text().replace('command = "test', 'command = "sleep 60; test')
+    Path(config).write_text(text)
+    pgvault("snapshot", "--config", config)
+    [manifest] = json.loads(pgvault("list", "--config", config, "--json").stdout)
+    proc = start("verify", manifest["id"], "--config", config, env={})
+    kill_when(proc, has_child("sleep"))
+    [left] = rds_instance.drills()
+    assert {t["Key"] for t in left["TagList"]} >= {"pgvault:drill", "pgvault:drill-started",
+                                                   TAG_MANAGED, TAG_BACKUP_ID}
+    again = pgvault("snapshot", "--config", config)
+    assert f"deleted the drill instance {left['DBInstanceIdentifier']}" in again.stderr
+    assert rds_instance.drills() == []
+
+
+def test_copies_go_to_each_region_with_its_key_and_are_pruned_by_its_own_policy(
+        rds_instance: RdsSource, tmp_path: Path) -> None:
+    region, client, key = rds_instance.other_region()
+    path = tmp_path / "pgvault.toml"
+    path.write_text(f'repo = "{(tmp_path / "repo").as_uri()}"\ndatabase = "app"\n'
+                    + rds_instance.toml()
+                    + f'[[snapshot.copies]]\nregion = "{region}"\nkms_key_id = "{key}"\n'
+                    'retention = { keep_last = 1, keep_daily = 0, keep_weekly = 0, '
+                    'keep_monthly = 0 }\n')
+    for _ in range(2):
+        out = pgvault("snapshot", "--config", str(path), "--prune").stdout
+    assert "copy " in out and f"({region})" in out, out
+    [copied] = client.describe_db_snapshots(SnapshotType="manual")["DBSnapshots"]
+    assert copied["KmsKeyId"] == key
+    tags = tags_of(copied)
+    assert tags[TAG_MANAGED] == "true" and tags["pgvault:copy-of"].startswith(
+        f"arn:aws:rds:{rds_instance.region}:")
+    assert len(rds_instance.snapshots()) == 2  # [retention] keep_daily 7 at home
+    listed = json.loads(pgvault("list", "--config", str(path), "--json").stdout)
+    assert len(listed) == 3
+    catalog = Catalog(open_storage((tmp_path / "repo").as_uri()))
+    copies = [m for m in catalog.list("app") if isinstance(m.snapshot, SnapshotFacts)
+              and m.snapshot.region == region]
+    assert [c.snapshot.copy_of for c in copies] == [tags[TAG_BACKUP_ID]] or \
+        len(copies) == 1  # type: ignore[union-attr]
+
+
+class _BusyRegion:
+    """A stand-in destination whose copy slots free up one poll at a time (moto's copies
+    finish at once, so the wait for a slot needs a provider that reports them running)."""
+
+    kind, region, source_id = "rds", "eu-central-1", "app"
+
+    def __init__(self, busy: list[int]) -> None:
+        self.busy = busy
+
+    def in_progress(self) -> int:
+        return self.busy.pop(0) if len(self.busy) > 1 else self.busy[0]
+
+
+def test_copies_wait_for_a_slot_in_the_destination_region() -> None:
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    options = SnapshotOptions(poll=10, wait_timeout=60, max_concurrent_copies=5,
+                              sleep=sleep, monotonic=lambda: clock[0])
+    assert wait_copy_slot(_BusyRegion([5, 6, 5, 4]), options) == 4  # type: ignore[arg-type]
+    assert clock[0] == 30
+    with pytest.raises(SnapshotFailed) as caught:
+        wait_copy_slot(_BusyRegion([5]), options)  # type: ignore[arg-type]
+    assert str(caught.value) == (
+        "no copy slot in eu-central-1 after 60 s: 5 snapshots are being made there (limit 5,"
+        " [snapshot] max_concurrent_copies)")

@@ -336,6 +336,16 @@ class FleetSettings(Section):
             raise ValueError("[fleet] jitter_minutes must be shorter than the window")
 
 
+class SnapshotCopyTarget(Section):
+    """One `[[databases.snapshot.copies]]`: a copy of each snapshot in another region."""
+
+    region: Annotated[str, Meta(min_length=1)]
+    # The destination region's KMS key (an encrypted snapshot's copy needs one there).
+    kms_key_id: str | None = None
+    # This region's own GFS retention over its pgvault-tagged copies; unset keys: [retention].
+    retention: dict[str, int | str] | None = None
+
+
 class SnapshotSettings(Section):
     """Provider snapshots of a managed database (`pgvault snapshot`): RDS or Aurora.
 
@@ -355,8 +365,25 @@ class SnapshotSettings(Section):
     # The automated backups' retention that check/status expect; None: [retention]
     # keep_daily (at most 35, RDS's maximum).
     automated_retention_days: Annotated[int, Meta(ge=0, le=35)] | None = None
+    copies: list[SnapshotCopyTarget] = field(default_factory=list)
+    # AWS runs at most 5 snapshot copies into one destination region at a time (default).
+    max_concurrent_copies: Annotated[int, Meta(ge=1, le=100)] = 5
+    # Drills (`pgvault verify SNAPSHOT-ID`): a temporary instance restored from the snapshot.
+    # None: db.t3.micro (rds), db.t4g.medium (aurora, the smallest class it accepts).
+    drill_instance_class: str | None = None
+    drill_subnet_group: str | None = None
+    drill_security_groups: list[str] = field(default_factory=list)
+    # A drill instance older than this is removed by the next snapshot/verify run, even
+    # when its owner cannot be proved dead (another host).
+    drill_max_hours: Annotated[float, Meta(gt=0)] = 6.0
+    # TEST-ONLY seam: connect the drill's checks to this URL instead of the restored
+    # instance's endpoint (moto's endpoints are fake). Never set it in production.
+    drill_connect_override: str | None = None
 
     def __post_init__(self) -> None:
+        regions = [target.region for target in self.copies]
+        if len(set(regions)) != len(regions):
+            raise ValueError("[snapshot] copies name one region twice")
         needed = "instance" if self.provider == "rds" else "cluster"
         if not getattr(self, needed):
             raise ValueError(f"[snapshot] provider {self.provider!r} needs {needed} (its "

@@ -24,6 +24,9 @@ EVENT_KINDS = (
     "verify.succeeded",
     "verify.failed",
     "prune.finished",
+    "snapshot.started",
+    "snapshot.succeeded",
+    "snapshot.failed",
 )
 
 _STATUS = {

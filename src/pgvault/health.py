@@ -19,6 +19,8 @@ from pgvault.model import Identity, Manifest, PushFailures, RunHistory, plural, 
 # metrics and the CLI show it): values, so the layers below ops can hold and print them.
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+SNAPSHOT_DRILL_WHERE = "provider snapshot"
+"""How a drill record of a provider snapshot's temporary instance begins its ``where``."""
 STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 
 
@@ -161,6 +163,10 @@ class DatabaseStatus:
     newest_snapshot: Manifest | None = None
     automated: AutomatedBackups | None = None
     """The provider's own automated backups, when [snapshot] names a managed database."""
+    snapshot_drill: Drill | None = None
+    """The newest drill of a provider snapshot (``drill`` is the repository's backups')."""
+    snapshot_history: RunHistory = dataclasses.field(default_factory=RunHistory)
+    """The `pgvault snapshot` runs (status/<db>/snapshot.json)."""
 
     def age(self, now: datetime) -> timedelta | None:
         """How old the newest recovery point is: the newest backup's snapshot, or, with a
@@ -218,12 +224,25 @@ class DatabaseStatus:
                            f"old (RPO {self.rpo_hours:g}h)")
         if self.automated is not None:
             warning += self.automated.problems(now, self.rpo_hours)
+        if self.snapshot_history.failing and self.snapshot_history.last_failure is not None:
+            failure = self.snapshot_history.last_failure
+            warning.append(f"last snapshot failed at {failure.at:%Y-%m-%d %H:%M}Z: "
+                           f"{failure.error or 'unknown error'}")
+        snap_drill = self.snapshot_drill
+        if snap_drill is not None and not snap_drill.passed:
+            what = "; ".join(snap_drill.failures) or "a check failed"
+            critical.append(f"last snapshot drill failed: {what}")
+        elif snap_drill is not None and snap_drill.restore_seconds is not None and \
+                snap_drill.restore_seconds > self.rto_minutes * 60:
+            critical.append(f"last snapshot drill took {_minutes(snap_drill.restore_seconds)} "
+                            f"to a queryable copy (RTO {self.rto_minutes:g}m)")
         if self.history.failing and self.history.last_failure is not None:
             failure = self.history.last_failure
             warning.append(f"last backup failed at {failure.at:%Y-%m-%d %H:%M}Z: "
                            f"{failure.error or 'unknown error'}")
         if self.drill is None:
-            if warn_drill_age_days:
+            # A database with only provider snapshots is drilled through them.
+            if warn_drill_age_days and (self.snapshot_drill is None or self.newest is not None):
                 warning.append("never restore-drilled (pgvault verify)")
         else:
             if not self.drill.passed:
@@ -297,10 +316,22 @@ class DatabaseStatus:
             "bad": [{"id": backup_id, "reason": why} for backup_id, why in self.bad],
             "damaged_records": list(self.damaged_records),
             **({"snapshots": self.snapshots, "newest_snapshot": _snapshot_json(
-                self.newest_snapshot, now)} if self.newest_snapshot is not None else {}),
+                self.newest_snapshot, now), "snapshot_rpo_met": now
+                - self.newest_snapshot.started_at <= timedelta(hours=self.rpo_hours)}
+               if self.newest_snapshot is not None else {}),
+            **({"snapshot_last_drill": _drill_json(self.snapshot_drill, self.rto_minutes)}
+               if self.snapshot_drill is not None else {}),
             **({"automated_backups": self.automated.to_json(now)}
                if self.automated is not None else {}),
         }
+
+
+def _drill_json(drill: Drill, rto_minutes: float) -> dict[str, Any]:
+    seconds = drill.restore_seconds
+    return {"backup_id": drill.backup_id, "level": drill.level,
+            "finished_at": drill.finished_at.isoformat(), "passed": drill.passed,
+            "restore_seconds": seconds, "failures": list(drill.failures),
+            "rto_met": None if seconds is None else seconds <= rto_minutes * 60}
 
 
 def _snapshot_json(manifest: Manifest, now: datetime) -> dict[str, Any]:
@@ -311,6 +342,7 @@ def _snapshot_json(manifest: Manifest, now: datetime) -> dict[str, Any]:
             **({} if isinstance(facts, UnsetType) else
                {"provider": facts.provider, "region": facts.region,
                 "snapshot_id": facts.snapshot_id, "source_id": facts.source_id,
+                "copy_of": facts.copy_of,
                 "engine_version": facts.engine_version, "size_gb": facts.size_gb})}
 
 

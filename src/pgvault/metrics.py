@@ -91,6 +91,15 @@ class Metrics:
                                   "Failed wal-push runs recorded in the repository."),
             "wal_failure": gauge("pgvault_wal_push_last_failure_timestamp_seconds",
                                  "When the last wal-push failed (0: never)."),
+            "snapshot_success": gauge("pgvault_snapshot_last_success_timestamp_seconds",
+                                      "When the newest provider snapshot was taken."),
+            "snapshots": gauge("pgvault_snapshots", "Provider snapshots recorded (every "
+                               "region)."),
+            "snapshot_failure": gauge("pgvault_snapshot_last_failure_timestamp_seconds",
+                                      "When the last failed snapshot run ended (0: never)."),
+            "snapshot_restore": gauge("pgvault_snapshot_restore_last_duration_seconds",
+                                      "Time to a queryable copy in the newest snapshot drill: "
+                                      "the snapshot path's RTO."),
         }
         failures = CounterMetricFamily("pgvault_backup_failures", "Failed backup runs.",
                                        labels=labels)
@@ -169,6 +178,15 @@ def _gauge_values(status: DatabaseStatus) -> Iterator[tuple[str, float]]:
         yield "verify_success", status.drill_last_success.timestamp()
     yield "rpo", status.rpo_hours * 3600
     yield "rto", status.rto_minutes * 60
+    if status.newest_snapshot is not None or status.snapshot_history.last_failure is not None:
+        snapshot = status.newest_snapshot
+        yield "snapshots", float(status.snapshots)
+        yield "snapshot_success", snapshot.started_at.timestamp() if snapshot else 0.0
+        failed = status.snapshot_history.last_failure
+        yield "snapshot_failure", failed.finished_at.timestamp() if failed else 0.0
+    snap_drill = status.snapshot_drill
+    if snap_drill is not None and snap_drill.restore_seconds is not None:
+        yield "snapshot_restore", snap_drill.restore_seconds
     archive = status.archive
     if archive is not None:
         yield "wal_gaps", float(len(archive.gaps))

@@ -328,6 +328,7 @@ class SnapshotFacts(msgspec.Struct):
     encrypted: bool
     created_at: datetime | None = None  # the provider's SnapshotCreateTime
     kms_key_id: str | None = None
+    copy_of: str | None = None  # a cross-region copy: the backup id of the snapshot it copies
 
 
 class Pin(msgspec.Struct):

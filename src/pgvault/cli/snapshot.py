@@ -1,5 +1,6 @@
-"""`pgvault snapshot`: provider snapshots of managed databases (RDS, Aurora), and their
-retention (`pgvault snapshot prune`)."""
+"""`pgvault snapshot`: provider snapshots of managed databases (RDS, Aurora), their copies
+to other regions, their retention (`pgvault snapshot prune`) and, for `pgvault verify`,
+their drills."""
 
 from __future__ import annotations
 
@@ -20,8 +21,15 @@ Config (per database, or top-level for a single one):
   region = "eu-west-1"             # else AWS_REGION / AWS_DEFAULT_REGION
   quota = 100                      # manual snapshots AWS allows in the region
   wait_timeout_seconds = 3600
+  max_concurrent_copies = 5        # copies into one region at a time (AWS: 5)
+  drill_subnet_group = "drills"    # pgvault verify SNAPSHOT-ID restores here
+  drill_security_groups = ["sg-0123"]
+  [[databases.snapshot.copies]]
+  region = "eu-central-1"
+  kms_key_id = "arn:aws:kms:eu-central-1:111122223333:key/..."
+  retention = { keep_daily = 3, keep_weekly = 4, keep_monthly = 0 }
 Credentials: the AWS_* chain (variables, profile, instance role), as for S3;
-the IAM policy it needs is in docs/security.md.
+the least-privilege IAM policy is in docs/managed.md.
 """
 
 
@@ -33,6 +41,10 @@ def _dbname_option(func: Any) -> Any:
 
 def snapshot_targets(settings: Any, dbname: str | None) -> list[tuple[str, Any]]:
     """(database name, its settings) for every database with a [snapshot] section."""
+    return [(name, target.settings) for name, target in _targets(settings, dbname)]
+
+
+def _targets(settings: Any, dbname: str | None) -> list[tuple[str, Any]]:
     from pgvault import config
     from pgvault.errors import ConfigError
 
@@ -46,7 +58,7 @@ def snapshot_targets(settings: Any, dbname: str | None) -> list[tuple[str, Any]]
             raise ConfigError("[snapshot] needs a database name to record snapshots under: "
                               "set database (or PGVAULT_DATABASE), or use [[databases]]")
         if wanted is None or name == wanted:
-            found.append((name, target.settings))
+            found.append((name, target))
     if not found:
         where = f" for database {wanted!r}" if wanted else ""
         raise ConfigError(f"no [snapshot] section configured{where}: see pgvault snapshot "
@@ -54,14 +66,48 @@ def snapshot_targets(settings: Any, dbname: str | None) -> list[tuple[str, Any]]
     return found
 
 
-def provider_of(settings: Any, *, timeout: float = 60.0) -> Any:
-    """The snapshot provider the settings' [snapshot] section names."""
+def provider_of(settings: Any, *, timeout: float = 60.0, region: str | None = None) -> Any:
+    """The snapshot provider the settings' [snapshot] section names (in ``region``: a copy
+    target's)."""
     from pgvault.engines.rds import RdsProvider
 
     section = settings.snapshot
-    return RdsProvider(section.provider, section.source_id, region=section.region,
+    return RdsProvider(section.provider, section.source_id, region=region or section.region,
                        endpoint_url=section.endpoint_url,
                        credentials=settings.secrets.aws_credentials(), timeout=timeout)
+
+
+def copy_targets(settings: Any, vault: Any) -> tuple[Any, ...]:
+    """The [[snapshot.copies]] targets: each region's provider, KMS key and policy (its own
+    retention keys over [retention]'s)."""
+    import msgspec
+
+    from pgvault.errors import ConfigError
+    from pgvault.ops.snapshot import CopyTarget
+    from pgvault.retention import Policy
+
+    found = []
+    for target in settings.snapshot.copies:
+        keys = {**msgspec.structs.asdict(settings.retention), **(target.retention or {})}
+        try:
+            policy = Policy.from_mapping(keys)
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"[snapshot] copies to {target.region}: retention: {exc}") \
+                from None
+        found.append(CopyTarget(provider_of(settings, region=target.region),
+                                target.kms_key_id, policy))
+    return tuple(found)
+
+
+def _source_facts(target: Any) -> Any:
+    """Reads the source's facts at snapshot time, when the database has a connection with
+    a host (a URL); None for a bare name, which reaches no managed server."""
+    conn = _connection(target)
+    if conn is None:
+        return None
+    from pgvault.ops.snapshot import source_facts
+
+    return lambda: source_facts(conn)
 
 
 def audit(vault: Any) -> Any:
@@ -84,8 +130,12 @@ def _options(settings: Any, vault: Any) -> Any:
     from pgvault.ops.snapshot import SnapshotOptions
 
     section = settings.snapshot
+    from datetime import timedelta
+
     return SnapshotOptions(quota=section.quota, wait_timeout=section.wait_timeout_seconds,
-                           poll=section.poll_seconds, lock_stale_after=vault.lock_stale_after)
+                           poll=section.poll_seconds, lock_stale_after=vault.lock_stale_after,
+                           max_concurrent_copies=section.max_concurrent_copies,
+                           drill_max_age=timedelta(hours=section.drill_max_hours))
 
 
 @cli.group("snapshot", invoke_without_command=True, epilog=SNAPSHOT_HELP + "\n" + EXIT_CODES)
@@ -106,11 +156,21 @@ def snapshot(ctx: click.Context, /, only: str | None, then_prune: bool, as_json:
     a backup of kind "snapshot": `pgvault list`, `status` and `check` show it
     beside the logical and physical backups. Before creating, the manual
     snapshots in the region are counted: at the quota nothing is created (exit
-    14), from 80% of it a warning is printed.
+    14), from 80% of it a warning is printed. When the database has a URL, its
+    facts (row counts, schema, migrations) are recorded too, for drills.
+
+    Each [[snapshot.copies]] target then gets a copy (CopyDBSnapshot with that
+    region's KMS key), recorded as a backup of its own in that region, waiting
+    for a slot when max_concurrent_copies copies run there already. A failed
+    copy exits 14 after the others. With --prune (or prune_after_backup) every
+    region is pruned by its own retention. Drill instances left by a killed
+    `pgvault verify` (tagged pgvault:drill, owner dead or older than
+    drill_max_hours) are deleted first.
 
     `pgvault restore` never restores a snapshot: restore it with the provider
-    (aws rds restore-db-instance-from-db-snapshot). Retention of snapshots is
-    `pgvault snapshot prune`.
+    (aws rds restore-db-instance-from-db-snapshot); `pgvault verify ID` drills
+    one on a temporary instance. Retention of snapshots is `pgvault snapshot
+    prune`.
 
     \b
     Examples:
@@ -122,31 +182,48 @@ def snapshot(ctx: click.Context, /, only: str | None, then_prune: bool, as_json:
     if ctx.invoked_subcommand is not None:
         return
     from pgvault.console import human_seconds
+    from pgvault.errors import SnapshotFailed
     from pgvault.model import to_dict
-    from pgvault.ops.snapshot import take_snapshot
+    from pgvault.ops.jobs import SnapshotRequest, run
 
     settings_ = _settings(ctx)
     done = []
-    for name, settings in snapshot_targets(settings_, only):
+    copy_errors: list[str] = []
+    for name, target in _targets(settings_, only):
+        settings = target.settings
         vault = vault_of(ctx, settings)
         provider = provider_of(settings)
-        manifest = take_snapshot(provider, vault.catalog, name, _options(settings, vault),
-                                 clock=vault.clock)
-        done.append(manifest)
-        for warning in manifest.warnings:
-            click.echo(f"pgvault: warning: {warning}", err=True)
+        prune = then_prune or settings.prune_after_backup
+        # As a job: run history, snapshot.started/succeeded/failed events, metrics.
+        result = run(vault, SnapshotRequest(
+            name, provider, _options(settings, vault), copies=copy_targets(settings, vault),
+            policy=vault.policy if prune else None, facts=_source_facts(target)))
+        done += [result.manifest, *result.copies]
+        for manifest in (result.manifest, *result.copies):
+            for warning in manifest.warnings:
+                click.echo(f"pgvault: warning: {warning}", err=True)
+        for swept in result.swept:
+            click.echo(f"pgvault: deleted the drill instance {swept} a dead or stale drill "
+                       "left", err=True)
+        for error in result.copy_errors:
+            click.echo(f"pgvault: {error}", err=True)
+        copy_errors += [f"{name}: {e}" for e in result.copy_errors]
         if not as_json:
-            facts: Any = manifest.snapshot
-            took = (manifest.finished_at - manifest.started_at).total_seconds()
-            click.echo(f"snapshot {manifest.id} of {name}: {facts.provider} "
-                       f"{facts.snapshot_id} of {facts.source_id} ({facts.region}), "
-                       f"{facts.size_gb} GiB, {facts.engine} {facts.engine_version}, "
-                       f"took {human_seconds(took)}")
-        if then_prune or settings.prune_after_backup:
-            _prune(vault, provider, name, dry_run=False, force=False,
-                   as_json=as_json)
+            for manifest in (result.manifest, *result.copies):
+                facts: Any = manifest.snapshot
+                took = (manifest.finished_at - manifest.started_at).total_seconds()
+                what = "copy" if facts.copy_of else "snapshot"
+                click.echo(f"{what} {manifest.id} of {name}: {facts.provider} "
+                           f"{facts.snapshot_id} of {facts.source_id} ({facts.region}), "
+                           f"{facts.size_gb} GiB, {facts.engine} {facts.engine_version}, "
+                           f"took {human_seconds(took)}")
+            for report in result.prunes:
+                _print_prune(report)
     if as_json:
         click.echo(json.dumps([to_dict(m) for m in done], indent=2, default=str))
+    if copy_errors:
+        raise SnapshotFailed(f"{len(copy_errors)} snapshot copies failed; first: "
+                             f"{copy_errors[0]}")
 
 
 def _settings(ctx: click.Context) -> Any:
@@ -156,32 +233,36 @@ def _settings(ctx: click.Context) -> Any:
 
 
 def _prune(vault: Any, provider: Any, name: str, *, dry_run: bool, force: bool,
-           as_json: bool) -> Any:
-    from datetime import UTC
-
+           as_json: bool, policy: Any = None) -> Any:
     from pgvault.ops.snapshot import prune_snapshots
 
-    report = prune_snapshots(provider, vault.catalog, name, vault.policy, now=vault.clock(),
-                             dry_run=dry_run, force=force,
+    report = prune_snapshots(provider, vault.catalog, name, policy or vault.policy,
+                             now=vault.clock(), dry_run=dry_run, force=force,
                              lock_stale_after=vault.lock_stale_after)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        click.echo(report.summary())
-        rows = [("KEEP", m, ", ".join(why)) for m, why in report.keep]
-        rows += [("DELETE", m, why) for m, why in report.remove]
-        for verdict, m, why in sorted(rows, key=lambda row: row[1].time, reverse=True):
-            snap = getattr(m.snapshot, "snapshot_id", "")
-            click.echo(f"  {verdict:<7} {m.id:<30} {m.time.astimezone(UTC):%Y-%m-%d %H:%M}  "
-                       f"{snap}  {why}".rstrip())
-        for snap in report.orphans:
-            click.echo(f"  {'DELETE':<7} {snap}  tagged by pgvault, recorded by no manifest, "
-                       "older than a day")
-        for snap in report.orphans_left:
-            click.echo(f"  {'LEFT':<7} {snap}  tagged by pgvault, not recorded (yet)")
+        _print_prune(report)
+    return report
+
+
+def _print_prune(report: Any) -> None:
+    from datetime import UTC
+
+    click.echo(report.summary())
+    rows = [("KEEP", m, ", ".join(why)) for m, why in report.keep]
+    rows += [("DELETE", m, why) for m, why in report.remove]
+    for verdict, m, why in sorted(rows, key=lambda row: row[1].time, reverse=True):
+        snap = getattr(m.snapshot, "snapshot_id", "")
+        click.echo(f"  {verdict:<7} {m.id:<30} {m.time.astimezone(UTC):%Y-%m-%d %H:%M}  "
+                   f"{snap}  {why}".rstrip())
+    for snap in report.orphans:
+        click.echo(f"  {'DELETE':<7} {snap}  tagged by pgvault, recorded by no manifest, "
+                   "older than a day")
+    for snap in report.orphans_left:
+        click.echo(f"  {'LEFT':<7} {snap}  tagged by pgvault, not recorded (yet)")
     for error in report.errors:
         click.echo(f"pgvault: {error}", err=True)
-    return report
 
 
 @snapshot.command("prune", epilog=EXIT_CODES)
@@ -221,6 +302,9 @@ def snapshot_prune(ctx: click.Context, /, only: str | None, dry_run: bool, force
         vault = vault_of(ctx, settings)
         reports.append(_prune(vault, provider_of(settings), name, dry_run=dry_run,
                               force=force, as_json=as_json))
+        for target in copy_targets(settings, vault):  # each region by its own policy
+            reports.append(_prune(vault, target.provider, name, dry_run=dry_run, force=force,
+                                  as_json=as_json, policy=target.policy))
     refused = [r for r in reports if r.refused]
     if refused and not dry_run:
         raise UsageError(f"snapshot prune of {refused[0].database} refused: "
@@ -230,12 +314,99 @@ def snapshot_prune(ctx: click.Context, /, only: str | None, dry_run: bool, force
         raise SnapshotFailed(f"snapshot prune of {failed[0].database}: {failed[0].errors[0]}")
 
 
+def snapshot_drill(settings: Any, manifest: Any, options: Any) -> Any:
+    """The drill `pgvault verify` runs for a provider snapshot: ``drill(manifest)`` restores
+    it to a temporary instance and checks it (ops.snapshot.drill_snapshot)."""
+    import dataclasses
+    from datetime import timedelta
+
+    from pgvault.engines.snapshots import DrillPlacement
+    from pgvault.errors import ConfigError
+    from pgvault.ops.snapshot import DrillOptions, drill_snapshot
+    from pgvault.pg.conninfo import ConnInfo
+    from pgvault.vault import Vault
+
+    found = [t for name, t in _targets(settings, manifest.database)]
+    target = found[0]
+    section = target.settings.snapshot
+    facts = manifest.snapshot
+    # A copy is drilled in its own region.
+    provider = provider_of(target.settings, region=facts.region)
+    if facts.provider != section.provider or facts.source_id != section.source_id:
+        raise ConfigError(f"snapshot {manifest.id} is of {facts.provider} {facts.source_id}"
+                          f" ({facts.region}), not of the configured [snapshot] source")
+    override = section.drill_connect_override
+    source = _connection(target)
+
+    def connect(instance: Any) -> Any:
+        if override:  # the test-only seam: moto's endpoints are fake
+            return ConnInfo.parse(override)
+        if source is None or not instance.host:
+            raise ConfigError(f"drill of {manifest.id}: no connection to check the restored "
+                              "copy with: give the database a URL (its user and password "
+                              "are the restored copy's too)")
+        return dataclasses.replace(source, params={**source.params, "host": instance.host,
+                                                   "port": str(instance.port or 5432)})
+
+    drill_options = DrillOptions(
+        verify=options, connect=connect,
+        placement=DrillPlacement(section.drill_instance_class, section.drill_subnet_group,
+                                 tuple(section.drill_security_groups)),
+        wait_timeout=section.wait_timeout_seconds, poll=section.poll_seconds,
+        max_age=timedelta(hours=section.drill_max_hours))
+    storage = Vault.open(target.settings).storage
+
+    def drill(m: Any) -> Any:
+        return drill_snapshot(provider, storage, m, drill_options)
+
+    return drill
+
+
+def _connection(target: Any) -> Any:
+    from pgvault import config
+    from pgvault.errors import PgvaultError
+
+    try:
+        conn = config.target_connection(target)
+    except PgvaultError:
+        return None
+    return conn if conn.params.get("host") else None
+
+
 def with_audit(status: Any, vault: Any) -> Any:
     """``status`` with the provider's automated backups, when [snapshot] names them."""
     import dataclasses
 
     found = audit(vault)
     return status if found is None else dataclasses.replace(status, automated=found)
+
+
+def _paths(status: Any, now: Any) -> list[str]:
+    """The recovery paths side by side: each one's newest point against the RPO, and its
+    last drill's time against the RTO."""
+    from pgvault.console import human_seconds
+
+    rpo, rto = status.rpo_hours * 3600, status.rto_minutes * 60
+    lines = [f"  recovery paths (RPO {status.rpo_hours:g}h, RTO {status.rto_minutes:g}m)"]
+    paths = [("logical" if status.newest is None or status.newest.kind != "physical"
+              else "physical", status.newest, status.drill, "restore"),
+             ("snapshot", status.newest_snapshot, status.snapshot_drill, "to queryable")]
+    for kind, newest, drill, timed in paths:
+        if newest is None:
+            lines.append(f"    {kind:<9} none")
+            continue
+        age = (now - newest.started_at).total_seconds()
+        text = (f"    {kind:<9} {newest.id}, {human_seconds(age)} ago, RPO "
+                f"{'met' if age <= rpo else 'MISSED'}; ")
+        if drill is None:
+            text += "never drilled"
+        else:
+            text += f"last drill {'PASSED' if drill.passed else 'FAILED'}"
+            if drill.restore_seconds is not None:
+                text += (f", {timed} {human_seconds(drill.restore_seconds)}, RTO "
+                         f"{'met' if drill.restore_seconds <= rto else 'MISSED'}")
+        lines.append(text)
+    return lines
 
 
 def status_lines(status: Any, now: Any) -> list[str]:
@@ -251,6 +422,8 @@ def status_lines(status: Any, now: Any) -> list[str]:
         lines.append(f"  snapshots      {status.snapshots}, newest {newest.id} "
                      f"({facts.provider} {facts.snapshot_id}, {facts.size_gb} GiB), "
                      f"{human_seconds(age)} ago (RPO {status.rpo_hours:g}h {met})")
+    if newest is not None:
+        lines += _paths(status, now)
     found = status.automated
     if found is not None:
         what = f"{found.provider} {found.source_id}"

@@ -187,9 +187,6 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
             raise UsageError("--keep keeps one drill's database: name one backup, not 'all'")
     else:
         manifests = [catalog.get(backup_id, database)]
-        if manifests[0].kind == "snapshot":
-            raise UsageError(f"backup {manifests[0].id} is a provider snapshot: pgvault "
-                             "verify does not drill snapshots yet")
     # The report is stored here, after its verdict is printed: a repository that refuses
     # it (read-only) must not swallow the verdict of a drill that ran.
     options = dataclasses.replace(verify_options(vault, level, jobs, identity_file),
@@ -199,6 +196,10 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
     with scratch_servers(settings, server, keep) as servers:
 
         def drill_one(drill: Any, manifest: Any) -> Any:
+            if manifest.kind == "snapshot":  # a temporary instance restored by the provider
+                from pgvault.cli.snapshot import snapshot_drill
+
+                return snapshot_drill(settings, manifest, drill)(manifest)
             return run_verify(storage, manifest, drill, servers)
 
         for manifest in manifests:

@@ -3,22 +3,36 @@
 ``kind`` "rds": DB snapshots of a DB instance (CreateDBSnapshot, DescribeDBSnapshots,
 DeleteDBSnapshot, DescribeDBInstances). "aurora": DB cluster snapshots of a DB cluster
 (CreateDBClusterSnapshot, DescribeDBClusterSnapshots, DeleteDBClusterSnapshot,
-DescribeDBClusters). Credentials come from botocore's standard chain (AWS_* variables,
-profiles, instance roles), or the key pair the AWS_*_FILE variables hold.
+DescribeDBClusters). Copies into this provider's region: CopyDBSnapshot /
+CopyDBClusterSnapshot with the destination's KMS key. Drills: RestoreDBInstanceFromDBSnapshot
+(Aurora: RestoreDBClusterFromSnapshot, then CreateDBInstance in it, since a restored cluster
+has no instance to connect to), DescribeDBInstances / DescribeDBClusters, DeleteDBInstance /
+DeleteDBCluster without a final snapshot. Credentials come from botocore's standard chain
+(AWS_* variables, profiles, instance roles), or the key pair the AWS_*_FILE variables hold.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from pgvault.engines.snapshots import ProviderSnapshot
+from pgvault.engines.snapshots import (
+    IN_PROGRESS,
+    TAG_DRILL,
+    DrillInstance,
+    DrillPlacement,
+    ProviderSnapshot,
+)
 from pgvault.errors import SnapshotFailed
 from pgvault.health import AutomatedBackups
 
 _NOT_FOUND = ("DBSnapshotNotFound", "DBClusterSnapshotNotFoundFault", "DBSnapshotNotFoundFault",
-              "DBClusterSnapshotNotFound")
+              "DBClusterSnapshotNotFound", "DBInstanceNotFound", "DBInstanceNotFoundFault",
+              "DBClusterNotFoundFault", "DBClusterNotFound")
+DRILL_CLASS = {"rds": "db.t3.micro", "aurora": "db.t4g.medium"}
+"""The smallest instance class each accepts: a drill only needs to answer queries."""
 
 
 class RdsProvider:
@@ -172,6 +186,110 @@ class RdsProvider:
             latest_restorable=latest if isinstance(latest, datetime) else None,
             expected_retention_days=expected_retention_days)
 
+    def in_progress(self) -> int:
+        return sum(1 for item in self._manual() if item.get("Status") in IN_PROGRESS)
+
+    def copy_from(self, source: ProviderSnapshot, snapshot_id: str, tags: Mapping[str, str],
+                  kms_key_id: str | None) -> ProviderSnapshot:
+        # The source is named by its ARN; SourceRegion lets botocore sign the presigned URL
+        # AWS needs for an encrypted cross-region copy.
+        source_region = source.arn.split(":")[3] if source.arn.count(":") >= 5 else None
+        params: dict[str, Any] = {
+            "Tags": [{"Key": k, "Value": v} for k, v in tags.items()],
+            **({"KmsKeyId": kms_key_id} if kms_key_id else {}),
+            **({"SourceRegion": source_region} if source_region else {})}
+        if self._kind == "rds":
+            found = self._call("copy_db_snapshot", SourceDBSnapshotIdentifier=source.arn,
+                               TargetDBSnapshotIdentifier=snapshot_id, **params)
+            return self._snapshot(found["DBSnapshot"])
+        found = self._call("copy_db_cluster_snapshot",
+                           SourceDBClusterSnapshotIdentifier=source.arn,
+                           TargetDBClusterSnapshotIdentifier=snapshot_id, **params)
+        return self._snapshot(found["DBClusterSnapshot"])
+
+    def restore_drill(self, snapshot_id: str, name: str, tags: Mapping[str, str],
+                      placement: DrillPlacement) -> None:
+        tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
+        network: dict[str, Any] = {
+            **({"DBSubnetGroupName": placement.subnet_group} if placement.subnet_group else {}),
+            **({"VpcSecurityGroupIds": list(placement.security_groups)}
+               if placement.security_groups else {})}
+        instance_class = placement.instance_class or DRILL_CLASS[self._kind]
+        if self._kind == "rds":
+            self._call("restore_db_instance_from_db_snapshot", DBInstanceIdentifier=name,
+                       DBSnapshotIdentifier=snapshot_id, DBInstanceClass=instance_class,
+                       PubliclyAccessible=False, MultiAZ=False, DeletionProtection=False,
+                       Tags=tag_list, **network)
+            return
+        engine = self._call("describe_db_cluster_snapshots",
+                            DBClusterSnapshotIdentifier=snapshot_id
+                            )["DBClusterSnapshots"][0].get("Engine", "aurora-postgresql")
+        self._call("restore_db_cluster_from_snapshot", DBClusterIdentifier=name,
+                   SnapshotIdentifier=snapshot_id, Engine=engine, DeletionProtection=False,
+                   Tags=tag_list, **network)
+        self._call("create_db_instance", DBInstanceIdentifier=f"{name}-1",
+                   DBClusterIdentifier=name, DBInstanceClass=instance_class, Engine=engine,
+                   PubliclyAccessible=False, Tags=tag_list)
+
+    def describe_drill(self, name: str) -> DrillInstance | None:
+        try:
+            if self._kind == "rds":
+                items = self._call("describe_db_instances",
+                                   DBInstanceIdentifier=name)["DBInstances"]
+                if not items:
+                    return None
+                item = items[0]
+                endpoint = item.get("Endpoint") or {}
+                return DrillInstance(name, str(item.get("DBInstanceStatus", "")),
+                                     endpoint.get("Address"), endpoint.get("Port"),
+                                     _tags(item))
+            clusters = self._call("describe_db_clusters", DBClusterIdentifier=name)["DBClusters"]
+            if not clusters:
+                return None
+            cluster = clusters[0]
+            status = str(cluster.get("Status", ""))
+            try:
+                members = self._call("describe_db_instances", DBInstanceIdentifier=f"{name}-1"
+                                     )["DBInstances"]
+            except _Gone:
+                members = []
+            # Queryable once the cluster and its one instance both are.
+            member = str(members[0].get("DBInstanceStatus", "")) if members else "missing"
+            if status == "available" and member != "available":
+                status = f"instance {member}"
+            return DrillInstance(name, status, cluster.get("Endpoint"), cluster.get("Port"),
+                                 _tags(cluster))
+        except _Gone:
+            return None
+
+    def list_drills(self) -> list[DrillInstance]:
+        if self._kind == "rds":
+            items = self._pages("describe_db_instances", "DBInstances")
+            return [DrillInstance(str(i["DBInstanceIdentifier"]),
+                                  str(i.get("DBInstanceStatus", "")), tags=_tags(i))
+                    for i in items if TAG_DRILL in _tags(i)]
+        clusters = self._pages("describe_db_clusters", "DBClusters")
+        return [DrillInstance(str(c["DBClusterIdentifier"]), str(c.get("Status", "")),
+                              tags=_tags(c)) for c in clusters if TAG_DRILL in _tags(c)]
+
+    def delete_drill(self, name: str) -> bool:
+        if self._kind == "rds":
+            try:
+                self._call("delete_db_instance", DBInstanceIdentifier=name,
+                           SkipFinalSnapshot=True, DeleteAutomatedBackups=True)
+            except _Gone:
+                return False
+            return True
+        # The instance first: a cluster with an instance not being deleted refuses.
+        with contextlib.suppress(_Gone):
+            self._call("delete_db_instance", DBInstanceIdentifier=f"{name}-1",
+                       SkipFinalSnapshot=True)
+        try:
+            self._call("delete_db_cluster", DBClusterIdentifier=name, SkipFinalSnapshot=True)
+        except _Gone:
+            return False
+        return True
+
     def _snapshot(self, item: Mapping[str, Any]) -> ProviderSnapshot:
         cluster = self._kind == "aurora"
         created = item.get("SnapshotCreateTime")
@@ -188,7 +306,11 @@ class RdsProvider:
             encrypted=bool(item.get("StorageEncrypted" if cluster else "Encrypted", False)),
             kms_key_id=item.get("KmsKeyId"),
             created_at=created if isinstance(created, datetime) else None,
-            tags={t["Key"]: t["Value"] for t in item.get("TagList", [])})
+            tags=_tags(item))
+
+
+def _tags(item: Mapping[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in item.get("TagList", [])}
 
 
 class _Gone(Exception):

@@ -3,7 +3,10 @@
 A provider (``engines.rds`` for RDS and Aurora) creates a manual snapshot with pgvault's
 tags, describes one, lists the ones pgvault made of its source, counts the manual snapshots
 of the region (the provider's quota counts every one, not only pgvault's), deletes one,
-and reports its own automated backups. The use case (``ops.snapshot``) decides the rest.
+and reports its own automated backups. Opened for another region it copies a snapshot
+there with that region's KMS key; for a drill it restores a snapshot to a temporary
+instance (or cluster) tagged as pgvault's drill, describes its endpoint, lists the drill
+instances of the region and deletes one. The use case (``ops.snapshot``) decides the rest.
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ TAG_DATABASE = "pgvault:database"
 """The database name the snapshot is recorded under in the repository."""
 TAG_BACKUP_ID = "pgvault:backup-id"
 """The id of the manifest that records it."""
+TAG_COPY_OF = "pgvault:copy-of"
+"""On a cross-region copy: the ARN of the snapshot it copies."""
+TAG_DRILL = "pgvault:drill"
+"""On a drill's temporary instance or cluster: its owner (leftovers.Owner token)."""
+TAG_DRILL_STARTED = "pgvault:drill-started"
+"""When the drill that made it started (ISO 8601, UTC)."""
 
 AVAILABLE = "available"
 FAILED = ("failed", "incompatible-restore", "incompatible-parameters", "deleting")
+IN_PROGRESS = ("creating", "copying", "pending")
+"""A snapshot in one of these states still counts against the region's copy limit."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,26 @@ class ProviderSnapshot:
     @property
     def backup_id(self) -> str | None:
         return self.tags.get(TAG_BACKUP_ID)
+
+
+@dataclass(frozen=True)
+class DrillPlacement:
+    """Where a drill's temporary instance runs: small, private, in the configured network."""
+
+    instance_class: str | None = None  # None: the provider's smallest
+    subnet_group: str | None = None
+    security_groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DrillInstance:
+    """A drill's temporary instance (or cluster) as the provider describes it."""
+
+    name: str
+    status: str
+    host: str | None = None
+    port: int | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 class SnapshotProvider(Protocol):
@@ -85,6 +116,31 @@ class SnapshotProvider(Protocol):
         ...
 
     def automated_backups(self, expected_retention_days: int) -> AutomatedBackups: ...
+
+    def in_progress(self) -> int:
+        """Manual snapshots of this kind in the region still being created or copied."""
+        ...
+
+    def copy_from(self, source: ProviderSnapshot, snapshot_id: str, tags: Mapping[str, str],
+                  kms_key_id: str | None) -> ProviderSnapshot:
+        """Copy ``source`` (of another region) into this provider's region."""
+        ...
+
+    def restore_drill(self, snapshot_id: str, name: str, tags: Mapping[str, str],
+                      placement: DrillPlacement) -> None:
+        """Restore a snapshot to a temporary instance (Aurora: cluster plus one instance)."""
+        ...
+
+    def describe_drill(self, name: str) -> DrillInstance | None: ...
+
+    def list_drills(self) -> list[DrillInstance]:
+        """Every drill instance (or cluster) tagged as pgvault's in the region."""
+        ...
+
+    def delete_drill(self, name: str) -> bool:
+        """Delete a drill's temporary instance (and cluster), no final snapshot; False if
+        it was already gone."""
+        ...
 
 
 def snapshot_name(source_id: str, backup_id: str) -> str:

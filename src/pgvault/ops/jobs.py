@@ -28,8 +28,10 @@ from pgvault.vault import Vault
 
 if TYPE_CHECKING:
     from pgvault.config import Settings
-    from pgvault.model import Manifest, VerifyReport
+    from pgvault.engines.snapshots import SnapshotProvider
+    from pgvault.model import Facts, Manifest, VerifyReport
     from pgvault.ops.prune import Policy, PruneReport
+    from pgvault.ops.snapshot import CopyTarget, SnapshotOptions, SnapshotRun
     from pgvault.pg.conninfo import ConnInfo
     from pgvault.pipeline.stream import Progress
 
@@ -92,6 +94,19 @@ class PruneRequest:
     now: datetime | None = None
 
 
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """A provider snapshot of ``database`` (ops/snapshot.py): drill leftovers swept, the
+    snapshot taken and recorded, copied to each target, then pruned if ``policy``."""
+
+    database: str
+    provider: SnapshotProvider
+    options: SnapshotOptions
+    copies: tuple[CopyTarget, ...] = ()
+    policy: Policy | None = None
+    facts: Callable[[], Facts] | None = None
+
+
 @dataclass
 class BackupRun:
     """A finished backup job: the backup, and what followed it."""
@@ -115,6 +130,8 @@ def run(vault: Vault, request: BackupRequest | BaseBackupRequest) -> BackupRun: 
 def run(vault: Vault, request: VerifyRequest) -> VerifyReport: ...
 @overload
 def run(vault: Vault, request: PruneRequest) -> PruneReport: ...
+@overload
+def run(vault: Vault, request: SnapshotRequest) -> SnapshotRun: ...
 
 
 def run(vault: Vault, request: Any) -> Any:
@@ -128,6 +145,8 @@ def run(vault: Vault, request: Any) -> Any:
         return _verify(vault, request)
     if isinstance(request, PruneRequest):
         return _prune(vault, request)
+    if isinstance(request, SnapshotRequest):
+        return _snapshot(vault, request)
     raise TypeError(f"no job runs a {type(request).__name__}")
 
 
@@ -317,6 +336,57 @@ def _finish(progress: Any) -> None:
         finish()
 
 
+# ---------------------------------------------------------------- provider snapshots
+
+def _snapshot(vault: Vault, request: SnapshotRequest) -> SnapshotRun:
+    """One snapshot run: snapshot.started, then snapshot.succeeded or snapshot.failed, its
+    own run history (status/<db>/snapshot.json), metrics published."""
+    from pgvault.ops.snapshot import snapshot_run
+    from pgvault.ops.status import SNAPSHOT_HISTORY
+
+    database = request.database
+    fanout = vault.events
+    started = vault.clock()
+    with logs.tail() as tail:
+        fanout.emit(Event("snapshot.started", database, started, started_at=started))
+        try:
+            done = snapshot_run(request.provider, vault.catalog, database, request.options,
+                                copies=request.copies, policy=request.policy,
+                                facts=request.facts, clock=vault.clock)
+        except BaseException as exc:
+            finished = vault.clock()
+            error = str(exc) or type(exc).__name__
+            duration = (finished - started).total_seconds()
+            _record(vault.storage, database, RunRecord(
+                at=started, finished_at=finished, duration=duration, error=error),
+                failed=True, name=SNAPSHOT_HISTORY)
+            fanout.emit(Event("snapshot.failed", database, finished, started_at=started,
+                              finished_at=finished, duration=duration, error=error,
+                              log_tail=tuple(tail)))
+            publish(vault, database)
+            raise
+        manifest = done.manifest
+        for warning in manifest.warnings:
+            log.warning("snapshot %s of %s: %s", manifest.id, database, warning)
+        duration = (manifest.finished_at - manifest.started_at).total_seconds()
+        _record(vault.storage, database, RunRecord(
+            at=manifest.started_at, finished_at=manifest.finished_at, duration=duration,
+            backup_id=manifest.id), failed=False, name=SNAPSHOT_HISTORY)
+        facts: Any = manifest.snapshot
+        fanout.emit(Event(
+            "snapshot.succeeded", database, manifest.finished_at, backup_id=manifest.id,
+            started_at=manifest.started_at, finished_at=manifest.finished_at,
+            duration=duration, error="; ".join(done.copy_errors) or None,
+            details={"provider": facts.provider, "region": facts.region,
+                     "snapshot_id": facts.snapshot_id,
+                     "copies": [c.snapshot.region for c in done.copies  # type: ignore[union-attr]
+                                ],
+                     "removed": sum(len(p.remove) + len(p.orphans) for p in done.prunes),
+                     "drills_swept": len(done.swept)}))
+    publish(vault, database)
+    return done
+
+
 # ---------------------------------------------------------------- prune
 
 def _prune(vault: Vault, request: PruneRequest) -> PruneReport:
@@ -338,16 +408,21 @@ def _abortable(progress: Callable[[int], None] | None,
 
     def step(n: int) -> None:
         if cancel.is_set():
-            raise Interrupted("backup aborted: pgvault is shutting down")
+            # The fleet's cancel says why (its lease was taken over); else a stop.
+            why = getattr(cancel, "reason", None) or "pgvault is shutting down"
+            raise Interrupted(f"backup aborted: {why}")
         if progress is not None:
             progress(n)
 
     return step
 
 
-def _record(storage: Storage, database: str, run: RunRecord, *, failed: bool) -> Any:
+def _record(storage: Storage, database: str, run: RunRecord, *, failed: bool,
+            name: str | None = None) -> Any:
     """Add a run to the history; a storage that refuses it is logged, never fatal."""
     try:
+        if name is not None:
+            return record_run(storage, database, run, failed=failed, name=name)
         return record_run(storage, database, run, failed=failed)
     except Exception as exc:
         # After a failed run the storage is often the cause, and the run's own error line

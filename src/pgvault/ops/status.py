@@ -17,6 +17,7 @@ from pgvault.catalog import Catalog, lock_key
 from pgvault.health import (
     CRITICAL,
     OK,
+    SNAPSHOT_DRILL_WHERE,
     STATE_NAMES,
     UNKNOWN,
     WARNING,
@@ -37,16 +38,19 @@ __all__ = ["CRITICAL", "HISTORY", "OK", "STATE_NAMES", "UNKNOWN", "WARNING", "Da
 
 HISTORY = "backup"
 """Name of the run-history status record (status/<db>/backup.json)."""
+SNAPSHOT_HISTORY = "snapshot"
+"""Name of the provider snapshot runs' history (status/<db>/snapshot.json)."""
 
 
-def read_history(storage: Storage, database: str) -> RunHistory:
+def read_history(storage: Storage, database: str, name: str = HISTORY) -> RunHistory:
     """The run history of ``database``; empty if none was written (or it is unreadable)."""
-    return _history(storage, database)[0]
+    return _history(storage, database, name)[0]
 
 
-def _history(storage: Storage, database: str) -> tuple[RunHistory, str | None]:
+def _history(storage: Storage, database: str,
+             name: str = HISTORY) -> tuple[RunHistory, str | None]:
     """The run history of ``database``, and why it could not be read (None if it could)."""
-    record, problem = Catalog(storage).status_record(database, HISTORY)
+    record, problem = Catalog(storage).status_record(database, name)
     if record is None:
         return RunHistory(), problem
     try:
@@ -55,15 +59,16 @@ def _history(storage: Storage, database: str) -> tuple[RunHistory, str | None]:
         return RunHistory(), f"run history of {database!r} is damaged: {exc}"
 
 
-def record_run(storage: Storage, database: str, run: RunRecord, *, failed: bool) -> RunHistory:
-    """Add ``run`` to the history of ``database``; returns the history as it was before."""
-    before = read_history(storage, database)
+def record_run(storage: Storage, database: str, run: RunRecord, *, failed: bool,
+               name: str = HISTORY) -> RunHistory:
+    """Add ``run`` to the history ``name`` of ``database``; returns it as it was before."""
+    before = read_history(storage, database, name)
     if failed:
         after = msgspec.structs.replace(before, last_failure=run,
                                         failures_total=before.failures_total + 1)
     else:
         after = msgspec.structs.replace(before, last_success=run)
-    Catalog(storage).write_status(database, HISTORY, to_dict(after))
+    Catalog(storage).write_status(database, name, to_dict(after))
     return before
 
 
@@ -83,7 +88,10 @@ def database_status(storage: Storage, database: str, *, rpo_hours: float, rto_mi
     snapshots = [m for m in manifests if m.kind == "snapshot"]
     manifests = [m for m in manifests if m.kind != "snapshot"]
     physical = [m for m in manifests if m.kind == "physical"]
-    reports = list(drills.newest.values())
+    every = list(drills.newest.values())
+    # A provider snapshot's drills are its own recovery path's, shown beside the others.
+    snapshot_drills = [r for r in every if r.where.startswith(SNAPSHOT_DRILL_WHERE)]
+    reports = [r for r in every if not r.where.startswith(SNAPSHOT_DRILL_WHERE)]
     drill = last_drill(reports)
     history, history_problem = _history(storage, database)
     damaged_records = [f"{d.reason} ({d.key})" for d in drills.damaged]
@@ -107,6 +115,8 @@ def database_status(storage: Storage, database: str, *, rpo_hours: float, rto_mi
         damaged_records=tuple(damaged_records),
         snapshots=len(snapshots),
         newest_snapshot=snapshots[-1] if snapshots else None,
+        snapshot_drill=last_drill(snapshot_drills),
+        snapshot_history=read_history(storage, database, SNAPSHOT_HISTORY),
     )
 
 

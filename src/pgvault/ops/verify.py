@@ -113,6 +113,23 @@ def verify(storage: Storage, manifest: Manifest, options: VerifyOptions,
     return report
 
 
+def check_restored(storage: Storage, manifest: Manifest, target: ConnInfo,
+                   options: VerifyOptions, report: VerifyReport) -> None:
+    """The checks from level 'facts' on (facts, [[verify.sql]], the command) against a copy
+    restored elsewhere: a provider snapshot's temporary instance (ops/snapshot.py)."""
+    drill = _Drill(storage, manifest, options, ScratchServers(None), report)
+    if options.includes("facts"):
+        if manifest.facts == Facts():
+            drill.check("facts", "facts", None, "no facts were recorded with this snapshot "
+                        "(the database has no connection URL)")
+        else:
+            drill.facts(target)
+    if options.includes("assertions"):
+        drill.assertions(target)
+    if options.includes("command"):
+        drill.command(target)
+
+
 class _Drill:
     """The steps of one drill; each appends its checks to the report."""
 

@@ -136,3 +136,27 @@ def test_a_failing_stream_fails_the_restore_in_one_line_and_leaves_no_database(
             "SELECT datname FROM pg_database WHERE datname = %s OR datname LIKE "
             "'pgvault\\_tmp\\_%%'", [target]).fetchall()]
     assert left == []
+
+
+@pytest.mark.parametrize("piece", [1, 5, 64])
+@pytest.mark.parametrize("read_size", [1, 3, 1000])
+def test_rows_are_cut_at_line_ends_up_to_the_end_marker(
+    monkeypatch: pytest.MonkeyPatch, piece: int, read_size: int
+) -> None:
+    """Lines that hold an escaped backslash-dot, a marker split across reads, a row longer
+    than a piece; nothing after the marker is handed on."""
+    monkeypatch.setattr(pg_restore, "PIECE", piece)
+    rows = b"1\tfirst\\n\\\\.\n2\t\\\\.\n" + b"3\t" + b"x" * 200 + b"\n4\t\\N\n"
+    text = rows + b"\\.\n\n\n-- trailer\n"
+    chunks = [text[i:i + read_size] for i in range(3, len(text), read_size)]
+    pieces: list[bytes] = []
+    pg_restore.cut_rows(lambda: chunks.pop(0) if chunks else b"", text[:3], pieces.append)
+    assert b"".join(pieces) == rows
+    assert all(p.endswith(b"\n") for p in pieces)
+    if piece == 1 and read_size < 100:  # whole lines as soon as they are there
+        assert len(pieces) >= 3
+    with pytest.raises(pg_restore.RestoreFailed, match="without its end marker"):
+        pg_restore.cut_rows(lambda: b"", b"1\tno end\n", pieces.append)
+    pieces.clear()
+    pg_restore.cut_rows(lambda: b"", b"\\.\n", pieces.append)  # an empty table
+    assert pieces == []

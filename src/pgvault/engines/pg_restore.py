@@ -309,7 +309,7 @@ def restore_spooled(source: Readable | Spool, argv: list[Any], env: dict[str, st
                              path], env).finish()
             return
         load = _SplitLoad(path, big, argv, env, jobs, spool_toc(spool))
-        _load_beside(spool, path, [load], _passes(spool, frozenset(e.dump_id for e in big)),
+        _load_beside(path, [load], _passes(spool, frozenset(e.dump_id for e in big)),
                      argv, env, jobs, busy=jobs)
     finally:
         if schema is not None:
@@ -393,14 +393,14 @@ def restore_split(main: Readable | Spool, parts: Sequence[Callable[[], Readable]
         PgRestore.start([*argv, "--section=pre-data", *pre, path], env).finish()
         loads = [_Load(part, argv, env, selection) for part in parts]
         passes = _passes(main)
-        _load_beside(main, main.wait(), loads, passes, argv, env, jobs, busy=len(parts))
+        _load_beside(main.wait(), loads, passes, argv, env, jobs, busy=len(parts))
     finally:
         for load in loads:
             load.stop()
         main.close()
 
 
-def _load_beside(spool: Spool, path: str, loads: Sequence[_Load | _SplitLoad], passes: _Passes,
+def _load_beside(path: str, loads: Sequence[_Load | _SplitLoad], passes: _Passes,
                  argv: list[Any], env: dict[str, str], jobs: int, busy: int) -> None:
     """The main archive's data and post-data in ``passes`` while ``loads`` (keeping ``busy``
     sessions at work) fill the tables apart; the first failure stops everything."""
@@ -568,24 +568,7 @@ class _SplitLoad:
             raise RestoreFailed(describe_exit("pg_restore", dump.returncode, dump_tail))
 
     def _dispatch(self, fd: int, rows: bytes, pieces: queue.Queue[bytes | None]) -> None:
-        """Cut the COPY text read from ``fd`` at line ends into pieces, until its end marker."""
-        carry = rows
-        while True:
-            if carry.startswith(END_OF_ROWS):
-                return
-            end = carry.find(b"\n" + END_OF_ROWS)
-            if end >= 0:
-                self._put(pieces, carry[:end + 1])
-                return
-            if len(carry) >= PIECE:
-                cut = carry.rfind(b"\n") + 1
-                if cut:
-                    self._put(pieces, carry[:cut])
-                    carry = carry[cut:]
-            data = os.read(fd, PIECE)
-            if not data:
-                raise RestoreFailed("pg_restore's COPY text ended without its end marker")
-            carry += data
+        cut_rows(lambda: os.read(fd, PIECE), rows, lambda piece: self._put(pieces, piece))
 
     def _put(self, pieces: queue.Queue[bytes | None], piece: bytes | None) -> None:
         while True:
@@ -653,6 +636,34 @@ class _SplitLoad:
         for proc in self._procs:
             with contextlib.suppress(OSError):
                 proc.wait()
+
+
+def cut_rows(read: Callable[[], bytes], rows: bytes, put: Callable[[bytes], None]) -> None:
+    """Hand COPY text (``rows``, then what ``read`` returns) to ``put`` in whole lines of
+    about PIECE bytes, up to its end marker; RestoreFailed if the text ends before it."""
+    carry = bytearray(rows)
+    scanned = 0  # the marker is not in carry[:scanned - 3], nor a line end in carry[:bare]
+    bare = 0
+    while True:
+        if carry.startswith(END_OF_ROWS):
+            return
+        end = carry.find(b"\n" + END_OF_ROWS, max(0, scanned - len(END_OF_ROWS)))
+        if end >= 0:
+            put(bytes(carry[:end + 1]))
+            return
+        if len(carry) >= PIECE:
+            cut = carry.rfind(b"\n", bare) + 1
+            if cut:
+                put(bytes(carry[:cut]))
+                del carry[:cut]
+                bare = 0
+            else:  # a row longer than a piece: look only at what comes next
+                bare = len(carry)
+        scanned = len(carry)
+        data = read()
+        if not data:
+            raise RestoreFailed("pg_restore's COPY text ended without its end marker")
+        carry += data
 
 
 def fcntl_setpipe(fd: int) -> None:

@@ -7,7 +7,8 @@ Faults a test can arm, each for the connections that reach its trigger:
   buffers fill and its ``send`` blocks, nothing ever answers).
 - reset: once a GET's response has carried ``reset_after_down`` bytes towards the client,
   the connection is reset (RST), as a middlebox dropping state would.
-- slow: every chunk forwarded waits so that each direction moves at most ``rate`` bytes/s.
+- slow: every chunk forwarded waits so that each direction moves at most ``rate`` bytes/s
+  (``rate_up``: only the direction towards the server, as an uplink slower than its downlink).
 
 ``stalls`` / ``resets`` bound how many connections get the fault (None: every one).
 """
@@ -34,6 +35,7 @@ class Faults:
     reset_after_down: int | None = None
     resets: int | None = None
     rate: float | None = None
+    rate_up: float | None = None
     # What happened, for the test to assert on.
     stalled: int = 0
     reset: int = 0
@@ -119,6 +121,8 @@ class FaultProxy:
                                 return
                         up += len(data)
                         self._slow(len(data))
+                        if faults.rate_up:
+                            time.sleep(len(data) / faults.rate_up)
                         server.sendall(data)
                     else:
                         limit = faults.reset_after_down

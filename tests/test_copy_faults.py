@@ -9,19 +9,29 @@ endpoint that is overloaded.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import random
+import shutil
+import signal
+import subprocess as sp
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cli_runner import pgvault
+import psycopg
+
+from cli_runner import PGVAULT, clean_env, pgvault
 from dbcompare import assert_databases_equal
+from faultproxy import Faults, fault_proxy
 from fixtures_s3 import _free_port
 from pgvault.catalog import Catalog
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.storage import open_storage
 from pgvault.storage.s3 import S3Options
-from test_copy import fill, write_config
+from test_copy import assert_consistent, fill, snapshot, write_config
 
 MakeDb = Callable[..., str]
 
@@ -97,3 +107,79 @@ def test_restore_latest_falls_back_to_an_intact_copy_and_says_which(
     failed, _ = restore(expect=6)
     assert "no repository holds an intact copy (main: " in failed.stderr
     assert "; cold: " in failed.stderr
+
+
+def test_copies_sigkilled_at_random_moments_end_exact_and_the_copy_alone_verifies(
+    make_db: MakeDb, pg_cluster: EphemeralCluster, s3_server: str, s3_bucket: str,
+    s3_options: S3Options, tmp_path: Path, target_names: list[str],
+) -> None:
+    primary = tmp_path / "primary"
+    # The copy's uploads go through a proxy holding them to 40 kB/s (reads back are not
+    # held), so that a copy lasts long enough for kills to land before, between and inside
+    # its objects and before its manifests.
+    with fault_proxy(s3_server, Faults(rate_up=4e4)) as proxy:
+        config = write_config(tmp_path / "pgvault.toml", [
+            {"name": "main", "url": f"file://{primary}", "primary": True},
+            {"name": "offsite", "url": f"s3://{s3_bucket}/app",
+             "retention": "{ keep_last = 10 }", "s3": f'{{ endpoint_url = "{proxy.url}" }}'},
+        ], f'[s3]\nendpoint_url = "{s3_server}"\npath_style = true\n')
+        env = {"PGVAULT_CONFIG": str(config)}
+        source = make_db(prefix="killcopy_src")
+        # Six backups of ~55 kB each (the table emptied in between): twelve objects that
+        # a copy sends two at a time, each taking about a second through the proxy.
+        for generation in range(6):
+            with psycopg.connect(source, autocommit=True) as conn:
+                conn.execute("DROP TABLE IF EXISTS blob")
+            fill(source, 400, generation)
+            pgvault("backup", "--dbname", source, env=env)
+        state = make_db(source, prefix="killcopy_state")
+        src = open_storage(f"file://{primary}")
+        dst = open_storage(f"s3://{s3_bucket}/app", s3_options)
+        objects = {a.key for m in Catalog(src).list() for a in m.artifacts}
+
+        rng = random.Random(20)  # seeded: a failure replays with the same kill moments
+        full_env = clean_env() | env
+        at_kill: list[tuple[int, int]] = []  # (objects, manifests) there at each kill
+        for _ in range(10):
+            before = proxy.faults.connections
+            proc = sp.Popen([PGVAULT, "copy", "--jobs", "2", "--json"], env=full_env,
+                            stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+            # A random moment counted from its first request (its start-up takes 0.3 s
+            # here, and 1.5 s when the machine is busy).
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and proxy.faults.connections == before and \
+                    time.monotonic() < deadline:
+                time.sleep(0.01)
+            with contextlib.suppress(sp.TimeoutExpired):
+                proc.wait(timeout=rng.uniform(0.0, 1.0))
+            proc.send_signal(signal.SIGKILL)
+            out, _err = proc.communicate()
+            if out.strip():
+                break  # it finished before its kill
+            at_kill.append((sum(1 for i in dst.list("backups/") if i.key in objects),
+                            sum(1 for _ in dst.list("manifests/"))))
+            # Whatever the moment: only complete objects with the source's bytes, and no
+            # manifest before every object of its backup.
+            assert_consistent(dst, src)
+        # The kills landed at many points of the copy, not all before or after it.
+        print("(objects, manifests) at the target when killed:", at_kill)
+        assert len(at_kill) >= 6 and len(set(at_kill)) >= 4, at_kill
+
+        proxy.faults.rate_up = None
+        done = json.loads(pgvault("copy", "--json", env=env).stdout)
+        assert done["failed"] == {}
+        assert snapshot(dst) == snapshot(src)  # exactly the source's manifests and sha256s
+        assert Catalog(dst).orphans() == [] and not list(dst.list("locks/"))
+
+        # The primary is gone: the copy alone verifies, and restore latest falls back to it.
+        shutil.rmtree(primary)
+        checked = json.loads(pgvault("verify", "all", "--repo", "offsite", "--level",
+                                     "integrity", "--json", env=env).stdout)
+        assert len(checked) == 6
+        assert all(c["status"] == "pass" for r in checked for c in r["checks"])
+        target = f"killcopy_restored_{uuid.uuid4().hex[:10]}"
+        target_names.append(target)
+        done_restore = pgvault("restore", "latest", "--to", target, "-d", pg_cluster.url(),
+                               env=env)
+        assert "from repository offsite" in done_restore.stdout
+        assert_databases_equal(state, pg_cluster.url(target))

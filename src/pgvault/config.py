@@ -347,14 +347,22 @@ class SnapshotCopyTarget(Section):
 
 
 class SnapshotSettings(Section):
-    """Provider snapshots of a managed database (`pgvault snapshot`): RDS or Aurora.
+    """Provider snapshots of a managed database (`pgvault snapshot`): RDS, Aurora or Neon.
 
-    Credentials come from the AWS_* chain, as for S3 (never from this file).
+    Credentials come from the AWS_* chain, as for S3, and Neon's API key from NEON_API_KEY
+    (or NEON_API_KEY_FILE); never from this file.
     """
 
-    provider: Literal["rds", "aurora"]
+    provider: Literal["rds", "aurora", "neon"]
     instance: str | None = None  # rds: the DB instance identifier
     cluster: str | None = None  # aurora: the DB cluster identifier
+    project: str | None = None  # neon: the project id
+    branch: str | None = None  # neon: the branch id (snapshots need a root branch)
+    api_url: str = "https://console.neon.tech/api/v2"  # neon
+    # neon: "branch" takes a branch at the moment instead, where snapshots are unavailable.
+    mode: Literal["snapshot", "branch"] = "snapshot"
+    # neon: the snapshot's expires_at, a safety net behind retention (None: no expiry).
+    expire_days: Annotated[float, Meta(gt=0)] | None = None
     region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / the AWS profile's
     endpoint_url: str | None = None  # another RDS API endpoint (a test server, a VPC endpoint)
     # AWS allows 100 manual snapshots per region (instance and cluster snapshots each):
@@ -384,6 +392,13 @@ class SnapshotSettings(Section):
         regions = [target.region for target in self.copies]
         if len(set(regions)) != len(regions):
             raise ValueError("[snapshot] copies name one region twice")
+        if self.provider == "neon":
+            if not (self.project and self.branch):
+                raise ValueError("[snapshot] provider 'neon' needs project and branch (its "
+                                 "project id and branch id)")
+            if self.copies:
+                raise ValueError("[snapshot] provider 'neon' has no cross-region copies")
+            return
         needed = "instance" if self.provider == "rds" else "cluster"
         if not getattr(self, needed):
             raise ValueError(f"[snapshot] provider {self.provider!r} needs {needed} (its "
@@ -391,7 +406,8 @@ class SnapshotSettings(Section):
 
     @property
     def source_id(self) -> str:
-        return (self.instance if self.provider == "rds" else self.cluster) or ""
+        return {"rds": self.instance, "aurora": self.cluster,
+                "neon": self.branch}[self.provider] or ""
 
 
 _ENTRY_SECTIONS = ("compression", "retention", "objectives", "schedule", "notify")
@@ -895,7 +911,7 @@ def _describe(exc: msgspec.ValidationError) -> str:
 
 # Read from VAR or from the file VAR_FILE names, once, at load (see Secrets).
 _FILE_SECRETS = (*SECRET_VARIABLES, "PGVAULT_AGE_PASSPHRASE", "PGVAULT_S3_SSE_C_KEY",
-                 "PGVAULT_CONSOLE_TOKEN")
+                 "PGVAULT_CONSOLE_TOKEN", "NEON_API_KEY")
 
 
 def _read_secret(environ: Mapping[str, str], name: str) -> str | ConfigError | None:

@@ -69,9 +69,22 @@ def _targets(settings: Any, dbname: str | None) -> list[tuple[str, Any]]:
 def provider_of(settings: Any, *, timeout: float = 60.0, region: str | None = None) -> Any:
     """The snapshot provider the settings' [snapshot] section names (in ``region``: a copy
     target's)."""
+    section = settings.snapshot
+    if section.provider == "neon":
+        from datetime import timedelta
+
+        from pgvault.engines.neon import NeonProvider
+        from pgvault.errors import ConfigError
+
+        key = settings.secrets.get("NEON_API_KEY")
+        if not key:
+            raise ConfigError("[snapshot] provider 'neon' needs an API key: set NEON_API_KEY "
+                              "or NEON_API_KEY_FILE")
+        expiry = None if section.expire_days is None else timedelta(days=section.expire_days)
+        return NeonProvider(section.project, section.branch, key, api_url=section.api_url,
+                            mode=section.mode, expire_after=expiry, timeout=timeout)
     from pgvault.engines.rds import RdsProvider
 
-    section = settings.snapshot
     return RdsProvider(section.provider, section.source_id, region=region or section.region,
                        endpoint_url=section.endpoint_url,
                        credentials=settings.secrets.aws_credentials(), timeout=timeout)

@@ -146,8 +146,8 @@ def take_snapshot(provider: SnapshotProvider, catalog: Catalog, database: str,
         name = snapshot_name(provider.source_id, backup_id)
         found = provider.create(name, {TAG_MANAGED: "true", TAG_DATABASE: database,
                                        TAG_BACKUP_ID: backup_id})
-        if found.status != AVAILABLE:
-            found = wait_available(provider, name, timeout=options.wait_timeout,
+        if found.status != AVAILABLE:  # Neon names its snapshots itself: its id, not ours
+            found = wait_available(provider, found.snapshot_id, timeout=options.wait_timeout,
                                    poll=options.poll, sleep=options.sleep)
         manifest = Manifest(
             id=backup_id, kind="snapshot", database=database, started_at=started,
@@ -359,7 +359,7 @@ def copy_snapshot(source: Manifest, target: CopyTarget, catalog: Catalog,
                                               TAG_BACKUP_ID: backup_id, TAG_COPY_OF: facts.arn},
                                target.kms_key_id)
         if found.status != AVAILABLE:
-            found = wait_available(dest, name, timeout=options.wait_timeout,
+            found = wait_available(dest, found.snapshot_id, timeout=options.wait_timeout,
                                    poll=options.poll, sleep=options.sleep)
         manifest = Manifest(
             id=backup_id, kind="snapshot", database=database, started_at=source.started_at,

@@ -8,15 +8,20 @@ restore to their source."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import random
 import signal
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import psycopg
 import pytest
 
@@ -32,8 +37,9 @@ from fixtures_fleet import (
     write_config,
 )
 from pgvault import catalog, config, fleet, lease
+from pgvault.errors import Conflict
 from pgvault.fleet import LeaseRecord, Shard, Timing
-from pgvault.ops.fleet import run_shard
+from pgvault.ops.fleet import ShardReport, run_shard
 from pgvault.storage import open_storage
 from pgvault.storage.base import Storage
 from pgvault.storage.memory import MemoryStorage
@@ -134,6 +140,115 @@ def test_decide_waits_for_the_jittered_start() -> None:
     assert fleet.decide("app", None, T0 + offset, timing).action == "take"
 
 
+# ---------------------------------------------------------------- fleet status
+
+def _standing(record: LeaseRecord | None, at: datetime = T0 + timedelta(hours=3)) -> str:
+    state = fleet.standing("app", record, at, TIMING, 4)
+    assert state.shard == fleet.owner("app", 4)
+    return f"{state.standing}: {state.reason}"
+
+
+def test_standing_names_why_a_database_missed_its_window() -> None:
+    at = T0 + timedelta(hours=3)
+    assert _standing(None).startswith("missed: never started")
+    done = fleet.finished(fleet.running("h 1 t", W, T0, TIMING, None, "1/4"), T0, "b1")
+    assert _standing(done) == "done: backup b1"
+    # The previous window had its backup: not missed, whatever the current one does.
+    before = fleet.window_at(T0 - DAY, DAY)
+    yesterday = fleet.finished(fleet.running("h 1 t", before, T0 - DAY, TIMING, None), T0 - DAY,
+                               "b0")
+    assert _standing(yesterday) == "due: due now"
+    now_running = fleet.running("w 2 x", W, at, TIMING, yesterday, "2/4")
+    assert _standing(now_running).startswith("running: still running: w 2 x (shard 2/4)")
+    failing = fleet.failed(now_running, at, "connection refused", TIMING)
+    assert _standing(failing).startswith("failing: failed 1 time(s)")
+    # Two windows back: the last complete window was missed, and the record says why.
+    old = fleet.window_at(T0 - 2 * DAY, DAY)
+    stale = fleet.finished(fleet.running("h 1 t", old, T0 - 2 * DAY, TIMING, None), T0 - 2 * DAY,
+                           "b9")
+    assert _standing(stale).startswith("missed: never started in the window (last backup b9")
+    failed = fleet.failed(fleet.running("w 2 x", W, T0, TIMING, stale, "2/4"), T0,
+                          "FATAL: database \"app\" does not exist", TIMING)
+    assert _standing(failed) == ("missed: failed 1 time(s), last at 2026-03-01T00:00:00+00:00: "
+                                 "FATAL: database \"app\" does not exist")
+    lost = fleet.running("w 3 y", W, T0, TIMING, stale, "3/4")
+    assert _standing(lost).startswith("missed: lease lost: w 3 y (shard 3/4) stopped renewing")
+    live = fleet.running("w 3 y", W, at, TIMING, stale, "3/4")
+    assert _standing(live).startswith("missed: still running: w 3 y (shard 3/4)")
+    copy_failed = fleet.finished(fleet.running("h 1 t", W, T0, TIMING, None), T0, "b2",
+                                 {"copy:offsite": "failed: no such bucket", "drill": "ok"})
+    state = fleet.standing("app", copy_failed, at, TIMING, 4)
+    assert state.standing == "done" and state.problems == ("copy:offsite: failed: no such bucket",)
+
+
+def test_fleet_status_check_and_metrics_say_which_databases_missed_and_why(
+        tmp_path: Path) -> None:
+    """Lease records as workers write them (fleet.running/finished/failed) in a folder
+    repository; `pgvault fleet status`, `check` and `metrics` read them at the real time."""
+    names = [f"db{n}" for n in range(8)]
+    urls = {n: f"postgresql://pgvault@127.0.0.1:1/{n}" for n in names}
+    repo = tmp_path / "repo"
+    cfg = write_config(tmp_path / "fleet.toml", urls, fleet={"window_hours": 1})
+    storage = open_storage(repo.as_uri())
+    timing = Timing(window=timedelta(hours=1), lease=timedelta(minutes=2))
+    now = datetime.now(UTC)
+    w = fleet.window_at(now, timing.window)
+    prev = fleet.Window(w.index - 1, w.start - timing.window, w.start)
+    old = fleet.Window(w.index - 2, w.start - 2 * timing.window, w.start - timing.window)
+
+    def put(name: str, record: LeaseRecord) -> None:
+        lease.Lease.claim(storage, catalog.fleet_lease_key(name), record, None)
+
+    def done(window: fleet.Window, backup: str, shard: str = "0/2") -> LeaseRecord:
+        return fleet.finished(fleet.running("w 1 a", window, window.start, timing, None, shard),
+                              window.start, backup)
+
+    for n in names[:5]:
+        put(n, done(w, f"b-{n}", f"{fleet.owner(n, 2)}/2"))
+    put(names[5], done(prev, "b-prev"))  # due: the previous window had it
+    put(names[6], fleet.failed(fleet.running("w 2 b", w, now, timing, done(old, "b-old"),
+                                             "1/2"), now, "connection refused", timing))
+    # names[7]: no record at all (never started)
+    flags = ["--config", str(cfg), "--repo", repo.as_uri()]
+    proc = pgvault("fleet", "status", "--json", *flags, expect=12)
+    report = json.loads(proc.stdout)
+    assert report["shards"] == 2 and report["window"] == w.index
+    assert report["counts"] == {"done": 5, "due": 1, "running": 0, "failing": 0, "missed": 2}
+    by_name = {d["database"]: d for d in report["databases"]}
+    assert by_name["db6"]["standing"] == "missed" and "connection refused" in \
+        by_name["db6"]["reason"]
+    assert by_name["db7"]["reason"].startswith("never started")
+    assert sum(sum(row.values()) for row in report["by_shard"].values()) == 8
+    assert report["by_shard"][f"{fleet.owner('db7', 2)}/2"]["missed"] >= 1
+    assert "2 of 8 databases missed their window" in proc.stderr
+    text = pgvault("fleet", "status", "--missed", *flags, expect=12).stdout
+    assert "shard 0/2" in text and "shard 1/2" in text
+    assert [line.split()[0] for line in text.splitlines()[3:]] == ["db6", "db7"]
+    check = pgvault("fleet", "check", *flags, expect=2).stdout
+    assert check.startswith("PGVAULT FLEET CRITICAL - 2 of 8 missed their window: db6 (failed")
+    assert check.rstrip().endswith("| done=5 due=1 running=0 failing=0 missed=2")
+    metrics = pgvault("fleet", "metrics", *flags).stdout
+    assert 'pgvault_fleet_window_missed{cause="failed",database="db6"} 1.0' in metrics
+    assert 'pgvault_fleet_window_missed{cause="never_started",database="db7"} 1.0' in metrics
+    assert 'pgvault_fleet_databases{standing="done"} 5.0' in metrics
+    # Both back: db7 done in this window, db6's retry runs now (a worker holds it):
+    # still CRITICAL for db6? No: it missed the last window and is still running: WARNING.
+    put(names[7], done(w, "b-7"))
+    record, etag = lease.read(storage, catalog.fleet_lease_key("db6"))
+    assert record is not None
+    lease.Lease.claim(storage, catalog.fleet_lease_key("db6"),
+                      fleet.running("w 3 c", w, datetime.now(UTC), timing, record, "1/2"), etag)
+    check = pgvault("fleet", "check", *flags, expect=1).stdout
+    assert check.startswith("PGVAULT FLEET WARNING - 1 of 8 missed their window: db6 (still "
+                            "running: w 3 c (shard 1/2)")
+    record, etag = lease.read(storage, catalog.fleet_lease_key("db6"))
+    assert record is not None
+    lease.Lease.claim(storage, catalog.fleet_lease_key("db6"),
+                      fleet.finished(record, datetime.now(UTC), "b-6"), etag)
+    check = pgvault("fleet", "check", *flags, expect=0).stdout
+    assert check.startswith("PGVAULT FLEET OK - 8 databases, 7 done this window")
+
+
 # ---------------------------------------------------------------- in-process, fake clock
 
 class FakeClock:
@@ -205,6 +320,128 @@ def test_a_failing_database_backs_off_and_the_rest_go_on(tmp_path: Path,
     _restore_and_compare(repo.as_uri(), report.backed_up[good], good, fleet_dbs)
 
 
+def _capture(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """pgvault's logger stops propagating once the CLI configured it: listen on it."""
+    logger = logging.getLogger("pgvault")
+    added = not logger.propagate  # else the root's handler sees every record already
+    if added:
+        logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.INFO)
+    try:
+        yield caplog
+    finally:
+        if added:
+            logger.removeHandler(caplog.handler)
+
+
+pgvault_logs = pytest.fixture(_capture)
+
+
+def test_the_shard_loop_drills_copies_and_prunes_under_the_lease(
+        tmp_path: Path, fleet_dbs: Fleet, pgvault_logs: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """Each database's window: backup, its restore drill, the copy to the [[repos]] copy
+    (pruned by its own policy), the primary's prune; the lease record says how each went."""
+    from pgvault.cli.fleet import _drill_for
+
+    names = [*list(fleet_dbs.urls)[:2], list(fleet_dbs.urls)[-1]]
+    urls = {n: fleet_dbs.urls[n] for n in names}
+    main, offsite = tmp_path / "main", tmp_path / "offsite"
+    server = fleet_dbs.urls[names[0]].rsplit("/", 1)[0]
+    extra = "\n".join([
+        "verify_after_backup = true", "prune_after_backup = true",
+        "[verify]", f'server = "{server}/postgres"', 'level = "facts"',
+        "[retention]", "keep_last = 1", "keep_daily = 0", "keep_weekly = 0",
+        "keep_monthly = 0",
+        "[[repos]]", 'name = "main"', f'url = "{main.as_uri()}"', "primary = true",
+        "[[repos]]", 'name = "offsite"', f'url = "{offsite.as_uri()}"',
+        "retention = { keep_last = 2, keep_daily = 0, keep_weekly = 0, keep_monthly = 0 }"])
+    cfg = write_config(tmp_path / "fleet.toml", urls, extra=extra, fleet={"window_hours": 1})
+    settings = config.load({}, {}, str(cfg))
+    clock = FakeClock(fleet.window_at(datetime.now(UTC), timedelta(hours=1)).start)
+    first = run_shard(settings, Shard(0, 1), drill_for=_drill_for, clock=clock,
+                      sleep=clock.sleep)
+    assert sorted(first.backed_up) == sorted(names) and not first.missed
+    primary, copy = open_storage(main.as_uri()), open_storage(offsite.as_uri())
+    for name in names:
+        assert first.jobs[name] == {"drill": "ok", "prune": "ok",
+                                    "copy:offsite": "ok (1 copied), pruned 0"}, first.jobs
+        record, _ = lease.read(primary, catalog.fleet_lease_key(name))
+        assert record is not None and record.jobs == first.jobs[name]
+        assert record.shard == "0/1" and record.done_window == first.window.index
+        (drill,) = catalog.Catalog(primary).drills(name, first.backed_up[name])
+        assert not isinstance(drill, catalog.Damaged) and drill.passed
+    assert {n: [m.id for m in ms] for n, ms in backups(copy).items()} == \
+        {n: [first.backed_up[n]] for n in names}
+    # The next window: the primary keeps 1 (keep_last = 1), the copy 2 (its own policy).
+    clock.at = first.window.end
+    second = run_shard(settings, Shard(0, 1), drill_for=_drill_for, clock=clock,
+                       sleep=clock.sleep)
+    assert sorted(second.backed_up) == sorted(names)
+    assert {n: [m.id for m in ms] for n, ms in backups(primary).items()} == \
+        {n: [second.backed_up[n]] for n in names}
+    assert {n: sorted(m.id for m in ms) for n, ms in backups(copy).items()} == \
+        {n: sorted([first.backed_up[n], second.backed_up[n]]) for n in names}
+    assert all(second.jobs[n]["copy:offsite"] == "ok (1 copied), pruned 0" for n in names)
+    # A copy restores to its source.
+    _restore_and_compare(offsite.as_uri(), second.backed_up[names[-1]], names[-1], fleet_dbs)
+
+
+def test_a_worker_that_loses_its_lease_mid_backup_aborts_it_and_leaves_nothing(
+        tmp_path: Path, fleet_dbs: Fleet, pgvault_logs: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """Another worker takes the lease over while the backup waits on a lock (as after a
+    pause): the backup is aborted with one line naming the database and the taker, none
+    of its objects is left, and the database still gets its one backup."""
+    name = list(fleet_dbs.urls)[3]
+    repo = tmp_path / "repo"
+    settings = _settings(tmp_path / "fleet.toml", {name: fleet_dbs.urls[name]}, repo,
+                         window_hours=1, lease_seconds=1)
+    storage = open_storage(repo.as_uri())
+    key = catalog.fleet_lease_key(name)
+    blocker = psycopg.connect(fleet_dbs.urls[name])
+    blocker.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+    reports: list[ShardReport] = []
+    worker = threading.Thread(target=lambda: reports.append(run_shard(settings, Shard(0, 1))))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while _lease_holder(storage, name) is None or not \
+                list(storage.list(catalog.lock_key(name))):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.3)  # pg_dump waits on the lock, its upload has begun
+        while True:  # between two of the worker's renewals
+            record, etag = lease.read(storage, key)
+            assert record is not None
+            taker = msgspec.structs.replace(
+                record, holder="intruder 99 t", shard="5/7",
+                expires=datetime.now(UTC) + timedelta(seconds=1.5))
+            with contextlib.suppress(Conflict):
+                lease.Lease.claim(storage, key, taker, etag)
+                break
+        time.sleep(0.8)  # the worker's next renewal is refused
+    finally:
+        blocker.rollback()
+        blocker.close()
+        worker.join(30)
+    (report,) = reports
+    lines = [r.getMessage() for r in pgvault_logs.records
+             if r.levelno >= logging.WARNING and name in r.getMessage()]
+    aborted = [r.getMessage() for r in pgvault_logs.records if r.name == "pgvault.fleet"
+               and r.levelno >= logging.WARNING and "aborted" in r.getMessage()]
+    assert len(aborted) == 1, lines
+    assert not any("shutting down" in line for line in lines), lines
+    assert f"backup of {name} aborted: its lease was taken over by intruder 99 t " \
+           "(shard 5/7); its partial backup is removed" in aborted[0]
+    assert aborted[0].endswith("none left)")
+    assert report.lost == {name: "intruder 99 t (shard 5/7)"}
+    # The intruder never renewed: the worker took the lease back and made the one backup.
+    (manifest,) = backups(storage)[name]
+    assert report.backed_up == {name: manifest.id}
+    prefixes = {info.key.split("/")[2] for info in storage.list("backups/")}
+    assert prefixes == {manifest.id}  # nothing of the aborted attempt
+    _restore_and_compare(repo.as_uri(), manifest.id, name, fleet_dbs)
+
+
 # ---------------------------------------------------------------- worker processes
 
 def _lease_holder(storage: Storage, name: str) -> str | None:
@@ -265,8 +502,9 @@ def _simulate(tmp_path: Path, fleet_: Fleet, repo: str, urls: dict[str, str],
     # The pause did what it is here for: its leases were taken over while it slept (the
     # database's, with its backup lock, or at least its cap slots), and it gave its backup
     # up when it woke.
-    assert "was taken over: this worker's job there is abandoned" in text
-    assert f"backup of {slow} failed" in text or "removing it" in text
+    assert f"backup of {slow} aborted: its lease was taken over by" in text or \
+        "a cap slot was taken over during backup" in text or \
+        f"backup of {slow} aborted: its cap slot" in text, text[-3000:]
     reports = [json.loads(chunk) for chunk in _json_reports(logs.read_text())]
     assert reports and all(not r["missed"] for r in reports)
     leases = {name: lease.read(storage, catalog.fleet_lease_key(name))[0] for name in urls}

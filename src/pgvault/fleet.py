@@ -129,6 +129,20 @@ class LeaseRecord(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     backup_id: str | None = None
     error: str | None = None
     updated: datetime | None = None
+    shard: str = ""
+    """The shard (I/N) of the worker that wrote it: fleet status groups by its N."""
+    done_window: int = -1
+    """The latest window with a backup (kept while later windows run or fail), so status
+    can tell a database that missed a window from one whose next backup is under way."""
+    jobs: dict[str, str] = msgspec.field(default_factory=dict)
+    """What followed the window's backup under the lease: "drill", "copy:<repo>",
+    "prune" -> "ok" or the error line."""
+
+    def last_done(self) -> int:
+        """``done_window``, or for a record older than that field, its done window."""
+        if self.done_window >= 0:
+            return self.done_window
+        return self.window if self.state == "done" else -1
 
 
 def encode(record: LeaseRecord) -> bytes:
@@ -200,17 +214,21 @@ def decide(name: str, record: LeaseRecord | None, now: datetime, timing: Timing)
 
 
 def running(holder: str, window: Window, now: datetime, timing: Timing,
-            before: LeaseRecord | None) -> LeaseRecord:
+            before: LeaseRecord | None, shard: str = "") -> LeaseRecord:
     """The record a worker claims a database's lease with."""
     return LeaseRecord(state="running", window=window.index, holder=holder,
                        expires=now + timing.lease,
-                       attempts=before.attempts if before else 0, updated=now)
+                       attempts=before.attempts if before else 0, updated=now, shard=shard,
+                       done_window=before.last_done() if before else -1,
+                       backup_id=before.backup_id if before else None)
 
 
-def finished(claimed: LeaseRecord, now: datetime, backup_id: str) -> LeaseRecord:
+def finished(claimed: LeaseRecord, now: datetime, backup_id: str,
+             jobs: Mapping[str, str] | None = None) -> LeaseRecord:
     return msgspec.structs.replace(claimed, state="done", expires=None, attempts=0,
                                    retry_after=None, backup_id=backup_id, error=None,
-                                   updated=now)
+                                   updated=now, done_window=claimed.window,
+                                   jobs=dict(jobs or {}))
 
 
 def failed(claimed: LeaseRecord, now: datetime, error: str, timing: Timing) -> LeaseRecord:
@@ -224,3 +242,65 @@ def failed(claimed: LeaseRecord, now: datetime, error: str, timing: Timing) -> L
 def slot_free(record: LeaseRecord | None, now: datetime) -> bool:
     """A cap's slot is free when nobody holds it, or its holder stopped renewing it."""
     return record is None or record.state != "running" or expired(record, now)
+
+
+# ---------------------------------------------------------------- fleet status
+
+Standing = Literal["done", "due", "failing", "running", "missed"]
+
+
+@dataclass(frozen=True)
+class WindowState:
+    """Where one database stands in the current window, judged from its lease record.
+
+    ``done``: it has the current window's backup. ``due``, ``running``, ``failing``: not
+    yet, but the previous window had one (its start is still to come, a worker has it, or
+    its last attempt failed and is retried). ``missed``: the last complete window ended
+    without a backup; ``reason`` says why (never started, failed with its last error, its
+    lease lost by a worker that stopped renewing, or still running).
+    """
+
+    database: str
+    shard: int
+    standing: Standing
+    reason: str
+    backup_id: str | None = None
+    problems: tuple[str, ...] = ()
+    """Follow-up jobs of its latest window that failed ("copy:offsite: ...")."""
+
+
+def standing(name: str, record: LeaseRecord | None, now: datetime, timing: Timing,
+             shards: int) -> WindowState:
+    """The ``WindowState`` of ``name`` at ``now`` (see there); ``shards`` is the N whose
+    owner is reported."""
+    window = window_at(now, timing.window)
+    shard = owner(name, shards)
+    if record is None:
+        return WindowState(name, shard, "missed", "never started: no worker has taken it yet")
+    done = record.last_done()
+    problems = tuple(f"{job}: {outcome}" for job, outcome in sorted(record.jobs.items())
+                     if outcome != "ok")
+    live = record.state == "running" and not expired(record, now)
+    if done >= window.index:
+        return WindowState(name, shard, "done", f"backup {record.backup_id}",
+                           record.backup_id, problems)
+    since = record.updated.isoformat(timespec="seconds") if record.updated else "?"
+    if live:
+        reason = f"still running: {record.holder} (shard {record.shard or '?'}) since {since}"
+    elif record.state == "running":
+        reason = (f"lease lost: {record.holder} (shard {record.shard or '?'}) stopped "
+                  f"renewing it at {since}, and no worker has taken it over since")
+    elif record.state == "failed":
+        reason = f"failed {record.attempts} time(s), last at {since}: {record.error}"
+    else:
+        reason = ("never started in the window" + (f" (last backup {record.backup_id}, "
+                                                    f"window {done})" if done >= 0 else ""))
+    if done == window.index - 1:
+        due = window.start + start_offset(name, window, timing.jitter)
+        if live:
+            return WindowState(name, shard, "running", reason, record.backup_id, problems)
+        if record.state == "failed" and record.window == window.index:
+            return WindowState(name, shard, "failing", reason, record.backup_id, problems)
+        when = "due at " + due.isoformat(timespec="seconds") if now < due else "due now"
+        return WindowState(name, shard, "due", when, record.backup_id, problems)
+    return WindowState(name, shard, "missed", reason, record.backup_id, problems)

@@ -129,8 +129,8 @@ class Keeper:
                 try:
                     lease.renew(self.clock(), self.length)
                 except Conflict:
-                    log.warning("lease %s was taken over: this worker's job there is "
-                                "abandoned", lease.key)
+                    # The job's owner says so in one line, naming the taker.
+                    log.info("lease %s was taken over", lease.key)
                     self.on_lost(lease)
                 except StorageError as exc:
                     log.warning("could not renew the lease %s: %s", lease.key, exc)

@@ -127,6 +127,7 @@ COMMANDS = {
     "check-archive": "physical", "status": "monitor", "check": "monitor", "daemon": "monitor",
     "prune": "retention", "pin": "retention", "unpin": "retention", "verify": "verify",
     "keygen": "security", "copy": "copy", "snapshot": "snapshot", "run": "fleet",
+    "fleet": "fleet",
     "console": "web",
 }
 

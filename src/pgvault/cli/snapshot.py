@@ -30,6 +30,16 @@ Config (per database, or top-level for a single one):
   retention = { keep_daily = 3, keep_weekly = 4, keep_monthly = 0 }
 Credentials: the AWS_* chain (variables, profile, instance role), as for S3;
 the least-privilege IAM policy is in docs/managed.md.
+
+\b
+Neon (API key from NEON_API_KEY or NEON_API_KEY_FILE):
+  [databases.snapshot]
+  provider = "neon"
+  project = "aged-wildflower-12345678"
+  branch = "br-young-forest-a5b6c7d8"
+  quota = 10                       # Neon's manual snapshot limit
+  expire_days = 400                # expires_at, a safety net behind retention
+  # mode = "branch"                # a branch at the moment, without snapshots
 """
 
 
@@ -163,7 +173,8 @@ def snapshot(ctx: click.Context, /, only: str | None, then_prune: bool, as_json:
              **_: Any) -> None:
     """Create a provider snapshot of each managed database and record it as a backup.
 
-    A manual snapshot (RDS CreateDBSnapshot, Aurora CreateDBClusterSnapshot)
+    A manual snapshot (RDS CreateDBSnapshot, Aurora CreateDBClusterSnapshot, Neon
+    POST .../branches/{branch}/snapshot named pgvault:<database>:<id>)
     tagged pgvault:managed=true, pgvault:database and pgvault:backup-id, waited
     for up to [snapshot] wait_timeout_seconds, then recorded in the repository as
     a backup of kind "snapshot": `pgvault list`, `status` and `check` show it

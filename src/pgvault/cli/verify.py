@@ -165,6 +165,8 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
       pgvault verify all --level restore       # every backup restores, each timed
       pgvault verify 20261125T010000 --server postgresql://drills@staging/postgres
       pgvault verify --keep                    # inspect the restored copy afterwards
+      pgvault verify SNAPSHOT-ID               # a provider snapshot: restored to a
+                                               # temporary instance (docs/managed.md)
       pgvault verify --json | jq '.checks[] | select(.status == "fail")'
     """
     import functools
@@ -179,7 +181,7 @@ def verify(ctx: click.Context, /, backup_id: str, dbname: str | None, level: str
     settings, storage, catalog = vault.settings, vault.storage, vault.catalog
     database = database_filter(dbname)
     if backup_id == "all":
-        # Drills of provider snapshots are not pgvault's yet: the provider restores them.
+        # A provider snapshot's drill starts an instance that costs money: named only.
         manifests = [m for m in catalog.list(database) if m.kind != "snapshot"]
         if not manifests:
             raise NotFound(f"no backups in {storage.url}")

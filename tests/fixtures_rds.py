@@ -64,8 +64,9 @@ class RdsSource:
         values: dict[str, object] = {"provider": self.kind, key: self.source_id,
                                      "region": self.region, "endpoint_url": self.endpoint_url,
                                      "poll_seconds": 0.05, **extra}
-        lines = [header] + [f'{k} = "{v}"' if isinstance(v, str) else f"{k} = {v!r}"
-                                  for k, v in values.items()]
+        lines = [header] + [f'{k} = "{v}"' if isinstance(v, str) else
+                            f"{k} = {str(v).lower()}" if isinstance(v, bool) else f"{k} = {v!r}"
+                            for k, v in values.items()]
         return "\n".join(lines) + "\n"
 
     def snapshots(self) -> list[dict[str, Any]]:

@@ -508,11 +508,13 @@ def test_a_killed_drill_leaves_a_tagged_instance_the_next_run_deletes(
     with psycopg.connect(url) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     config = drill_config(tmp_path, rds_instance, url, url, f"{recorder.url}/hook",
-                          tmp_path / "p.prom", pg_cluster.url())
+                          tmp_path / "p.prom", pg_cluster.url(), facts=False)
     text = Path(config).read_text().replace('command = "test', 'command = "sleep 60; test')
     Path(config).write_text(text)
     pgvault("snapshot", "--config", config)
     [manifest] = json.loads(pgvault("list", "--config", config, "--json").stdout)
+    recorded = Catalog(open_storage((tmp_path / "repo").as_uri())).get(manifest["id"])
+    assert recorded.facts.tables == []  # [snapshot] facts = false: no rows counted
     proc = start("verify", manifest["id"], "--config", config, env={})
     kill_when(proc, has_child("sleep"))
     [left] = rds_instance.drills()

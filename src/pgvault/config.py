@@ -214,13 +214,15 @@ class DaemonSettings(Section):
 
 
 class ConsoleSettings(Section):
-    """The read-only web console: `pgvault daemon` serves it on daemon.listen (unless
-    enabled = false), `pgvault console` on listen. Beyond loopback it answers only with a
-    token: the file token_file names, or PGVAULT_CONSOLE_TOKEN (or its _FILE)."""
+    """The web console: `pgvault daemon` serves it on daemon.listen (unless enabled =
+    false), `pgvault console` on listen. Beyond loopback it answers only with a token: the
+    file token_file names, or PGVAULT_CONSOLE_TOKEN (or its _FILE). Read-only unless
+    actions = true (backup, drill, pin, restore into a new database)."""
 
     enabled: bool = True
     listen: str = "127.0.0.1:9848"
     token_file: str | None = None
+    actions: bool = False
 
 
 class EmailSettings(Section, kw_only=True):
@@ -374,6 +376,9 @@ class SnapshotSettings(Section):
     # keep_daily (at most 35, RDS's maximum).
     automated_retention_days: Annotated[int, Meta(ge=0, le=35)] | None = None
     copies: list[SnapshotCopyTarget] = field(default_factory=list)
+    # Read the source's facts (exact row counts, schema) before each snapshot, for drills
+    # to compare; needs the database's URL, and counts every row as a logical backup does.
+    facts: bool = True
     # AWS runs at most 5 snapshot copies into one destination region at a time (default).
     max_concurrent_copies: Annotated[int, Meta(ge=1, le=100)] = 5
     # Drills (`pgvault verify SNAPSHOT-ID`): a temporary instance restored from the snapshot.

@@ -102,11 +102,17 @@ class Daemon:
         """The read-only web console (pgvault.web), served beside /metrics and /status."""
 
     def _console(self) -> Any:
+        from pgvault.web.actions import Actions
         from pgvault.web.app import Console, console_token
 
+        actions = None
+        if self.settings.console.actions:
+            targets = {db.name: db.target for db in self.databases}
+            actions = Actions(connect=lambda name: config.target_connection(targets[name]),
+                              drill=self.drill)
         return Console(lambda: [(db.name, db.vault) for db in self.databases],
                        host=self.listen[0], token=console_token(self.settings),
-                       next_runs=self.next_runs, daemon=True)
+                       next_runs=self.next_runs, daemon=True, actions=actions)
 
     @staticmethod
     def _name(target: config.Target) -> str:
@@ -391,7 +397,7 @@ class Daemon:
 
             def do_POST(self) -> None:
                 if daemon.console is not None:
-                    daemon.console.respond(self, "POST")  # /login only; read-only otherwise
+                    daemon.console.respond(self, "POST")  # /login; actions if enabled
                 else:
                     self._answer(405, "text/plain; charset=utf-8", b"read-only\n")
 

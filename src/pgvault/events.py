@@ -27,6 +27,9 @@ EVENT_KINDS = (
     "snapshot.started",
     "snapshot.succeeded",
     "snapshot.failed",
+    "action.started",  # the web console's actions (backup, drill, pin, restore): who asked
+    "action.succeeded",
+    "action.failed",
 )
 
 _STATUS = {
@@ -71,6 +74,9 @@ class Event:
             return f"pgvault: backups of {self.database} are stale"
         if self.kind == "prune.finished":
             return f"pgvault: prune of {self.database} finished"
+        if noun == "action":
+            return (f"pgvault: {self.details.get('action', 'action')} of {self.database} "
+                    f"{verb} (console, asked by {self.details.get('who', 'unknown')})")
         return f"pgvault: {noun} of {self.database} {verb}"
 
     def summary(self) -> str:

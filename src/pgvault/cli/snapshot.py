@@ -126,7 +126,7 @@ def _source_facts(target: Any) -> Any:
     """Reads the source's facts at snapshot time, when the database has a connection with
     a host (a URL); None for a bare name, which reaches no managed server."""
     conn = _connection(target)
-    if conn is None:
+    if conn is None or not target.settings.snapshot.facts:
         return None
     from pgvault.ops.snapshot import source_facts
 

@@ -18,6 +18,14 @@ Security:
   an HttpOnly, SameSite=Strict cookie; scripts send `Authorization: Bearer`).
   Pages run no script (Content-Security-Policy: default-src 'none'), and no
   password or secret URL is ever rendered.
+
+\b
+Actions ([console] actions = true; off by default):
+  back up now, drill now, pin/unpin, and restore into a NEW database only:
+  the server refuses a target that exists, is the source, or is postgres,
+  template0 or template1, and one whose name is not typed twice. Every form
+  carries a CSRF token; every action is an event (action.started/succeeded/
+  failed) naming who asked, and its page shows the equivalent command.
 """
 
 
@@ -51,13 +59,31 @@ def _sources(settings: Any) -> Any:
     return sources
 
 
+def _actions(settings: Any) -> Any:
+    """The console's actions ([console] actions = true): each database reached as
+    `pgvault backup -d NAME` reaches it, drills run as `pgvault verify` runs them."""
+    from pgvault import config
+    from pgvault.cli.monitor import _drill
+    from pgvault.web.actions import Actions
+
+    named = {t.name: t for t in config.targets(settings) if t.name}
+
+    def connect(name: str) -> Any:
+        target = named.get(name)
+        if target is not None:
+            return config.target_connection(target)
+        return config.target_connection(config.targets(settings)[0], name)
+
+    return Actions(connect=connect, drill=_drill)
+
+
 @cli.command(epilog=CONSOLE_HELP + "\n" + EXIT_CODES)
 @common
 @click.option("--listen", metavar="HOST:PORT", default=None,
               help="Serve the console here [config console.listen, default 127.0.0.1:9848].")
 @click.pass_context
 def console(ctx: click.Context, /, listen: str | None, **_: Any) -> None:
-    """Serve the read-only web console: every database's state, backups and drills.
+    """Serve the web console: every database's state, backups and drills.
 
     The overview shows one row per database, worst first: OK / WARNING /
     CRITICAL with the reasons `pgvault check` gives, the newest good backup and
@@ -65,7 +91,8 @@ def console(ctx: click.Context, /, listen: str | None, **_: Any) -> None:
     against the RTO, the last error. A database's page lists every backup
     (kind, size, duration, compression, pin, what the next prune does with it
     and why, damage), every drill's checks (PASS / FAIL / WARN / SKIP) and the
-    exact commands for each action: the console itself changes nothing.
+    exact commands for each action: the console itself changes nothing unless
+    [console] actions = true.
     Everything is read from the repository on each request. `pgvault daemon`
     serves the same pages on its own listen address ([console] enabled).
 
@@ -83,6 +110,7 @@ def console(ctx: click.Context, /, listen: str | None, **_: Any) -> None:
       listen = "127.0.0.1:9848"      # pgvault console (the daemon: [daemon] listen)
       token_file = "/etc/pgvault/console-token"
       enabled = true                 # the daemon serves it too
+      actions = false                # true: backup, drill, pin, restore (new db)
     """
     import time
 
@@ -98,11 +126,13 @@ def console(ctx: click.Context, /, listen: str | None, **_: Any) -> None:
                           "token: set [console] token_file or PGVAULT_CONSOLE_TOKEN_FILE "
                           "(or listen on 127.0.0.1)")
     sources = _sources(settings)
+    actions = _actions(settings) if settings.console.actions else None
     startup_done()
-    server = serve(Console(sources, host=host, token=token), (host, port))
+    server = serve(Console(sources, host=host, token=token, actions=actions), (host, port))
     bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    click.echo(f"pgvault console: http://{shown}:{bound_port}/ (read-only"
+    click.echo(f"pgvault console: http://{shown}:{bound_port}/ ("
+               + ("actions enabled" if actions else "read-only")
                + ("; token required" if token else "") + "); Ctrl-C or SIGTERM stops it")
     try:
         while True:

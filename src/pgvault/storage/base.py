@@ -52,7 +52,8 @@ class ObjectInfo:
     locked_until: datetime | None = None
     """S3 Object Lock: the object cannot be deleted before this (only ``stat`` reports it)."""
     etag: str | None = None
-    """The version token ``replace_if`` compares (only ``replace_if`` reports it)."""
+    """The version token ``replace_if`` compares (``replace_if`` reports it, and S3's
+    ``list``, so a reader can tell a rewritten object from the one it read)."""
 
 
 class Storage(Protocol):

@@ -700,7 +700,8 @@ class S3Storage:
                     name = obj["Key"][len(self._root) :]
                     if not name or name.endswith("/"):
                         continue  # a console's "folder" marker, not an object of ours
-                    yield ObjectInfo(name, obj["Size"], obj["LastModified"].astimezone(UTC))
+                    yield ObjectInfo(name, obj["Size"], obj["LastModified"].astimezone(UTC),
+                                     etag=obj.get("ETag"))
 
     def delete(self, keys: Iterable[str]) -> None:
         """DeleteObjects in batches of 1000; S3 already treats missing keys as deleted.

@@ -15,9 +15,11 @@ redactor, so no registered secret (a password, a webhook URL) can be rendered.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -30,9 +32,12 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from pgvault import __version__, logs, redact
+from pgvault.catalog import Catalog
 from pgvault.config import Settings
 from pgvault.errors import ConfigError, PgvaultError
-from pgvault.web import views
+from pgvault.vault import Vault
+from pgvault.web import actions, reads, views
+from pgvault.web.actions import Actions
 
 log = logs.get("console")
 
@@ -46,9 +51,10 @@ SECURITY_HEADERS = (
     ("Cache-Control", "no-store"),
 )
 COOKIE = "pgvault_console"
+CSRF_COOKIE = "pgvault_csrf"
 HTML = "text/html; charset=utf-8"
 MAX_FORM = 4096
-"""The only form (/login) holds one token: anything longer is refused unread."""
+"""A form (/login, an action) holds a few short fields: anything longer is refused unread."""
 
 
 def is_loopback(host: str) -> bool:
@@ -105,14 +111,20 @@ class Console:
 
     def __init__(self, sources: views.Sources, *, host: str, token: str | None,
                  next_runs: views.NextRuns | None = None,
-                 clock: Callable[[], datetime] | None = None, daemon: bool = False) -> None:
+                 clock: Callable[[], datetime] | None = None, daemon: bool = False,
+                 actions: Actions | None = None) -> None:
         self.sources = sources
+        self.actions = actions
+        """None: read-only (the default: [console] actions = true turns them on)."""
+        self._csrf_key = secrets.token_bytes(32)
         self.host = host
         self.token = token
         self.next_runs = next_runs
         self.clock = clock or (lambda: datetime.now(UTC))
         self.daemon = daemon
         self.needs_token = token is not None or not is_loopback(host)
+        self._reads: dict[int, reads.Reads] = {}
+        self._reads_lock = threading.Lock()
 
     @cached_property
     def _templates(self) -> Any:
@@ -122,11 +134,30 @@ class Console:
                                  autoescape=True, undefined=jinja2.StrictUndefined,
                                  trim_blocks=True, lstrip_blocks=True)
         env.globals["version"] = __version__
+        env.filters["dbhref"] = views.database_href
         return env
 
     @cached_property
     def _css(self) -> bytes:
         return resources.files("pgvault.web").joinpath("static/console.css").read_bytes()
+
+    def viewed(self) -> list[tuple[str, Vault]]:
+        """The sources for one request, each vault reading through this request's view of
+        its storage (``reads``: each record folder listed once, unchanged records reused)."""
+        views_of: dict[int, reads.View] = {}
+        found = []
+        for name, vault in self.sources():
+            key = id(vault.storage)
+            view = views_of.get(key)
+            if view is None:
+                with self._reads_lock:
+                    cache = self._reads.get(key)
+                    if cache is None or cache.storage is not vault.storage:
+                        cache = self._reads[key] = reads.Reads(vault.storage)
+                view = views_of[key] = cache.view()
+            found.append((name, dataclasses.replace(vault, storage=view,
+                                                    catalog=Catalog(view))))
+        return found
 
     # -- the token ----------------------------------------------------------------------
 
@@ -170,7 +201,8 @@ class Console:
     def respond(self, handler: BaseHTTPRequestHandler, method: str) -> None:
         """Answer the request ``handler`` holds (its path, headers and body)."""
         try:
-            response = self.answer(method, handler.path, handler.headers, handler.rfile)
+            response = self.answer(method, handler.path, handler.headers, handler.rfile,
+                                   client=str(handler.client_address[0]))
         except Exception as exc:  # a page must never take the server down, nor leak a trace
             log.warning("console: %s %s failed: %s", method, handler.path.split("?")[0],
                         redact.scrub(f"{type(exc).__name__}: {exc}"))
@@ -179,41 +211,139 @@ class Console:
         response.send(handler)
 
     def answer(self, method: str, target: str, headers: Any,
-               body: Any = None) -> Response:
-        """The response to one request (``body``: a readable for POST)."""
-        path = unquote(target.split("?", 1)[0])
+               body: Any = None, client: str = "") -> Response:
+        """The response to one request (``body``: a readable for POST; ``client``: the
+        peer's address, which an action's event names)."""
+        raw, _, query = target.partition("?")
+        path = unquote(raw)
         if path == "/static/console.css":
             return Response(200, self._css, "text/css; charset=utf-8",
                             [("Cache-Control", "max-age=300")])
         if path == "/login":
             return self._login(method, headers, body)
-        if method not in ("GET", "HEAD"):
+        if method not in ("GET", "HEAD", "POST"):
+            return self._page("message.html", 405, title="Not allowed",
+                              message=f"{method} is not a method of this console.")
+        if method == "POST" and self.actions is None:
             return self._page("message.html", 405, title="Read-only",
-                              message="This console is read-only: it changes nothing.")
+                              message="This console is read-only: it changes nothing. "
+                                      "[console] actions = true enables its actions.")
         refused = self.refusal(headers)
         if refused is not None:
             return refused
+        if method == "POST":
+            return self._action(raw, headers, body, client)
         now = self.clock()
         runs = self.next_runs() if self.next_runs is not None else {}
         if path == "/":
             started = time.perf_counter()
-            rows = views.overview(self.sources(), now, runs)
+            rows = views.overview(self.viewed(), now, runs)
             return self._page("overview.html", 200, rows=rows, now=now,
                               counts=_counts(rows), took=time.perf_counter() - started)
-        if path.startswith("/db/"):
-            name = path[4:]
-            vault = next((v for n, v in self.sources() if n == name), None)
+        if path.startswith("/jobs/") and self.actions is not None:
+            job = self.actions.job(path[6:])
+            if job is None:
+                return self._page("message.html", 404, title="No such job",
+                                  message="This console does not know that job (jobs are "
+                                          "kept while it runs, the last 100).")
+            return self._page("job.html", 200, job=job)
+        if raw.startswith("/db/"):
+            name, _, sub = raw[4:].partition("/")
+            name = unquote(name)
+            vault = next((v for n, v in self.viewed() if n == name), None)
             if vault is None:
                 return self._page("message.html", 404, title="No such database",
                                   message=f"No database {name!r} is configured here.")
+            if sub == "restore" and self.actions is not None:
+                backup = (parse_qs(query).get("backup") or ["latest"])[0]
+                token, cookie = self._csrf(headers)
+                response = self._page("restore.html", 200, database=name, backup=backup,
+                                      csrf=token, command=actions.command_for(
+                                          "restore", name, vault, {"backup": backup}))
+                response.headers += cookie
+                return response
+            if sub:
+                return self._page("message.html", 404, title="Not found",
+                                  message="Nothing here: the overview is at /.")
             try:
                 page = views.database_page(name, vault, now, runs)
             except PgvaultError as exc:
                 return self._page("message.html", 503, title=f"{name}: repository unreadable",
                                   message=str(exc))
-            return self._page("database.html", 200, page=page, row=page.row, now=now)
+            token, cookie = self._csrf(headers)
+            response = self._page("database.html", 200, page=page, row=page.row, now=now,
+                                  csrf=token)
+            response.headers += cookie
+            return response
         return self._page("message.html", 404, title="Not found",
                           message="Nothing here: the overview is at /.")
+
+    # -- actions ------------------------------------------------------------------------
+
+    def _csrf(self, headers: Any) -> tuple[str, list[tuple[str, str]]]:
+        """The form token of this browser (an HMAC of its CSRF cookie under a key of this
+        process), and the Set-Cookie header when it has no such cookie yet."""
+        nonce = _cookie(headers, CSRF_COOKIE)
+        set_cookie = []
+        if not nonce or len(nonce) > 64:
+            nonce = secrets.token_urlsafe(24)
+            set_cookie = [("Set-Cookie", f"{CSRF_COOKIE}={nonce}; Path=/; HttpOnly; "
+                                         "SameSite=Strict")]
+        return self._csrf_token(nonce), set_cookie
+
+    def _csrf_token(self, nonce: str) -> str:
+        return hmac.new(self._csrf_key, b"pgvault csrf " + nonce.encode(),
+                        hashlib.sha256).hexdigest()
+
+    def principal(self, headers: Any, client: str = "") -> str:
+        """Who asks: "loopback" where no token is needed, else how the token was given."""
+        if not self.needs_token:
+            who = "loopback"
+        elif (headers.get("Authorization") or "").startswith("Bearer "):
+            who = "token (bearer)"
+        else:
+            who = "token (session)"
+        return f"{who} from {client}" if client else who
+
+    def _action(self, raw: str, headers: Any, body: Any, client: str) -> Response:
+        assert self.actions is not None
+        parts = raw.split("/")
+        if len(parts) != 4 or parts[1] != "db":
+            return self._page("message.html", 404, title="No such action",
+                              message="Actions are POSTs to /db/NAME/ACTION.")
+        name, action = unquote(parts[2]), parts[3]
+        try:
+            length = int(headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_FORM or body is None:
+            return self._page("message.html", 413, title="Too large",
+                              message="An action's form is small; this one is not.")
+        form = actions.form_values(parse_qs(body.read(length).decode("utf-8", "replace")))
+        nonce = _cookie(headers, CSRF_COOKIE)
+        given = form.pop("csrf", "")
+        if not nonce or not hmac.compare_digest(given.encode(),
+                                                self._csrf_token(nonce).encode()):
+            log.warning("console: %s refused: no valid CSRF token (from %s)", raw,
+                        client or "?")
+            return self._page("message.html", 403, title="Refused",
+                              message="This form did not come from this console's own page "
+                                      "(its CSRF token is missing or wrong): reload the "
+                                      "page and try again.")
+        vault = next((v for n, v in self.sources() if n == name), None)
+        if vault is None:
+            return self._page("message.html", 404, title="No such database",
+                              message=f"No database {name!r} is configured here.")
+        try:
+            job = self.actions.start(action, name, vault, form, self.principal(headers, client))
+        except actions.Refused as exc:
+            log.warning("console: %s of %s refused: %s", action, name, exc)
+            return self._page("message.html", exc.status, title="Refused",
+                              message=str(exc), command=actions.command_for(
+                                  action, name, vault, form) if action in actions.KINDS
+                              else None, back=views.database_href(name))
+        return Response(303, b"", "text/plain; charset=utf-8",
+                        [("Location", f"/jobs/{job.id}")])
 
     def _login(self, method: str, headers: Any, body: Any) -> Response:
         if self.token is None:
@@ -241,9 +371,20 @@ class Console:
         ])
 
     def _page(self, template: str, status: int, **values: Any) -> Response:
+        values.setdefault("command", None)
+        values.setdefault("back", "/")
         html = self._templates.get_template(template).render(
-            daemon=self.daemon, needs_token=self.needs_token, **values)
+            daemon=self.daemon, needs_token=self.needs_token,
+            actions=self.actions is not None, **values)
         return Response(status, redact.scrub(html).encode())
+
+
+def _cookie(headers: Any, name: str) -> str:
+    for part in (headers.get("Cookie") or "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return ""
 
 
 def _counts(rows: list[views.Row]) -> dict[str, int]:

@@ -205,6 +205,73 @@ class BackupView:
     drill: str
 
 
+@dataclass(frozen=True)
+class Bar:
+    label: str
+    value: float
+    text: str
+    x: float
+    y: float
+    width: float
+    height: float
+    bad: bool = False
+
+
+@dataclass(frozen=True)
+class Chart:
+    """A bar chart drawn on the server as inline SVG, with its table as the fallback."""
+
+    id: str
+    title: str
+    description: str
+    unit: str
+    bars: list[Bar]
+    objective: float | None = None
+    """The objective's line (its height in the drawing), when the chart has one."""
+    objective_text: str = ""
+    top_text: str = ""
+
+    WIDTH = 600
+    HEIGHT = 160
+
+
+def chart(id: str, title: str, unit: str, points: list[tuple[str, float, str]], *,
+          objective: tuple[float, str] | None = None, bad: Callable[[float], bool] | None = None
+          ) -> Chart | None:
+    """Bars for (label, value, value as text), oldest left; None without points."""
+    if not points:
+        return None
+    top = max([v for _, v, _ in points] + ([objective[0]] if objective else [])) or 1.0
+    top *= 1.1
+    width, height, gap = Chart.WIDTH, Chart.HEIGHT, 4.0
+    slot = width / len(points)
+    bars = []
+    for n, (label, value, text) in enumerate(points):
+        h = height * value / top
+        bars.append(Bar(label, value, text, x=n * slot + gap / 2, y=height - h,
+                        width=max(slot - gap, 1.0), height=h,
+                        bad=bool(bad and bad(value))))
+    line = None if objective is None else height - height * objective[0] / top
+    first, last = points[0][0], points[-1][0]
+    description = (f"{len(points)} values from {first} to {last}; highest "
+                   f"{max(points, key=lambda p: p[1])[2]}"
+                   + (f"; objective {objective[1]}" if objective else "")
+                   + ". The table below lists every value.")
+    return Chart(id, title, description, unit, bars, line,
+                 objective[1] if objective else "", human_value(top / 1.1, unit))
+
+
+def human_value(value: float, unit: str) -> str:
+    return human_bytes(int(value)) if unit == "bytes" else human_seconds(value)
+
+
+@dataclass(frozen=True)
+class CopyView:
+    name: str
+    state: str
+    in_sync: bool | None
+
+
 @dataclass
 class DatabasePage:
     database: str
@@ -214,6 +281,17 @@ class DatabasePage:
     drills: list[DrillView] = field(default_factory=list)
     plan_note: str = ""
     commands: list[tuple[str, str]] = field(default_factory=list)
+    charts: list[Chart] = field(default_factory=list)
+    plan: list[tuple[str, str, str]] = field(default_factory=list)
+    """(backup id, kept/removed, why) as the next prune decides."""
+    copies: list[CopyView] = field(default_factory=list)
+    snapshots: str = ""
+    newest: str = ""
+
+    @property
+    def copies_in_sync(self) -> str:
+        good = sum(1 for c in self.copies if c.in_sync)
+        return f"{good} of {len(self.copies)} in sync"
 
 
 def _compression(manifest: Manifest) -> str:
@@ -240,20 +318,22 @@ def _drill_view(report: VerifyReport) -> DrillView:
 
 def commands(name: str, vault: Vault, newest: str | None) -> list[tuple[str, str]]:
     """(what, the exact command) for each thing a user does to this database."""
-    settings = vault.settings
-    where = (["--config", settings.config_file] if settings.config_file else
-             ["--repo", scrub(vault.storage.url)])
+    from pgvault.web.actions import command_for, where_args
+
     backup_id = newest or "latest"
 
     def cmd(*args: str) -> str:
-        return shlex.join(["pgvault", *args, *where])
+        return shlex.join(["pgvault", *args, *where_args(vault)])
 
     return [
-        ("Back up now", cmd("backup", "-d", name)),
-        ("Restore drill of the newest backup", cmd("verify", backup_id, "-d", name)),
-        ("Restore into a new database",
-         cmd("restore", backup_id, "--from-database", name, "--to", f"{name}_restored")),
-        ("Pin (never pruned)", cmd("pin", backup_id, "-d", name, "--reason", "why")),
+        ("Back up now", command_for("backup", name, vault, {})),
+        ("Restore drill of the newest backup",
+         command_for("drill", name, vault, {"backup": backup_id})),
+        ("Restore into a new database", command_for(
+            "restore", name, vault, {"backup": backup_id, "target": f"{name}_restored"})),
+        ("Pin (never pruned)",
+         command_for("pin", name, vault, {"backup": backup_id, "reason": "why"})),
+        ("Unpin", command_for("unpin", name, vault, {"backup": backup_id})),
         ("What the next prune removes", cmd("prune", "--dry-run", "-d", name)),
         ("Status as monitoring sees it", cmd("check", "-d", name)),
     ]
@@ -282,9 +362,12 @@ def database_page(name: str, vault: Vault, now: datetime,
         if plan is not None:
             for d in plan.keep:
                 decisions[d.id] = ("kept: " + ", ".join(d.reasons), False)
+                page.plan.append((d.id, "keep", ", ".join(d.reasons)))
             for d in plan.remove:
                 decisions[d.id] = ("removed by the next prune: " + (d.because or "no rule "
                                                                      "keeps it"), True)
+                page.plan.append((d.id, "remove", d.because or "no rule keeps it"))
+            page.plan.sort(reverse=True)
             if plan.refused:
                 page.plan_note = scrub(f"the next prune is refused: {plan.refused}")
     except PgvaultError as exc:
@@ -310,4 +393,62 @@ def database_page(name: str, vault: Vault, now: datetime,
     page.drills = [_drill_view(r) for r in sorted(
         drills.newest.values(), key=lambda r: r.finished_at, reverse=True)]
     page.commands = commands(name, vault, status.newest.id if status.newest else None)
+    page.newest = status.newest.id if status.newest else ""
+    page.charts = _charts(listing.manifests, list(drills.newest.values()),
+                          status.rto_minutes * 60)
+    page.copies = _copies(name, vault, now)
+    if status.snapshots:
+        newest_snapshot = status.newest_snapshot
+        page.snapshots = f"{status.snapshots} provider snapshot(s)" + (
+            f", newest {newest_snapshot.id}, "
+            f"{ago((now - newest_snapshot.started_at).total_seconds())}"
+            if newest_snapshot is not None else "")
     return page
+
+
+def _charts(manifests: list[Manifest], reports: list[VerifyReport],
+            rto_seconds: float) -> list[Chart]:
+    """Size and duration of the last 60 backups, and the RTO each drill measured."""
+    backups = [m for m in manifests if m.kind != "snapshot"][-60:]
+    found = [
+        chart("chart-size", "Backup size", "bytes",
+              [(m.id, float(m.size), human_bytes(m.size)) for m in backups]),
+        chart("chart-duration", "Backup duration", "seconds",
+              [(m.id, d, human_seconds(d)) for m in backups
+               if (d := (m.finished_at - m.started_at).total_seconds()) >= 0]),
+        chart("chart-rto", "Restore time (RTO) per drill", "seconds",
+              [(f"{r.backup_id} ({r.finished_at:%Y-%m-%d %H:%M}Z)", r.restore_seconds,
+                human_seconds(r.restore_seconds))
+               for r in sorted(reports, key=lambda r: r.finished_at)[-60:]
+               if r.restore_seconds is not None],
+              objective=(rto_seconds, human_seconds(rto_seconds)),
+              bad=lambda v: v > rto_seconds),
+    ]
+    return [c for c in found if c is not None]
+
+
+def _copies(name: str, vault: Vault, now: datetime) -> list[CopyView]:
+    """Each [[repos]] copy of this repository: in sync, or how far behind (ops.copy.lag)."""
+    if not vault.copies:
+        return []
+    from pgvault.ops.copy import lag
+
+    found = []
+    for repo in vault.copies:
+        entry = next(e for e in vault.settings.repos if e.name == repo)
+        objective = timedelta(hours=entry.copy_lag_hours or 24)
+        try:
+            target = vault.repository(repo)
+            behind = lag(vault.catalog, target.catalog, target.policy, now, name=repo,
+                         objective=objective, database=name)
+        except PgvaultError as exc:
+            found.append(CopyView(repo, scrub(f"unreadable: {exc}"), None))
+            continue
+        if behind.behind == 0:
+            found.append(CopyView(repo, "in sync", True))
+            continue
+        age = behind.age(now)
+        found.append(CopyView(repo, f"{behind.behind} backup(s) behind" + (
+            f", newest missing {ago(age.total_seconds())}" if age is not None else "")
+            + (" — LATE" if behind.late(now) else ""), False))
+    return found

@@ -546,10 +546,15 @@ def test_copies_go_to_each_region_with_its_key_and_are_pruned_by_its_own_policy(
     listed = json.loads(pgvault("list", "--config", str(path), "--json").stdout)
     assert len(listed) == 3
     catalog = Catalog(open_storage((tmp_path / "repo").as_uri()))
-    copies = [m for m in catalog.list("app") if isinstance(m.snapshot, SnapshotFacts)
-              and m.snapshot.region == region]
-    assert [c.snapshot.copy_of for c in copies] == [tags[TAG_BACKUP_ID]] or \
-        len(copies) == 1  # type: ignore[union-attr]
+    home = {m.id: m for m in catalog.list("app") if isinstance(m.snapshot, SnapshotFacts)
+            and m.snapshot.region == rds_instance.region}
+    [copy] = [m for m in catalog.list("app") if isinstance(m.snapshot, SnapshotFacts)
+              and m.snapshot.region == region]  # keep_last = 1 there: the older copy went
+    assert isinstance(copy.snapshot, SnapshotFacts)
+    assert copy.id == tags[TAG_BACKUP_ID] and copy.snapshot.kms_key_id == key
+    source = home[copy.snapshot.copy_of or ""]  # the newer of the two at home
+    assert copy.started_at == source.started_at == max(m.started_at for m in home.values())
+    assert tags["pgvault:copy-of"] == source.snapshot.arn  # type: ignore[union-attr]
 
 
 class _BusyRegion:

@@ -280,6 +280,12 @@ def show(
                    "to tables not restored are left out, each named in a warning; a name "
                    "that matches nothing is an error (exit 2) before anything is created.")
 @click.option("--no-owner", is_flag=True, help="Do not restore ownership and privileges.")
+@click.option("--role-map", "role_map", multiple=True, metavar="OLD=NEW",
+              help="Give what role OLD owned (and was granted) in the backup to role NEW of "
+                   "the target (repeatable): --role-map postgres=master. Without it, an "
+                   "owner the restoring role may not use stops the restore before it starts, "
+                   "naming the object; a provider's own roles (rds_superuser, "
+                   "supabase_admin, ...) are left out with a warning each.")
 @click.option("--from-database", "source_db", metavar="NAME",
               help="Which database's backups 'latest' means, when the repo holds several.")
 @physical_restore_options  # --physical, --pgdata, --target-*, --start (cli/physical.py)
@@ -287,7 +293,8 @@ def show(
 def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: str | None,
             jobs: int,
             clean: bool, schemas: tuple[str, ...], tables: tuple[str, ...], no_owner: bool,
-            source_db: str | None, identity_file: str | None, **_: Any) -> None:
+            role_map: tuple[str, ...], source_db: str | None, identity_file: str | None,
+            **_: Any) -> None:
     """Restore a backup into a NEW database (never over an existing one by accident).
 
     The stored bytes are checked against the manifest's size and sha256 while they
@@ -303,12 +310,14 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
       pgvault restore latest --to sales_copy --schema sales        # one schema
       pgvault restore latest --to orders_copy --table sales.orders --table customers
       pgvault restore latest --to app_copy --identity-file restore-key.txt   # encrypted
+      pgvault restore latest --to app_copy --role-map postgres=master   # as RDS's master
       pgvault restore --physical latest --pgdata /srv/pg-pitr \\
           --target-time '2026-11-25 09:14:00+00' --start --port 5499
     """
     from pgvault import config
     from pgvault.cli.copy import restore_sources
     from pgvault.console import ProgressLine, human_bytes, human_seconds
+    from pgvault.engines.portable import parse_role_map
     from pgvault.errors import UsageError
     from pgvault.ops.restore import RestoreOptions, first_intact, resolve
     from pgvault.ops.restore import restore as run_restore
@@ -342,6 +351,7 @@ def restore(ctx: click.Context, /, backup_id: str, dbname: str | None, target: s
             a.size for a in manifest.artifacts if a.name.startswith("db.")))
         options = RestoreOptions(target=target, jobs=jobs, clean=clean, schemas=schemas,
                                  tables=tables, no_owner=no_owner, progress=progress,
+                                 role_map=parse_role_map(role_map),
                                  identities=chosen.keyring_with(identity_file))
         try:
             return run_restore(conn, storage, manifest, options)

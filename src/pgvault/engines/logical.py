@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from pgvault.engines.pg_restore import restore_split, restore_spooled, restore_streamed
+from pgvault.engines.pg_restore import (
+    Selected,
+    SelectingSpool,
+    restore_split,
+    restore_spooled,
+    restore_streamed,
+    selection_of,
+    spool_toc,
+)
+from pgvault.engines.portable import Fit, TargetFacts, plan
 from pgvault.engines.spool import Spool
-from pgvault.errors import BackupFailed, DatabaseError
+from pgvault.errors import BackupFailed, DatabaseError, RestoreFailed
 from pgvault.model import Facts, TableFacts, UnrecordedTable
 from pgvault.pg import fingerprint
+from pgvault.pg.archive import MAX_TOC_BYTES, Incomplete, Selection, Toc, read_toc
 from pgvault.pg.binaries import tool, tool_version
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput
 from pgvault.pg.psql import PsqlSession, ServerInfo, identifier, text_literal
-from pgvault.pipeline.stream import Readable
+from pgvault.pipeline.stream import CHUNK, Readable, Reader
+
+log = logging.getLogger(__name__)
 
 DUMP_FORMAT = "pg_dump-custom"
 # A custom-format archive of some tables' data only, taken beside the main archive (which
@@ -187,6 +200,42 @@ def _in_savepoint(cur: Any, query: Any) -> tuple[Any, BaseException | None]:
 def _shown(name: str) -> str:
     """A name as a reader expects it: quoted only where SQL would need it."""
     return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else identifier(name)
+
+
+class _Peeked(Reader):
+    """A stream whose table of contents was read ahead (None if it cannot be read) and is
+    replayed; ``selection`` is set when the restore leaves entries out."""
+
+    def __init__(self, source: Readable) -> None:
+        super().__init__()
+        self._source = source
+        self.selection: Selection | None = None
+        self.toc: Toc | None = None
+        head = bytearray()
+        while True:
+            chunk = source.read(CHUNK)
+            head += chunk
+            try:
+                self.toc = read_toc(head)
+                break
+            except Incomplete:
+                if not chunk or len(head) > MAX_TOC_BYTES:
+                    break
+            except ValueError:
+                break
+        self._head = memoryview(bytes(head))
+
+    def read_chunk(self, size: int) -> bytes:
+        if self._head:
+            data, self._head = bytes(self._head[:size]), self._head[size:]
+            return data
+        return self._source.read(size)
+
+    def close(self) -> None:
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()
+        super().close()
 
 
 def _lock_timed_out(exc: BaseException | None) -> bool:
@@ -439,18 +488,25 @@ class LogicalEngine:
         schemas: tuple[str, ...] = (),
         tables: tuple[str, ...] = (),
         no_owner: bool = False,
-    ) -> None:
+        role_map: Mapping[str, str] | None = None,
+    ) -> list[str]:
         """Feed a custom-format archive to pg_restore; reads ``source`` to its end.
 
         A ``Spool`` (already filling) means ``jobs`` > 1; a stream with one job is not spooled.
         ``parts``: the data-only archives taken apart from it, each opened when it is due;
         ``again`` reopens an unspooled ``source`` for its post-data (see restore_split).
+        What the target cannot take as it is (engines/portable.py: owners, grants,
+        extensions) is decided from the archive's table of contents before pg_restore
+        starts; returns a line for each item not restored as it was.
         """
         argv: list[Any] = [tool("pg_restore", self.server.major), "--exit-on-error",
                            "--no-password", f"--dbname={target.dsn()}"]
         argv += [f"--schema={s}" for s in schemas] + [f"--table={t}" for t in tables]
+        source, fit = self._fit(source, target, role_map or {}, no_owner)
         if no_owner:
             argv += ["--no-owner", "--no-acl"]
+        elif fit.no_owner:
+            argv.append("--no-owner")
         with target.child_env() as env:
             if parts:
                 if again is None:
@@ -460,3 +516,52 @@ class LogicalEngine:
                 restore_spooled(source, argv, env, max(jobs, 2))
             else:
                 restore_streamed(source, argv, env)
+        if fit.after:
+            self._run_after(target, fit.after)
+        for line in fit.warnings:
+            log.warning("restore: %s", line)
+        return fit.warnings
+
+    def _fit(self, source: Readable | Spool, target: ConnInfo, role_map: Mapping[str, str],
+             no_owner: bool) -> tuple[Readable | Spool, Fit]:
+        """``source`` (its table of contents read) and what the target makes of it."""
+        toc: Toc | None
+        if isinstance(source, Spool):
+            try:
+                toc = spool_toc(source)
+            except RestoreFailed:  # an archive pg/archive.py cannot read: restored as it is
+                toc = None
+        elif isinstance(source, Selected):
+            toc = source.toc
+        else:
+            source = _Peeked(source)
+            toc = source.toc
+        if toc is None:
+            return source, Fit()
+        session = PsqlSession(target)
+        try:
+            session.preflight()
+            facts = TargetFacts.read(session)
+        finally:
+            session.close()
+        fit = plan(toc, facts, role_map=role_map, no_owner=no_owner)
+        chosen = fit.selection(toc, selection_of(source))
+        if chosen is not selection_of(source):
+            if isinstance(source, Spool) and not isinstance(source, SelectingSpool):
+                raise TypeError("a restore that may leave entries out spools into a "
+                                "SelectingSpool")
+            source.selection = chosen
+        return source, fit
+
+    def _run_after(self, target: ConnInfo, statements: list[str]) -> None:
+        """The grants and owners pgvault sets itself, in the restored database."""
+        session = PsqlSession(target)
+        try:
+            session.preflight()
+            for statement in statements:
+                try:
+                    session.run(statement.rstrip(";"))
+                except DatabaseError as exc:
+                    raise RestoreFailed(f"{statement.rstrip(';')}: {exc}") from None
+        finally:
+            session.close()

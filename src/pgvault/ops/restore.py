@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from pgvault import leftovers, pipeline
@@ -62,6 +62,7 @@ class RestoreOptions:
     schemas: tuple[str, ...] = ()
     tables: tuple[str, ...] = ()
     no_owner: bool = False
+    role_map: dict[str, str] = field(default_factory=dict)  # --role-map OLD=NEW
     progress: Callable[[int], None] | None = None
     identities: Keyring | None = None  # for age-encrypted backups
 
@@ -74,6 +75,8 @@ class RestoreResult:
     target: ConnInfo
     seconds: float
     bytes_read: int
+    skipped: list[str] = field(default_factory=list)
+    """What the target could not take as it was (engines/portable.py), one line each."""
 
 
 def target_connection(conn: ConnInfo, target: str) -> ConnInfo:
@@ -133,8 +136,10 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
     framed = jobs > 1 and bool(artifact.frames) and artifact.stages[0].name == "zstd"
     stream = reader(artifact, framed)()
     partial = bool(options.schemas or options.tables)
-    spool = ((SelectingSpool if partial else Spool)(
-        stream, artifact.frames if framed else (), artifact.raw_size) if jobs > 1 else None)
+    # Selecting: a partial restore chooses its entries, and any restore may leave out what
+    # the target cannot take (engines/portable.py).
+    spool = (SelectingSpool(stream, artifact.frames if framed else (), artifact.raw_size)
+             if jobs > 1 else None)
     try:
         source: Readable | Spool = spool or stream
         if partial:  # what to restore is chosen from the TOC, before anything is created
@@ -142,10 +147,10 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
         admin, server = _admin(target)
         try:
             leftovers.drop_dead_databases(admin)
-            _create_scratch_and_restore(admin, server, target, manifest, options,
-                                        source, jobs,
-                                        [reader(part) for part in parts],
-                                        reader(artifact, counted=False))  # a second read
+            skipped = _create_scratch_and_restore(admin, server, target, manifest, options,
+                                                  source, jobs,
+                                                  [reader(part) for part in parts],
+                                                  reader(artifact, counted=False))  # again
         finally:
             admin.close()
     finally:
@@ -153,15 +158,17 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
             spool.close()
     # Each stream was checked at its end: exactly its artifact's size was read.
     return RestoreResult(manifest=manifest, target=target, seconds=time.monotonic() - started,
-                         bytes_read=artifact.size + sum(part.size for part in parts))
+                         bytes_read=artifact.size + sum(part.size for part in parts),
+                         skipped=skipped)
 
 
 def _create_scratch_and_restore(admin: PsqlSession, server: ServerInfo, target: ConnInfo,
                                 manifest: Manifest, options: RestoreOptions,
                                 source: Readable | Spool, jobs: int,
                                 parts: list[Callable[[], Readable]],
-                                again: Callable[[], Readable]) -> None:
-    """Restore into a new scratch database, then give it the target's name."""
+                                again: Callable[[], Readable]) -> list[str]:
+    """Restore into a new scratch database, then give it the target's name; what the
+    target could not take as it was."""
     name = target.dbname
     assert name is not None  # restore() checked
     exists = admin.run(f"SELECT 1 FROM pg_database WHERE datname = {text_literal(name)}")
@@ -184,8 +191,9 @@ def _create_scratch_and_restore(admin: PsqlSession, server: ServerInfo, target: 
         engine = LogicalEngine(target.with_dbname(scratch), server)
         # A partial restore's source carries its selection (engines/pg_restore.py): not
         # pg_restore's -n/-t, which leave out the schema itself and owned sequences.
-        engine.restore(source, target.with_dbname(scratch), jobs=jobs, parts=parts,
-                       again=again, no_owner=options.no_owner)
+        skipped = engine.restore(source, target.with_dbname(scratch), jobs=jobs, parts=parts,
+                                 again=again, no_owner=options.no_owner,
+                                 role_map=options.role_map)
         if workers is not None:
             admin.run(f"ALTER DATABASE {identifier(scratch)} "
                       "RESET max_parallel_maintenance_workers")
@@ -196,6 +204,7 @@ def _create_scratch_and_restore(admin: PsqlSession, server: ServerInfo, target: 
         with contextlib.suppress(Exception):
             admin.run(f"DROP DATABASE IF EXISTS {identifier(scratch)} WITH (FORCE)")
         raise
+    return skipped
 
 
 def _select(manifest: Manifest, source: Readable | Spool,

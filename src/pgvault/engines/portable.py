@@ -1,0 +1,302 @@
+"""What of a dump the target server can take as it is: owners, grants, extensions.
+
+A dump of a managed server names roles and extensions another server may lack: objects
+owned by the provider's administrator (``supabase_admin``), grants to its roles
+(``rds_superuser``), extensions whose files only the provider installs (``pg_graphql``) or
+that only a superuser may create (``pg_stat_statements``). And a restore as a managed
+server's master role, which is no superuser, cannot give an object to a role it is not a
+member of (``must be member of role "postgres"``), half-way through pg_restore.
+
+``plan`` decides before pg_restore starts, from the archive's table of contents and the
+target's roles and extensions (``TargetFacts.read``): what pg_restore leaves out (an
+extension the target cannot create, and what needs it), which owners and grants pgvault
+sets itself afterwards (a ``--role-map``, the provider's roles), and what it cannot decide
+for the user: an object owned by, or granted to, an ordinary role the target lacks or the
+restoring role may not use. That is one error naming the object and the way out
+(``--no-owner``, ``--role-map OLD=NEW``), before anything is created.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pgvault.errors import RestoreFailed, UsageError
+from pgvault.pg.archive import ABOUT, Selection, Toc, TocEntry, show_name
+from pgvault.pg.psql import PsqlSession, identifier
+
+# Roles a provider creates for itself or its API (RDS, Aurora, Supabase, Neon, Cloud SQL,
+# Azure): they own or are granted objects in a dump, and mean nothing on another server.
+PROVIDER_ROLES = frozenset({
+    "rds_superuser", "rdsadmin", "rds_replication", "rds_iam", "rds_password", "rdstopmgr",
+    "rds_ad", "supabase_admin", "supabase_auth_admin", "supabase_storage_admin",
+    "supabase_functions_admin", "supabase_realtime_admin", "supabase_replication_admin",
+    "supabase_read_only_user", "supabase_etl_admin", "dashboard_user", "pgbouncer",
+    "pgsodium_keyholder", "pgsodium_keyiduser", "pgsodium_keymaker", "authenticator", "anon",
+    "authenticated", "service_role", "neon_superuser", "cloudsqlsuperuser", "cloudsqladmin",
+    "cloudsqlagent", "azure_pg_admin", "azure_superuser", "azuresu",
+})
+
+# The kinds whose owner pg_restore sets with ALTER <kind> ... OWNER TO (pg_backup_archiver.c,
+# _printTocEntry), named as their DROP statement names them.
+OWNED_KINDS = frozenset({
+    "AGGREGATE", "COLLATION", "CONVERSION", "DOMAIN", "FUNCTION", "OPERATOR",
+    "OPERATOR CLASS", "OPERATOR FAMILY", "PROCEDURE", "PROCEDURAL LANGUAGE", "SCHEMA",
+    "EVENT TRIGGER", "TABLE", "TYPE", "VIEW", "MATERIALIZED VIEW", "SEQUENCE",
+    "FOREIGN TABLE", "TEXT SEARCH DICTIONARY", "TEXT SEARCH CONFIGURATION",
+    "FOREIGN DATA WRAPPER", "SERVER", "STATISTICS", "PUBLICATION", "SUBSCRIPTION", "BLOB",
+})
+
+_ROLE = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
+# pg_dump writes one grantee per GRANT/REVOKE, last before the semicolon (buildACLCommands).
+_GRANTEE = re.compile(rf"\s(?:TO|FROM)\s+({_ROLE})(?:\s+WITH (?:GRANT|ADMIN) OPTION)?;\s*$")
+_FOR_ROLE = re.compile(rf"\bFOR ROLE\s+({_ROLE})\s")
+_SESSION_ROLE = re.compile(rf"^SET SESSION AUTHORIZATION\s+({_ROLE});")
+
+_FACTS_SQL = """
+SELECT 'me', encode(convert_to(current_user, 'UTF8'), 'hex'),
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)::text
+UNION ALL
+SELECT 'role', encode(convert_to(rolname, 'UTF8'), 'hex'),
+       pg_has_role(current_user, oid, 'MEMBER')::text FROM pg_roles
+UNION ALL
+SELECT 'extension', encode(convert_to(e.name, 'UTF8'), 'hex'),
+       CASE WHEN e.installed_version IS NOT NULL THEN 'installed'
+            WHEN v.superuser AND NOT v.trusted THEN 'superuser' ELSE 'available' END
+FROM pg_available_extensions e
+LEFT JOIN pg_available_extension_versions v ON v.name = e.name AND v.version = e.default_version
+"""
+
+
+def parse_role_map(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``OLD=NEW`` pairs (``--role-map``) as a mapping; UsageError for a malformed one."""
+    found: dict[str, str] = {}
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise UsageError(f"--role-map {pair!r}: write OLD=NEW (a role of the backup, a "
+                             "role of the target)")
+        found[old.strip()] = new.strip()
+    return found
+
+
+@dataclass(frozen=True)
+class TargetFacts:
+    """The target's roles and extensions, as the restoring role sees them."""
+
+    user: str
+    superuser: bool
+    roles: Mapping[str, bool]  # every role -> whether the restoring role is a member of it
+    extensions: Mapping[str, str]  # name -> "installed", "available" or "superuser"
+
+    @classmethod
+    def read(cls, session: PsqlSession) -> TargetFacts:
+        """Ask the target through ``session`` (after its preflight)."""
+        user, superuser = "", False
+        roles: dict[str, bool] = {}
+        extensions: dict[str, str] = {}
+        for kind, name_hex, value in session.run(_FACTS_SQL):
+            name = bytes.fromhex(name_hex).decode("utf-8", "replace")
+            if kind == "me":
+                user, superuser = name, value == "true"
+            elif kind == "role":
+                roles[name] = value == "true"
+            else:
+                extensions[name] = value
+        return cls(user, superuser, roles, extensions)
+
+    def may_own_as(self, role: str) -> bool:
+        """Whether the restoring role may make ``role`` an object's owner."""
+        return role in self.roles and (self.superuser or self.roles[role])
+
+
+@dataclass
+class Fit:
+    """What the restore does about the target: see ``plan``."""
+
+    skip: set[int] = field(default_factory=set)
+    """Dump ids pg_restore leaves out."""
+    no_owner: bool = False
+    """pg_restore gives every object to the restoring role; ``after`` sets the owners."""
+    after: list[str] = field(default_factory=list)
+    """Statements run in the restored database once pg_restore is done (grants, owners)."""
+    warnings: list[str] = field(default_factory=list)
+    """One line per item not restored as it was in the backup."""
+
+    def selection(self, toc: Toc, base: Selection | None) -> Selection | None:
+        """``base`` (a partial restore's, or everything) without ``skip``; None: all of it."""
+        if not self.skip:
+            return base
+        keep = {e.dump_id: (e.desc, e.namespace, e.tag) for e in toc.entries
+                if e.dump_id not in self.skip
+                and (base is None or base.entries.get(e.dump_id) == (e.desc, e.namespace, e.tag))}
+        skipped_rows = {(e.namespace, e.tag) for e in toc.entries
+                        if e.dump_id in self.skip and e.desc in ("TABLE", "SEQUENCE")}
+        rows = base.rows if base is not None else frozenset(
+            (e.namespace, e.tag) for e in toc.entries if e.desc in ("TABLE", "SEQUENCE"))
+        return Selection(entries=keep, rows=frozenset(rows - skipped_rows),
+                         left_out=base.left_out if base is not None else ())
+
+
+def label(entry: TocEntry) -> str:
+    """How a message names an entry's object: ``table public.orders``."""
+    if entry.desc == "BLOB":
+        return f"large object {entry.tag}"
+    return f"{entry.desc.lower()} {show_name(entry.namespace, entry.tag)}"
+
+
+def _unquoted(role: str) -> str:
+    return role[1:-1].replace('""', '"') if role.startswith('"') else role.lower()
+
+
+def _roles_in(statement: str) -> list[tuple[int, int, str]]:
+    """(start, end, role) of every role a GRANT/REVOKE/DEFAULT PRIVILEGES statement names."""
+    found = []
+    for pattern in (_GRANTEE, _FOR_ROLE, _SESSION_ROLE):
+        for match in pattern.finditer(statement):
+            if match[1] != "PUBLIC":
+                found.append((match.start(1), match.end(1), _unquoted(match[1])))
+    return found
+
+
+def _alter_owner(entry: TocEntry, owner: str) -> str | None:
+    """``ALTER <kind> <name> OWNER TO owner`` for ``entry``, named from its DROP statement."""
+    if entry.desc == "BLOB":
+        return f"ALTER LARGE OBJECT {entry.tag} OWNER TO {identifier(owner)}"
+    prefix = f"DROP {entry.desc} "
+    drop = entry.drop.strip()
+    if not drop.startswith(prefix) or not drop.endswith(";"):
+        return None
+    name = drop[len(prefix):-1].removeprefix("IF EXISTS ")
+    return f"ALTER {entry.desc} {name} OWNER TO {identifier(owner)}"
+
+
+def _extensions(toc: Toc, target: TargetFacts, fit: Fit) -> None:
+    """Leave out each extension the target cannot create, and what needs it, by name."""
+    cause: dict[int, str] = {}
+    for entry in toc.entries:
+        if entry.desc != "EXTENSION":
+            continue
+        state = target.extensions.get(entry.tag)
+        if state is None:
+            why = "its files are not installed on the target server"
+        elif state == "superuser" and not target.superuser:
+            why = f"only a superuser may create it, and {target.user} is none"
+        else:
+            continue
+        fit.skip.add(entry.dump_id)
+        cause[entry.dump_id] = entry.tag
+        fit.warnings.append(f"extension {entry.tag} not restored: {why}")
+    changed = bool(cause)
+    while changed:  # dependencies may point either way in dump id order
+        changed = False
+        for entry in toc.entries:
+            if entry.dump_id in fit.skip:
+                continue
+            needed = next((cause[d] for d in entry.deps if d in cause), None)
+            if needed is not None:
+                fit.skip.add(entry.dump_id)
+                cause[entry.dump_id] = needed
+                changed = True
+                if entry.desc not in ABOUT and entry.desc not in ("TABLE DATA",
+                                                                  "SEQUENCE SET"):
+                    fit.warnings.append(f"{label(entry)} not restored: it needs extension "
+                                        f"{needed}")
+
+
+def _refusal(entry: TocEntry, role: str, target: TargetFacts, what: str) -> str:
+    user = target.user
+    if role not in target.roles:
+        why = "does not exist on the target server: create it first (the backup's globals " \
+              "hold it), map it"
+    else:
+        why = f"{user} is not a member of: map it"
+    return (f"{label(entry)} is {what} role {role!r}, which {why} with --role-map "
+            f"{role}=ROLE (a role {user} is a member of), or restore with --no-owner (every "
+            f"object owned by {user}, no grants)")
+
+
+def plan(toc: Toc, target: TargetFacts, *, role_map: Mapping[str, str] | None = None,
+         no_owner: bool = False) -> Fit:
+    """How to restore ``toc`` onto ``target``; RestoreFailed naming the first object whose
+    owner or grantee it cannot place, and what to do about it."""
+    role_map = dict(role_map or {})
+    for new in set(role_map.values()):
+        if not target.may_own_as(new):
+            what = "does not exist on the target" if new not in target.roles else \
+                f"is not one {target.user} is a member of"
+            raise RestoreFailed(f"--role-map: role {new!r} {what}")
+    fit = Fit()
+    _extensions(toc, target, fit)
+    if no_owner:  # pg_restore --no-owner --no-acl: owners and grants are not restored
+        return fit
+    owners: dict[int, str] = {}
+    moved: dict[str, list[TocEntry]] = {}
+    for entry in toc.entries:
+        if entry.dump_id in fit.skip or entry.desc not in OWNED_KINDS or not entry.owner:
+            continue
+        owner = role_map.get(entry.owner, entry.owner)
+        if not target.may_own_as(owner):
+            if entry.owner not in PROVIDER_ROLES:
+                raise RestoreFailed(_refusal(entry, entry.owner, target, "owned by"))
+            moved.setdefault(entry.owner, []).append(entry)
+            owner = target.user
+        owners[entry.dump_id] = owner
+    by_id = {e.dump_id: e for e in toc.entries}
+    fit.no_owner = bool(moved) or any(
+        owners[i] != by_id[i].owner for i in owners)
+    for role, entries in sorted(moved.items()):
+        shown = ", ".join(label(e) for e in entries[:3])
+        more = f" and {len(entries) - 3} more" if len(entries) > 3 else ""
+        why = ("does not exist on the target server" if role not in target.roles
+               else f"{target.user} is not a member of it")
+        fit.warnings.append(f"owner {role} not restored ({why}): {shown}{more} owned by "
+                            f"{target.user} instead")
+    _grants(toc, target, role_map, fit)
+    if fit.no_owner:
+        for entry in toc.entries:
+            given = owners.get(entry.dump_id)
+            if given is None or given == target.user or entry.identity:
+                continue
+            alter = _alter_owner(entry, given)
+            if alter is None:
+                fit.warnings.append(f"owner {given} of {label(entry)} not restored: pgvault "
+                                    f"cannot name it; it is owned by {target.user}")
+            else:
+                fit.after.append(alter)
+    return fit
+
+
+def _grants(toc: Toc, target: TargetFacts, role_map: Mapping[str, str], fit: Fit) -> None:
+    """ACL entries naming a mapped or a provider's missing role: run by pgvault instead,
+    each GRANT/REVOKE mapped, or left out (and named) when it names a provider role the
+    target lacks."""
+    by_id = {e.dump_id: e for e in toc.entries}
+    for entry in toc.entries:
+        if entry.desc not in ("ACL", "DEFAULT ACL") or entry.dump_id in fit.skip:
+            continue
+        statements = [line for line in entry.acl.splitlines() if line.strip()]
+        mentioned = [(s, _roles_in(s)) for s in statements]
+        if not any(role in role_map or role not in target.roles
+                   for _, roles in mentioned for _, _, role in roles):
+            continue
+        about = next((by_id[d] for d in entry.deps if d in by_id), entry)
+        what = label(about) if entry.desc == "ACL" else f"default privileges {entry.tag}"
+        kept: list[str] = []
+        for statement, roles in mentioned:
+            missing = [role for _, _, role in roles
+                       if role_map.get(role, role) not in target.roles]
+            if missing:
+                if any(role not in PROVIDER_ROLES for role in missing):
+                    raise RestoreFailed(_refusal(about, missing[0], target, "granted to"))
+                fit.warnings.append(f"grant on {what} not restored (role "
+                                    f"{missing[0]} does not exist on the target server): "
+                                    f"{statement.strip()}")
+                continue
+            for start, end, role in sorted(roles, reverse=True):
+                if role in role_map:
+                    statement = statement[:start] + identifier(role_map[role]) + statement[end:]
+            kept.append(statement.strip())
+        fit.skip.add(entry.dump_id)
+        fit.after += kept

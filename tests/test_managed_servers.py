@@ -1,0 +1,233 @@
+"""Logical backups of managed servers as they really are, against a local PostgreSQL 15 made
+to behave like one (fixtures_tls.py): TLS only, verified against the provider's CA; a master
+role that is no superuser; a pooler in front (a real PgBouncer, fixtures_pgbouncer.py); a dump
+naming the provider's roles and extensions, restored onto a plain PostgreSQL.
+
+Every backup is restored and compared with its source (dbcompare); where the target cannot
+take an item (a provider's extension or role), with a copy of the source that lacks it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from cli_runner import one_line_error, pgvault
+from dbcompare import assert_databases_equal
+from fixtures_tls import MASTER, MASTER_PASSWORD, SERVER_NAME, ManagedServer
+from pgvault.model import VerifyReport, from_json
+
+pytest_plugins = ["fixtures_tls"]
+
+MASTER_ENV = {"PGPASSWORD": MASTER_PASSWORD}
+
+# An application as a managed server holds it: its objects owned by app_owner (the master
+# role is a member), one table created by the provider's superuser-like role, a grant to a
+# reading role, a sequence, a view.
+APP_SQL = """
+SET ROLE app_owner;
+CREATE SCHEMA shop;
+CREATE TABLE shop.orders (id serial PRIMARY KEY, customer text NOT NULL, total numeric(10, 2));
+INSERT INTO shop.orders (customer, total)
+    SELECT 'c' || g, g * 1.25 FROM generate_series(1, 300) g;
+CREATE VIEW shop.big_orders AS SELECT * FROM shop.orders WHERE total > 100;
+GRANT USAGE ON SCHEMA shop TO app_reader;
+GRANT SELECT ON shop.orders, shop.big_orders TO app_reader;
+RESET ROLE;
+CREATE TABLE public.settings (key text PRIMARY KEY, value text);
+INSERT INTO public.settings VALUES ('currency', 'EUR'), ('vat', '21');
+"""
+
+
+def _create_db(server: ManagedServer, owner: str = "app_owner") -> str:
+    name = f"app_{uuid.uuid4().hex[:8]}"
+    with server.admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+            sql.Identifier(name), sql.Identifier(owner)))
+    return name
+
+
+def _drop_db(url: str, name: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def app_db(managed_server: ManagedServer) -> Iterator[str]:
+    """The application's database on the managed server (its name)."""
+    name = _create_db(managed_server)
+    with managed_server.admin(name) as conn:
+        conn.execute(APP_SQL)
+    yield name
+    _drop_db(managed_server.url(), name)
+
+
+@pytest.fixture
+def targets(managed_server: ManagedServer) -> Iterator[list[str]]:
+    """Database names a test restores into on the managed server, dropped afterwards."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        _drop_db(managed_server.url(), name)
+
+
+@pytest.fixture(scope="module")
+def master_repo(managed_server: ManagedServer, app_db: str,
+                tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One backup of ``app_db`` taken as the master role over ``sslmode=require``."""
+    repo = f"file://{tmp_path_factory.mktemp('managed') / 'repo'}"
+    url = managed_server.url(app_db, user=MASTER, sslmode="require")
+    pgvault("backup", "--dbname", url, "--repo", repo, env=MASTER_ENV)
+    return repo
+
+
+def _copy(server: ManagedServer, source: str, targets: list[str], change: str) -> str:
+    """A copy of database ``source`` with ``change`` made: what a restore should give when
+    it cannot take everything (the copy is dropped with ``targets``)."""
+    name = f"expected_{uuid.uuid4().hex[:8]}"
+    targets.append(name)
+    with server.admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(source)))
+    with server.admin(name) as conn:
+        conn.execute(change)
+    return server.url(name)
+
+
+def _owners(url: str) -> dict[str, str]:
+    with psycopg.connect(url) as conn:
+        return dict(conn.execute(
+            "SELECT n.nspname || '.' || c.relname, pg_get_userbyid(c.relowner) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname IN ('shop', "
+            "'public') AND c.relkind IN ('r', 'v', 'S')").fetchall())
+
+
+# -- TLS --------------------------------------------------------------------------------
+
+
+def test_tls_verify_full_through_every_child_process(
+        managed_server: ManagedServer, app_db: str, tmp_path: Path,
+        targets: list[str]) -> None:
+    """pg_dump, pg_dumpall, psql and psycopg (the backup), psql and pg_restore (the
+    restore) and the drill's server all verify the server against the test CA."""
+    repo = f"file://{tmp_path / 'repo'}"
+    source = managed_server.url(app_db)
+    pgvault("backup", "--dbname", source, "--repo", repo)
+    targets.append(f"copy_{uuid.uuid4().hex[:8]}")
+    pgvault("restore", "latest", "--dbname", managed_server.url(), "--repo", repo,
+            "--to", targets[0])
+    assert_databases_equal(source, managed_server.url(targets[0]))
+    report = from_json(VerifyReport, pgvault("verify", "latest", "--server",
+                                             managed_server.url(), "--repo", repo,
+                                             "--json").stdout)
+    assert report.passed, report.checks
+    assert {c.status for c in report.checks} <= {"pass", "skip"}, report.checks
+
+
+def test_wrong_host_and_plain_connections_are_refused_in_one_line(
+        managed_server: ManagedServer, app_db: str, tmp_path: Path) -> None:
+    repo = f"file://{tmp_path / 'repo'}"
+    # The certificate names db.managed.test and 127.0.0.1: another name is refused.
+    wrong = managed_server.url(app_db, host="db.other.test", hostaddr="127.0.0.1")
+    wrong = wrong.replace("@127.0.0.1:", "@db.other.test:")
+    line = one_line_error(pgvault("backup", "--dbname", wrong, "--repo", repo, expect=4))
+    assert "does not match host name" in line and "db.other.test" in line, line
+    # Without TLS the server has no pg_hba.conf line for the connection.
+    plain = managed_server.url(app_db, sslmode="disable")
+    line = one_line_error(pgvault("backup", "--dbname", plain, "--repo", repo, expect=4))
+    assert "no encryption" in line, line
+    assert SERVER_NAME  # the name the server's certificate holds
+
+
+# -- no superuser -----------------------------------------------------------------------
+
+
+def test_master_role_backup_keeps_globals_without_passwords(
+        master_repo: str, tmp_path: Path) -> None:
+    restored = tmp_path / "globals"
+    listed = json.loads(pgvault("list", "--repo", master_repo, "--json").stdout)
+    backup_id = listed[0]["id"]
+    (globals_file,) = Path(master_repo.removeprefix("file://")).rglob("globals.sql*")
+    assert globals_file.stat().st_size > 0
+    shown = pgvault("show", backup_id, "--repo", master_repo, "--json").stdout
+    assert "globals.sql" in shown
+    # The roles are there, their passwords (pg_authid, which the master may not read) not.
+    text = _artifact_text(master_repo, backup_id, "globals.sql", restored)
+    assert "CREATE ROLE app_owner;" in text and f"CREATE ROLE {MASTER};" in text
+    assert "PASSWORD" not in text and "SCRAM-SHA-256" not in text
+
+
+def _artifact_text(repo: str, backup_id: str, name: str, folder: Path) -> str:
+    from pgvault import config
+    from pgvault.ops.restore import open_artifact
+    from pgvault.vault import Vault
+
+    vault = Vault.open(config.load({"repo": repo}, {}))
+    manifest = vault.catalog.get(backup_id, None)
+    stream = open_artifact(vault.storage, manifest, manifest.artifact(name))
+    data = b""
+    while chunk := stream.read(1 << 16):
+        data += chunk
+    folder.mkdir(exist_ok=True)
+    return data.decode()
+
+
+def test_master_role_restore_names_the_owner_it_cannot_set_then_maps_it(
+        managed_server: ManagedServer, app_db: str, master_repo: str,
+        targets: list[str]) -> None:
+    """Before: pg_restore failed half-way with 'must be member of role "postgres"'. Now the
+    restore refuses before it creates anything, naming the object and the options; with
+    --role-map (or --no-owner) it restores, owners the master may use kept."""
+    master = managed_server.url("postgres", user=MASTER)
+    targets += [f"copy_{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    refused = pgvault("restore", "latest", "--dbname", master, "--repo", master_repo,
+                      "--to", targets[0], env=MASTER_ENV, expect=9)
+    line = one_line_error(refused)
+    assert "table public.settings is owned by role 'postgres'" in line, line
+    assert "--role-map postgres=ROLE" in line and "--no-owner" in line, line
+    assert "must be member" not in line
+    with managed_server.admin() as conn:
+        assert not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                (targets[0],)).fetchall()
+
+    pgvault("restore", "latest", "--dbname", master, "--repo", master_repo, "--to",
+            targets[1], "--role-map", "postgres=master", env=MASTER_ENV)
+    source = managed_server.url(app_db)
+    assert_databases_equal(source, managed_server.url(targets[1]))
+    owners = _owners(managed_server.url(targets[1]))
+    assert owners["shop.orders"] == owners["shop.big_orders"] == "app_owner"
+    assert owners["shop.orders_id_seq"] == "app_owner"
+    assert owners["public.settings"] == MASTER
+    with psycopg.connect(managed_server.url(targets[1])) as conn:
+        grants = conn.execute("SELECT grantee, privilege_type FROM "
+                              "information_schema.role_table_grants WHERE table_schema = "
+                              "'shop' AND grantee = 'app_reader'").fetchall()
+    assert sorted(grants) == [("app_reader", "SELECT")] * 2
+
+    pgvault("restore", "latest", "--dbname", master, "--repo", master_repo, "--to",
+            targets[2], "--no-owner", "-j", "2", env=MASTER_ENV)
+    # --no-owner restores no grants either: the source without them.
+    expected = _copy(managed_server, app_db, targets, "REVOKE ALL ON SCHEMA shop FROM "
+                     "app_reader; REVOKE ALL ON ALL TABLES IN SCHEMA shop FROM app_reader")
+    assert_databases_equal(expected, managed_server.url(targets[2]))
+    assert set(_owners(managed_server.url(targets[2])).values()) == {MASTER}
+
+
+def test_a_role_map_to_a_role_the_master_cannot_use_is_refused(
+        managed_server: ManagedServer, master_repo: str) -> None:
+    master = managed_server.url("postgres", user=MASTER)
+    line = one_line_error(pgvault("restore", "latest", "--dbname", master, "--repo",
+                                  master_repo, "--to", "never_made", "--role-map",
+                                  "postgres=nobody_here", env=MASTER_ENV, expect=9))
+    assert "--role-map: role 'nobody_here' does not exist on the target" in line
+    line = one_line_error(pgvault("restore", "latest", "--dbname", master, "--repo",
+                                  master_repo, "--to", "never_made", "--role-map", "postgres",
+                                  env=MASTER_ENV, expect=2))
+    assert "OLD=NEW" in line

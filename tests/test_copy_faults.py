@@ -10,11 +10,13 @@ endpoint that is overloaded.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import random
 import shutil
 import signal
 import subprocess as sp
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -183,3 +185,110 @@ def test_copies_sigkilled_at_random_moments_end_exact_and_the_copy_alone_verifie
                                env=env)
         assert "from repository offsite" in done_restore.stdout
         assert_databases_equal(state, pg_cluster.url(target))
+
+
+class _Unavailable(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every request 503 SlowDown-style (overloaded)."""
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable'
+                b'</Code><Message>Please reduce your request rate.</Message></Error>')
+        self.send_response(503)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _metric(path: Path, name: str, target: str) -> float:
+    for line in path.read_text().splitlines():
+        if line.startswith(name + "{") and f'target="{target}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} for {target} not in {path}")
+
+
+def test_a_copy_down_three_ways_while_backups_go_on_then_catches_up(
+    make_db: MakeDb, pg_cluster: EphemeralCluster, s3_server: str, s3_bucket: str,
+    s3_options: S3Options, tmp_path: Path, target_names: list[str],
+) -> None:
+    primary, cold, textfile = tmp_path / "primary", tmp_path / "cold", tmp_path / "pgvault.prom"
+
+    def configure(endpoint: str) -> dict[str, str]:
+        config = write_config(tmp_path / "pgvault.toml", [
+            {"name": "main", "url": f"file://{primary}", "primary": True},
+            {"name": "offsite", "url": f"s3://{s3_bucket}/app", "copy_lag_hours": 0.0001,
+             "retention": "{ keep_last = 10 }", "s3": f'{{ endpoint_url = "{endpoint}" }}'},
+            {"name": "cold", "url": f"file://{cold}", "retention": "{ keep_last = 10 }"},
+        ], f'io_timeout_seconds = 0.5\n[s3]\nendpoint_url = "{s3_server}"\npath_style = true\n'
+           f'[metrics]\ntextfile = "{textfile}"\n')
+        return {"PGVAULT_CONFIG": str(config)}
+
+    source = make_db(prefix="downcopy_src")
+    db = _name(source)
+    unavailable = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    threading.Thread(target=unavailable.serve_forever, daemon=True).start()
+    with contextlib.ExitStack() as stack, \
+            fault_proxy(s3_server, Faults(stall_after_up=1)) as stalled:
+        stack.callback(unavailable.server_close)
+        stack.callback(unavailable.shutdown)
+        outages = {
+            "refused": (f"http://127.0.0.1:{_free_port()}", "cannot connect to"),
+            "503": (f"http://127.0.0.1:{unavailable.server_address[1]}",
+                    "ServiceUnavailable (HTTP 503)"),
+            "stalled": (stalled.url, "no progress for 0.5 s"),
+        }
+        for generation, (kind, (endpoint, cause)) in enumerate(outages.items()):
+            env = configure(endpoint)
+            fill(source, 100, generation)
+            pgvault("backup", "--dbname", source, env=env)  # the primary's backups go on
+            failed = pgvault("copy", env=env, expect=None)
+            assert failed.returncode == 5, (kind, failed.stderr)
+            lines = failed.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("pgvault: copy to offsite failed: ")
+            assert cause in lines[0], (kind, lines[0])
+            assert "cold: 1 backup(s) copied" in failed.stdout  # the others stay current
+            assert _metric(textfile, "pgvault_copy_behind_backups", "offsite") == \
+                generation + 1
+            assert _metric(textfile, "pgvault_copy_last_error_timestamp_seconds",
+                           "offsite") > 0
+            assert _metric(textfile, "pgvault_copy_up", "offsite") == 0
+            assert _metric(textfile, "pgvault_copy_behind_backups", "cold") == 0
+        status = pgvault("status", "-d", db, env=env, expect=None).stdout
+        assert "copy offsite   unreadable, 3 backup(s) since its last successful copy" in status
+        assert "last copy failed" in status
+        assert "copy cold      up to date" in status
+
+        env = configure(s3_server)  # back
+        status = pgvault("status", "-d", db, env=env, expect=None).stdout
+        assert "copy offsite   3 backup(s) behind" in status and "LATE" in status
+        assert "last copy failed" in status and "no progress for 0.5 s" in status
+        check = pgvault("check", "-d", db, env=env, expect=None).stdout
+        assert "copy offsite is 3 backup(s) behind" in check
+        assert "its last run failed: " in check
+        report = json.loads(pgvault("status", "--json", "-d", db, env=env).stdout)[0]
+        offsite = next(c for c in report["copies"] if c["name"] == "offsite")
+        assert offsite["behind"] == 3 and "no progress" in offsite["last_error"]
+
+        caught_up = pgvault("copy", env=env).stdout
+        assert "offsite: 3 backup(s) copied" in caught_up
+        main = open_storage(f"file://{primary}")
+        offsite_storage = open_storage(f"s3://{s3_bucket}/app", s3_options)
+        assert snapshot(offsite_storage) == snapshot(main) == snapshot(
+            open_storage(f"file://{cold}"))  # nothing lost
+        status = pgvault("status", "-d", db, env=env, expect=None).stdout
+        assert "copy offsite   up to date" in status and "last copy failed" not in status
+        assert _metric(textfile, "pgvault_copy_behind_backups", "offsite") == 0
+        assert _metric(textfile, "pgvault_copy_last_error_timestamp_seconds", "offsite") == 0
+        target = f"downcopy_restored_{uuid.uuid4().hex[:10]}"
+        target_names.append(target)
+        pgvault("restore", "latest", "--repo", "offsite", "--to", target, "-d",
+                pg_cluster.url(), env=env)
+        assert_databases_equal(source, pg_cluster.url(target))

@@ -9,6 +9,8 @@ Layout (the only module that knows it):
     fleet/leases/<db>.json                 fleet mode: which window of <db> is done, or who runs it
     fleet/slots/<scope>/<n>.json           fleet mode: job slot n of a repository or server cap
     status/<db>/<name>.json                run history (last success, last failure), overwritten
+    copies/<repo>.json                     the copies to [[repos]] <repo>: last run, last
+                                           success, last error (overwritten; in the source)
     keys/passphrase-identity.age           passphrase mode: the age identity, scrypt-wrapped
     wal/<cluster>/identity.json            the system identifier whose WAL this cluster holds
     wal/<cluster>/push-failures.json       count and last error of failed pushes (overwritten)
@@ -68,6 +70,11 @@ def manifest_key(database: str, backup_id: str) -> str:
 
 def artifact_key(database: str, backup_id: str, filename: str) -> str:
     return f"{BACKUPS}{db_segment(database)}/{backup_id}/{filename}"
+
+
+def copy_record_key(repo: str) -> str:
+    """The record of the copies from this repository to the `[[repos]]` entry ``repo``."""
+    return f"copies/{db_segment(repo)}.json"
 
 
 def lock_key(database: str) -> str:
@@ -427,6 +434,19 @@ class Catalog:
     def write_status(self, database: str, name: str, record: dict[str, Any]) -> None:
         """Replace the status record ``name`` of ``database`` (a writer-only role can: a put)."""
         self.storage.put_bytes(status_key(database, name),
+                               json.dumps(record, indent=2, default=str).encode())
+
+    def copy_record(self, repo: str) -> dict[str, Any] | None:
+        """The record of the copies to ``repo`` (None: never written, or unreadable)."""
+        try:
+            record = json.loads(self.storage.read_bytes(copy_record_key(repo)))
+        except (NotFound, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def write_copy_record(self, repo: str, record: dict[str, Any]) -> None:
+        """Replace the record of the copies to ``repo``."""
+        self.storage.put_bytes(copy_record_key(repo),
                                json.dumps(record, indent=2, default=str).encode())
 
     def delete(self, manifest: Manifest) -> None:

@@ -121,6 +121,24 @@ class AutomatedBackups:
 
 
 @dataclasses.dataclass(frozen=True)
+class CopyState:
+    """One `[[repos]]` copy of a database, as the source sees it (ops.copy.copy_states)."""
+
+    name: str
+    behind: int = 0
+    """Backups the copy's own policy keeps that it lacks (one that cannot be read: the
+    source's backups since its last successful copy)."""
+    newest_missing: datetime | None = None
+    newest: datetime | None = None
+    """When the copy's newest backup of the database started."""
+    objective: timedelta = timedelta(hours=24)
+    last_error: str | None = None
+    """The last copy run's error, unless a later run succeeded."""
+    last_error_at: datetime | None = None
+    unreadable: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Verdict:
     """OK (0), WARNING (1), CRITICAL (2) or UNKNOWN (3), with the reasons for it."""
 
@@ -167,6 +185,8 @@ class DatabaseStatus:
     """The newest drill of a provider snapshot (``drill`` is the repository's backups')."""
     snapshot_history: RunHistory = dataclasses.field(default_factory=RunHistory)
     """The `pgvault snapshot` runs (status/<db>/snapshot.json)."""
+    copies: tuple[CopyState, ...] = ()
+    """Each `[[repos]]` copy of this database (its lag and last error)."""
 
     def age(self, now: datetime) -> timedelta | None:
         """How old the newest recovery point is: the newest backup's snapshot, or, with a

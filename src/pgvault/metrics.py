@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pgvault.health import DatabaseStatus
@@ -103,15 +103,51 @@ class Metrics:
         }
         failures = CounterMetricFamily("pgvault_backup_failures", "Failed backup runs.",
                                        labels=labels)
+        copies = {
+            "behind": GaugeMetricFamily(
+                "pgvault_copy_behind_backups", "Backups a [[repos]] copy's own policy keeps "
+                "that it lacks (a copy that cannot be read: the backups since its last "
+                "successful copy).", labels=[*labels, "target"]),
+            "up": GaugeMetricFamily(
+                "pgvault_copy_up", "1 if the copy could be read, 0 if not.",
+                labels=[*labels, "target"]),
+            "missing_age": GaugeMetricFamily(
+                "pgvault_copy_newest_missing_age_seconds", "How old the newest backup the "
+                "copy lacks is (0: none missing).", labels=[*labels, "target"]),
+            "objective": GaugeMetricFamily(
+                "pgvault_copy_lag_objective_seconds", "How old a missing backup may get.",
+                labels=[*labels, "target"]),
+            "newest": GaugeMetricFamily(
+                "pgvault_copy_newest_backup_timestamp_seconds", "When the copy's newest "
+                "backup started (0: none).", labels=[*labels, "target"]),
+            "error": GaugeMetricFamily(
+                "pgvault_copy_last_error_timestamp_seconds", "When the last copy run to "
+                "it failed, unless a later one succeeded (0: none).",
+                labels=[*labels, "target"]),
+        }
         for status in self.statuses():
             if only is not None and status.database != only:
                 continue
             values = [status.database, status.repository][: len(labels)]
+            for state in status.copies:
+                where = [*values, state.name]
+                now = datetime.now(UTC)
+                copies["behind"].add_metric(where, float(state.behind or 0))
+                copies["up"].add_metric(where, 0.0 if state.unreadable else 1.0)
+                copies["missing_age"].add_metric(where, 0.0 if state.newest_missing is None
+                                                 else max(0.0, (now - state.newest_missing)
+                                                          .total_seconds()))
+                copies["objective"].add_metric(where, state.objective.total_seconds())
+                copies["newest"].add_metric(where, state.newest.timestamp() if state.newest
+                                            else 0.0)
+                copies["error"].add_metric(where, state.last_error_at.timestamp()
+                                           if state.last_error_at else 0.0)
             for key, value in _gauge_values(status):
                 families[key].add_metric(values, value)
             failures.add_metric(values, status.history.failures_total)
         yield from families.values()
         yield failures
+        yield from copies.values()
         notified = CounterMetricFamily("pgvault_notification_failures",
                                        "Notifications that failed or timed out.",
                                        labels=["database", "sink"])

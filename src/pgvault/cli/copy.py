@@ -71,8 +71,7 @@ def copy_(ctx: click.Context, /, ref: str, to: tuple[str, ...], dbname: str | No
       pgvault status                        # "copy offsite  up to date" per database
       pgvault restore latest --repo offsite --to app_restored -d app
     """
-    from pgvault.errors import BackupFailed, UsageError
-    from pgvault.ops.copy import copy
+    from pgvault.errors import UsageError
 
     vault = vault_of(ctx)
     names = list(to) or vault.copies
@@ -82,28 +81,67 @@ def copy_(ctx: click.Context, /, ref: str, to: tuple[str, ...], dbname: str | No
     if not names:
         raise UsageError("no repository to copy to: every [[repos]] entry is the source")
     vault.catalog.require()
-    failed = 0
+    copy_each(vault, names, ref=ref, database=database_filter(dbname), jobs=jobs,
+              echo=click.echo, as_json=as_json)
+
+
+def copy_each(vault: Any, names: list[str], *, ref: str = "all", database: str | None = None,
+              jobs: int = 4, echo: Any = None, as_json: bool = False) -> None:
+    """Copy from ``vault`` to each `[[repos]]` entry in ``names``; one that cannot be
+    reached or written does not stop the others. Each run is recorded in the source
+    (``ops.copy.record_run``). Raises once at the end, one line naming each failure."""
+    from pgvault.errors import BackupFailed, PgvaultError, UsageError
+    from pgvault.ops.copy import copy, record_run
+
+    say = echo or (lambda line: None)
+    errors: list[tuple[str, PgvaultError]] = []
     for name in names:
-        target = vault.repository(name)
-        if target.settings.repo == vault.settings.repo:
-            raise UsageError(f"repository {name!r} is the source itself")
-        report = copy(vault.storage, target.storage, name=name, policy=target.policy,
-                      now=datetime.now(UTC), ref=ref, database=database_filter(dbname),
-                      jobs=jobs, lock_stale_after=target.lock_stale_after,
-                      progress=None if as_json else lambda line: click.echo(f"  {line}"))
-        failed += len(report.failed)
+        try:
+            target = vault.repository(name)
+            if target.settings.repo == vault.settings.repo:
+                raise UsageError(f"repository {name!r} is the source itself")
+            refused = _refuses(vault, target, ref, database)
+            if refused:
+                raise UsageError(refused)
+            report = copy(vault.storage, target.storage, name=name, policy=target.policy,
+                          now=datetime.now(UTC), ref=ref, database=database, jobs=jobs,
+                          lock_stale_after=target.lock_stale_after,
+                          progress=None if as_json else lambda line: say(f"  {line}"))
+        except PgvaultError as exc:
+            record_run(vault.catalog, name, datetime.now(UTC), error=str(exc))
+            errors.append((name, exc))
+            if as_json:
+                say(json.dumps({"target": name, "error": str(exc)}))
+            continue
+        record_run(vault.catalog, name, datetime.now(UTC), report=report)
+        if report.failed:
+            errors.append((name, BackupFailed(f"{len(report.failed)} backup(s) could not be "
+                                              "copied (see above)")))
         if as_json:
-            click.echo(json.dumps({
+            say(json.dumps({
                 "target": name, "url": target.storage.url, "copied": report.copied,
                 "in_sync": report.in_sync, "not_kept": report.not_kept,
                 "failed": report.failed, "objects_sent": report.objects_sent,
                 "objects_kept": report.objects_kept, "bytes_sent": report.bytes_sent,
                 "seconds": round(report.seconds, 3)}))
         else:
-            click.echo(report.summary())
-    if failed:
-        raise BackupFailed(f"{failed} backup(s) could not be copied (see above); run "
-                           "pgvault copy again once the cause is fixed")
+            say(report.summary())
+    from pgvault.ops.jobs import publish
+
+    for name in vault.catalog.databases():  # the metrics show each copy's lag now
+        publish(vault, name)
+    if not errors:
+        return
+    line = "; ".join(f"copy to {name} failed: {exc}" for name, exc in errors) + \
+        " (run pgvault copy again once the cause is fixed)"
+    if len(errors) == 1 and not isinstance(errors[0][1], BackupFailed):
+        raise type(errors[0][1])(line)
+    raise BackupFailed(line)
+
+
+def _refuses(vault: Any, target: Any, ref: str, database: str | None) -> str | None:
+    """Why ``target`` refuses what would be copied (require_encrypted), else None."""
+    return None
 
 
 def prune_each_repository(ctx: click.Context) -> bool:
@@ -135,20 +173,9 @@ def prune_each_repository(ctx: click.Context) -> bool:
 
 def backup_interval(settings: Any) -> timedelta:
     """The time between two scheduled backups ([schedule] backup), 24 h if unknowable."""
-    from pgvault.schedule import every, trigger
+    from pgvault.ops.copy import backup_interval as interval
 
-    expr = settings.schedule.backup
-    found = every(expr)
-    if found is not None:
-        return found
-    try:
-        fire = trigger(expr, settings.schedule.timezone)
-        now = datetime.now(UTC)
-        first = fire.get_next_fire_time(None, now)
-        second = fire.get_next_fire_time(first, first + timedelta(seconds=1))
-        return timedelta(seconds=(second - first).total_seconds())
-    except Exception:
-        return timedelta(hours=24)
+    return interval(settings.schedule.backup, settings.schedule.timezone)
 
 
 def copy_lags(vault: Any, database: str) -> list[tuple[str, Any]]:
@@ -171,24 +198,31 @@ def copy_lags(vault: Any, database: str) -> list[tuple[str, Any]]:
     return found
 
 
-def describe_lag(name: str, found: Any, now: datetime) -> tuple[str, str | None]:
-    """The status line of one copy, and the WARNING reason when it is late or unreadable."""
+def describe_lag(name: str, found: Any, now: datetime,
+                 failed: tuple[str, datetime] | None = None) -> tuple[str, str | None]:
+    """The status line of one copy, and the WARNING reason when it is late or unreadable;
+    ``failed``: the last copy run's error (ops.copy.last_error), shown with either."""
     from pgvault.console import human_seconds
     from pgvault.ops.copy import Lag
 
+    error = "" if failed is None else (
+        f"; last copy failed {human_seconds((now - failed[1]).total_seconds())} ago: "
+        f"{failed[0]}")
     if not isinstance(found, Lag):
-        return f"unreadable: {found}", f"copy {name} cannot be read: {found}"
+        return f"unreadable: {found}{error}", f"copy {name} cannot be read: {found}"
+    newest = "no backup" if found.newest is None else f"newest {found.newest:%Y-%m-%d %H:%M}"
     age = found.age(now)
     if found.behind == 0 or age is None:
-        return "up to date", None
+        return f"up to date ({newest}){error}", None
     hours = found.objective.total_seconds() / 3600
     line = (f"{found.behind} backup(s) behind, newest missing {human_seconds(age.total_seconds())}"
-            f" old (objective {hours:g}h)")
+            f" old (objective {hours:g}h; {newest})")
     if found.late(now):
-        return line + " LATE", (f"copy {name} is {found.behind} backup(s) behind, the newest "
-                                f"missing one {age.total_seconds() / 3600:.1f}h old (objective "
-                                f"{hours:g}h): run pgvault copy")
-    return line, None
+        return line + " LATE" + error, (
+            f"copy {name} is {found.behind} backup(s) behind, the newest missing one "
+            f"{age.total_seconds() / 3600:.1f}h old (objective {hours:g}h): run pgvault copy"
+            + ("" if failed is None else f" (its last run failed: {failed[0]})"))
+    return line + error, None
 
 
 def copy_status(settings: Any, database: str, now: datetime
@@ -196,26 +230,43 @@ def copy_status(settings: Any, database: str, now: datetime
     """For `status` and `check`: each copy's line, the WARNING reasons, the JSON entries."""
     if not settings.repos:
         return [], [], []
-    from pgvault.ops.copy import Lag
+    from pgvault.console import human_seconds
+    from pgvault.errors import StorageError
+    from pgvault.ops.copy import Lag, last_error, unconfirmed
     from pgvault.vault import Vault
 
     lines: list[str] = []
     reasons: list[str] = []
     entries: list[dict[str, Any]] = []
-    for name, found in copy_lags(Vault.open(settings), database):
-        line, reason = describe_lag(name, found, now)
+    vault = Vault.open(settings)
+    for name, found in copy_lags(vault, database):
+        try:
+            record = vault.catalog.copy_record(name)
+        except StorageError:
+            record = None
+        failed = last_error(record)
+        line, reason = describe_lag(name, found, now, failed)
+        since = [] if isinstance(found, Lag) else unconfirmed(vault.catalog, record, database)
+        if since:
+            newest = max(m.started_at for m in since)
+            line = (f"unreadable, {len(since)} backup(s) since its last successful copy, "
+                    f"the newest {human_seconds((now - newest).total_seconds())} old: "
+                    + line.removeprefix("unreadable: "))
         lines.append(f"  copy {name:<9} {line}")
         if reason:
             reasons.append(reason)
+        entry: dict[str, Any] = {"name": name}
         if isinstance(found, Lag):
             age = found.age(now)
-            entries.append({"name": name, "behind": found.behind,
-                            "newest_missing": found.newest_missing,
-                            "newest_missing_age_seconds": age and age.total_seconds(),
-                            "objective_seconds": found.objective.total_seconds(),
-                            "late": found.late(now)})
+            entry |= {"behind": found.behind, "newest": found.newest,
+                      "newest_missing": found.newest_missing,
+                      "newest_missing_age_seconds": age and age.total_seconds(),
+                      "objective_seconds": found.objective.total_seconds(),
+                      "late": found.late(now)}
         else:
-            entries.append({"name": name, "error": str(found)})
+            entry |= {"error": str(found), "unconfirmed": len(since)}
+        entry |= {"last_error": failed and failed[0], "last_error_at": failed and failed[1]}
+        entries.append(entry)
     return lines, reasons, entries
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
-from pgvault import retention
+from pgvault import logs, retention
 from pgvault.catalog import (
     PASSPHRASE_IDENTITY,
     Catalog,
@@ -34,12 +35,22 @@ from pgvault.catalog import (
     wal_identity_key,
     wal_prefix,
 )
-from pgvault.errors import AlreadyExists, ConfigError, IntegrityError, NotFound, PgvaultError
+from pgvault.errors import (
+    AlreadyExists,
+    ConfigError,
+    IntegrityError,
+    NotFound,
+    PgvaultError,
+    StorageError,
+)
+from pgvault.health import CopyState
 from pgvault.lock import hold
 from pgvault.model import Artifact, Manifest, from_json
 from pgvault.pipeline.digest import HashingReader, VerifyingReader
 from pgvault.retention import Candidate, Policy
 from pgvault.storage.base import ObjectInfo, Storage
+
+log = logs.get("copy")
 
 Progress = Callable[[str], None]
 """Told one line per backup copied (the CLI prints it)."""
@@ -83,6 +94,8 @@ class Lag:
     behind: int
     newest_missing: datetime | None
     objective: timedelta
+    newest: datetime | None = None
+    """When the target's own newest backup (of the database asked about) started."""
 
     def age(self, now: datetime) -> timedelta | None:
         return None if self.newest_missing is None else now - self.newest_missing
@@ -137,7 +150,59 @@ def lag(source: Catalog, target: Catalog, policy: Policy, now: datetime, *, name
     """How far ``target`` is behind ``source`` (see ``missing``)."""
     behind = missing(source, target, policy, now, database)
     return Lag(name, len(behind), max((m.started_at for m in behind), default=None),
-               objective)
+               objective, max((m.started_at for m in target.list(database)), default=None))
+
+
+def backup_interval(expr: str, timezone: str) -> timedelta:
+    """The time between two runs of a schedule ([schedule] backup), 24 h if unknowable:
+    a copy's default objective."""
+    from pgvault.schedule import every, trigger
+
+    found = every(expr)
+    if found is not None:
+        return found
+    try:
+        fire = trigger(expr, timezone)
+        start = datetime.now(UTC)
+        first = fire.get_next_fire_time(None, start)
+        second = fire.get_next_fire_time(first, first + timedelta(seconds=1))
+        return timedelta(seconds=(second - first).total_seconds())
+    except Exception:
+        return timedelta(hours=24)
+
+
+def record_run(source: Catalog, name: str, now: datetime, *,
+               report: CopyReport | None = None, error: str | None = None) -> None:
+    """Note a copy run to ``name`` in the source's record of it (status, check and the
+    metrics show its last error); a source that cannot be written is logged, not fatal."""
+    record = source.copy_record(name) or {}
+    if error is None and report is not None and report.failed:
+        label, why = next(iter(report.failed.items()))
+        error = f"{len(report.failed)} backup(s) failed, {label}: {why}"
+    record.update(target=name, last_run=now.isoformat())
+    if error is not None:
+        record.update(last_error=error, last_error_at=now.isoformat())
+    else:
+        record.update(last_success=now.isoformat(),
+                      copied=len(report.copied) if report is not None else 0)
+    try:
+        source.write_copy_record(name, record)
+    except StorageError as exc:
+        log.warning("could not record the copy to %s: %s", name, exc)
+
+
+def last_error(record: dict[str, Any] | None) -> tuple[str, datetime] | None:
+    """The error of the last copy run, if it failed (an older one a success fixed: None)."""
+    if not record or not record.get("last_error") or not record.get("last_error_at"):
+        return None
+    try:
+        failed = datetime.fromisoformat(record["last_error_at"])
+        succeeded = record.get("last_success")
+        if succeeded and datetime.fromisoformat(succeeded) >= failed:
+            return None
+    except (TypeError, ValueError):
+        return None
+    return str(record["last_error"]), failed
 
 
 def copy(source: Storage, target: Storage, *, name: str, policy: Policy, now: datetime,
@@ -285,3 +350,50 @@ def _copy_passphrase_key(source: Storage, target: Storage) -> None:
                               "there could not be restored with it; copy to an empty "
                               "repository") from None
 
+
+
+class _Target(Protocol):
+    @property
+    def catalog(self) -> Catalog: ...
+    @property
+    def policy(self) -> Policy: ...
+
+
+def copy_states(source: Catalog, targets: Sequence[tuple[str, Callable[[], _Target], timedelta]],
+                database: str, now: datetime) -> tuple[CopyState, ...]:
+    """Each copy's lag and last error: (name, its opener, its objective) per copy. A copy
+    that cannot be read is behind by the source's backups since its last successful copy
+    (what the source alone knows)."""
+    found: list[CopyState] = []
+    for name, opening, objective in targets:
+        try:
+            record = source.copy_record(name)
+        except StorageError:
+            record = None
+        failed = last_error(record)
+        error, at = failed if failed is not None else (None, None)
+        try:
+            target = opening()
+            behind = lag(source, target.catalog, target.policy, now, name=name,
+                         objective=objective, database=database)
+        except PgvaultError as exc:
+            since = unconfirmed(source, record, database)
+            found.append(CopyState(name, len(since), max(
+                (m.started_at for m in since), default=None), None, objective, error, at,
+                str(exc)))
+            continue
+        found.append(CopyState(name, behind.behind, behind.newest_missing, behind.newest,
+                               objective, error, at))
+    return tuple(found)
+
+
+def unconfirmed(source: Catalog, record: dict[str, Any] | None,
+                database: str | None) -> list[Manifest]:
+    """The source's backups newer than the last successful copy ``record`` names (all of
+    them if none): at most what a copy that cannot be read lacks."""
+    succeeded = (record or {}).get("last_success")
+    try:
+        since = datetime.fromisoformat(succeeded) if succeeded else None
+    except (TypeError, ValueError):
+        since = None
+    return [m for m in source.list(database) if since is None or m.finished_at > since]

@@ -435,11 +435,24 @@ def _record(storage: Storage, database: str, run: RunRecord, *, failed: bool,
 def status_of(vault: Vault, database: str) -> DatabaseStatus:
     """The monitoring status of ``database`` against this target's objectives."""
     settings = vault.settings
-    return database_status(vault.storage, database, rpo_hours=settings.objectives.rpo_hours,
-                           rto_minutes=settings.objectives.rto_minutes,
-                           lock_stale_after=vault.lock_stale_after,
-                           archive_stale_after=timedelta(
-                               minutes=settings.check.warn_archive_minutes) or None)
+    status = database_status(vault.storage, database, rpo_hours=settings.objectives.rpo_hours,
+                             rto_minutes=settings.objectives.rto_minutes,
+                             lock_stale_after=vault.lock_stale_after,
+                             archive_stale_after=timedelta(
+                                 minutes=settings.check.warn_archive_minutes) or None)
+    if vault.copies:  # [[repos]]: each copy's lag and last error, for the metrics
+        import dataclasses
+        import functools
+
+        from pgvault.ops.copy import backup_interval, copy_states
+
+        interval = backup_interval(settings.schedule.backup, settings.schedule.timezone)
+        targets = [(e.name, functools.partial(vault.repository, e.name),
+                    timedelta(hours=e.copy_lag_hours) if e.copy_lag_hours else interval)
+                   for e in settings.repos if e.name in vault.copies]
+        status = dataclasses.replace(status, copies=copy_states(
+            vault.catalog, targets, database, vault.clock()))
+    return status
 
 
 def publish(vault: Vault, database: str) -> None:

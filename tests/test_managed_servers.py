@@ -9,6 +9,7 @@ take an item (a provider's extension or role), with a copy of the source that la
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from cli_runner import one_line_error, pgvault
 from dbcompare import assert_databases_equal
 from fixtures_tls import MASTER, MASTER_PASSWORD, SERVER_NAME, ManagedServer
 from pgvault.model import VerifyReport, from_json
+from pgvault.pg.cluster import EphemeralCluster
 
 pytest_plugins = ["fixtures_tls"]
 
@@ -231,3 +233,101 @@ def test_a_role_map_to_a_role_the_master_cannot_use_is_refused(
                                   master_repo, "--to", "never_made", "--role-map", "postgres",
                                   env=MASTER_ENV, expect=2))
     assert "OLD=NEW" in line
+
+
+# -- a provider's extensions and roles, restored onto a plain PostgreSQL ----------------
+
+SHAREDIR = Path("/usr/share/postgresql/15/extension")
+
+PROVIDER_SQL = """
+CREATE EXTENSION pg_stat_statements;
+CREATE SCHEMA graphql AUTHORIZATION supabase_admin;
+CREATE TABLE graphql.cache (id int PRIMARY KEY, body text);
+ALTER TABLE graphql.cache OWNER TO supabase_admin;
+INSERT INTO graphql.cache VALUES (1, 'a'), (2, 'b');
+CREATE TABLE public.accounts (id int PRIMARY KEY, name text);
+INSERT INTO public.accounts SELECT g, 'a' || g FROM generate_series(1, 50) g;
+GRANT SELECT ON public.accounts TO rds_superuser;
+"""
+
+
+@contextlib.contextmanager
+def _vanishing_extension() -> Iterator[str]:
+    """An extension whose files exist only inside the block, like a provider's own
+    (pg_graphql, supabase_vault) on a server that never had them installed."""
+    name = f"pgvault_provider_{uuid.uuid4().hex[:8]}"
+    files = [SHAREDIR / f"{name}.control", SHAREDIR / f"{name}--1.0.sql"]
+    files[0].write_text("default_version = '1.0'\nrelocatable = true\n")
+    files[1].write_text(f"CREATE FUNCTION {name}_version() RETURNS int LANGUAGE sql "
+                        "AS 'SELECT 1';\n")
+    try:
+        yield name
+    finally:
+        for path in files:
+            path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def provider_db(managed_server: ManagedServer) -> Iterator[tuple[str, str]]:
+    """A database holding a provider's extensions, roles and grants; its extension
+    ``gone`` has no files on this host any more. (its name, the extension's)"""
+    name = _create_db(managed_server, owner="postgres")
+    with managed_server.admin(name) as conn:
+        conn.execute(PROVIDER_SQL)
+        with _vanishing_extension() as gone:
+            conn.execute(f"CREATE EXTENSION {gone}")
+            conn.execute(f"CREATE VIEW public.uses_{gone} AS SELECT {gone}_version() AS v")
+    yield name, gone
+    _drop_db(managed_server.url(), name)
+
+
+def test_provider_extensions_and_roles_are_left_out_by_name(
+        managed_server: ManagedServer, provider_db: tuple[str, str],
+        pg_cluster: EphemeralCluster, tmp_path: Path, targets: list[str],
+        target_names: list[str]) -> None:
+    """Onto a plain PostgreSQL (the session's cluster: no rds_superuser, no supabase_admin,
+    no files for the provider's extension) and as the master role (no superuser, so no
+    pg_stat_statements): each item the target cannot take is named, the rest restored; and
+    a drill says WARN, not FAIL. Before, pg_restore stopped at the first of them."""
+    name, gone = provider_db
+    repo = f"file://{tmp_path / 'repo'}"
+    pgvault("backup", "--dbname", managed_server.url(name), "--repo", repo)
+
+    target_names.append(f"plain_{uuid.uuid4().hex[:8]}")
+    plain = pgvault("restore", "latest", "--dbname", pg_cluster.url(), "--repo", repo,
+                    "--to", target_names[0])
+    warned = plain.stderr
+    assert f"extension {gone} not restored: its files are not installed" in warned
+    assert f"view public.uses_{gone} not restored: it needs extension {gone}" in warned
+    assert "owner supabase_admin not restored (does not exist on the target server): " \
+           "schema graphql, table graphql.cache owned by postgres instead" in warned
+    assert "grant on table public.accounts not restored (role rds_superuser does not exist" \
+           in warned
+    expected = _copy(managed_server, name, targets, f"""
+        DROP VIEW public.uses_{gone}; DROP EXTENSION {gone};
+        REVOKE ALL ON public.accounts FROM rds_superuser""")
+    assert_databases_equal(expected, pg_cluster.url(target_names[0]))
+    with psycopg.connect(pg_cluster.url(target_names[0])) as conn:
+        assert conn.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace "
+                            "WHERE nspname = 'graphql'").fetchone() == ("postgres",)
+
+    targets.append(f"master_{uuid.uuid4().hex[:8]}")
+    master = pgvault("restore", "latest", "--dbname", managed_server.url(user=MASTER),
+                     "--repo", repo, "--to", targets[-1], "--role-map", "postgres=master",
+                     env=MASTER_ENV)
+    assert "extension pg_stat_statements not restored: only a superuser may create it, " \
+           "and master is none" in master.stderr
+    assert "owner supabase_admin not restored (master is not a member of it)" in master.stderr
+    expected = _copy(managed_server, name, targets, f"""
+        DROP VIEW public.uses_{gone}; DROP EXTENSION {gone};
+        DROP EXTENSION pg_stat_statements""")
+    assert_databases_equal(expected, managed_server.url(targets[-1]))
+
+    report = from_json(VerifyReport, pgvault("verify", "latest", "--repo", repo,
+                                             "--json").stdout)
+    statuses = {c.name: c.status for c in report.checks}
+    assert report.passed, report.checks
+    assert statuses["restore"] == "warn", report.checks
+    assert "fail" not in statuses.values(), report.checks
+    restore_check = next(c for c in report.checks if c.name == "restore")
+    assert f"extension {gone} not restored" in restore_check.detail

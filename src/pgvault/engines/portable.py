@@ -300,3 +300,10 @@ def _grants(toc: Toc, target: TargetFacts, role_map: Mapping[str, str], fit: Fit
             kept.append(statement.strip())
         fit.skip.add(entry.dump_id)
         fit.after += kept
+
+
+def left_out(lines: list[str]) -> set[str]:
+    """The objects (as ``label`` names them: ``extension pg_graphql``, ``view public.v``)
+    that the warning lines of a restore's ``Fit`` say were not restored."""
+    return {line.split(" not restored", 1)[0] for line in lines
+            if " not restored: " in line and not line.startswith(("owner ", "grant "))}

@@ -293,3 +293,56 @@ def test_a_physical_backup_takes_its_clusters_archived_wal_along() -> None:
     assert all(dst.read_bytes(k) == src.read_bytes(k) for k in wal)
     again = copy(src, dst, name="cold", policy=Policy(), now=at("2026-12-02T00:00"))
     assert (again.copied, again.objects_sent, again.in_sync) == ([], 0, 1)
+
+
+def test_copies_keep_the_sources_encrypted_bytes_and_a_repository_may_refuse_plain_ones(
+    make_db: MakeDb, pg_cluster: EphemeralCluster, tmp_path: Path, target_names: list[str],
+) -> None:
+    from test_encryption import keygen
+
+    primary, vault_dir, plain = tmp_path / "primary", tmp_path / "vault", tmp_path / "plain"
+    config = write_config(tmp_path / "pgvault.toml", [
+        {"name": "main", "url": f"file://{primary}", "primary": True},
+        {"name": "vault", "url": f"file://{vault_dir}", "require_encrypted": True,
+         "retention": "{ keep_last = 10 }"},
+        {"name": "plain", "url": f"file://{plain}", "retention": "{ keep_last = 10 }"},
+    ])
+    env = {"PGVAULT_CONFIG": str(config)}
+    source = make_db(prefix="enc_copy_src")
+    fill(source, 50, 0)
+    pgvault("backup", "--dbname", source, env=env)
+    unencrypted = Catalog(open_storage(f"file://{primary}")).list()[0]
+    refused = pgvault("copy", env=env, expect=8)
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pgvault: copy to vault failed: 1 backup(s)")
+    assert f"backup {unencrypted.id} is not (db.dump" in lines[0]
+    assert "requires encrypted backups (require_encrypted = true)" in lines[0]
+    assert "plain: 1 backup(s) copied" in refused.stdout  # the others are not held up
+    assert not list(open_storage(f"file://{vault_dir}").list("backups/"))
+    # A backup straight into it is refused too, before anything is written.
+    direct = pgvault("backup", "--dbname", source, "--repo", "vault", env=env, expect=3)
+    assert direct.stderr.strip().splitlines() == [
+        "pgvault: repository vault requires encrypted backups ([[repos]] require_encrypted = "
+        "true): set encryption.recipients or encryption.passphrase"]
+    assert not list(open_storage(f"file://{vault_dir}").list(""))
+
+    # Encrypted to a recipient: the copy needs no identity (none is configured) and keeps
+    # the source's bytes exactly (no re-encryption); the copy restores with the identity.
+    recipient = keygen(tmp_path / "restore-key.txt")
+    fill(source, 50, 1)
+    pgvault("backup", "--dbname", source, env=env | {"PGVAULT_AGE_RECIPIENTS": recipient})
+    state = make_db(source, prefix="enc_copy_state")
+    main_storage = open_storage(f"file://{primary}")
+    encrypted = Catalog(main_storage).list()[-1]
+    assert all(s.name == "age" for a in encrypted.artifacts for s in a.stages[-1:])
+    out = pgvault("copy", "--to", "vault", encrypted.id, env=env).stdout
+    assert "vault: 1 backup(s) copied" in out
+    vault = open_storage(f"file://{vault_dir}")
+    for artifact in encrypted.artifacts:
+        assert vault.read_bytes(artifact.key) == main_storage.read_bytes(artifact.key)
+    assert [m.id for m in Catalog(vault).list()] == [encrypted.id]
+    target = f"enc_copy_restored_{uuid.uuid4().hex[:10]}"
+    target_names.append(target)
+    pgvault("restore", "latest", "--repo", "vault", "--to", target, "-d", pg_cluster.url(),
+            "--identity-file", str(tmp_path / "restore-key.txt"), env=env)
+    assert_databases_equal(state, pg_cluster.url(target))

@@ -304,6 +304,8 @@ class RepoEntry(Section):
     name: Annotated[str, Meta(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     url: Annotated[str, Meta(min_length=1)]
     primary: bool = False
+    # Refuse to receive anything not age-encrypted, whether a backup or a copy writes it.
+    require_encrypted: bool = False
     retention: dict[str, Any] = field(default_factory=dict)
     s3: dict[str, Any] = field(default_factory=dict)
     copy_lag_hours: Annotated[float, Meta(gt=0)] | None = None

@@ -132,10 +132,21 @@ class Vault:
                 raise ConfigError("encryption.passphrase is on, but PGVAULT_AGE_PASSPHRASE "
                                   "(or PGVAULT_AGE_PASSPHRASE_FILE) is not set")
             recipients += [r for r in self._repository_key(create=True).recipients if r]
-        return pipeline.configured_stages(algorithm or comp.algorithm,
-                                          comp.level if level is None else level,
-                                          comp.threads, recipients=recipients,
-                                          passphrase=self.settings.encryption.passphrase)
+        stages = pipeline.configured_stages(algorithm or comp.algorithm,
+                                            comp.level if level is None else level,
+                                            comp.threads, recipients=recipients,
+                                            passphrase=self.settings.encryption.passphrase)
+        if self.requires_encryption and not any(s.name == "age" for s in stages):
+            raise ConfigError(f"repository {self.settings.repository_name} requires encrypted "
+                              "backups ([[repos]] require_encrypted = true): set "
+                              "encryption.recipients or encryption.passphrase")
+        return stages
+
+    @property
+    def requires_encryption(self) -> bool:
+        """Whether this `[[repos]]` entry refuses anything not age-encrypted."""
+        name = self.settings.repository_name
+        return any(e.name == name and e.require_encrypted for e in self.settings.repos)
 
     @cached_property
     def recipients(self) -> tuple[str, ...]:

@@ -100,13 +100,11 @@ def copy_each(vault: Any, names: list[str], *, ref: str = "all", database: str |
             target = vault.repository(name)
             if target.settings.repo == vault.settings.repo:
                 raise UsageError(f"repository {name!r} is the source itself")
-            refused = _refuses(vault, target, ref, database)
-            if refused:
-                raise UsageError(refused)
             report = copy(vault.storage, target.storage, name=name, policy=target.policy,
                           now=datetime.now(UTC), ref=ref, database=database, jobs=jobs,
                           lock_stale_after=target.lock_stale_after,
-                          progress=None if as_json else lambda line: say(f"  {line}"))
+                          progress=None if as_json else lambda line: say(f"  {line}"),
+                          require_encrypted=target.requires_encryption)
         except PgvaultError as exc:
             record_run(vault.catalog, name, datetime.now(UTC), error=str(exc))
             errors.append((name, exc))
@@ -115,8 +113,9 @@ def copy_each(vault: Any, names: list[str], *, ref: str = "all", database: str |
             continue
         record_run(vault.catalog, name, datetime.now(UTC), report=report)
         if report.failed:
-            errors.append((name, BackupFailed(f"{len(report.failed)} backup(s) could not be "
-                                              "copied (see above)")))
+            label, why = next(iter(report.failed.items()))
+            errors.append((name, BackupFailed(
+                f"{len(report.failed)} backup(s) could not be copied, {label}: {why}")))
         if as_json:
             say(json.dumps({
                 "target": name, "url": target.storage.url, "copied": report.copied,
@@ -137,11 +136,6 @@ def copy_each(vault: Any, names: list[str], *, ref: str = "all", database: str |
     if len(errors) == 1 and not isinstance(errors[0][1], BackupFailed):
         raise type(errors[0][1])(line)
     raise BackupFailed(line)
-
-
-def _refuses(vault: Any, target: Any, ref: str, database: str | None) -> str | None:
-    """Why ``target`` refuses what would be copied (require_encrypted), else None."""
-    return None
 
 
 def prune_each_repository(ctx: click.Context) -> bool:

@@ -208,9 +208,10 @@ def last_error(record: dict[str, Any] | None) -> tuple[str, datetime] | None:
 def copy(source: Storage, target: Storage, *, name: str, policy: Policy, now: datetime,
          ref: str = "all", database: str | None = None, jobs: int = 4,
          lock_stale_after: timedelta = timedelta(hours=12),
-         progress: Progress | None = None) -> CopyReport:
+         progress: Progress | None = None, require_encrypted: bool = False) -> CopyReport:
     """Bring ``target`` up to date with ``source``: every backup its ``policy`` keeps
     (``ref`` "all"), or one backup by id, unique id prefix or 'latest'.
+    ``require_encrypted``: a backup with an artifact not age-encrypted is refused (failed).
 
     A backup that fails (its source objects gone, damaged, a storage error) is named in
     ``failed`` and the others are still copied; the caller decides the exit code.
@@ -239,6 +240,8 @@ def copy(source: Storage, target: Storage, *, name: str, policy: Policy, now: da
                 for manifest in [m for m in chosen if m.database == name_]:
                     label = f"{manifest.database}/{manifest.id}"
                     try:
+                        if require_encrypted:
+                            _require_encrypted(manifest, name)
                         _copy_backup(source, target, manifest, pool, report)
                     except PgvaultError as exc:
                         report.failed[label] = str(exc)
@@ -250,6 +253,14 @@ def copy(source: Storage, target: Storage, *, name: str, policy: Policy, now: da
                         progress(f"copied {label} ({manifest.size / 1e6:.1f} MB)")
     report.seconds = time.monotonic() - started
     return report
+
+
+def _require_encrypted(manifest: Manifest, name: str) -> None:
+    plain = [a.name for a in manifest.artifacts if not any(s.name == "age" for s in a.stages)]
+    if plain:
+        raise ConfigError(f"repository {name} requires encrypted backups (require_encrypted "
+                          f"= true) and backup {manifest.id} is not ({', '.join(plain)} "
+                          "unencrypted): not copied")
 
 
 def _target_manifest(target: Catalog, manifest: Manifest) -> Manifest | None:

@@ -346,3 +346,43 @@ def test_copies_keep_the_sources_encrypted_bytes_and_a_repository_may_refuse_pla
     pgvault("restore", "latest", "--repo", "vault", "--to", target, "-d", pg_cluster.url(),
             "--identity-file", str(tmp_path / "restore-key.txt"), env=env)
     assert_databases_equal(state, pg_cluster.url(target))
+
+
+def test_the_daemon_copies_after_each_backup_and_on_a_copys_own_schedule(
+    make_db: MakeDb, pg_cluster: EphemeralCluster, tmp_path: Path, target_names: list[str],
+) -> None:
+    from test_daemon import DaemonProcess
+
+    primary, cold, offsite = tmp_path / "primary", tmp_path / "cold", tmp_path / "offsite"
+    source = make_db(prefix="daemon_copy_src")
+    fill(source, 50, 0)
+    config = write_config(tmp_path / "pgvault.toml", [
+        {"name": "main", "url": f"file://{primary}", "primary": True},
+        {"name": "cold", "url": f"file://{cold}", "copy_after_backup": True},
+        {"name": "offsite", "url": f"file://{offsite}", "copy_schedule": "@every 2s"},
+    ], f'database = "{source}"\n[schedule]\nbackup = "@every 1h"\nrun_on_start = true\n'
+       '[daemon]\nmax_copies = 2\n')
+    daemon = DaemonProcess(tmp_path, str(config), {})
+    try:
+        def copied() -> bool:
+            return all(Catalog(open_storage(f"file://{where}")).list()
+                       for where in (cold, offsite))
+
+        daemon.wait_until("both copies", copied, timeout=60)
+        behind = "pgvault_copy_behind_backups"
+        daemon.wait_until("the metrics to show them", lambda: sum(
+            1 for (name, labels), value in daemon.metrics().items()
+            if name == behind and value == 0) == 2, timeout=30)
+    finally:
+        assert daemon.stop() == 0
+    entries = daemon.log_entries()
+    assert any("copy of daemon_copy_src" in e.get("message", "") and "cold: 1 backup(s) "
+               "copied" in e.get("message", "") for e in entries), daemon.log()
+    main = open_storage(f"file://{primary}")
+    assert snapshot(open_storage(f"file://{cold}")) == snapshot(main)
+    assert snapshot(open_storage(f"file://{offsite}")) == snapshot(main)
+    target = f"daemon_copy_restored_{uuid.uuid4().hex[:10]}"
+    target_names.append(target)
+    pgvault("restore", "latest", "--repo", "cold", "--to", target, "-d", pg_cluster.url(),
+            env={"PGVAULT_CONFIG": str(config)})
+    assert_databases_equal(source, pg_cluster.url(target))

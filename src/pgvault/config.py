@@ -211,6 +211,7 @@ class DaemonSettings(Section):
     listen: str = "127.0.0.1:9847"
     max_concurrency: Annotated[int, Meta(ge=1, le=32)] = 1
     grace_seconds: Annotated[float, Meta(ge=0)] = 300.0
+    max_copies: Annotated[int, Meta(ge=1, le=32)] = 2  # [[repos]] copies running at once
 
 
 class ConsoleSettings(Section):
@@ -306,6 +307,9 @@ class RepoEntry(Section):
     primary: bool = False
     # Refuse to receive anything not age-encrypted, whether a backup or a copy writes it.
     require_encrypted: bool = False
+    # `pgvault daemon` copies here after each backup, and/or on this schedule of its own.
+    copy_after_backup: bool = False
+    copy_schedule: str | None = None
     retention: dict[str, Any] = field(default_factory=dict)
     s3: dict[str, Any] = field(default_factory=dict)
     copy_lag_hours: Annotated[float, Meta(gt=0)] | None = None

@@ -11,6 +11,7 @@ says when each job last ran, so no local state file is needed). HTTP on 127.0.0.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -90,6 +91,10 @@ class Daemon:
                                ("verify", s.verify)):
                 if expr and expr != "after-backup":
                     schedule.trigger(expr, s.timezone, what=f"schedule.{what} of {db.name}")
+            for entry in db.settings.repos:
+                if entry.copy_schedule:
+                    schedule.trigger(entry.copy_schedule, s.timezone,
+                                     what=f"[[repos]] {entry.name} copy_schedule")
         self.metrics.next_runs = self.next_runs
         self.started_at = datetime.now(UTC)
         self._active: dict[str, float] = {}
@@ -141,7 +146,8 @@ class Daemon:
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(self.settings.daemon.max_concurrency),
-                       "checks": ThreadPoolExecutor(2)},
+                       "checks": ThreadPoolExecutor(2),
+                       "copies": ThreadPoolExecutor(self.settings.daemon.max_copies)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})
         for db in self.databases:
             self._schedule(db)
@@ -190,6 +196,10 @@ class Daemon:
                       first=now if due and last_drill is not None else None)
         self._add(db, "freshness", self._freshness, s.freshness, executor="checks",
                   first=now + timedelta(seconds=1))
+        for entry in db.settings.repos:
+            if entry.copy_schedule and entry.name in db.vault.copies:
+                self._add(db, f"copy-{entry.name}", functools.partial(self._copy,
+                          repo=entry.name), entry.copy_schedule, executor="copies")
 
     def _add(self, db: Database, job: str, func: Callable[[Database], None], expr: str, *,
              jitter: int = 0, first: datetime | None = None, executor: str = "default") -> None:
@@ -230,7 +240,28 @@ class Daemon:
         if self.stopping.is_set():
             return
         with self._running(f"backup:{db.name}"):
-            self._backup_with_retries(db)
+            manifest = self._backup_with_retries(db)
+        for entry in db.settings.repos if manifest is not None else ():
+            if entry.copy_after_backup and entry.name in db.vault.copies:
+                # In the copies' own pool (max_copies at once), so the next database's
+                # backup does not wait for an upload to another region.
+                self._scheduler.add_job(self._copy, args=[db], kwargs={"repo": entry.name},
+                                        id=f"copy-{entry.name}-after:{db.name}",
+                                        executor="copies", replace_existing=True)
+
+    def _copy(self, db: Database, repo: str) -> None:
+        from pgvault.cli.copy import copy_each
+
+        if self.stopping.is_set():
+            return
+        with self._running(f"copy-{repo}:{db.name}"):
+            try:
+                copy_each(db.vault, [repo], database=db.name,
+                          echo=lambda line: log.info("copy of %s: %s", db.name, line.strip()))
+            except PgvaultError as exc:
+                log.warning("copy of %s: %s", db.name, exc)
+            except Exception:
+                log.exception("copy of %s to %s: internal error", db.name, repo)
 
     def _backup_with_retries(self, db: Database) -> Any:
         s = db.settings

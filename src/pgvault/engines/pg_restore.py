@@ -22,6 +22,7 @@ import queue
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,6 +406,7 @@ def _load_beside(path: str, loads: Sequence[_Load | _SplitLoad], passes: _Passes
     """The main archive's data and post-data in ``passes`` while ``loads`` (keeping ``busy``
     sessions at work) fill the tables apart; the first failure stops everything."""
     running: list[PgRestore] = []
+    started = time.monotonic()
     try:
         running.append(PgRestore.start(
             [*argv, *passes.beside, f"--jobs={max(1, jobs - busy)}", path], env))
@@ -415,9 +417,12 @@ def _load_beside(path: str, loads: Sequence[_Load | _SplitLoad], passes: _Passes
             for restore in [r for r in running if r.proc.poll() is not None]:
                 running.remove(restore)
                 restore.finish()
+                log.debug("restore: a pass ended at %.2f s", time.monotonic() - started)
             if ready is not None and not any(load.alive() for load in loads):
                 for load in loads:
                     load.join()
+                log.debug("restore: loads done at %.2f s; their indexes and keys now",
+                          time.monotonic() - started)
                 running.append(PgRestore.start(
                     [*argv, *ready, f"--jobs={max(1, jobs - len(running))}", path], env))
                 ready = None
@@ -430,6 +435,7 @@ def _load_beside(path: str, loads: Sequence[_Load | _SplitLoad], passes: _Passes
             load.join()
         if passes.last is not None:
             PgRestore.start([*argv, *passes.last, f"--jobs={jobs}", path], env).finish()
+        log.debug("restore: all passes done at %.2f s", time.monotonic() - started)
     finally:
         for restore in running:
             restore.kill()
@@ -516,6 +522,7 @@ class _SplitLoad:
     def _load(self, entry: TocEntry) -> None:
         name = f"{entry.namespace}.{entry.tag}"
         log.info("restore: loading %s in %d streams", name, self._streams)
+        started = time.monotonic()
         listed = _list_file(self._toc, {entry.dump_id})
         try:
             dump = self._spawn([self._pg_restore, "-f", "-", "-L", f"/dev/fd/{listed}",
@@ -566,6 +573,7 @@ class _SplitLoad:
             raise RestoreFailed(f"loading {name} in {self._streams} streams: {real[0]}")
         if dump.returncode != 0:
             raise RestoreFailed(describe_exit("pg_restore", dump.returncode, dump_tail))
+        log.debug("restore: %s loaded in %.2f s", name, time.monotonic() - started)
 
     def _dispatch(self, fd: int, rows: bytes, pieces: queue.Queue[bytes | None]) -> None:
         cut_rows(lambda: os.read(fd, PIECE), rows, lambda piece: self._put(pieces, piece))

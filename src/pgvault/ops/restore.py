@@ -17,7 +17,7 @@ from pgvault import leftovers, pipeline
 from pgvault.catalog import Catalog
 from pgvault.console import human_bytes
 from pgvault.engines.logical import DATA_FORMAT, LogicalEngine
-from pgvault.engines.pg_restore import Selected, SelectingSpool, spool_toc
+from pgvault.engines.pg_restore import Selected, SelectingSpool, splits, spool_toc
 from pgvault.engines.spool import Spool
 from pgvault.errors import (
     DatabaseError,
@@ -121,9 +121,11 @@ def restore(conn: ConnInfo, storage: Storage, manifest: Manifest,
     artifact = manifest.artifact("db.dump")
     parts = [a for a in manifest.artifacts if a.format == DATA_FORMAT]
     started = time.monotonic()
-    # Tables taken apart are streamed beside the rest, never spooled: no one-table rule.
+    # Tables taken apart are streamed beside the rest, never spooled: no one-table rule;
+    # nor for a table big enough to load in several streams (engines/pg_restore.py).
+    solo = not parts and not splits(largest_table_bytes(artifact))
     jobs = restore_jobs(options.jobs, artifact.raw_size,
-                        0.0 if parts else largest_table_share(artifact))
+                        largest_table_share(artifact) if solo else 0.0)
 
     def reader(item: Artifact, keep_zstd: bool = False,
                counted: bool = True) -> Callable[[], Readable]:
@@ -296,9 +298,16 @@ def largest_table_share(artifact: Artifact) -> float:
     starts = [raw for name, _, raw in artifact.frames if name]
     if not starts or artifact.raw_size <= starts[0]:
         return 0.0
+    return largest_table_bytes(artifact) / (artifact.raw_size - starts[0])
+
+
+def largest_table_bytes(artifact: Artifact) -> int:
+    """The largest table's data in the archive, from its frame record; 0 without one."""
+    starts = [raw for name, _, raw in artifact.frames if name]
+    if not starts or artifact.raw_size <= starts[0]:
+        return 0
     ends = [*starts[1:], artifact.raw_size]
-    largest = max(end - start for start, end in zip(starts, ends, strict=True))
-    return largest / (artifact.raw_size - starts[0])
+    return max(end - start for start, end in zip(starts, ends, strict=True))
 
 
 def open_artifact(storage: Storage, manifest: Manifest, artifact: Artifact, *,

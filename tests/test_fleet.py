@@ -226,6 +226,19 @@ def test_fleet_status_check_and_metrics_say_which_databases_missed_and_why(
     assert [line.split()[0] for line in text.splitlines()[3:]] == ["db6", "db7"]
     check = pgvault("fleet", "check", *flags, expect=2).stdout
     assert check.startswith("PGVAULT FLEET CRITICAL - 2 of 8 missed their window: db6 (failed")
+    # The console's /fleet page shows the same, from the same records.
+    from pgvault.vault import Vault
+    from pgvault.web.app import Console
+
+    fleet_settings = config.load({"repo": repo.as_uri()}, {}, str(cfg))
+    vaults = [(t.name or "", Vault.open(t.settings, storage=storage))
+              for t in config.targets(fleet_settings)]
+    page = Console(lambda: vaults, host="127.0.0.1", token=None).answer("GET", "/fleet", {})
+    html = page.body.decode()
+    assert page.status == 200 and "connection refused" in html and "never started" in html, \
+        html[html.find("<main"):][:1500]
+    missed_rows = html.split("Missed their window")[1].split("Every database")[0]
+    assert missed_rows.count('<tr class="row-critical">') == 2
     assert check.rstrip().endswith("| done=5 due=1 running=0 failing=0 missed=2")
     metrics = pgvault("fleet", "metrics", *flags).stdout
     assert 'pgvault_fleet_window_missed{cause="failed",database="db6"} 1.0' in metrics

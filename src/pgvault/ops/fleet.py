@@ -555,14 +555,17 @@ class FleetStatus:
 
 
 def fleet_status(settings: Settings, *, storage: Storage | None = None,
-                 now: datetime | None = None, shards: int | None = None) -> FleetStatus:
+                 now: datetime | None = None, shards: int | None = None,
+                 names: list[str] | None = None) -> FleetStatus:
     """Read each configured database's lease record (in parallel: one small read each)
     and judge it (``fleet.standing``). ``shards`` None: the N the latest workers ran
-    with (their records say it), else 1."""
+    with (their records say it), else 1. ``names``: these databases instead of the
+    configured [[databases]]."""
     storage = storage if storage is not None else open_repository(settings)
     now = now or datetime.now(UTC)
     timing = timing_of(settings)
-    names = [t.name for t in fleet_targets(settings) if t.name is not None]
+    if names is None:
+        names = [t.name for t in fleet_targets(settings) if t.name is not None]
     window = fleet.window_at(now, timing.window)
     records: dict[str, LeaseRecord | None] = {}
     unreadable: dict[str, str] = {}
@@ -639,14 +642,18 @@ def _cause(reason: str) -> str:
     return "unreadable"
 
 
-def console_view(sources: list[tuple[str, Vault]], now: datetime) -> dict[str, Any]:
+def console_view(sources: Iterable[tuple[str, Vault]], now: datetime) -> dict[str, Any]:
     """What the console's /fleet page (web/templates/fleet.html) shows: the fleet status
     of the repository the console's databases share, or why it cannot be read."""
+    sources = list(sources)
     if not sources:
-        return {"status": None, "error": "no database is configured here"}
+        return {"fleet": None, "error": "no database is configured here"}
     vault = sources[0][1]
     try:
-        return {"status": fleet_status(vault.settings, storage=vault.storage, now=now),
+        # The console's databases are the fleet's (each vault holds one target's
+        # settings, without the [[databases]] list).
+        return {"fleet": fleet_status(vault.settings, storage=vault.storage, now=now,
+                                      names=[name for name, _ in sources]),
                 "error": None}
     except PgvaultError as exc:
-        return {"status": None, "error": str(exc)}
+        return {"fleet": None, "error": str(exc)}

@@ -10,7 +10,7 @@ import subprocess as sp
 import time
 import uuid
 from collections.abc import Callable
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -385,4 +385,55 @@ def test_the_daemon_copies_after_each_backup_and_on_a_copys_own_schedule(
     target_names.append(target)
     pgvault("restore", "latest", "--repo", "cold", "--to", target, "-d", pg_cluster.url(),
             env={"PGVAULT_CONFIG": str(config)})
+    assert_databases_equal(source, pg_cluster.url(target))
+
+
+def test_a_copy_with_its_own_s3_keys_into_an_object_lock_bucket_gets_its_retention(
+    make_db: MakeDb, pg_cluster: EphemeralCluster, iam_s3: Any, tmp_path: Path,
+    target_names: list[str],
+) -> None:
+    """The copy's bucket is on a moto server enforcing IAM: the process's own AWS_* keys
+    (the session's dummy ones) are refused there, so only the copy's keys can write it."""
+    locked = iam_s3.bucket(object_lock=True)
+    keys = iam_s3.user({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "s3:*",
+        "Resource": [f"arn:aws:s3:::{locked}", f"arn:aws:s3:::{locked}/*"]}]})
+    for name, value in keys.items():
+        (tmp_path / name).write_text(value + "\n")
+        (tmp_path / name).chmod(0o600)
+    primary = tmp_path / "primary"
+    config = write_config(tmp_path / "pgvault.toml", [
+        {"name": "main", "url": f"file://{primary}", "primary": True},
+        {"name": "offsite", "url": f"s3://{locked}/app", "credentials_env": "OFFSITE",
+         "retention": "{ keep_daily = 30 }",
+         "s3": f'{{ endpoint_url = "{iam_s3.endpoint}", object_lock = {{ mode = '
+               '"governance", days = 30 } }'},
+    ], "[s3]\npath_style = true\n")
+    env = {"PGVAULT_CONFIG": str(config)}
+    source = make_db(prefix="lock_copy_src")
+    fill(source, 50, 0)
+    pgvault("backup", "--dbname", source, env=env)
+    missing_keys = pgvault("copy", env=env, expect=3)
+    assert missing_keys.stderr.strip().splitlines() == [
+        "pgvault: copy to offsite failed: [[repos]] offsite: credentials_env = 'OFFSITE' needs "
+        "OFFSITE_AWS_ACCESS_KEY_ID and OFFSITE_AWS_SECRET_ACCESS_KEY (or their _FILE) (run "
+        "pgvault copy again once the cause is fixed)"]
+    env |= {f"OFFSITE_{name}_FILE": str(tmp_path / name) for name in keys}
+    done = pgvault("copy", env=env)
+    assert "offsite: 1 backup(s) copied" in done.stdout
+    assert keys["AWS_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr
+
+    # Every object the copy wrote carries the copy's own Object Lock retention.
+    manifest = Catalog(open_storage(f"file://{primary}")).list()[0]
+    before = datetime.now(UTC)
+    for key in [f"app/{a.key}" for a in manifest.artifacts] + [
+            f"app/manifests/{manifest.database}/{manifest.id}.json"]:
+        head = iam_s3.admin.head_object(Bucket=locked, Key=key)
+        assert head["ObjectLockMode"] == "GOVERNANCE"
+        until = head["ObjectLockRetainUntilDate"]
+        assert timedelta(days=29, hours=23) < until - before < timedelta(days=30, hours=1)
+    target = f"lock_copy_restored_{uuid.uuid4().hex[:10]}"
+    target_names.append(target)
+    pgvault("restore", "latest", "--repo", "offsite", "--to", target, "-d", pg_cluster.url(),
+            env=env)
     assert_databases_equal(source, pg_cluster.url(target))

@@ -310,6 +310,9 @@ class RepoEntry(Section):
     # `pgvault daemon` copies here after each backup, and/or on this schedule of its own.
     copy_after_backup: bool = False
     copy_schedule: str | None = None
+    # This repository's own S3 keys instead of the AWS_* chain: <P>_AWS_ACCESS_KEY_ID,
+    # <P>_AWS_SECRET_ACCESS_KEY, <P>_AWS_SESSION_TOKEN (each or its _FILE) for P = this.
+    credentials_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
     retention: dict[str, Any] = field(default_factory=dict)
     s3: dict[str, Any] = field(default_factory=dict)
     copy_lag_hours: Annotated[float, Meta(gt=0)] | None = None
@@ -559,8 +562,22 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
                                strict=False, dec_hook=_dec_hook))
         _attach(chosen, self)
         chosen.__dict__["_repository"] = entry.name
+        chosen.__dict__["_credentials_env"] = entry.credentials_env
         chosen.__dict__["_repo_base"] = (retention, s3)
         return chosen
+
+    def repository_credentials(self) -> tuple[str, str, str | None] | None:
+        """The `[[repos]]` entry's own S3 keys (credentials_env), or None: the AWS chain."""
+        prefix = self.__dict__.get("_credentials_env")
+        if not prefix:
+            return None
+        key_id = self.secrets.get(f"{prefix}_AWS_ACCESS_KEY_ID")
+        secret = self.secrets.get(f"{prefix}_AWS_SECRET_ACCESS_KEY")
+        if not key_id or not secret:
+            raise ConfigError(f"[[repos]] {self.repository_name}: credentials_env = "
+                              f"{prefix!r} needs {prefix}_AWS_ACCESS_KEY_ID and "
+                              f"{prefix}_AWS_SECRET_ACCESS_KEY (or their _FILE)")
+        return key_id, secret, self.secrets.get(f"{prefix}_AWS_SESSION_TOKEN")
 
     @property
     def config_file(self) -> str | None:
@@ -942,6 +959,9 @@ def _read_secrets(settings: Settings, environ: Mapping[str, str]) -> Secrets:
     """Every secret the environment (and recipients_file) holds for these settings."""
     names = [*_FILE_SECRETS, *(entry.url_env for entry in settings.databases
                                if entry.url_env and entry.url_env not in _FILE_SECRETS)]
+    names += [f"{entry.credentials_env}_{name}" for entry in settings.repos
+              if entry.credentials_env
+              for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
     found: dict[str, str | ConfigError] = {}
     for name in names:
         value = _read_secret(environ, name)

@@ -73,7 +73,7 @@ def s3_options(settings: Settings) -> S3Options:
         object_lock_mode=lock.mode.upper() if lock else None,
         object_lock_days=lock.days if lock else 0,
         io_timeout=settings.io_timeout_seconds,
-        credentials=settings.secrets.aws_credentials(),
+        credentials=settings.repository_credentials() or settings.secrets.aws_credentials(),
     )
 
 

@@ -13,13 +13,17 @@ import json
 import logging
 import os
 import random
+import re
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import psycopg
@@ -39,6 +43,7 @@ from fixtures_fleet import (
 from pgvault import catalog, config, fleet, lease
 from pgvault.errors import Conflict
 from pgvault.fleet import LeaseRecord, Shard, Timing
+from pgvault.health import DatabaseStatus
 from pgvault.ops.fleet import ShardReport, run_shard
 from pgvault.storage import open_storage
 from pgvault.storage.base import Storage
@@ -587,20 +592,23 @@ def test_memory_storage_runs_the_same_protocol() -> None:
 
 # ---------------------------------------------------------------- the deploy kit
 
-KIT = Path(__file__).resolve().parent.parent / "deploy" / "kustomize" / "fleet"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+KIT = DEPLOY / "kustomize" / "fleet"
+CHART = DEPLOY / "helm" / "pgvault"
 
 
-def test_the_kustomize_base_is_an_indexed_job_of_n_workers_with_its_config(
-        tmp_path: Path) -> None:
-    """No kubectl, kustomize or helm installs here: the YAML is parsed and checked for what
-    matters, and the config it embeds is loaded by pgvault itself."""
-    import yaml
+def _kinds(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    kinds = {doc["kind"]: doc for doc in docs if doc}
+    assert len(kinds) == len([d for d in docs if d]), "one object of each kind"
+    return kinds
 
-    kustomization = yaml.safe_load((KIT / "kustomization.yaml").read_text())
-    docs = {path: yaml.safe_load((KIT / path).read_text())
-            for path in [*kustomization["resources"], "secret.example.yaml"]}
-    kinds = {doc["kind"]: doc for doc in docs.values()}
-    assert set(kinds) == {"ServiceAccount", "ConfigMap", "Secret", "CronJob", "PrometheusRule"}
+
+def _check_kit(kinds: dict[str, dict[str, Any]], secret_keys: set[str],
+               tmp_path: Path) -> config.Settings:
+    """What matters in a rendered kit: an Indexed Job of N workers whose N the pods know,
+    Forbid, least privilege, and a config pgvault itself loads whose every database URL
+    comes from a file of the Secret's mount."""
+    assert {"ServiceAccount", "ConfigMap", "CronJob", "PrometheusRule"} <= set(kinds)
     cron = kinds["CronJob"]["spec"]
     assert cron["concurrencyPolicy"] == "Forbid"
     job = cron["jobTemplate"]["spec"]
@@ -612,17 +620,23 @@ def test_the_kustomize_base_is_an_indexed_job_of_n_workers_with_its_config(
     assert container["args"][2:4] == ["run", "--config"] and "--shard" not in container["args"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert kinds["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == kinds["ServiceAccount"]["metadata"]["name"]
+    assert not any(k in kinds for k in ("Role", "ClusterRole", "RoleBinding"))
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     config_path = Path(mounts["config"]) / "pgvault.toml"
     assert container["args"][4] == str(config_path)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == kinds["ConfigMap"]["metadata"]["name"]
+    assert volumes["secrets"]["secret"]["defaultMode"] == 0o400
+    assert not any(e.get("valueFrom") for e in container["env"])  # secrets only as files
     # The embedded config loads, and every url_env has its _FILE in the Secret's mount.
     toml = tmp_path / "pgvault.toml"
     toml.write_text(kinds["ConfigMap"]["data"]["pgvault.toml"])
     toml.chmod(0o600)
     settings = config.load({}, {}, str(toml))
     assert settings.fleet.max_per_server >= 1 and len(settings.databases) >= 2
-    secret_keys = set(kinds["Secret"]["stringData"])
     for entry in settings.databases:
         path = env[f"{entry.url_env}_FILE"]
         assert path.startswith(mounts["secrets"] + "/")
@@ -630,3 +644,104 @@ def test_the_kustomize_base_is_an_indexed_job_of_n_workers_with_its_config(
     # The shard of a pod comes from what Kubernetes sets: index 1 of those completions.
     shard = fleet.shard_from_environ({"JOB_COMPLETION_INDEX": "1", **env})
     assert shard == Shard(1, job["completions"])
+    # The alerts name only metrics pgvault emits (the fleet's and the per-database ones).
+    emitted = _emitted_metric_names()
+    for group in kinds["PrometheusRule"]["spec"]["groups"]:
+        for rule in group["rules"]:
+            used = set(re.findall(r"\bpgvault_[a-z_]+", rule["expr"]))
+            assert used and used <= emitted, (rule["alert"], used - emitted)
+    return settings
+
+
+def _emitted_metric_names() -> set[str]:
+    from pgvault.metrics import Metrics
+    from pgvault.model import Manifest
+    from pgvault.ops.fleet import FleetStatus, fleet_metrics
+
+    now = datetime.now(UTC)
+    metrics = Metrics()
+    metrics.update(DatabaseStatus(
+        database="app", repository="file:///r", rpo_hours=24, rto_minutes=60, backups=1,
+        newest=Manifest(id="x", database="app", started_at=now, finished_at=now,
+                        pgvault_version="0", artifacts=[]), oldest_time=now))
+    names = {family.name for family in metrics.collect()}
+    status = FleetStatus(fleet.window_at(now, DAY), 2, [
+        fleet.WindowState("app", 0, "missed", "never started")])
+    names |= set(re.findall(r"^(pgvault_[a-z_]+)[{ ]", fleet_metrics(status).decode(), re.M))
+    return names
+
+
+def test_the_kustomize_base_is_an_indexed_job_of_n_workers_with_its_config(
+        tmp_path: Path) -> None:
+    """Rendered by kustomize (kubectl's) where it is installed, else the files as listed."""
+    import yaml
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is not None:
+        rendered = subprocess.run([kubectl, "kustomize", str(KIT)], capture_output=True,
+                                  text=True, check=True).stdout
+        docs = list(yaml.safe_load_all(rendered))
+        assert all(d["metadata"].get("namespace") == "pgvault" for d in docs)
+    else:
+        kustomization = yaml.safe_load((KIT / "kustomization.yaml").read_text())
+        docs = [yaml.safe_load((KIT / path).read_text()) for path in kustomization["resources"]]
+    kinds = _kinds(docs)
+    assert "Secret" not in kinds  # created out of band; the example only shows its keys
+    example = yaml.safe_load((KIT / "secret.example.yaml").read_text())
+    _check_kit(kinds, set(example["stringData"]), tmp_path)
+
+
+def _helm(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    helm = shutil.which("helm")
+    if helm is None:
+        pytest.skip("helm is not installed (scripts/bootstrap should install it: see "
+                    "deploy/README.md); the kustomize base's checks still ran")
+    proc = subprocess.run([helm, *args], capture_output=True, text=True, check=False)
+    assert proc.returncode == expect, proc.stdout + proc.stderr
+    return proc
+
+
+def test_the_helm_chart_renders_the_same_kit_for_any_fleet(tmp_path: Path) -> None:
+    """`helm lint --strict`, then `helm template` with the defaults and with a fleet of
+    its own (3 workers, names helm must turn into variables); values.schema.json refuses
+    what pgvault would refuse."""
+    import yaml
+
+    _helm("lint", "--strict", str(CHART))
+    defaults = _kinds(list(yaml.safe_load_all(
+        _helm("template", "fleet", str(CHART), "-n", "pgvault").stdout)))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    keys = {d["secretKey"] for d in values["databases"]} | set(values["secret"]["files"].values())
+    settings = _check_kit(defaults, keys, tmp_path)
+    assert [e.name for e in settings.databases] == [d["name"] for d in values["databases"]]
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({
+        "workers": 3, "repo": "s3://acme-backups/fleet",
+        "fleet": {"window_hours": 12, "max_per_server": 1, "max_per_repository": 6},
+        "databases": [{"name": "orders-eu", "secretKey": "orders-eu-url"},
+                      {"name": "billing.v2", "secretKey": "billing-url"},
+                      {"name": "app", "secretKey": "app-url"}],
+        "secret": {"name": "acme-fleet", "files": {}},
+        "prometheusRule": {"enabled": True, "staleAfterWindows": 2}}))
+    kinds = _kinds(list(yaml.safe_load_all(_helm(
+        "template", "acme", str(CHART), "-n", "backups", "-f", str(mine)).stdout)))
+    settings = _check_kit(kinds, {"orders-eu-url", "billing-url", "app-url"}, tmp_path)
+    job = kinds["CronJob"]["spec"]["jobTemplate"]["spec"]
+    assert job["completions"] == 3 and settings.fleet.window_hours == 12
+    assert [e.url_env for e in settings.databases] == [
+        "PGVAULT_DB_ORDERS_EU_URL", "PGVAULT_DB_BILLING_V2_URL", "PGVAULT_DB_APP_URL"]
+    assert settings.repo == "s3://acme-backups/fleet"
+    pod = job["template"]["spec"]
+    assert pod["volumes"][1]["secret"]["secretName"] == "acme-fleet"
+    stale = kinds["PrometheusRule"]["spec"]["groups"][0]["rules"][1]["expr"]
+    assert stale.endswith("> 2 * 12 * 3600")
+    # No Prometheus Operator: no PrometheusRule; no ServiceAccount made: the named one.
+    off = _kinds(list(yaml.safe_load_all(_helm(
+        "template", "x", str(CHART), "--set", "prometheusRule.enabled=false",
+        "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=backup").stdout)))
+    assert set(off) == {"ConfigMap", "CronJob"}
+    assert off["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"][
+        "serviceAccountName"] == "backup"
+    for bad in ("workers=0", "databases[0].name=-bad", "fleet.lease_secs=5"):
+        refused = _helm("template", "x", str(CHART), "--set", bad, expect=1)
+        assert "values don't meet the specifications of the schema" in refused.stderr

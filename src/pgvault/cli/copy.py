@@ -35,6 +35,11 @@ Config (one primary, any number of copies, each with its own retention):
   s3 = { region = "us-east-1" }    # [s3] keys this repository overrides
   retention = { keep_daily = 0, keep_weekly = 0, keep_monthly = 12 }
   copy_lag_hours = 26              # check warns past this (default: one backup interval)
+  credentials_env = "OFFSITE"      # OFFSITE_AWS_ACCESS_KEY_ID(_FILE), ..._SECRET_ACCESS_KEY
+  require_encrypted = true         # refuse backups that are not age-encrypted
+  copy_after_backup = true         # pgvault daemon: copy each new backup at once
+  # copy_schedule = "30 */6 * * *" # ... or on a schedule of its own
+See docs/copies.md.
 """
 
 
@@ -70,6 +75,7 @@ def copy_(ctx: click.Context, /, ref: str, to: tuple[str, ...], dbname: str | No
       pgvault copy --to offsite -d app 20261125T010000
       pgvault status                        # "copy offsite  up to date" per database
       pgvault restore latest --repo offsite --to app_restored -d app
+      pgvault restore latest --to app_restored -d app   # falls back to a copy
     """
     from pgvault.errors import UsageError
 

@@ -21,6 +21,7 @@ from psycopg import sql
 
 from cli_runner import one_line_error, pgvault
 from dbcompare import assert_databases_equal
+from fixtures_pgbouncer import Bouncer, start_pgbouncer
 from fixtures_tls import MASTER, MASTER_PASSWORD, SERVER_NAME, ManagedServer
 from pgvault.model import VerifyReport, from_json
 from pgvault.pg.cluster import EphemeralCluster
@@ -331,3 +332,98 @@ def test_provider_extensions_and_roles_are_left_out_by_name(
     assert "fail" not in statuses.values(), report.checks
     restore_check = next(c for c in report.checks if c.name == "restore")
     assert f"extension {gone} not restored" in restore_check.detail
+
+
+# -- poolers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bouncer(managed_server: ManagedServer, app_db: str) -> Iterator[Bouncer]:
+    """A real PgBouncer in front of the managed server: ``app_db`` pooled per session and
+    per transaction, TLS on both sides."""
+    tls = managed_server.tls
+    with start_pgbouncer(managed_server.port, app_db, ("session", "transaction"),
+                         ca_cert=tls.ca_cert, cert=tls.server_cert, key=tls.server_key) as found:
+        yield found
+
+
+def _through(bouncer: Bouncer, server: ManagedServer, mode: str, **params: str) -> str:
+    url = server.url(bouncer.aliases[mode], **params)
+    return url.replace(f"@127.0.0.1:{server.port}/", f"@127.0.0.1:{bouncer.port}/")
+
+
+def test_a_transaction_pooler_is_refused_naming_the_direct_url(
+        managed_server: ManagedServer, app_db: str, bouncer: Bouncer, tmp_path: Path,
+        targets: list[str]) -> None:
+    """Through PgBouncer in transaction mode pg_dump's session is not held for it: the
+    backup stops before pg_dump starts, in one line. Before, it ran (and could be wrong)."""
+    repo = f"file://{tmp_path / 'repo'}"
+    pooled = _through(bouncer, managed_server, "transaction")
+    line = one_line_error(pgvault("backup", "--dbname", pooled, "--repo", repo, expect=3))
+    assert "a pooler in transaction mode" in line and "DIRECT_URL" in line, line
+    # Prisma's mark says so without asking the server.
+    line = one_line_error(pgvault("backup", "--dbname", managed_server.url(app_db) +
+                                  "&pgbouncer=true", "--repo", repo, expect=3))
+    assert "it says pgbouncer=true" in line, line
+    assert not list(tmp_path.glob("repo/manifests/**/*.json"))
+    # The application's pooled DATABASE_URL beside its DIRECT_URL: the direct one is used.
+    env = {"DATABASE_URL": pooled + "&pgbouncer=true&connection_limit=1",
+           "DIRECT_URL": managed_server.url(app_db)}
+    pgvault("backup", "--repo", repo, env=env)
+    targets.append(f"copy_{uuid.uuid4().hex[:8]}")
+    pgvault("restore", "latest", "--dbname", managed_server.url(), "--repo", repo, "--to",
+            targets[-1])
+    assert_databases_equal(managed_server.url(app_db), managed_server.url(targets[-1]))
+
+
+def test_a_session_pooler_with_neon_style_options_backs_up(
+        managed_server: ManagedServer, app_db: str, bouncer: Bouncer, tmp_path: Path,
+        targets: list[str]) -> None:
+    """PgBouncer in session mode (Supabase's port 5432 pooler) holds one server session per
+    client: the backup runs through it, TLS verified through the pooler, with Neon's
+    ``options=endpoint=...`` passed on to it (which, like Neon's proxy, takes it)."""
+    repo = f"file://{tmp_path / 'repo'}"
+    pooled = _through(bouncer, managed_server, "session", options="endpoint=ep-test-123456")
+    assert "options=endpoint%3Dep-test-123456" in pooled
+    pgvault("backup", "--dbname", pooled, "--repo", repo)
+    targets.append(f"copy_{uuid.uuid4().hex[:8]}")
+    pgvault("restore", "latest", "--dbname", managed_server.url(), "--repo", repo, "--to",
+            targets[-1])
+    assert_databases_equal(managed_server.url(app_db), managed_server.url(targets[-1]))
+
+
+SUPABASE_POOLED = ("postgresql://postgres.abcdefghijklmnopqrst:s3cret@aws-0-eu-central-1.pooler."
+                   "supabase.com:6543/postgres?pgbouncer=true&connection_limit=1&sslmode=require")
+NEON = ("postgresql://alex:s3cret@ep-cool-darkness-123456.us-east-2.aws.neon.tech/neondb"
+        "?sslmode=require&channel_binding=require&options=endpoint%3Dep-cool-darkness-123456")
+
+
+def test_supabase_and_neon_url_forms_are_parsed_and_passed_on() -> None:
+    from pgvault.pg.conninfo import ConnInfo
+
+    pooled = ConnInfo.parse(SUPABASE_POOLED)
+    assert dict(pooled.params) == {
+        "user": "postgres.abcdefghijklmnopqrst", "host": "aws-0-eu-central-1.pooler.supabase.com",
+        "port": "6543", "dbname": "postgres", "sslmode": "require"}
+    assert pooled.password == "s3cret" and pooled.pgbouncer
+    assert pooled.transaction_pooler() == "it says pgbouncer=true"
+    assert "s3cret" not in pooled.dsn() and "pgbouncer" not in pooled.dsn()
+    session = ConnInfo.parse(SUPABASE_POOLED.replace(":6543/", ":5432/").replace(
+        "pgbouncer=true&", ""))
+    assert session.transaction_pooler() is None
+    assert ConnInfo.parse(SUPABASE_POOLED.replace("pgbouncer=true&", "")).transaction_pooler() \
+        == "it is Supabase's transaction pooler (port 6543)"
+    direct = ConnInfo.parse("postgresql://postgres:s3cret@db.abcdefghijklmnopqrst.supabase.co"
+                            ":5432/postgres?sslmode=verify-full&sslrootcert=/etc/ssl/prod-ca.crt")
+    assert direct.transaction_pooler() is None
+    assert "sslmode=verify-full sslrootcert=/etc/ssl/prod-ca.crt" in direct.dsn()
+
+    neon = ConnInfo.parse(NEON)
+    assert neon.params["options"] == "endpoint=ep-cool-darkness-123456"
+    assert neon.params["sslmode"] == "require" and neon.params["channel_binding"] == "require"
+    assert "options=endpoint=ep-cool-darkness-123456" in neon.dsn()
+    assert "options=endpoint%3Dep-cool-darkness-123456" in neon.url()
+    assert ConnInfo.parse(neon.url(), password="s3cret").params == neon.params
+    assert neon.transaction_pooler() is None
+    pooled_neon = ConnInfo.parse(NEON.replace("123456.us-east-2", "123456-pooler.us-east-2"))
+    assert pooled_neon.transaction_pooler() == "its host is a Neon pooled endpoint (-pooler)"

@@ -24,7 +24,7 @@ from pgvault.engines.pg_restore import (
 )
 from pgvault.engines.portable import Fit, TargetFacts, plan
 from pgvault.engines.spool import Spool
-from pgvault.errors import BackupFailed, DatabaseError, RestoreFailed
+from pgvault.errors import BackupFailed, ConfigError, DatabaseError, RestoreFailed
 from pgvault.model import Facts, TableFacts, UnrecordedTable
 from pgvault.pg import fingerprint
 from pgvault.pg.archive import MAX_TOC_BYTES, Incomplete, Selection, Toc, read_toc
@@ -274,7 +274,38 @@ class LogicalEngine:
         info = session.preflight()
         self._server = info
         tool("pg_dump", info.major)
+        self._refuse_transaction_pooler(session, info)
         return info
+
+    def _refuse_transaction_pooler(self, session: PsqlSession, info: ServerInfo) -> None:
+        """ConfigError when the connection goes through a pooler in transaction mode.
+
+        pg_dump sets its session up (search_path, the snapshot it imports) and then reads in
+        one long transaction; a transaction pooler may hand each transaction another server
+        session, so a dump through it can be silently wrong. The URL may say so (Prisma's
+        pgbouncer=true, Neon's -pooler host, Supabase's port 6543); else a second session
+        holds a transaction while ours asks which server process answers it now: the same
+        one, unless a pooler gave ours away between transactions.
+        """
+        why = self.conn.transaction_pooler()
+        if why is None:
+            with contextlib.suppress(DatabaseError):  # cannot tell (a connection limit)
+                other = PsqlSession(self.conn)
+                try:
+                    other.preflight()
+                    other.run("BEGIN")
+                    pid = session.run("SELECT pg_backend_pid()")[0][0]
+                finally:
+                    other.close()
+                if info.backend_pid and int(pid) != info.backend_pid:
+                    why = ("its server session changed between two transactions (a pooler "
+                           "in transaction mode)")
+        if why is not None:
+            raise ConfigError(
+                f"{self.conn.redacted()} cannot hold pg_dump's snapshot and transaction: "
+                f"{why}; back up through the direct connection (DIRECT_URL, which pgvault "
+                "prefers to DATABASE_URL, or --dbname): Supabase's db.<ref>.supabase.co:5432 "
+                "or its session pooler on port 5432, Neon's host without -pooler")
 
     def tool_versions(self) -> dict[str, str]:
         major = self.server.major

@@ -151,12 +151,15 @@ class ConnInfo:
     environ: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
     """The environment libpq's PG* defaults and child processes come from (the settings'
     snapshot); None: this process's own."""
+    pgbouncer: bool = False
+    """The URL said ``pgbouncer=true`` (Prisma's mark of a transaction pooler)."""
 
     @classmethod
     def parse(cls, spec: str | None, password: str | None = None,
               environ: Mapping[str, str] | None = None) -> ConnInfo:
         """Parse a database name, a postgres:// URL or a key=value string."""
         schema = None
+        pooled = False
         text = (spec or "").strip()
         _forbid_malformed_url(text)
         simple = _simple_url(text) if text.startswith(("postgres://", "postgresql://")) else \
@@ -165,7 +168,8 @@ class ConnInfo:
             schema = simple.get("schema")
             params = {k: v for k, v in simple.items() if k not in ORM_PARAMS}
             secret = params.pop("password", None) or password
-            return cls(params=params, password=secret, schema=schema, environ=environ)
+            return cls(params=params, password=secret, schema=schema, environ=environ,
+                       pgbouncer=_true(simple.get("pgbouncer")))
         from psycopg.conninfo import conninfo_to_dict
 
         if text.startswith(("postgres://", "postgresql://")):
@@ -179,6 +183,8 @@ class ConnInfo:
             for key, value in query:
                 if key == "schema":
                     schema = value
+                if key == "pgbouncer":
+                    pooled = _true(value)
                 if key in known:
                     kept.append((key, value))
             text = urlunsplit(parts._replace(query=urlencode(kept)))
@@ -192,11 +198,29 @@ class ConnInfo:
             raise ConfigError(f"{what}: {_without_secrets(_scrub(exc), spec or '')}") from None
         params = {k: str(v) for k, v in raw.items() if v is not None and k not in ORM_PARAMS}
         secret = params.pop("password", None) or password
-        return cls(params=params, password=secret, schema=schema, environ=environ)
+        return cls(params=params, password=secret, schema=schema, environ=environ,
+                   pgbouncer=pooled)
 
     @property
     def dbname(self) -> str | None:
         return self.params.get("dbname")
+
+    def transaction_pooler(self) -> str | None:
+        """Why the URL itself says it reaches a transaction pooler; None if it does not.
+
+        pg_dump's exported snapshot and long transaction need one server session for the
+        whole dump, which a pooler in transaction mode does not give (ops: the backup
+        refuses; LogicalEngine.preflight also asks the server).
+        """
+        host = (self.params.get("host") or "").lower()
+        port = self.params.get("port") or ""
+        if self.pgbouncer:
+            return "it says pgbouncer=true"
+        if any(name.split(".", 1)[0].endswith("-pooler") for name in host.split(",")):
+            return "its host is a Neon pooled endpoint (-pooler)"
+        if host.endswith(".pooler.supabase.com") and port == "6543":
+            return "it is Supabase's transaction pooler (port 6543)"
+        return None
 
     def with_dbname(self, dbname: str) -> ConnInfo:
         """The same server and credentials, another database."""
@@ -317,6 +341,10 @@ CHILD_HIDDEN = frozenset({
     "PGPASSWORD", "DATABASE_URL", "DIRECT_URL", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
     "AWS_SECURITY_TOKEN", "PGVAULT_AGE_PASSPHRASE", "PGVAULT_S3_SSE_C_KEY", "PGVAULT_DATABASE",
 })
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("true", "1", "yes", "on")
 
 
 def _param_escape(value: str) -> str:

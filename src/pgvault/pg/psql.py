@@ -30,7 +30,8 @@ _PLAIN = re.compile(r"[a-z_][a-z0-9_$]*")
 PREFLIGHT_SQL = (
     "SELECT encode(convert_to(current_database(), 'UTF8'), 'hex'),"
     " current_setting('server_version'), current_setting('server_version_num'),"
-    " coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false);\n"
+    " coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false),"
+    " pg_backend_pid();\n"
 )
 # Some poolers and old standbys refuse to export; pg_dump then takes its own snapshot.
 EXPORT_SQL = (
@@ -65,6 +66,8 @@ class ServerInfo:
     version: str
     version_num: int
     is_superuser: bool
+    backend_pid: int = 0
+    """The server process that answered: another one later means a pooler in between."""
 
     @property
     def major(self) -> int:
@@ -124,12 +127,12 @@ class PsqlSession:
 
     def preflight(self) -> ServerInfo:
         fields = self._line().split(SEPARATOR)
-        if len(fields) != 4:
+        if len(fields) != 5:
             raise DatabaseError(f"unexpected preflight answer from psql: {fields!r}")
-        name, version, version_num, superuser = fields
+        name, version, version_num, superuser, pid = fields
         return ServerInfo(database=bytes.fromhex(name).decode("utf-8", "replace"),
                          version=version, version_num=int(version_num),
-                         is_superuser=superuser == "t")
+                         is_superuser=superuser == "t", backend_pid=int(pid))
 
     def run(self, statement: str) -> list[list[str]]:
         """Run one statement after ``preflight``; its rows as text fields.

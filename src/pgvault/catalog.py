@@ -14,6 +14,8 @@ Layout (the only module that knows it):
     keys/passphrase-identity.age           passphrase mode: the age identity, scrypt-wrapped
     wal/<cluster>/identity.json            the system identifier whose WAL this cluster holds
     wal/<cluster>/push-failures.json       count and last error of failed pushes (overwritten)
+    wal/<cluster>/backlog/<repo>/<walfile> empty: [[repos]] <repo> lacks this WAL file, which
+                                           the repository holding this marker has (catch-up)
     wal/<cluster>/<tli>/<walfile>/<sha256 of the raw file><suffix>   one archived WAL file
 
 Every record under these keys is read and written here (manifests, drills, status and WAL
@@ -107,6 +109,25 @@ def wal_identity_key(cluster: str) -> str:
 def wal_failures_key(cluster: str) -> str:
     """Failed pushes of a cluster: the archiver's exit status reaches no monitoring."""
     return wal_prefix(cluster) + "push-failures.json"
+
+
+def wal_backlog_prefix(cluster: str, repo: str | None = None) -> str:
+    """The backlog markers of a cluster (of one `[[repos]]` name, or of all)."""
+    return wal_prefix(cluster) + "backlog/" + (f"{db_segment(repo)}/" if repo else "")
+
+
+def wal_backlog_key(cluster: str, repo: str, walfile: str) -> str:
+    return wal_backlog_prefix(cluster, repo) + walfile
+
+
+def parse_wal_backlog_key(key: str) -> tuple[str, str, str] | None:
+    """(cluster, repository name, WAL file name) of a backlog marker; else None."""
+    if not key.startswith(WAL):
+        return None
+    parts = key[len(WAL) :].split("/")
+    if len(parts) != 4 or parts[1] != "backlog" or not parts[2] or not parts[3]:
+        return None
+    return unquote(parts[0]), unquote(parts[2]), parts[3]
 
 
 def wal_file_prefix(cluster: str, walfile: str) -> str:
@@ -222,6 +243,25 @@ def _archived(infos: Iterable[ObjectInfo]) -> builtins.list[ArchivedFile]:
         name = parse_wal_name(parsed[1]) if parsed else None
         if parsed is not None and name is not None:
             found.append(ArchivedFile(name, parsed[2], parsed[3], info))
+    return found
+
+
+@dataclass(frozen=True)
+class BacklogMarker:
+    """`[[repos]]` ``repo`` lacks ``walfile``; the marker was written at ``info.modified``."""
+
+    repo: str
+    walfile: str
+    info: ObjectInfo
+
+
+def backlog_markers(infos: Iterable[ObjectInfo]) -> builtins.list[BacklogMarker]:
+    """The backlog markers among listed objects (a cluster's WAL listing holds them too)."""
+    found = []
+    for info in infos:
+        parsed = parse_wal_backlog_key(info.key)
+        if parsed is not None:
+            found.append(BacklogMarker(parsed[1], parsed[2], info))
     return found
 
 
@@ -565,6 +605,23 @@ class Catalog:
     def wal_files(self, cluster: str) -> builtins.list[ArchivedFile]:
         """Every archived WAL object of a cluster, in key order."""
         return _archived(self.storage.list(wal_prefix(cluster)))
+
+    def wal_listing(self, cluster: str
+                    ) -> tuple[builtins.list[ArchivedFile], builtins.list[BacklogMarker]]:
+        """Every archived WAL object and every backlog marker of a cluster, in one listing."""
+        infos = builtins.list(self.storage.list(wal_prefix(cluster)))
+        return _archived(infos), backlog_markers(infos)
+
+    def wal_backlog(self, cluster: str, repo: str | None = None) -> builtins.list[BacklogMarker]:
+        """The backlog markers this repository holds (for ``repo``, or for every name)."""
+        return backlog_markers(self.storage.list(wal_backlog_prefix(cluster, repo)))
+
+    def add_wal_backlog(self, cluster: str, repo: str, walfile: str) -> None:
+        """Record that `[[repos]]` ``repo`` lacks ``walfile`` (which this repository holds)."""
+        self.storage.put_bytes(wal_backlog_key(cluster, repo, walfile), b"")
+
+    def clear_wal_backlog(self, cluster: str, repo: str, walfiles: Iterable[str]) -> None:
+        self.storage.delete([wal_backlog_key(cluster, repo, w) for w in walfiles])
 
     def wal_push_failures(self, cluster: str) -> PushFailures:
         """Failed pushes so far; none if never recorded (or the record is unreadable)."""

@@ -292,6 +292,10 @@ class PhysicalSettings(Section):
     # wal-push also pushes up to this many other ready segments in parallel, and marks
     # them done once stored: one process start-up for several segments. 0: one at a time.
     push_ahead: Annotated[int, Meta(ge=0, le=64)] = 4
+    # A WAL repository ([[repos]] wal = true) that failed a push is left alone for this
+    # long (its segments go to its backlog), so an outage costs one io_timeout per
+    # retry, not one per segment.
+    wal_retry_seconds: Annotated[float, Meta(ge=0)] = 30.0
 
 
 class RepoEntry(Section):
@@ -316,6 +320,12 @@ class RepoEntry(Section):
     retention: dict[str, Any] = field(default_factory=dict)
     s3: dict[str, Any] = field(default_factory=dict)
     copy_lag_hours: Annotated[float, Meta(gt=0)] | None = None
+    # wal-push archives each segment to every WAL repository (default: the primary only).
+    wal: bool | None = None
+
+    @property
+    def wal_enabled(self) -> bool:
+        return self.primary if self.wal is None else self.wal
 
     def __post_init__(self) -> None:
         for key, section in (("retention", RetentionSettings), ("s3", S3Settings)):
@@ -578,6 +588,16 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
                               f"{prefix!r} needs {prefix}_AWS_ACCESS_KEY_ID and "
                               f"{prefix}_AWS_SECRET_ACCESS_KEY (or their _FILE)")
         return key_id, secret, self.secrets.get(f"{prefix}_AWS_SESSION_TOKEN")
+
+    @property
+    def wal_repositories(self) -> list[str]:
+        """The `[[repos]]` wal-push archives to and wal-fetch reads from: this one first,
+        then every other WAL repository; none when ``repo`` is no WAL entry of [[repos]]."""
+        this = self.repository_name
+        entries = [e.name for e in self.repos if e.wal_enabled]
+        if this is None or this not in entries:
+            return []
+        return [this] + [name for name in entries if name != this]
 
     @property
     def config_file(self) -> str | None:

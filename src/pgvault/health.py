@@ -50,6 +50,9 @@ class ArchiveStatus:
     earliest_restore: datetime | None  # the oldest restorable base backup's end
     latest_restore: datetime | None  # when the newest segment of an unbroken chain was stored
     failures: PushFailures = dataclasses.field(default_factory=PushFailures)
+    # [[repos]] name -> (WAL files it lacks that this repository holds, when the oldest
+    # of them was left behind): wal-push's backlog, caught up by later pushes.
+    backlog: dict[str, tuple[int, datetime | None]] = dataclasses.field(default_factory=dict)
 
     @property
     def failing(self) -> bool:
@@ -233,6 +236,11 @@ class DatabaseStatus:
             failed = self.archive.failures
             warning.append(f"wal-push of {failed.last_wal} failed at "
                            f"{failed.last_at:%Y-%m-%d %H:%M}Z: {failed.last_error}")
+        for repo, (files, since) in (self.archive.backlog if self.archive else {}).items():
+            if files:
+                ago = f", the oldest left behind {_hours(now - since)} ago" if since else ""
+                warning.append(f"WAL repository {repo} is behind by {files} file(s){ago}: "
+                               "later pushes catch it up once it answers")
         if self.archive is not None and self.archive.gaps:
             first, last = self.archive.gaps[0]
             warning.append(f"WAL archive has {len(self.archive.gaps)} gap(s), first "
@@ -375,6 +383,8 @@ def _archive_json(archive: ArchiveStatus) -> dict[str, Any]:
             "gaps": [list(gap) for gap in archive.gaps],
             "recoverable_from": when(archive.earliest_restore),
             "recoverable_to": when(archive.latest_restore),
+            "backlog": {repo: {"files": files, "oldest_at": when(since)}
+                        for repo, (files, since) in archive.backlog.items()},
             "push_failures_total": archive.failures.total,
             "last_push_failure": None if archive.failures.last_at is None else {
                 "at": when(archive.failures.last_at), "wal": archive.failures.last_wal,

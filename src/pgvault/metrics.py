@@ -103,6 +103,12 @@ class Metrics:
         }
         failures = CounterMetricFamily("pgvault_backup_failures", "Failed backup runs.",
                                        labels=labels)
+        backlog = GaugeMetricFamily("pgvault_wal_backlog_files", "WAL files a WAL repository "
+                                    "([[repos]] target) lacks that this one holds.",
+                                    labels=[*labels, "target"])
+        behind = GaugeMetricFamily("pgvault_wal_backlog_oldest_age_seconds",
+                                   "How long ago the oldest of them was left behind.",
+                                   labels=[*labels, "target"])
         copies = {
             "behind": GaugeMetricFamily(
                 "pgvault_copy_behind_backups", "Backups a [[repos]] copy's own policy keeps "
@@ -145,8 +151,16 @@ class Metrics:
             for key, value in _gauge_values(status):
                 families[key].add_metric(values, value)
             failures.add_metric(values, status.history.failures_total)
+            for target, (files, since) in (status.archive.backlog if status.archive
+                                           else {}).items():
+                backlog.add_metric([*values, target], float(files))
+                behind.add_metric([*values, target], 0.0 if since is None else
+                                  max(0.0, (datetime.now(since.tzinfo) - since)
+                                      .total_seconds()))
         yield from families.values()
         yield failures
+        yield backlog
+        yield behind
         yield from copies.values()
         notified = CounterMetricFamily("pgvault_notification_failures",
                                        "Notifications that failed or timed out.",

@@ -119,6 +119,9 @@ def wal_push(ctx: click.Context, /, path: str, cluster: str | None, **_: Any) ->
         vault = vault_of(ctx)
         storage = vault.storage
         name = _cluster(vault.settings, cluster)
+        if len(vault.settings.wal_repositories) > 1:
+            _push_everywhere(vault, name, Path(path))
+            return
         try:
             done = push_ahead(storage, name, Path(path), vault.stages,
                               ahead=vault.settings.physical.push_ahead)
@@ -129,6 +132,41 @@ def wal_push(ctx: click.Context, /, path: str, cluster: str | None, **_: Any) ->
         if done.result.already_archived:
             click.echo(f"pgvault: {done.result.walfile} was already archived with the same "
                        "content", err=True)
+
+
+def _wal_repos(vault: Any) -> list[Any]:
+    """The WAL repositories of [[repos]] (wal = true), the selected one first."""
+    from pgvault.ops.wal import WalRepo
+
+    names = vault.settings.wal_repositories
+    return [WalRepo(names[0], vault.storage)] + [
+        WalRepo(other, vault.repository(other).storage) for other in names[1:]]
+
+
+def _push_everywhere(vault: Any, cluster: str, path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from pgvault.errors import PgvaultError
+    from pgvault.ops.wal import push_everywhere, record_push_failure, unreachable
+
+    repos = _wal_repos(vault)
+    physical = vault.settings.physical
+    try:
+        done = push_everywhere(repos, cluster, path, vault.stages, ahead=physical.push_ahead,
+                               retry_seconds=physical.wal_retry_seconds,
+                               hints=Path(vault.settings.environ.get("TMPDIR") or "/tmp"))
+    except PgvaultError as exc:
+        if not unreachable(exc):  # refused: every repository answered, so it is recorded
+            record_push_failure(vault.storage, cluster, path.name, str(exc), datetime.now(UTC))
+        raise
+    for spread in [done.asked, *done.ahead]:
+        for repo, why in spread.behind.items():
+            click.echo(f"pgvault: {spread.walfile} is archived in {', '.join(spread.stored_in)}"
+                       f"; {repo} is behind (its backlog): {why}", err=True)
+    for repo, count in done.caught_up.items():
+        click.echo(f"pgvault: caught up {count} backlog file(s) to {repo}", err=True)
+    for repo, error in done.catch_up_errors.items():
+        click.echo(f"pgvault: catching up {repo} failed: {error}", err=True)
 
 
 @cli.command("wal-fetch")
@@ -158,8 +196,16 @@ def wal_fetch(ctx: click.Context, /, walfile: str, path: str, cluster: str | Non
         from pgvault.ops.wal import fetch
 
         vault = vault_of(ctx)
+        keyring = vault.keyring_with(identity_file)
+        if len(vault.settings.wal_repositories) > 1:
+            from pgvault.ops.wal import fetch_any
+
+            # Whichever WAL repository has it: one that is behind is caught up later.
+            fetch_any(_wal_repos(vault), _cluster(vault.settings, cluster), walfile,
+                      Path(path), identities=keyring)
+            return
         fetch(vault.storage, _cluster(vault.settings, cluster), walfile, Path(path),
-              identities=vault.keyring_with(identity_file))
+              identities=keyring)
 
 
 @cli.command(epilog=CONNECTION_HELP + "\n" + ARCHIVE_HELP + "\n" + EXIT_CODES)
@@ -279,6 +325,12 @@ def check_archive(ctx: click.Context, /, dbname: str | None, cluster: str | None
                             timeout=timeout or settings.physical.archive_wait_seconds)
     backups = [m for m in vault.catalog.list(name) if m.kind == "physical"]
     status = archive_status(storage, name, backups)
+    if len(settings.wal_repositories) > 1:
+        from pgvault.ops.wal import backlog
+
+        # Every WAL repository's markers: a repository's own backlog is held by the others.
+        status.backlog = {b.repo: (len(b.walfiles), b.oldest_at)
+                          for b in backlog(_wal_repos(vault), name)}
     report = _archive_report(status, checked, len(backups))
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
@@ -306,6 +358,8 @@ def _archive_report(status: Any, checked: Any, backups: int) -> dict[str, Any]:
         "base_backups": backups,
         "recoverable_from": status.earliest_restore,
         "recoverable_to": status.latest_restore,
+        "backlog": {repo: {"files": files, "oldest_at": since}
+                    for repo, (files, since) in status.backlog.items()},
     }
 
 
@@ -325,6 +379,11 @@ def _print_archive(report: dict[str, Any]) -> None:
         gaps = ", ".join(f"{a}..{b}" for a, b in line["gaps"]) or "none"
         click.echo(f"  timeline {line['timeline']}: {line['first']} .. {line['last']} "
                    f"({line['segments']} segments), gaps: {gaps}")
+    for repo, behind in report["backlog"].items():
+        since = behind["oldest_at"]
+        click.echo(f"  WAL repository {repo}: " + (
+            f"behind by {behind['files']} file(s) since {since:%Y-%m-%d %H:%M:%S} UTC (later "
+            "pushes catch it up)" if behind["files"] else "current"))
     start, end = report["recoverable_from"], report["recoverable_to"]
     if start and end:
         click.echo(f"recoverable to any moment from {start:%Y-%m-%d %H:%M:%S} to "

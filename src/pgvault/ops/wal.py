@@ -34,6 +34,7 @@ from pgvault.errors import (
     ConfigError,
     IntegrityError,
     NotFound,
+    StorageError,
     UsageError,
 )
 from pgvault.health import ArchiveStatus, TimelineRange
@@ -78,9 +79,25 @@ def read_identity(storage: Storage, cluster: str) -> Identity | None:
     return Catalog(storage).wal_identity(cluster)
 
 
+_CHECKED: set[tuple[str, str, str, int]] = set()
+"""(repository, cluster, system, segment size) this process found bound: a binding is
+created once and never changes, so the segments pushed ahead need not read it again."""
+
+
 def check_identity(storage: Storage, cluster: str, system_identifier: str,
                    segment_size: int, *, bind: bool) -> Identity:
     """Refuse a foreign system; with ``bind``, the first caller binds the name to its system."""
+    seen = (storage.url, cluster, system_identifier, segment_size)
+    if seen in _CHECKED:
+        return Identity(system_identifier, segment_size)
+    identity = _checked_identity(storage, cluster, system_identifier, segment_size, bind=bind)
+    if bind:
+        _CHECKED.add(seen)
+    return identity
+
+
+def _checked_identity(storage: Storage, cluster: str, system_identifier: str,
+                      segment_size: int, *, bind: bool) -> Identity:
     identity = read_identity(storage, cluster)
     if identity is None:
         if not bind:
@@ -120,6 +137,18 @@ def archived(storage: Storage, cluster: str) -> list[ArchivedFile]:
 def push(storage: Storage, cluster: str, path: Path, stages: list[StageSpec]) -> PushResult:
     """Store one WAL file; returns only once it is durably stored (or already was)."""
     started = time.monotonic()
+    segment = _read(path)
+    return _store(storage, cluster, segment, stages, None, started)
+
+
+@dataclass(frozen=True)
+class _Segment:
+    name: wal.WalName
+    data: bytes
+    digest: str
+
+
+def _read(path: Path) -> _Segment:
     name = wal.parse_wal_name(path.name)
     if name is None:
         raise UsageError(f"{path.name!r} is not a WAL file name PostgreSQL archives")
@@ -128,7 +157,14 @@ def push(storage: Storage, cluster: str, path: Path, stages: list[StageSpec]) ->
         data = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    digest = hashlib.sha256(data).hexdigest()
+    return _Segment(name, data, hashlib.sha256(data).hexdigest())
+
+
+def _store(storage: Storage, cluster: str, segment: _Segment, stages: list[StageSpec],
+           encoded: Callable[[], bytes] | None, started: float) -> PushResult:
+    """``encoded``: the segment already encoded (shared by several repositories), or None
+    to encode it on the way into the storage."""
+    name, data, digest = segment.name, segment.data, segment.digest
     if name.has_header:
         _check_segment(storage, cluster, name, data)
 
@@ -139,11 +175,14 @@ def push(storage: Storage, cluster: str, path: Path, stages: list[StageSpec]) ->
                           time.monotonic() - started)
 
     key = wal_object_key(cluster, name.name, digest, pipeline.suffix(stages))
-    stored = store_artifact(storage, key, io.BytesIO(data), stages, name=name.name,
-                            format=WAL_FORMAT)
+    if encoded is None:
+        stored_size = store_artifact(storage, key, io.BytesIO(data), stages, name=name.name,
+                                     format=WAL_FORMAT).size
+    else:
+        stored_size = storage.put(key, io.BytesIO(encoded())).size
     # A second writer racing us with other bytes shows up now; both then fail loudly.
     _refuse_conflicts(storage, name.name, digest, versions(storage, cluster, name.name))
-    return PushResult(name.name, key, len(data), stored.size, False, time.monotonic() - started)
+    return PushResult(name.name, key, len(data), stored_size, False, time.monotonic() - started)
 
 
 @dataclass(frozen=True)
@@ -187,6 +226,316 @@ def push_ahead(storage: Storage, cluster: str, path: Path, stages: list[StageSpe
 
 
 AHEAD_MAX_SEGMENT = 64 << 20
+
+
+# ------------------------------------------------------------ every WAL repository
+#
+# With `[[repos]]` entries marked wal = true, a segment goes to each of them. The rule
+# for partial success: wal-push exits 0 once the segment is durable in at least one WAL
+# repository *and* every repository that lacks it has a backlog marker there
+# (``wal/<cluster>/backlog/<repo>/<walfile>``, beside the segment). The archive contract
+# (exit 0 only for a file that recovery can get back) then holds: wal-fetch reads from
+# whichever repository has it. Waiting for all of them would let one outage fill pg_wal
+# and stop the database; waiting for the primary would make the primary's outage stop
+# archiving. A repository that refuses the file (other content, another system) fails
+# the push everywhere: only an unreachable one is left behind. Later pushes copy its
+# backlog to it, stored bytes as they are, once it answers again.
+
+
+@dataclass(frozen=True)
+class WalRepo:
+    """One repository wal-push archives to: its `[[repos]]` name and its storage."""
+
+    name: str
+    storage: Storage
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Where one WAL file went: the repositories that hold it, and why the others do not."""
+
+    walfile: str
+    result: PushResult | None  # as the first repository holding it reported
+    stored_in: list[str]
+    behind: dict[str, str]  # repository -> why it lacks the file (now in its backlog)
+    error: BaseException | None = None  # set when no repository holds it
+
+    @property
+    def archived(self) -> bool:
+        return self.error is None and self.result is not None
+
+
+@dataclass(frozen=True)
+class MultiPush:
+    """A push to every WAL repository: the file PostgreSQL asked for, the ones pushed
+    ahead (marked done), and the backlog caught up meanwhile."""
+
+    asked: Spread
+    ahead: list[Spread]
+    caught_up: dict[str, int]  # repository -> backlog files copied to it
+    catch_up_errors: dict[str, str]
+
+
+def unreachable(exc: BaseException) -> bool:
+    """A failure that makes a repository fall behind rather than refuse the file."""
+    return isinstance(exc, OSError | StorageError) and not isinstance(exc, NotFound)
+
+
+class _Hints:
+    """When each repository last failed, in a local folder: a hint, not a record (the
+    backlog markers are the record), so that a repository that is down is skipped for
+    ``retry_seconds`` instead of costing every push its io_timeout."""
+
+    def __init__(self, folder: Path | None, cluster: str, retry_seconds: float) -> None:
+        self.folder, self.cluster, self.retry = folder, cluster, retry_seconds
+
+    def _path(self, repo: WalRepo) -> Path | None:
+        if self.folder is None:
+            return None
+        tag = hashlib.sha256(f"{repo.storage.url}\0{self.cluster}".encode()).hexdigest()[:20]
+        return self.folder / f"pgvault-wal-down-{os.getuid()}-{tag}"
+
+    def down_since(self, repo: WalRepo) -> float | None:
+        path = self._path(repo)
+        if path is None or self.retry <= 0:
+            return None
+        try:
+            failed = path.stat().st_mtime
+        except OSError:
+            return None
+        return failed if time.time() - failed < self.retry else None
+
+    def failed(self, repo: WalRepo) -> None:
+        path = self._path(repo)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.touch()
+                os.utime(path)
+
+    def answered(self, repo: WalRepo) -> None:
+        path = self._path(repo)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def push_everywhere(repos: list[WalRepo], cluster: str, path: Path, stages: list[StageSpec],
+                    *, ahead: int, retry_seconds: float = 30.0, hints: Path | None = None,
+                    catch_up: int | None = None) -> MultiPush:
+    """Push ``path`` (and up to ``ahead`` other ready files) to every repository in
+    ``repos``; record a backlog for each one left behind; copy backlog to each that
+    answered (up to ``catch_up`` files, default 4 x (1 + ahead)).
+
+    Raises the asked file's error when no repository holds it, or when one refused it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = _Hints(hints, cluster, retry_seconds)
+    skipped = {r.name: f"skipped: its last push failed {time.time() - since:.0f}s ago "
+               f"(retried after {retry_seconds:g}s)"
+               for r in repos if (since := state.down_since(r)) is not None}
+    live = [r for r in repos if r.name not in skipped]
+    others = ready_files(path, ahead) if _size(path) <= AHEAD_MAX_SEGMENT else []
+    failed_repos: set[str] = set()
+    with ThreadPoolExecutor(max_workers=1 + len(others)) as pool:
+        asked = pool.submit(_spread, repos, live, skipped, cluster, path, stages)
+        extra = {other: pool.submit(_spread, repos, live, skipped, cluster, other, stages)
+                 for other in others}
+        spreads = [asked.result()] + [f.result() for f in extra.values()]
+    for spread in spreads:
+        failed_repos.update(name for name in spread.behind if name not in skipped)
+    pushed = []
+    for other, spread in zip(others, spreads[1:], strict=True):
+        if not spread.archived:
+            continue  # left .ready: PostgreSQL asks for it again, and that push reports
+        pushed.append(spread)
+        with contextlib.suppress(FileNotFoundError):
+            status = other.parent / "archive_status"
+            os.rename(status / f"{other.name}.ready", status / f"{other.name}.done")
+    for repo in live:
+        if repo.name in failed_repos:
+            state.failed(repo)
+        else:
+            state.answered(repo)
+    healthy = [r for r in live if r.name not in failed_repos]
+    # Stored bytes copied as they are (no compression): cheap enough that a push can bring
+    # over several times what it archives, so a backlog shrinks even under load.
+    limit = catch_up if catch_up is not None else 4 * (1 + ahead)
+    caught, errors = _catch_up(healthy, cluster, limit) if len(repos) > 1 else ({}, {})
+    first = spreads[0]
+    if not first.archived:
+        assert first.error is not None
+        raise first.error
+    return MultiPush(first, pushed, caught, errors)
+
+
+def _spread(repos: list[WalRepo], live: list[WalRepo], skipped: dict[str, str], cluster: str,
+            path: Path, stages: list[StageSpec]) -> Spread:
+    """One file to every live repository at once; backlog markers for the others."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.monotonic()
+    try:
+        segment = _read(path)
+    except Exception as exc:
+        return Spread(path.name, None, [], {}, exc)
+    lock = threading.Lock()
+    cache: list[bytes] = []
+
+    def encoded() -> bytes:
+        # Compressed (and encrypted) once, however many repositories store it.
+        with lock:
+            if not cache:
+                reader = pipeline.encode(io.BytesIO(segment.data), stages)
+                cache.append(b"".join(iter(lambda: reader.read(CHUNK), b"")))
+            return cache[0]
+
+    results: dict[str, PushResult] = {}
+    behind = dict(skipped)
+    refused: BaseException | None = None
+    down: BaseException | None = None
+    share = encoded if len(live) > 1 else None
+    with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
+        futures = {r.name: pool.submit(_store, r.storage, cluster, segment, stages, share,
+                                       started) for r in live}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except Exception as exc:
+                if unreachable(exc):
+                    behind[name] = str(exc)
+                    down = down or exc
+                else:
+                    refused = refused or exc
+    walfile = segment.name.name
+    stored_in = [r.name for r in repos if r.name in results]
+    if refused is not None:
+        return Spread(walfile, None, stored_in, behind, refused)
+    if not stored_in:
+        error = down or StorageError(f"{walfile} reached no WAL repository: "
+                                            + "; ".join(behind.values()))
+        return Spread(walfile, None, [], behind, error)
+    if behind:
+        holders = [r for r in repos if r.name in results]
+        recorded = 0
+        for holder in holders:
+            try:
+                for name in behind:
+                    Catalog(holder.storage).add_wal_backlog(cluster, name, walfile)
+                recorded += 1
+            except Exception as exc:  # another holder may record it
+                if not unreachable(exc):
+                    raise
+        if not recorded:
+            return Spread(walfile, None, stored_in, behind, StorageError(
+                f"{walfile} is stored in {', '.join(stored_in)}, but its backlog for "
+                f"{', '.join(behind)} could not be recorded there"))
+    return Spread(walfile, results[stored_in[0]], stored_in, behind)
+
+
+def _catch_up(healthy: list[WalRepo], cluster: str, limit: int
+              ) -> tuple[dict[str, int], dict[str, str]]:
+    """Copy up to ``limit`` backlog files to each repository in ``healthy`` from one that
+    holds them (their markers say so), then drop those markers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    caught: dict[str, int] = {}
+    errors: dict[str, str] = {}
+    if limit <= 0 or len(healthy) < 2:
+        return caught, errors
+    # Who holds which marker: every healthy repository lists its markers once.
+    holders: dict[tuple[str, str], list[WalRepo]] = {}
+    for repo in healthy:
+        try:
+            markers = Catalog(repo.storage).wal_backlog(cluster)
+        except Exception as exc:
+            errors[repo.name] = f"listing its backlog markers: {exc}"
+            continue
+        for marker in markers:
+            holders.setdefault((marker.repo, marker.walfile), []).append(repo)
+    jobs = []
+    for target in healthy:
+        wanted = sorted((w for (name, w) in holders if name == target.name),
+                        key=lambda n: (not n.endswith(".history"), n))[:limit]
+        jobs += [(target, walfile, holders[(target.name, walfile)]) for walfile in wanted]
+    if not jobs:
+        return caught, errors
+    bound: set[str] = set()
+
+    def copy(target: WalRepo, walfile: str, sources: list[WalRepo]) -> None:
+        source = sources[0]
+        found = versions(source.storage, cluster, walfile)
+        if not found:  # pruned there since: nothing left to bring over
+            Catalog(source.storage).clear_wal_backlog(cluster, target.name, [walfile])
+            return
+        if len({v.sha256 for v in found}) != 1:
+            raise IntegrityError(f"{walfile} has {len(found)} versions in {source.name}")
+        version = found[0]
+        if target.name not in bound and version.wal.has_header:
+            identity = read_identity(source.storage, cluster)
+            if identity is not None:
+                check_identity(target.storage, cluster, identity.system_identifier,
+                               identity.wal_segment_size, bind=True)
+            bound.add(target.name)
+        have = versions(target.storage, cluster, walfile)
+        _refuse_conflicts(target.storage, walfile, version.sha256, have)
+        if not have:
+            with source.storage.open(version.key) as stream:
+                info = target.storage.put(version.key, stream)
+            if info.size != version.info.size:
+                target.storage.delete([version.key])
+                raise IntegrityError(f"{walfile} arrived in {target.name} with {info.size} "
+                                     f"bytes instead of {version.info.size}")
+        for holder in sources:
+            Catalog(holder.storage).clear_wal_backlog(cluster, target.name, [walfile])
+
+    with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
+        futures = [(t, pool.submit(copy, t, w, src)) for t, w, src in jobs]
+        for target, future in futures:
+            try:
+                future.result()
+                caught[target.name] = caught.get(target.name, 0) + 1
+            except Exception as exc:
+                errors.setdefault(target.name, str(exc))
+    return caught, errors
+
+
+@dataclass(frozen=True)
+class RepoBacklog:
+    """What one WAL repository lacks: the files other repositories hold for it."""
+
+    repo: str
+    walfiles: list[str]
+    oldest_at: datetime | None  # when the oldest of them was left behind
+    reachable: bool = True  # False: its own listing failed (its markers elsewhere unknown)
+
+    def oldest_seconds(self, now: datetime) -> float:
+        return (now - self.oldest_at).total_seconds() if self.oldest_at else 0.0
+
+
+def backlog(repos: list[WalRepo], cluster: str) -> list[RepoBacklog]:
+    """Each WAL repository's backlog, from the markers every reachable repository holds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    found: dict[str, dict[str, datetime]] = {r.name: {} for r in repos}
+    reachable: dict[str, bool] = {}
+    with ThreadPoolExecutor(max_workers=max(1, len(repos))) as pool:
+        listings = {r.name: pool.submit(Catalog(r.storage).wal_backlog, cluster) for r in repos}
+        for name, future in listings.items():
+            try:
+                markers = future.result()
+            except Exception:
+                reachable[name] = False
+                continue
+            reachable[name] = True
+            for marker in markers:
+                seen = found.setdefault(marker.repo, {})
+                when = marker.info.modified
+                seen[marker.walfile] = min(when, seen.get(marker.walfile, when))
+    return [RepoBacklog(name, sorted(files), min(files.values(), default=None),
+                        reachable.get(name, True))
+            for name, files in found.items()]
 
 
 def _size(path: Path) -> int:
@@ -269,6 +618,27 @@ def fetch(storage: Storage, cluster: str, walfile: str, target: Path, *,
     return size
 
 
+def fetch_any(repos: list[WalRepo], cluster: str, walfile: str, target: Path, *,
+              identities: Keyring | None = None) -> tuple[str, int]:
+    """``fetch`` from the first repository in ``repos`` that has ``walfile``: (its name,
+    the size). NotFound only when every repository answered that it does not have it; a
+    repository that could not answer (or holds damaged bytes) makes its error the result
+    when no other has the file, because recovery must not end early on an outage."""
+    trouble: BaseException | None = None
+    for repo in repos:
+        try:
+            return repo.name, fetch(repo.storage, cluster, walfile, target,
+                                    identities=identities)
+        except NotFound:
+            continue
+        except (StorageError, IntegrityError, OSError) as exc:
+            trouble = trouble or exc
+    if trouble is not None:
+        raise trouble
+    raise NotFound(f"{walfile} is not in the archive of cluster {cluster!r} "
+                   f"in {', '.join(r.name for r in repos)}")
+
+
 def wait_for(storage: Storage, cluster: str, names: list[str], *, timeout: float,
              sleep: Callable[[float], None] = time.sleep) -> list[str]:
     """Wait until every WAL file in ``names`` is archived; the ones still missing at timeout."""
@@ -286,7 +656,12 @@ def wait_for(storage: Storage, cluster: str, names: list[str], *, timeout: float
 def archive_status(storage: Storage, cluster: str, backups: list[Manifest]) -> ArchiveStatus:
     """Timelines, gaps and the recoverable window of ``cluster`` (``backups``: its manifests)."""
     identity = read_identity(storage, cluster)
-    files = archived(storage, cluster)
+    files, markers = Catalog(storage).wal_listing(cluster)
+    behind: dict[str, tuple[int, datetime | None]] = {}
+    for marker in markers:
+        count, since = behind.get(marker.repo, (0, None))
+        when = marker.info.modified
+        behind[marker.repo] = (count + 1, when if since is None else min(since, when))
     segments = [f for f in files if f.wal.kind == "segment"]
     size = identity.wal_segment_size if identity else 16 << 20
     by_timeline: dict[int, list[ArchivedFile]] = {}
@@ -312,7 +687,7 @@ def archive_status(storage: Storage, cluster: str, backups: list[Manifest]) -> A
         last_wal=newest.wal.name if newest else None,
         last_archived_at=max((f.info.modified for f in segments), default=None),
         earliest_restore=earliest, latest_restore=latest,
-        failures=push_failures(storage, cluster),
+        failures=push_failures(storage, cluster), backlog=behind,
     )
 
 

@@ -1,0 +1,304 @@
+"""wal-push to every WAL repository of [[repos]]: one down gets a backlog that catches up.
+
+The down repository is a real moto S3 server behind tests/faultproxy.py (stalled), a
+closed port (connection refused), or a tiny HTTP server answering 503 to everything;
+the primary is a local folder. The last test runs a real archiving cluster (archive_command
+= pgvault wal-push) under pgbench load while the copy is stalled, and restores from each
+repository alone afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from cli_runner import pgvault
+from dbcompare import assert_databases_equal
+from faultproxy import Faults, fault_proxy
+from pgvault.catalog import Catalog
+from pgvault.ops.wal import archived
+from pgvault.pg.binaries import tool
+from pgvault.pg.cluster import EphemeralCluster
+from pgvault.storage import open_storage
+from pgvault.storage.s3 import S3Options
+from test_physical import (  # noqa: F401 (server_pgvault: a fixture)
+    _as_root,
+    _postgres_owned_dir,
+    restore_pitr,
+    server_pgvault,
+    sql,
+)
+
+CLUSTER = "main"
+
+
+def _stop_server(pgdata: Path) -> None:
+    """Fast shutdown of a server `restore --start` left running (in-process: our child,
+    reaped here, or it would linger as a zombie that still answers kill 0)."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            if not (pgdata / "postmaster.pid").exists():
+                return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # nothing listens there: connection refused
+
+
+@contextlib.contextmanager
+def _always_503() -> Iterator[str]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            body = b"<Error><Code>ServiceUnavailable</Code><Message>down</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _config(path: Path, primary: Path, bucket: str, endpoint: str, *, retry: float = 0,
+            io_timeout: float = 0.5) -> Path:
+    path.write_text(
+        f'io_timeout_seconds = {io_timeout}\n'
+        f'[physical]\nwal_retry_seconds = {retry}\npush_ahead = 4\n'
+        'archive_wait_seconds = 20\n'
+        f'[[repos]]\nname = "main"\nurl = "file://{primary}"\nprimary = true\n'
+        f'[[repos]]\nname = "offsite"\nurl = "s3://{bucket}/pg"\nwal = true\n'
+        f'[repos.s3]\nendpoint_url = "{endpoint}"\npath_style = true\n')
+    if _as_root():
+        owner = pwd.getpwnam("postgres")
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    return path
+
+
+def _s3(bucket: str, endpoint: str) -> object:
+    return open_storage(f"s3://{bucket}/pg", S3Options(endpoint_url=endpoint,
+                                                       region="us-east-1", path_style=True))
+
+
+def _walfiles(storage: object) -> set[str]:
+    return {f.wal.name for f in archived(storage, CLUSTER)}  # type: ignore[arg-type]
+
+
+def _segments(cluster: EphemeralCluster, folder: Path, count: int) -> list[Path]:
+    """Copies of ``count`` WAL segments the server has just finished."""
+    folder.mkdir(parents=True, exist_ok=True)
+    found = []
+    url = cluster.url()
+    for _ in range(count):
+        sql(url, "CREATE TABLE IF NOT EXISTS filler (x text)",
+            "INSERT INTO filler SELECT repeat('x', 100) FROM generate_series(1, 500)")
+        name = sql(url, "SELECT pg_walfile_name(pg_switch_wal())")
+        shutil.copyfile(cluster.data_dir / "pg_wal" / name, folder / name)
+        found.append(folder / name)
+    return found
+
+
+@pytest.mark.parametrize("fault", ["refused", "503", "stalled"])
+def test_a_repository_that_is_down_gets_a_backlog_that_later_pushes_catch_up(
+    fault: str, pg_cluster: EphemeralCluster, s3_server: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    primary = tmp_path / "repo"
+    first, second, third = _segments(pg_cluster, tmp_path / "pg_wal", 3)
+    env = {"TMPDIR": str(tmp_path)}  # where wal-push keeps its "down since" hints
+    with contextlib.ExitStack() as stack:
+        if fault == "refused":
+            endpoint = f"http://127.0.0.1:{_closed_port()}"
+        elif fault == "503":
+            endpoint = stack.enter_context(_always_503())
+        else:
+            faults = Faults(stall_after_up=0)
+            endpoint = stack.enter_context(fault_proxy(s3_server, faults)).url
+        down = _config(tmp_path / "down.toml", primary, s3_bucket, endpoint, retry=30)
+        started = time.monotonic()
+        pushed = pgvault("wal-push", str(first), "--config", str(down), env=env)
+        # Every network wait is bounded by io_timeout_seconds (1 s here, 3 tries).
+        assert time.monotonic() - started < 15
+        assert f"{first.name} is archived in main; offsite is behind" in pushed.stderr
+        # Within wal_retry_seconds the down repository is not even tried: no wait at all.
+        tried = faults.connections if fault == "stalled" else 0
+        skipped = pgvault("wal-push", str(second), "--config", str(down), env=env)
+        assert "skipped: its last push failed" in skipped.stderr
+        assert (faults.connections if fault == "stalled" else 0) == tried
+        local = open_storage(f"file://{primary}")
+        assert _walfiles(local) == {first.name, second.name}
+        report = json.loads(pgvault("check-archive", "--no-switch", "--json", "--config",
+                                    str(down), env=env).stdout)
+        assert report["backlog"]["offsite"]["files"] == 2
+        if fault == "stalled":
+            faults.stall_after_up = None  # new connections pass again
+
+    up = _config(tmp_path / "up.toml", primary, s3_bucket, s3_server)
+    caught = pgvault("wal-push", str(third), "--config", str(up), env=env)
+    assert "caught up 2 backlog file(s) to offsite" in caught.stderr
+    offsite = _s3(s3_bucket, s3_server)
+    assert _walfiles(offsite) == _walfiles(local) == {first.name, second.name, third.name}
+    assert Catalog(local).wal_backlog(CLUSTER) == []
+    report = json.loads(pgvault("check-archive", "--no-switch", "--json", "--config", str(up),
+                                env=env).stdout)
+    assert report["backlog"]["offsite"]["files"] == 0
+    # wal-fetch reads from whichever repository has the file.
+    for item in archived(local, CLUSTER):
+        if item.wal.name == first.name:
+            local.delete([item.key])
+    pgvault("wal-fetch", first.name, str(tmp_path / "fetched"), "--config", str(up), env=env)
+    assert (tmp_path / "fetched").read_bytes() == first.read_bytes()
+
+    if fault == "refused":
+        # Reaching no repository is never success: PostgreSQL keeps the segment and retries.
+        closed = f"http://127.0.0.1:{_closed_port()}"
+        nowhere = tmp_path / "nowhere.toml"
+        nowhere.write_text(
+            'io_timeout_seconds = 1\n[physical]\nwal_retry_seconds = 0\n'
+            f'[[repos]]\nname = "a"\nurl = "s3://{s3_bucket}/a"\nprimary = true\n'
+            f'[repos.s3]\nendpoint_url = "{closed}"\npath_style = true\n'
+            f'[[repos]]\nname = "b"\nurl = "s3://{s3_bucket}/b"\nwal = true\n'
+            f'[repos.s3]\nendpoint_url = "{closed}"\npath_style = true\n')
+        failed = pgvault("wal-push", str(third), "--config", str(nowhere), env=env, expect=None)
+        assert 0 < failed.returncode <= 125, failed.stderr
+
+
+PGBENCH = tool("pgbench", 15)
+
+
+def test_a_stalled_copy_during_real_archiving_catches_up_and_each_repository_restores(
+    server_pgvault: str, s3_server: str, s3_bucket: str, tmp_path: Path  # noqa: F811
+) -> None:
+    primary = _postgres_owned_dir("pgvault-walrepos-")
+    pitr = _postgres_owned_dir("pgvault-walrepos-pitr-")
+    home = _postgres_owned_dir("pgvault-walrepos-home-")  # config and TMPDIR of the server
+    faults = Faults()
+    cluster = None
+    try:
+        with fault_proxy(s3_server, faults) as proxy:
+            config = _config(home / "pgvault.toml", primary, s3_bucket, proxy.url, retry=2)
+            credentials = " ".join(f"{k}={os.environ[k]}" for k in
+                                   ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                    "AWS_DEFAULT_REGION"))
+            command = (f"{credentials} TMPDIR={home} {server_pgvault} wal-push %p "
+                       f"--config {config}")
+            cluster = EphemeralCluster(
+                settings={"archive_mode": True, "archive_command": command, "fsync": False,
+                          "wal_level": "replica", "max_wal_size": "32MB"},
+                initdb_args=["--wal-segsize=1"]).start()
+            admin = cluster.url()
+            sql(admin, "CREATE DATABASE app STRATEGY FILE_COPY")
+            app = cluster.url("app")
+            subprocess.run([PGBENCH, "-i", "-s", "2", "-q", app], check=True,
+                           capture_output=True)
+            for repo in ("main", "offsite"):
+                pgvault("basebackup", "-d", admin, "--config", str(config), "--repo", repo,
+                        "--fast-checkpoint")
+
+            faults.stall_after_up = 0  # the copy stalls: every new connection hangs
+            subprocess.run([PGBENCH, "-c", "4", "-T", "3", "-n", app], check=True,
+                           capture_output=True)
+            # The primary stays current meanwhile: check-archive's segment arrives there.
+            checked = json.loads(pgvault("check-archive", "-d", admin, "--config", str(config),
+                                         "--timeout", "30", "--json").stdout)
+            assert checked["timelines"][0]["gaps"] == []
+            behind = checked["backlog"]["offsite"]["files"]
+            assert behind > 5, checked
+            status = json.loads(pgvault("status", "--json", "--config", str(config)).stdout)
+            archive = next(s for s in status if s["database"] == "main")["archive"]
+            assert archive["backlog"]["offsite"]["files"] >= behind - 2, archive
+            pg_wal = cluster.data_dir / "pg_wal"
+            ready = list((pg_wal / "archive_status").glob("*.ready"))
+            assert len(ready) <= 10, ready  # the stall does not hold segments back
+
+            faults.stall_after_up = None  # back
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline:
+                sql(app, "UPDATE pgbench_branches SET bbalance = bbalance + 1",
+                    "SELECT pg_switch_wal()")
+                report = json.loads(pgvault("check-archive", "--no-switch", "--json",
+                                            "--config", str(config)).stdout)
+                if report["backlog"]["offsite"]["files"] == 0:
+                    break
+                time.sleep(0.3)
+            else:
+                raise AssertionError(f"offsite never caught up: {report['backlog']}")
+            # Quiet now: the last segment archived everywhere, then restore from each alone.
+            sql(admin, "SELECT pg_switch_wal()")
+            pgvault("check-archive", "-d", admin, "--config", str(config), "--timeout", "30")
+            local = open_storage(f"file://{primary}")
+            deadline = time.monotonic() + 20
+            while _walfiles(local) - _walfiles(_s3(s3_bucket, s3_server)) and \
+                    time.monotonic() < deadline:
+                sql(admin, "SELECT pg_switch_wal()")
+                time.sleep(0.5)
+            assert _walfiles(local) <= _walfiles(_s3(s3_bucket, s3_server))
+
+        sql(admin, "ALTER SYSTEM SET archive_command = 'true'", "SELECT pg_reload_conf()")
+        alone = {
+            "main": f'repo = "file://{primary}"\n',
+            "offsite": (f'repo = "s3://{s3_bucket}/pg"\n[s3]\nendpoint_url = "{s3_server}"\n'
+                        'path_style = true\n'),
+        }
+        for repo, text in alone.items():
+            only = home / f"{repo}-only.toml"
+            only.write_text(text)
+            if _as_root():
+                owner = pwd.getpwnam("postgres")
+                os.chown(only, owner.pw_uid, owner.pw_gid)
+            pgdata = pitr / repo
+            server, _ = restore_pitr(pgdata, server_pgvault, "--config", str(only))
+            assert_databases_equal(app, server + "app")
+            _stop_server(pgdata)
+    finally:
+        if cluster is not None:
+            with contextlib.suppress(psycopg.Error):
+                sql(cluster.url(), "ALTER SYSTEM SET archive_command = 'true'",
+                    "SELECT pg_reload_conf()")
+            cluster.stop()
+        for folder in (primary, pitr, home):
+            for pid_file in folder.glob("*/postmaster.pid"):
+                _stop_server(pid_file.parent)
+            shutil.rmtree(folder, ignore_errors=True)

@@ -105,10 +105,19 @@ def main() -> int:
         aws = VENV / "aws"
         rows: dict[str, list[float]] = {}
 
+        pending: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = []
+
         def run(label: str, action: Callable[[], Any], reset: Callable[[], Any]) -> None:
+            pending.append((label, action, reset))
+
+        def alternate() -> None:
+            """The transfers of one direction in turn, run after run: the machine's noise
+            falls on each alike."""
             for _ in range(args.runs):
-                reset()
-                rows.setdefault(label, []).append(timed(action))
+                for label, action, reset in pending:
+                    reset()
+                    rows.setdefault(label, []).append(timed(action))
+            pending.clear()
 
         # local -> S3
         cfg = config(work / "l2s.toml", f"file://{local}", f"s3://{BUCKET}/copy", server.url)
@@ -126,6 +135,8 @@ def main() -> int:
                         str(p), BUCKET, f"boto/{p.relative_to(local)}", Config=transfer),
                         files))
             run("boto3 upload  local->S3", upload_all, lambda: server.clear("boto/"))
+
+        alternate()
 
         # S3 -> S3: the primary in S3 (one pgvault copy puts it there), copied to a prefix.
         server.clear("copy/")
@@ -155,13 +166,16 @@ def main() -> int:
             run("boto3 copy    S3->S3 (server-side)", server_side, lambda: server.clear("boto2/"))
             run("boto3 get+put S3->S3 (streamed)", streamed, lambda: server.clear("boto3/"))
 
+        alternate()
         print(f"{total / 1e6:.1f} MB in {objects} objects (one of {args.size_mb} MB, "
-              f"{args.small} of 16 KiB), {args.jobs} at once, median of {args.runs} runs; "
+              f"{args.small} of 16 KiB), {args.jobs} at once, median of {args.runs} alternated "
+              "runs; "
               f"baseline: {'aws s3 sync' if aws.exists() else 'boto3 (no .venv/bin/aws)'}")
         for label, seconds in rows.items():
             median = statistics.median(seconds)
             print(f"  {label:<38} {median:6.2f} s  {total / median / 1e6:7.1f} MB/s  "
-                  f"{objects / median:7.0f} objects/s")
+                  f"{objects / median:7.0f} objects/s  (runs {min(seconds):.2f}-"
+                  f"{max(seconds):.2f} s)")
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

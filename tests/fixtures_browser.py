@@ -68,6 +68,40 @@ class Browser:
     def attributes(self, selector: str, name: str) -> list[str]:
         return [str(e.get_attribute(name)) for e in self._all(selector)]
 
+    def script(self, code: str, *args: Any) -> Any:
+        return self.driver.execute_script(code, *args)
+
+    def tab(self, times: int = 1) -> dict[str, str]:
+        """Press Tab; what has the focus then: its tag, id, text and outline style."""
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        for _ in range(times):
+            ActionChains(self.driver).send_keys(Keys.TAB).perform()
+        return dict(self.script(
+            "const e = document.activeElement, s = getComputedStyle(e);"
+            "return {tag: e.tagName.toLowerCase(), id: e.id, text: e.textContent.trim(),"
+            "outline: s.outlineStyle + ' ' + s.outlineWidth};"))
+
+    def unlabelled_inputs(self) -> list[str]:
+        """Visible form controls without a label (label[for], a wrapping label, aria-*)."""
+        return list(self.script(
+            "return [...document.querySelectorAll('input, select, textarea, button')]"
+            ".filter(e => e.type !== 'hidden')"
+            ".filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')"
+            " && !e.getAttribute('aria-labelledby') && !(e.tagName === 'BUTTON' &&"
+            " e.textContent.trim()))"
+            ".map(e => e.outerHTML);"))
+
+    def overflow(self) -> int:
+        """How many CSS pixels the page is wider than the viewport (0: it fits)."""
+        return int(self.script("return document.documentElement.scrollWidth - "
+                               "document.documentElement.clientWidth;"))
+
+    def viewport(self, width: int, height: int) -> None:
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+
     def css_color(self, selector: str) -> str:
         return str(self._one(selector).value_of_css_property("background-color"))
 

@@ -293,7 +293,7 @@ class LocalStorage:
 
         The walk starts in the folder the prefix's complete segments name, so listing
         one database's manifests reads that folder alone, not every database's name
-        beside it (200 databases' overview: 1.3 s of listing in 1.9 s before).
+        beside it (a status of every database listed every folder once per database).
         """
         folder, base = self._start(prefix)
         if folder is None:

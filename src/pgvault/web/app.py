@@ -35,6 +35,8 @@ from pgvault import __version__, logs, redact
 from pgvault.catalog import Catalog
 from pgvault.config import Settings
 from pgvault.errors import ConfigError, PgvaultError
+from pgvault.health import DatabaseStatus
+from pgvault.ops import jobs
 from pgvault.vault import Vault
 from pgvault.web import actions, reads, views
 from pgvault.web.actions import Actions
@@ -124,6 +126,7 @@ class Console:
         self.daemon = daemon
         self.needs_token = token is not None or not is_loopback(host)
         self._reads: dict[int, reads.Reads] = {}
+        self._statuses: dict[tuple[int, int, str], tuple[Any, DatabaseStatus]] = {}
         self._reads_lock = threading.Lock()
 
     @cached_property
@@ -158,6 +161,24 @@ class Console:
             found.append((name, dataclasses.replace(vault, storage=view,
                                                     catalog=Catalog(view))))
         return found
+
+    def _status_of(self, vault: Vault, name: str) -> DatabaseStatus:
+        """``ops.jobs.status_of``, reused from an earlier request while this request's
+        listing shows every record of the database unchanged (same keys and versions)."""
+        view = vault.storage
+        signature = view.signature(name) if isinstance(view, reads.View) else None
+        key = (id(view.base) if isinstance(view, reads.View) else id(view),
+               id(vault.settings), name)
+        if signature is not None:
+            with self._reads_lock:
+                found = self._statuses.get(key)
+            if found is not None and found[0] == signature:
+                return found[1]
+        status = jobs.status_of(vault, name)
+        if signature is not None and status.archive is None:  # WAL is not in the signature
+            with self._reads_lock:
+                self._statuses[key] = (signature, status)
+        return status
 
     # -- the token ----------------------------------------------------------------------
 
@@ -237,7 +258,7 @@ class Console:
         runs = self.next_runs() if self.next_runs is not None else {}
         if path == "/":
             started = time.perf_counter()
-            rows = views.overview(self.viewed(), now, runs)
+            rows = views.overview(self.viewed(), now, runs, self._status_of)
             return self._page("overview.html", 200, rows=rows, now=now,
                               counts=_counts(rows), took=time.perf_counter() - started)
         if path.startswith("/jobs/") and self.actions is not None:
@@ -275,6 +296,10 @@ class Console:
                                   csrf=token)
             response.headers += cookie
             return response
+        if path == "/fleet":  # fleet mode: every database against its window (ops/fleet.py)
+            from pgvault.ops.fleet import console_view
+
+            return self._page("fleet.html", 200, now=now, **console_view(self.sources(), now))
         return self._page("message.html", 404, title="Not found",
                           message="Nothing here: the overview is at /.")
 

@@ -109,6 +109,11 @@ class View:
     def url(self) -> str:
         return self._storage.url
 
+    @property
+    def base(self) -> Storage:
+        """The storage this view reads."""
+        return self._storage
+
     def __getattr__(self, name: str) -> Any:
         # put, create, delete, replace_if, ...: a page never writes, an action's job uses
         # the storage itself; delegated so the view is a Storage wherever one is asked.
@@ -137,8 +142,11 @@ class View:
             finally:
                 self._count()
 
-        with ThreadPoolExecutor(len(RECORD_PREFIXES)) as pool:
-            results = list(pool.map(listed, RECORD_PREFIXES))
+        if self._storage.url.startswith(("file:", "memory:")):
+            results = [listed(folder) for folder in RECORD_PREFIXES]  # no wait to overlap
+        else:
+            with ThreadPoolExecutor(len(RECORD_PREFIXES)) as pool:
+                results = list(pool.map(listed, RECORD_PREFIXES))
         missing = []
         for folder, infos in zip(RECORD_PREFIXES, results, strict=True):
             if isinstance(infos, StorageError):
@@ -149,7 +157,7 @@ class View:
             self._reads.forget([k for k in self._reads.known(folder) if k not in by_key])
             missing += [info for info in infos if info.size <= MAX_RECORD
                         and self._reads.cached(info) is None]
-        if missing:
+        if len(missing) > 1 and not self._storage.url.startswith(("file:", "memory:")):
             with ThreadPoolExecutor(min(READERS, len(missing))) as pool:
                 list(pool.map(self._prefetch, missing))
 
@@ -162,6 +170,19 @@ class View:
         self._count()
         self._reads.keep(info, data)
         return data
+
+    def signature(self, database: str) -> tuple[tuple[str, Version], ...] | None:
+        """Every record of ``database`` as this request lists it (key and version): equal
+        signatures mean equal records, so what was built from them can be reused. None
+        while a lock is held (who holds it, and whether it is stale, changes with time)."""
+        segment = catalog.db_segment(database)
+        if any(True for _ in self.list(catalog.lock_key(database))) or any(
+                True for _ in self.list(catalog.snapshot_lock_key(database))):
+            return None
+        found = []
+        for folder in (catalog.MANIFESTS, catalog.DRILLS, catalog.STATUS):
+            found += [(info.key, _version(info)) for info in self.list(f"{folder}{segment}/")]
+        return tuple(found)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         folder = self._folder(prefix)

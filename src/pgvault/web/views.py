@@ -146,16 +146,21 @@ def unreadable(name: str, exc: Exception) -> Row:
                reasons=(scrub(str(exc)) or type(exc).__name__,))
 
 
+StatusOf = Callable[[Vault, str], DatabaseStatus]
+
+
 def overview(sources: Iterable[tuple[str, Vault]], now: datetime,
-             next_runs: Mapping[tuple[str, str], datetime] | None = None) -> list[Row]:
-    """Every database's row, worst state first (UNKNOWN, CRITICAL, WARNING, OK), then by name."""
+             next_runs: Mapping[tuple[str, str], datetime] | None = None,
+             status_of: StatusOf = jobs.status_of) -> list[Row]:
+    """Every database's row, worst state first (UNKNOWN, CRITICAL, WARNING, OK), then by
+    name; ``status_of`` is ``ops.jobs.status_of`` (the console's reuses unchanged ones)."""
     runs: dict[str, dict[str, datetime]] = {}
     for (name, job), when in (next_runs or {}).items():
         runs.setdefault(name, {})[job] = when
     rows = []
     for name, vault in sources:
         try:
-            status = jobs.status_of(vault, name)
+            status = status_of(vault, name)
         except PgvaultError as exc:
             rows.append(unreadable(name, exc))
             continue

@@ -259,8 +259,9 @@ def simulate(urls: dict[str, str], clusters: list[EphemeralCluster], moto: MotoS
         "without": sum(1 for c in per_db.values() if c == 0),
         "max at once (cap 3)": max_overlap(intervals),
         "max at once per server (cap 1)": per_server,
-        "leases taken over": text.count("taken (lease of"),
-        "aborted for a lost lease": text.count("aborted: its lease was taken over"),
+        "leases taken over": text.count(" taken over (lease of"),
+        "gave way to a taker (lease taken over)": text.count("was taken over by")
+        + text.count("lease taken over by"),
         "events": events}
     # A 24 h outage: nobody ran; one worker comes back a day later (a faked clock).
     settings = config.load({"repo": repo.url}, repo.env, str(cfg))

@@ -61,7 +61,11 @@ def _populate(cluster: EphemeralCluster, prefix: str, count: int) -> dict[str, s
 @pytest.fixture(scope="module")
 def fleet_dbs() -> Iterator[Fleet]:
     """60 databases, 30 on each of two clusters of this fixture's own (removed whole)."""
-    with EphemeralCluster(settings=_FAST) as first, EphemeralCluster(settings=_FAST) as second:
+    # In memory where there is a tmpfs: 60 databases' files written, then removed, on a
+    # disk mounted with discard took ~40 s to delete at the module's end.
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    with EphemeralCluster(settings=_FAST, base_dir=base) as first, \
+            EphemeralCluster(settings=_FAST, base_dir=base) as second:
         with ThreadPoolExecutor(2) as pool:  # the two clusters filled at once
             a = pool.submit(_populate, first, "fa", PER_CLUSTER)
             b = pool.submit(_populate, second, "fb", PER_CLUSTER)

@@ -198,9 +198,12 @@ class _Worker:
                 held = Lease.claim(self.storage, catalog.fleet_lease_key(name), claimed, etag)
             except Conflict:
                 return None  # another worker claimed it first: look again next round
-            log.info("fleet: %s taken (%s)", name, decision.reason)
             if record is not None and record.state == "running":
+                # Worth a warning: a worker died, hung or was paused past its lease.
+                log.warning("fleet: %s taken over (%s)", name, decision.reason)
                 self._break_lock(name, record.holder)
+            else:
+                log.info("fleet: %s taken (%s)", name, decision.reason)
             return self._backup(name, target, conn, held, window,
                                 [held, server_slot, repository_slot], report)
         finally:

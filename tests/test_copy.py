@@ -437,3 +437,38 @@ def test_a_copy_with_its_own_s3_keys_into_an_object_lock_bucket_gets_its_retenti
     pgvault("restore", "latest", "--repo", "offsite", "--to", target, "-d", pg_cluster.url(),
             env=env)
     assert_databases_equal(source, pg_cluster.url(target))
+
+
+def test_the_lag_of_a_copy_that_does_not_answer_is_what_the_source_knows_within_a_deadline(
+) -> None:
+    """The metrics after a backup read each copy's lag; a stalled copy must not hold them for
+    its retries. The stall is a sleeping opener (a stalled network is tested in
+    test_copy_faults with a real proxy)."""
+    from types import SimpleNamespace
+
+    from pgvault.ops.copy import copy_states, record_run
+    from pgvault.retention import Policy
+    from pgvault.storage.memory import MemoryStorage
+
+    src, dst = MemoryStorage(), MemoryStorage()
+    made = [fabricate(src, at(f"2026-12-0{day}T01:00"), database="main") for day in (1, 2, 3)]
+    source = Catalog(src)
+    record_run(source, "cold", at("2026-12-01T02:00"), report=None)  # copied up to day 1
+    record_run(source, "cold", at("2026-12-03T02:00"), error="cannot connect to s3.example")
+
+    def stalled() -> Any:
+        time.sleep(5)
+        return SimpleNamespace(catalog=Catalog(dst), policy=Policy())
+
+    started = time.monotonic()
+    (state,) = copy_states(source, [("cold", stalled, timedelta(hours=24))], "main",
+                           at("2026-12-03T03:00"), timeout=0.2)
+    assert time.monotonic() - started < 2
+    assert state.unreadable == "repository cold did not answer within 0.2 s"
+    assert (state.behind, state.newest_missing) == (2, made[-1].started_at)
+    assert state.last_error == "cannot connect to s3.example"
+
+    (state,) = copy_states(source, [("cold", lambda: SimpleNamespace(
+        catalog=Catalog(dst), policy=Policy(daily=7)), timedelta(hours=24))], "main",
+        at("2026-12-03T03:00"))
+    assert (state.unreadable, state.behind) == (None, 3)

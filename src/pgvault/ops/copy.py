@@ -17,7 +17,9 @@ The lag of a copy (``lag``) counts the same set: backups the target should hold 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -371,10 +373,12 @@ class _Target(Protocol):
 
 
 def copy_states(source: Catalog, targets: Sequence[tuple[str, Callable[[], _Target], timedelta]],
-                database: str, now: datetime) -> tuple[CopyState, ...]:
+                database: str, now: datetime, *, timeout: float = 10.0
+                ) -> tuple[CopyState, ...]:
     """Each copy's lag and last error: (name, its opener, its objective) per copy. A copy
-    that cannot be read is behind by the source's backups since its last successful copy
-    (what the source alone knows)."""
+    that cannot be read (or not within ``timeout`` seconds: the metrics after a backup must
+    not wait for a stalled copy's retries) is behind by the source's backups since its
+    last successful copy (what the source alone knows)."""
     found: list[CopyState] = []
     for name, opening, objective in targets:
         try:
@@ -384,9 +388,8 @@ def copy_states(source: Catalog, targets: Sequence[tuple[str, Callable[[], _Targ
         failed = last_error(record)
         error, at = failed if failed is not None else (None, None)
         try:
-            target = opening()
-            behind = lag(source, target.catalog, target.policy, now, name=name,
-                         objective=objective, database=database)
+            behind = _within(timeout, functools.partial(
+                _lag_of, source, opening, now, name, objective, database), what=name)
         except PgvaultError as exc:
             since = unconfirmed(source, record, database)
             found.append(CopyState(name, len(since), max(
@@ -408,3 +411,31 @@ def unconfirmed(source: Catalog, record: dict[str, Any] | None,
     except (TypeError, ValueError):
         since = None
     return [m for m in source.list(database) if since is None or m.finished_at > since]
+
+
+def _lag_of(source: Catalog, opening: Callable[[], _Target], now: datetime, name: str,
+            objective: timedelta, database: str) -> Lag:
+    target = opening()
+    return lag(source, target.catalog, target.policy, now, name=name, objective=objective,
+               database=database)
+
+
+def _within(seconds: float, read: Callable[[], Lag], *, what: str) -> Lag:
+    """``read()``'s result, or StorageError when it takes longer than ``seconds`` (it goes on
+    in a daemon thread, which a stalled connection's timeouts end later)."""
+    found: list[Lag | BaseException] = []
+
+    def run() -> None:
+        try:
+            found.append(read())
+        except BaseException as exc:  # handed to the caller's thread
+            found.append(exc)
+
+    thread = threading.Thread(target=run, name=f"copy-lag-{what}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not found:
+        raise StorageError(f"repository {what} did not answer within {seconds:g} s")
+    if isinstance(found[0], BaseException):
+        raise found[0]
+    return found[0]

@@ -25,6 +25,7 @@ from fixtures_pgbouncer import Bouncer, start_pgbouncer
 from fixtures_tls import MASTER, MASTER_PASSWORD, SERVER_NAME, ManagedServer
 from pgvault.model import VerifyReport, from_json
 from pgvault.pg.cluster import EphemeralCluster
+from standin_supabase import supabase_standin
 
 pytest_plugins = ["fixtures_tls"]
 
@@ -427,3 +428,69 @@ def test_supabase_and_neon_url_forms_are_parsed_and_passed_on() -> None:
     assert neon.transaction_pooler() is None
     pooled_neon = ConnInfo.parse(NEON.replace("123456.us-east-2", "123456-pooler.us-east-2"))
     assert pooled_neon.transaction_pooler() == "its host is a Neon pooled endpoint (-pooler)"
+
+
+# -- Supabase: its own backups, monitored -------------------------------------------------
+
+SUPABASE_REF = "abcdefghijklmnopqrst"
+
+
+def test_supabase_backups_are_reported_beside_the_logical_backup(
+        managed_server: ManagedServer, app_db: str, tmp_path: Path,
+        targets: list[str]) -> None:
+    """check and status list the project's physical backups (age against the RPO, PITR on
+    or off) through a stand-in of the management API (tests/standin_supabase.py: the API
+    cannot be reached from here); the logical backup beside them is restored and compared."""
+    token = f"sbp_{uuid.uuid4().hex}"
+    with supabase_standin(SUPABASE_REF, token) as api:
+        config_file = tmp_path / "pgvault.toml"
+        config_file.write_text(f"""
+repo = "file://{tmp_path / 'repo'}"
+[[databases]]
+name = "{app_db}"
+url = "{managed_server.url(app_db)}"
+[databases.objectives]
+rpo_hours = 24
+[databases.supabase]
+project = "{SUPABASE_REF}"
+api_url = "{api.url}"
+""")
+        config_file.chmod(0o600)
+        env = {"SUPABASE_ACCESS_TOKEN": token}
+        cfg = ("--config", str(config_file))
+        pgvault("backup", *cfg, env=env)
+        targets.append(f"copy_{uuid.uuid4().hex[:8]}")
+        pgvault("restore", "latest", "--repo", f"file://{tmp_path / 'repo'}", "--dbname",
+                managed_server.url(), "--to", targets[-1])
+        assert_databases_equal(managed_server.url(app_db), managed_server.url(targets[-1]))
+
+        api.answer(backup_ages_hours=[2, 26], pitr=True)
+        (found,) = json.loads(pgvault("status", *cfg, "--json", env=env).stdout)
+        listed = found["provider_backups"]
+        assert listed["provider"] == "supabase" and listed["source_id"] == SUPABASE_REF
+        assert listed["backups"] == 2 and listed["pitr_enabled"] is True
+        assert 7100 < listed["newest_backup_age_seconds"] < 7300
+        shown = pgvault("status", *cfg, env=env).stdout
+        assert f"supabase {SUPABASE_REF}: 2 physical backups, newest 2h0" in shown, shown
+        assert "ago, PITR on (to " in shown, shown
+        assert "logical backups are the portable copy" in shown
+        check = pgvault("check", *cfg, env=env, expect=None).stdout
+        assert "supabase" not in check, check
+
+        api.answer(backup_ages_hours=[30, 54])
+        check = pgvault("check", *cfg, env=env, expect=1).stdout
+        assert f"supabase {SUPABASE_REF}: newest physical backup is 30.0h old (RPO 24h)" \
+            in check, check
+        assert "PITR off" in pgvault("status", *cfg, env=env).stdout
+
+        wrong = pgvault("check", *cfg, env={"SUPABASE_ACCESS_TOKEN": "sbp_wrong"}, expect=1)
+        assert "its backups could not be listed: Supabase API: the access token was " \
+               "refused (HTTP 401)" in wrong.stdout
+        # The contract: one GET of the documented path, the token as a Bearer header only.
+        assert api.requests
+        for request in api.requests:
+            assert (request.method, request.path) == (
+                "GET", f"/v1/projects/{SUPABASE_REF}/database/backups")
+            assert request.headers["Authorization"].startswith("Bearer sbp_")
+            assert request.headers["Accept"] == "application/json" and request.body == b""
+        assert token not in shown + check + wrong.stdout + wrong.stderr

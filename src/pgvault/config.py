@@ -434,6 +434,16 @@ class SnapshotSettings(Section):
                 "neon": self.branch}[self.provider] or ""
 
 
+class SupabaseSettings(Section, kw_only=True):
+    """A Supabase project whose own backups `check` and `status` report (its management
+    API lists them; it cannot make or hand them out). The access token comes from
+    SUPABASE_ACCESS_TOKEN (or SUPABASE_ACCESS_TOKEN_FILE), never from this file."""
+
+    project: Annotated[str, Meta(min_length=1, pattern=r"^[a-z0-9-]+$")]  # the project ref
+    api_url: str = "https://api.supabase.com"
+    timeout_seconds: Annotated[float, Meta(gt=0, le=120)] = 10.0
+
+
 _ENTRY_SECTIONS = ("compression", "retention", "objectives", "schedule", "notify")
 
 
@@ -451,6 +461,7 @@ class DatabaseEntry(Section, dict=True):
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     notify: NotifySettings = field(default_factory=NotifySettings)
     snapshot: SnapshotSettings | None = None
+    supabase: SupabaseSettings | None = None
 
     def given(self, section: str) -> frozenset[str]:
         """The keys of ``section`` this entry sets (overriding the top-level settings).
@@ -503,6 +514,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     fleet: FleetSettings = field(default_factory=FleetSettings)
     databases: list[DatabaseEntry] = field(default_factory=list)
     snapshot: SnapshotSettings | None = None
+    supabase: SupabaseSettings | None = None
     repos: list[RepoEntry] = field(default_factory=list)  # 3-2-1: see repository()
 
     def __post_init__(self) -> None:
@@ -959,7 +971,7 @@ def _describe(exc: msgspec.ValidationError) -> str:
 
 # Read from VAR or from the file VAR_FILE names, once, at load (see Secrets).
 _FILE_SECRETS = (*SECRET_VARIABLES, "PGVAULT_AGE_PASSPHRASE", "PGVAULT_S3_SSE_C_KEY",
-                 "PGVAULT_CONSOLE_TOKEN", "NEON_API_KEY")
+                 "PGVAULT_CONSOLE_TOKEN", "NEON_API_KEY", "SUPABASE_ACCESS_TOKEN")
 
 
 def _read_secret(environ: Mapping[str, str], name: str) -> str | ConfigError | None:
@@ -1169,7 +1181,7 @@ def targets(settings: Settings) -> list[Target]:
 def _merged(settings: Settings, entry: DatabaseEntry) -> Settings:
     """``settings`` with the keys ``entry`` sets (and only those) replaced."""
     update: dict[str, Any] = {"databases": []}
-    for key in ("backup_globals", "prune_after_backup", "snapshot"):
+    for key in ("backup_globals", "prune_after_backup", "snapshot", "supabase"):
         if getattr(entry, key) is not None:
             update[key] = getattr(entry, key)
     for key in _ENTRY_SECTIONS:

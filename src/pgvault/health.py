@@ -184,6 +184,8 @@ class DatabaseStatus:
     newest_snapshot: Manifest | None = None
     automated: AutomatedBackups | None = None
     """The provider's own automated backups, when [snapshot] names a managed database."""
+    provider_backups: ProviderBackups | None = None
+    """Backups a provider takes and only lists ([supabase]), beside pgvault's own."""
     snapshot_drill: Drill | None = None
     """The newest drill of a provider snapshot (``drill`` is the repository's backups')."""
     snapshot_history: RunHistory = dataclasses.field(default_factory=RunHistory)
@@ -252,6 +254,8 @@ class DatabaseStatus:
                            f"old (RPO {self.rpo_hours:g}h)")
         if self.automated is not None:
             warning += self.automated.problems(now, self.rpo_hours)
+        if self.provider_backups is not None:
+            warning += self.provider_backups.problems(now, self.rpo_hours)
         if self.snapshot_history.failing and self.snapshot_history.last_failure is not None:
             failure = self.snapshot_history.last_failure
             warning.append(f"last snapshot failed at {failure.at:%Y-%m-%d %H:%M}Z: "
@@ -351,6 +355,8 @@ class DatabaseStatus:
                if self.snapshot_drill is not None else {}),
             **({"automated_backups": self.automated.to_json(now)}
                if self.automated is not None else {}),
+            **({"provider_backups": self.provider_backups.to_json(now)}
+               if self.provider_backups is not None else {}),
         }
 
 
@@ -390,6 +396,48 @@ def _archive_json(archive: ArchiveStatus) -> dict[str, Any]:
                 "at": when(archive.failures.last_at), "wal": archive.failures.last_wal,
                 "error": archive.failures.last_error},
             "failing": archive.failing}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderBackups:
+    """Physical backups a provider takes and lists but will not hand out (Supabase's):
+    monitored beside pgvault's own, which stay the portable copy."""
+
+    provider: str  # "supabase"
+    source_id: str  # the project ref
+    backups: int = 0  # completed physical backups listed
+    newest: datetime | None = None
+    pitr_enabled: bool = False
+    pitr_earliest: datetime | None = None
+    pitr_latest: datetime | None = None
+    region: str = ""
+    error: str | None = None  # why the provider could not be asked
+
+    def problems(self, now: datetime, rpo_hours: float) -> list[str]:
+        """What is wrong with them, one warning line each (none: all is well)."""
+        what = f"{self.provider} {self.source_id}"
+        if self.error is not None:
+            return [f"{what}: its backups could not be listed: {self.error}"]
+        if self.newest is None:
+            return [f"{what}: no completed physical backup listed"]
+        point = max(p for p in (self.newest, self.pitr_latest if self.pitr_enabled else None)
+                    if p is not None)
+        if now - point > timedelta(hours=rpo_hours):
+            return [f"{what}: newest physical backup is {_hours(now - point)} old "
+                    f"(RPO {rpo_hours:g}h)"]
+        return []
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        def when(moment: datetime | None) -> str | None:
+            return moment.isoformat() if moment else None
+
+        return {"provider": self.provider, "source_id": self.source_id,
+                "region": self.region, "backups": self.backups,
+                "newest_backup_at": when(self.newest),
+                "newest_backup_age_seconds": None if self.newest is None
+                else round((now - self.newest).total_seconds(), 3),
+                "pitr_enabled": self.pitr_enabled, "pitr_from": when(self.pitr_earliest),
+                "pitr_to": when(self.pitr_latest), "error": self.error}
 
 
 def _hours(delta: timedelta) -> str:

@@ -82,9 +82,10 @@ def _monitored(settings: Any, dbname: str | None) -> list[tuple[str, Any]]:
 
 def _statuses(settings: Any, dbname: str | None) -> list[tuple[Any, Any]]:
     from pgvault.cli.snapshot import with_audit
+    from pgvault.engines.supabase import with_provider_backups
     from pgvault.ops.jobs import status_of
 
-    return [(with_audit(status_of(v, name), v), v.settings)
+    return [(with_provider_backups(with_audit(status_of(v, name), v), v.settings), v.settings)
             for name, v in _monitored(settings, dbname)]
 
 
@@ -186,6 +187,19 @@ def status(ctx: click.Context, /, dbname: str | None, as_json: bool, **_: Any) -
 
         for line in status_lines(status, now):
             click.echo(line)
+        listed = status.provider_backups
+        if listed is not None:  # [supabase]: the provider's own backups, only listed
+            what = f"{listed.provider} {listed.source_id}"
+            newest = ("none completed" if listed.newest is None else
+                      f"newest {human_seconds((now - listed.newest).total_seconds())} ago")
+            pitr = "PITR on" + (f" (to {listed.pitr_latest:%Y-%m-%d %H:%M}Z)"
+                                if listed.pitr_latest else "") if listed.pitr_enabled \
+                else "PITR off"
+            click.echo(f"  provider       {what}: could not be listed: {listed.error}"
+                       if listed.error else
+                       f"  provider       {what}: {listed.backups} physical backups, "
+                       f"{newest}, {pitr} (listed only: the logical backups are the "
+                       "portable copy)")
         copy_lines: list[str] = []
         copy_warnings: list[str] = []
         if settings.repos:

@@ -240,7 +240,7 @@ class _Worker:
         with contextlib.suppress(StorageError):
             record, _ = lease.read(self.storage, held.key)
             if record is not None:
-                return f"{record.holder} (shard {record.shard or '?'})"
+                return record.holder + (f" (shard {record.shard})" if record.shard else "")
         return "another worker"
 
     def _backup(self, name: str, target: Target, conn: ConnInfo, held: Lease, window: Window,

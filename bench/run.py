@@ -159,6 +159,7 @@ class Bench:
         self.s3 = s3
         self.s3_note = s3_note
         self.aws = aws
+        self.base_pgvault: Path | None = None  # --shapes --baseline-rev
 
     def env(self, **extra: str) -> dict[str, str]:
         """Environment for measured commands: PostgreSQL 15 client tools first on PATH.
@@ -980,6 +981,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="restore/backup speed on database shapes instead (issue 21): a "
                         f"comma-separated list of {','.join(ds.SHAPES)}, each built once and "
                         "cached; runs alternate the order of the measured commands")
+    p.add_argument("--baseline-rev", metavar="REV",
+                   help="with --shapes: also time pgvault restore at this git revision, "
+                        "alternated with the others (before/after in one run)")
+    p.add_argument("--baseline-pgvault", metavar="PATH",
+                   help="like --baseline-rev, for a pgvault executable (e.g. a tree with one "
+                        "change taken out)")
     p.add_argument("--quick", action="store_true",
                    help="a few minutes: --shapes at 60 MB (unless --size-mb), 2 runs "
                         "(unless --runs)")
@@ -1044,7 +1051,9 @@ SHAPE_LABELS = {
     "restore.strategy": "gunzip -c | psql (strategy)",
     "restore.pg_restore": "pg_restore -j N (-Fc -Z0 file)",
     "restore.pgvault": "pgvault restore latest",
+    "restore.pgvault_base": "pgvault restore latest (--baseline-rev)",
 }
+BASE_RESTORE = "restore.pgvault_base"
 
 
 def prepare_shapes(args: argparse.Namespace, stack: contextlib.ExitStack, size_mb: int,
@@ -1109,7 +1118,8 @@ def run_shape(bench: Bench, info: DatasetInfo, runs: int, jobs: int) -> dict[str
     repo.mkdir(parents=True)
     bench._check(measure([vault, "backup", "--dbname", src, "--repo", f"file://{repo}"],
                          env=env, sample=False), "pgvault backup (for the restores)")
-    res = {op: OpResult(op, label) for op, label in SHAPE_LABELS.items()}
+    res = {op: OpResult(op, label) for op, label in SHAPE_LABELS.items()
+           if op != BASE_RESTORE or bench.base_pgvault is not None}
 
     def floor() -> Sample:
         return measure([str(PG_BIN / "pg_dump"), "-Fc", "-Z0", src], env=env, sample=False)
@@ -1136,10 +1146,17 @@ def run_shape(bench: Bench, info: DatasetInfo, runs: int, jobs: int) -> dict[str
         return measure([vault, "restore", "latest", "--to", restore_db, "--dbname", src,
                         "--repo", f"file://{repo}"], env=env, sample=False)
 
+    def base_restore() -> Sample:
+        bench._drop_db(restore_db)
+        return measure([str(bench.base_pgvault), "restore", "latest", "--to", restore_db,
+                        "--dbname", src, "--repo", f"file://{repo}"], env=env, sample=False)
+
     commands: list[tuple[str, Callable[[], Sample]]] = [
         ("backup.floor", floor), ("backup.pgvault", vault_backup),
         ("restore.strategy", strategy), ("restore.pg_restore", pg_restore),
         ("restore.pgvault", vault_restore)]
+    if BASE_RESTORE in res:
+        commands.append((BASE_RESTORE, base_restore))
     for i in range(runs):
         order = commands if i % 2 == 0 else commands[::-1]
         log(f"[{info.name}] run {i + 1}/{runs}")
@@ -1182,6 +1199,11 @@ def report_shape(info: DatasetInfo, res: dict[str, OpResult], runs: int, jobs: i
                    "median_wall_s": r.median("wall_s"), "median_cpu_s": r.median("cpu_s"),
                    "walls": walls, "verified": r.verified}
     targets = []
+    if BASE_RESTORE in res:
+        now, then = res["restore.pgvault"], res[BASE_RESTORE]
+        ratio = _ratio(now.median("wall_s"), then.median("wall_s"))
+        print(f"  {'restore / the same at --baseline-rev':<36} {_fmt(ratio, '.2f', 'x'):>7}"
+              f"{'':>16}paired {_fmt(_paired(now, then), '.2f', 'x')}")
     for name, op, base, limit in SHAPE_TARGETS:
         ratio = _ratio(res[op].median("wall_s"), res[base].median("wall_s"))
         paired = _paired(res[op], res[base])
@@ -1229,6 +1251,11 @@ def run_shapes(args: argparse.Namespace) -> int:
             print(f"pgvault: {note}", file=sys.stderr)
             return 2
         bench = Bench(cluster, scratch / "work", pgvault, note, jobs)
+        if args.baseline_rev:
+            script, _ = export_revision(args.baseline_rev, scratch / "pgvault-base")
+            bench.base_pgvault = script
+        elif args.baseline_pgvault:
+            bench.base_pgvault = Path(args.baseline_pgvault)
         for shape in shapes:
             m = prepared.meta[shape]
             db = ds.SHAPE_DBS[shape]

@@ -27,7 +27,7 @@ SOURCE_SQL = r"""
 CREATE TABLE kinds (id int PRIMARY KEY, label text NOT NULL);
 INSERT INTO kinds SELECT g, 'kind ' || g FROM generate_series(0, 9) g;
 CREATE TABLE big (
-    id bigint PRIMARY KEY, kind int REFERENCES kinds (id), note text, raw bytea,
+    id bigserial PRIMARY KEY, kind int REFERENCES kinds (id), note text, raw bytea,
     doc jsonb, amount numeric(14, 4), at timestamptz);
 INSERT INTO big SELECT g, g % 10,
     CASE WHEN g % 7 = 0 THEN NULL
@@ -45,6 +45,7 @@ INSERT INTO big SELECT g, g % 10,
     CASE WHEN g % 13 = 0 THEN NULL ELSE g * 1.2345 END,
     CASE WHEN g % 17 = 0 THEN NULL ELSE timestamptz '2024-01-01' + g * interval '1 s' END
 FROM generate_series(1, 30000) g;
+SELECT setval('big_id_seq', 30000);
 CREATE INDEX big_note ON big (note);
 CREATE TABLE refs (id int PRIMARY KEY, big_id bigint REFERENCES big (id));
 INSERT INTO refs SELECT g, g * 3 FROM generate_series(1, 5000) g;

@@ -365,9 +365,11 @@ def _passes(spool: Spool, loaded: frozenset[int] = frozenset()) -> _Passes:
     beside = use_list("beside", lambda i: i not in after.waiting)
     ready = use_list("ready", ready_ids.__contains__) if ready_ids else None
     last = use_list("last", last_ids.__contains__) if last_ids else None
+    # Rows of the main archive that wait (a loaded table's sequence value) come with them.
+    data = ["--section=data"] if loaded else []
     return _Passes(["--section=data", "--section=post-data", *beside],
-                   None if ready is None else ["--section=post-data", *ready],
-                   None if last is None else ["--section=post-data", *last])
+                   None if ready is None else [*data, "--section=post-data", *ready],
+                   None if last is None else [*data, "--section=post-data", *last])
 
 
 def restore_split(main: Readable | Spool, parts: Sequence[Callable[[], Readable]],

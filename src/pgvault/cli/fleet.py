@@ -41,6 +41,13 @@ def run(ctx: click.Context, /, shard: str | None, as_json: bool, **_: Any) -> No
     without one for some (exit 8, naming them). Missed windows (an outage) give one
     catch-up backup in the current window, not one per window missed.
 
+    Under the same lease and cap slots each database's other due jobs follow its
+    backup: its restore drill (verify_after_backup, or when [schedule] verify is
+    due), the prune (prune_after_backup), and a copy to each [[repos]] copy (then
+    pruned by that copy's own policy). A worker whose lease is taken over (it was
+    paused past lease_seconds) aborts the job, says who took it over, and removes
+    what it wrote. `pgvault fleet status` shows every database's window.
+
     \b
     Examples:
       pgvault run --shard 0/1 --config fleet.toml     # the whole fleet, one worker
@@ -70,7 +77,8 @@ def run(ctx: click.Context, /, shard: str | None, as_json: bool, **_: Any) -> No
             "window_start": report.window.start.isoformat(), "databases": report.databases,
             "backed_up": report.backed_up, "found": report.found,
             "abandoned": report.abandoned, "failures": report.failures,
-            "missed": report.missed}, indent=2, sort_keys=True))
+            "missed": report.missed, "jobs": report.jobs, "lost": report.lost},
+            indent=2, sort_keys=True))
     else:
         click.echo(f"shard {report.shard}, window {report.window.index}: "
                    f"{len(report.backed_up)} backed up, {len(report.found)} already had "

@@ -556,21 +556,22 @@ class LogicalEngine:
     def _fit(self, source: Readable | Spool, target: ConnInfo, role_map: Mapping[str, str],
              no_owner: bool) -> tuple[Readable | Spool, Fit]:
         """``source`` (its table of contents read) and what the target makes of it."""
-        toc: Toc | None
-        if isinstance(source, Spool):
-            try:
-                toc = spool_toc(source)
-            except RestoreFailed:  # an archive pg/archive.py cannot read: restored as it is
-                toc = None
-        elif isinstance(source, Selected):
-            toc = source.toc
-        else:
-            source = _Peeked(source)
-            toc = source.toc
-        if toc is None:
-            return source, Fit()
+        # The target's psql connects while the table of contents arrives.
         session = PsqlSession(target)
         try:
+            toc: Toc | None
+            if isinstance(source, Spool):
+                try:
+                    toc = spool_toc(source)
+                except RestoreFailed:  # an archive pg/archive.py cannot read: as it is
+                    toc = None
+            elif isinstance(source, Selected):
+                toc = source.toc
+            else:
+                source = _Peeked(source)
+                toc = source.toc
+            if toc is None:
+                return source, Fit()
             session.preflight()
             facts = TargetFacts.read(session)
         finally:

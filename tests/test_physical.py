@@ -330,7 +330,7 @@ def test_wal_push_is_idempotent_refuses_other_content_and_foreign_systems(
         (status / f"{segment_file.name}.ready").touch()
     ahead_repo = str(tmp_path / "ahead-repo")
     pgvault("wal-push", str(series[0]), "--repo", ahead_repo,
-            env={"PGVAULT_PHYSICAL__PUSH_AHEAD": "2"})
+            env={"PGVAULT_PHYSICAL__PUSH_AHEAD": "2", "PGVAULT_PHYSICAL__PUSH_BUDGET": "3"})
     stored = open_storage(ahead_repo)
     assert [bool(versions(stored, "main", s.name)) for s in series] == [True, True, True, False]
     assert sorted(p.name for p in status.iterdir()) == sorted(

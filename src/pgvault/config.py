@@ -292,6 +292,9 @@ class PhysicalSettings(Section):
     # wal-push also pushes up to this many other ready segments in parallel, and marks
     # them done once stored: one process start-up for several segments. 0: one at a time.
     push_ahead: Annotated[int, Meta(ge=0, le=64)] = 4
+    # Files one wal-push call archives at most while the server keeps marking segments
+    # ready (each finished push makes room for the next): 0 means 8 x (1 + push_ahead).
+    push_budget: Annotated[int, Meta(ge=0, le=10000)] = 0
     # A WAL repository ([[repos]] wal = true) that failed a push is left alone for this
     # long (its segments go to its backlog), so an outage costs one io_timeout per
     # retry, not one per segment.

@@ -103,7 +103,8 @@ def wal_push(ctx: click.Context, /, path: str, cluster: str | None, **_: Any) ->
     a different file under a name already archived is refused (split brain), and so
     is a segment from another database system than the one the cluster name holds.
     Up to [physical] push_ahead (4) more segments the server marked ready are pushed in
-    parallel and marked done once stored, so a busy server's archive keeps up.
+    parallel and marked done once stored, and as each one ends the next ready one
+    starts (up to push_budget files a call), so a busy server's archive keeps up.
 
     \b
     Examples:
@@ -123,8 +124,9 @@ def wal_push(ctx: click.Context, /, path: str, cluster: str | None, **_: Any) ->
             _push_everywhere(vault, name, Path(path))
             return
         try:
+            physical = vault.settings.physical
             done = push_ahead(storage, name, Path(path), vault.stages,
-                              ahead=vault.settings.physical.push_ahead)
+                              ahead=physical.push_ahead, budget=physical.push_budget or None)
         except PgvaultError as exc:
             # PostgreSQL only logs the failure; monitoring reads this record instead.
             record_push_failure(storage, name, Path(path).name, str(exc), datetime.now(UTC))

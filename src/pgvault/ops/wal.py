@@ -195,33 +195,55 @@ class PushAhead:
 
 
 def push_ahead(storage: Storage, cluster: str, path: Path, stages: list[StageSpec], *,
-               ahead: int) -> PushAhead:
+               ahead: int, budget: int | None = None) -> PushAhead:
     """Push ``path`` and, in parallel, up to ``ahead`` other files the server marked ready.
 
-    One process then archives several segments, instead of paying its start-up for each.
-    A file pushed ahead is marked done (archive_status/X.ready renamed to X.done) only once
-    it is durably stored; PostgreSQL (15+) skips files marked done by an archive_command.
-    Only ``path``'s outcome decides the exit status.
+    One process then archives several segments, instead of paying its start-up for each:
+    while the load keeps the server writing, each push that ends makes room for the next
+    ready file, up to ``budget`` files in all (default 8 x (1 + ahead)), so one start-up
+    (the S3 client's is most of a second) serves a stream of segments with at most
+    1 + ``ahead`` of them in memory. A file pushed ahead is marked done
+    (archive_status/X.ready renamed to X.done) only once it is durably stored; PostgreSQL
+    (15+) skips files marked done by an archive_command. Only ``path``'s outcome decides
+    the exit status.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
     # Each push holds its segment in memory: with huge segments, one at a time.
-    others = ready_files(path, ahead) if _size(path) <= AHEAD_MAX_SEGMENT else []
-    if not others:
+    if ahead <= 0 or _size(path) > AHEAD_MAX_SEGMENT or not ready_files(path, 1):
         return PushAhead(push(storage, cluster, path, stages), [], {})
-    with ThreadPoolExecutor(max_workers=1 + len(others)) as pool:
+    total = budget if budget is not None else 8 * (1 + ahead)
+    seen = {path.name}
+    pushed: list[PushResult] = []
+    failed: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=1 + ahead) as pool:
         asked = pool.submit(push, storage, cluster, path, stages)
-        extra = {other: pool.submit(push, storage, cluster, other, stages) for other in others}
-        pushed, failed = [], {}
-        for other, future in extra.items():
-            try:
-                pushed.append(future.result())
-            except Exception as exc:  # reported when PostgreSQL asks for this file itself
-                failed[other.name] = str(exc)
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                status = other.parent / "archive_status"
-                os.rename(status / f"{other.name}.ready", status / f"{other.name}.done")
+        running: dict[Future[PushResult], Path] = {}
+
+        def refill() -> None:
+            room = min(ahead - len(running), total - len(seen))
+            if room <= 0:
+                return
+            fresh = [p for p in ready_files(path, len(seen) + room) if p.name not in seen]
+            for other in fresh[:room]:
+                seen.add(other.name)
+                running[pool.submit(push, storage, cluster, other, stages)] = other
+
+        refill()
+        while running:
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                other = running.pop(future)
+                try:
+                    pushed.append(future.result())
+                except Exception as exc:  # reported when PostgreSQL asks for this file itself
+                    failed[other.name] = str(exc)
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    status = other.parent / "archive_status"
+                    os.rename(status / f"{other.name}.ready", status / f"{other.name}.done")
+            if not failed:  # a repository that fails one file gets no more from us now
+                refill()
         return PushAhead(asked.result(), pushed, failed)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -496,3 +497,46 @@ api_url = "{api.url}"
             assert request.headers["Authorization"].startswith("Bearer sbp_")
             assert request.headers["Accept"] == "application/json" and request.body == b""
         assert token not in shown + check + wrong.stdout + wrong.stderr
+
+
+# -- the plan itself (pure) ------------------------------------------------------------------
+
+
+def test_the_plan_maps_owners_and_grants_and_refuses_what_it_cannot_place() -> None:
+    from pgvault.engines.portable import TargetFacts, plan
+    from pgvault.errors import RestoreFailed
+    from pgvault.pg.archive import Toc, TocEntry
+
+    def entry(i: int, desc: str, tag: str, owner: str = "", drop: str = "", acl: str = "",
+              deps: tuple[int, ...] = (), namespace: str = "public") -> TocEntry:
+        return TocEntry(i, desc, 0, False, namespace, tag, deps, owner=owner, drop=drop,
+                        acl=acl)
+
+    toc = Toc((1, 14), 4, 8, False, [
+        entry(1, "FUNCTION", "f(integer)", "postgres", "DROP FUNCTION public.f(integer);\n"),
+        entry(2, "TABLE", "Odd Table", "app_owner", 'DROP TABLE public."Odd Table";\n'),
+        entry(3, "ACL", "TABLE \"Odd Table\"", acl='GRANT SELECT ON TABLE public."Odd Table" '
+              'TO "Read Only";\nGRANT ALL ON TABLE public."Odd Table" TO rds_superuser;\n',
+              deps=(2,)),
+        entry(4, "EXTENSION", "pg_graphql", namespace=""),
+        entry(5, "VIEW", "gql", "app_owner", "DROP VIEW public.gql;\n", deps=(4,)),
+    ], 0)
+    target = TargetFacts("master", False, {"master": True, "app_owner": True,
+                                            "reader": True, "postgres": False}, {})
+    fit = plan(toc, target, role_map={"postgres": "master", "Read Only": "reader"})
+    assert fit.skip == {3, 4, 5} and fit.no_owner
+    assert fit.after == ['GRANT SELECT ON TABLE public."Odd Table" TO "reader";',
+                         'ALTER TABLE public."Odd Table" OWNER TO "app_owner"']
+    assert "extension pg_graphql not restored: its files are not installed on the target " \
+           "server" in fit.warnings
+    assert "view public.gql not restored: it needs extension pg_graphql" in fit.warnings
+    assert any(w.startswith('grant on table public."Odd Table" not restored (role '
+                            "rds_superuser does not exist") for w in fit.warnings)
+    with pytest.raises(RestoreFailed, match=re.escape(
+            "function public.f(integer) is owned by role 'postgres', which master is not a "
+            "member of")):
+        plan(toc, target, role_map={"Read Only": "reader"})
+    with pytest.raises(RestoreFailed, match="granted to role 'Read Only', which does not "
+                                            "exist on the target server"):
+        plan(toc, target, role_map={"postgres": "master"})
+    assert plan(toc, target, no_owner=True).after == []

@@ -143,6 +143,9 @@ def label(entry: TocEntry) -> str:
     """How a message names an entry's object: ``table public.orders``."""
     if entry.desc == "BLOB":
         return f"large object {entry.tag}"
+    if entry.desc in ("FUNCTION", "PROCEDURE", "AGGREGATE"):  # the tag holds the signature
+        where = f"{show_name(entry.namespace)}." if entry.namespace else ""
+        return f"{entry.desc.lower()} {where}{entry.tag}"
     return f"{entry.desc.lower()} {show_name(entry.namespace, entry.tag)}"
 
 

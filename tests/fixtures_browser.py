@@ -62,11 +62,27 @@ class Browser:
                                      f"\n{self.source()[:2000]}")
             time.sleep(0.05)
 
+    def _settled(self, read: Any) -> Any:
+        """``read()``, again while a page that reloads itself (meta refresh) replaces the
+        elements it found."""
+        from selenium.common.exceptions import (
+            NoSuchElementException,
+            StaleElementReferenceException,
+        )
+
+        for _ in range(50):
+            try:
+                return read()
+            except (StaleElementReferenceException, NoSuchElementException):
+                time.sleep(0.05)
+        return read()
+
     def text(self, selector: str) -> str:
-        return str(self._one(selector).text)
+        return str(self._settled(lambda: self._one(selector).text))
 
     def attributes(self, selector: str, name: str) -> list[str]:
-        return [str(e.get_attribute(name)) for e in self._all(selector)]
+        return list(self._settled(
+            lambda: [str(e.get_attribute(name)) for e in self._all(selector)]))
 
     def script(self, code: str, *args: Any) -> Any:
         return self.driver.execute_script(code, *args)

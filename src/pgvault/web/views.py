@@ -251,11 +251,11 @@ def chart(id: str, title: str, unit: str, points: list[tuple[str, float, str]], 
     width, height, gap = Chart.WIDTH, Chart.HEIGHT, 4.0
     slot = width / len(points)
     bars = []
+    bar = min(max(slot - gap, 1.0), 48.0)  # a few backups stay bars, not blocks
     for n, (label, value, text) in enumerate(points):
-        h = height * value / top
-        bars.append(Bar(label, value, text, x=n * slot + gap / 2, y=height - h,
-                        width=max(slot - gap, 1.0), height=h,
-                        bad=bool(bad and bad(value))))
+        h = max(height * value / top, 2.0 if value > 0 else 0.0)  # far below: still seen
+        bars.append(Bar(label, value, text, x=n * slot + (slot - bar) / 2, y=height - h,
+                        width=bar, height=h, bad=bool(bad and bad(value))))
     line = None if objective is None else height - height * objective[0] / top
     first, last = points[0][0], points[-1][0]
     description = (f"{len(points)} values from {first} to {last}; highest "

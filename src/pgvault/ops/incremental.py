@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import os
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -118,10 +119,11 @@ def take(conn: ConnInfo, storage: Storage, options: BasebackupOptions, info: Clu
                     db.execute("SELECT pg_backup_stop(false)" if info.version_num >= 150000
                                else "SELECT pg_stop_backup(false, false)")
             raise
+        facts = _facts(info, stopped["label"], stopped["lsn"], options, parent.id)
+        _await_archiver(db, facts.stop_wal, options.archive_wait)
     listing = datadir.format_listing(tar.scan.entries, f"pgvault incremental backup "
                                      f"{backup_id} on {parent.id}")
     listed = store(io.BytesIO(listing), LIST, LIST_FORMAT)
-    facts = _facts(info, stopped["label"], stopped["lsn"], options, parent.id)
     from pgvault.engines.physical import needed_wal
     from pgvault.ops import wal as archive
 
@@ -146,6 +148,18 @@ def take(conn: ConnInfo, storage: Storage, options: BasebackupOptions, info: Clu
     )
     Catalog(storage).commit(manifest)
     return manifest
+
+
+def _await_archiver(db: Any, walfile: str, timeout: float) -> None:
+    """Until the server's archiver reports ``walfile`` archived (or ``timeout``): asked every
+    50 ms, so the wait ends with the archiver instead of at the next poll of the storage.
+    The storage is checked after it (``wait_for``), which is what counts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = _one(db, "SELECT last_archived_wal FROM pg_stat_archiver")
+        if last and len(last) == len(walfile) and last[:8] == walfile[:8] and last >= walfile:
+            return
+        time.sleep(0.05)
 
 
 def _one(db: Any, query: str, params: tuple[Any, ...] | None = None) -> Any:

@@ -513,6 +513,8 @@ repo = "file://{repo}"
 [schedule]
 backup = "0 1 1 1 *"
 retries = 0
+[console]
+actions = true
 [[databases]]
 name = "ledger"
 """)
@@ -546,6 +548,17 @@ name = "ledger"
         status, headers, page = get(free_port, "/db/ledger", auth)
         assert status == 200 and headers["content-security-policy"] == CSP
         assert "pgvault backup -d ledger --config" in page
+        assert 'id="backup-now"' in page and "actions enabled" in page
+        # An action needs the token and this page's CSRF token, over real HTTP too.
+        conn = http.client.HTTPConnection("127.0.0.1", free_port, timeout=10)
+        conn.request("POST", "/db/ledger/backup", body="csrf=x", headers=auth | {
+            "Content-Type": "application/x-www-form-urlencoded"})
+        assert conn.getresponse().status == 403
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", free_port, timeout=10)
+        conn.request("POST", "/db/ledger/backup", body="")
+        assert conn.getresponse().status == 401
+        conn.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)

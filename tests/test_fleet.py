@@ -509,6 +509,11 @@ def _simulate(tmp_path: Path, fleet_: Fleet, repo: str, urls: dict[str, str],
                 proc.wait()
     found = backups(storage)
     counts = {name: len(found.get(name, [])) for name in urls}
+    # Half-made backups: only the two SIGKILLed workers may leave one each (a killed
+    # process cleans nothing up; prune collects them), never the paused one that woke up.
+    made = {(m.database, m.id) for ms in found.values() for m in ms}
+    partial = {tuple(info.key.split("/")[1:3]) for info in storage.list("backups/")} - made
+    assert len(partial) <= 2 and not any(db == slow for db, _ in partial), partial
     assert counts == dict.fromkeys(urls, 1), {n: c for n, c in counts.items() if c != 1}
     intervals = [(m.started_at, m.finished_at) for ms in found.values() for m in ms]
     assert max_overlap(intervals) <= 3  # max_per_repository

@@ -4,6 +4,7 @@ server over HTTP, real `pgvault` processes killed with SIGKILL."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess as sp
@@ -22,7 +23,9 @@ from cli_runner import PGVAULT, clean_env, pgvault
 from dbcompare import assert_databases_equal
 from pgvault.catalog import Catalog
 from pgvault.config import load as config_load
+from pgvault.model import new_backup_id
 from pgvault.pg.cluster import EphemeralCluster
+from pgvault.retention import Candidate
 from pgvault.storage import open_storage
 from pgvault.storage.base import Storage
 from pgvault.storage.s3 import S3Options
@@ -472,3 +475,74 @@ def test_the_lag_of_a_copy_that_does_not_answer_is_what_the_source_knows_within_
         catalog=Catalog(dst), policy=Policy(daily=7)), timedelta(hours=24))], "main",
         at("2026-12-03T03:00"))
     assert (state.unreadable, state.behind) == (None, 3)
+
+
+def test_each_repository_prunes_its_base_backups_by_its_own_policy_and_keeps_their_wal(
+) -> None:
+    """A faked year of weekly base backups with their WAL (memory storage, a fixed clock):
+    the primary keeps 7/4/3, the cold copy 12 monthly, and each keeps exactly the WAL its
+    own kept base backups need to restore, never less."""
+    from pgvault.catalog import wal_identity_key, wal_object_key
+    from pgvault.engines.physical import needed_wal
+    from pgvault.model import Artifact, Manifest, PhysicalFacts
+    from pgvault.ops.copy import copy
+    from pgvault.ops.prune import prune
+    from pgvault.ops.wal import archived
+    from pgvault.pg import wal
+    from pgvault.retention import Policy, plan
+    from pgvault.storage.memory import MemoryStorage
+
+    size = 1 << 20
+    src, cold = MemoryStorage(), MemoryStorage()
+    src.put_bytes(wal_identity_key("main"), json.dumps(
+        {"system_identifier": "7", "wal_segment_size": size}).encode())
+    made = []
+    sundays = [date(2025, 12, 7) + timedelta(weeks=n) for n in range(53)]
+    for number, day in enumerate(sundays):
+        when = at(f"{day}T01:00")
+        start = 10 * number + 5
+        facts = PhysicalFacts(
+            system_identifier="7", wal_segment_size=size, timeline=1,
+            start_lsn=wal.format_lsn(start * size + 0x28),
+            stop_lsn=wal.format_lsn((start + 1) * size + 0x100),
+            start_wal=wal.segment_name(1, start, size),
+            stop_wal=wal.segment_name(1, start + 1, size), stop_timeline=1, stop_time=when,
+            wal_included=False)
+        backup_id = new_backup_id(when)
+        body = f"base of {day}".encode()
+        key = f"backups/main/{backup_id}/base.tar.zst"
+        src.put_bytes(key, body)
+        manifest = Manifest(id=backup_id, kind="physical", database="main", started_at=when,
+                            finished_at=when, pgvault_version="test", physical=facts,
+                            artifacts=[Artifact(name="base.tar", key=key, size=len(body),
+                                                raw_size=len(body),
+                                                sha256=hashlib.sha256(body).hexdigest())])
+        Catalog(src).commit(manifest)
+        made.append(manifest)
+    for segment in range(1, 10 * len(sundays) + 10):
+        name = wal.segment_name(1, segment, size)
+        digest = hashlib.sha256(name.encode()).hexdigest()
+        src.put_bytes(wal_object_key("main", name, digest, ".zst"), name.encode())
+
+    now = at("2026-12-06T12:00")
+    primary_policy, cold_policy = Policy(daily=7, weekly=4, monthly=3), Policy(
+        daily=0, weekly=0, monthly=12)
+    report = copy(src, cold, name="cold", policy=cold_policy, now=now)
+    assert report.failed == {} and len(report.copied) == 12
+    for storage, policy in ((src, primary_policy), (cold, cold_policy)):
+        # (the primary loses 46 of 53: more than half, which needs force)
+        pruned = prune(storage, policy, dry_run=False, now=now, force=True,
+                       lock_stale_after=timedelta(hours=1))
+        kept = Catalog(storage).list("main")
+        wanted = plan([Candidate(m.id, m.started_at, None) for m in made], policy, now).keep
+        assert {m.id for m in kept} == set(wanted)  # exactly what its own policy says
+        present = {f.wal.name for f in archived(storage, "main")}
+        oldest = min(int(m.physical.start_wal[8:], 16) for m in kept if m.physical)
+        for manifest in kept:  # every kept base backup restores from this repository alone
+            assert manifest.physical is not None
+            assert set(needed_wal(manifest.physical, None)) <= present
+        assert min(wal.parse_wal_name(n).segno(size) for n in present) == oldest  # type: ignore[union-attr]
+        assert pruned.wal
+    # Weekly backups: the primary's 7 daily slots hold the 7 newest (Oct 25 .. Dec 6), which
+    # also fill its weekly and monthly ones; the cold copy holds each month's newest.
+    assert len(Catalog(src).list()) == 7 and len(Catalog(cold).list()) == 12

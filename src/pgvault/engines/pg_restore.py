@@ -556,6 +556,9 @@ class _SplitLoad:
             self._dispatch(fd, rows, pieces)
             for _ in sessions:
                 self._put(pieces, None)
+        except BaseException:
+            self._kill()  # no session may take the end of its input for the end of its rows
+            raise
         finally:
             for _, _, writer in sessions:
                 while writer.is_alive():

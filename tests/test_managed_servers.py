@@ -365,10 +365,10 @@ def test_a_transaction_pooler_is_refused_naming_the_direct_url(
     pooled = _through(bouncer, managed_server, "transaction")
     line = one_line_error(pgvault("backup", "--dbname", pooled, "--repo", repo, expect=3))
     assert "a pooler in transaction mode" in line and "DIRECT_URL" in line, line
-    # Prisma's mark says so without asking the server.
-    line = one_line_error(pgvault("backup", "--dbname", managed_server.url(app_db) +
-                                  "&pgbouncer=true", "--repo", repo, expect=3))
-    assert "it says pgbouncer=true" in line, line
+    # Prisma's mark is named with what the server showed.
+    line = one_line_error(pgvault("backup", "--dbname", pooled + "&pgbouncer=true", "--repo",
+                                  repo, expect=3))
+    assert "in transaction mode, as its pgbouncer=true says" in line, line
     assert not list(tmp_path.glob("repo/manifests/**/*.json"))
     # The application's pooled DATABASE_URL beside its DIRECT_URL: the direct one is used.
     env = {"DATABASE_URL": pooled + "&pgbouncer=true&connection_limit=1",
@@ -410,7 +410,7 @@ def test_supabase_and_neon_url_forms_are_parsed_and_passed_on() -> None:
         "user": "postgres.abcdefghijklmnopqrst", "host": "aws-0-eu-central-1.pooler.supabase.com",
         "port": "6543", "dbname": "postgres", "sslmode": "require"}
     assert pooled.password == "s3cret" and pooled.pgbouncer
-    assert pooled.transaction_pooler() == "it says pgbouncer=true"
+    assert pooled.transaction_pooler() == "it is Supabase's transaction pooler (port 6543)"
     assert "s3cret" not in pooled.dsn() and "pgbouncer" not in pooled.dsn()
     session = ConnInfo.parse(SUPABASE_POOLED.replace(":6543/", ":5432/").replace(
         "pgbouncer=true&", ""))

@@ -282,10 +282,10 @@ class LogicalEngine:
 
         pg_dump sets its session up (search_path, the snapshot it imports) and then reads in
         one long transaction; a transaction pooler may hand each transaction another server
-        session, so a dump through it can be silently wrong. The URL may say so (Prisma's
-        pgbouncer=true, Neon's -pooler host, Supabase's port 6543); else a second session
-        holds a transaction while ours asks which server process answers it now: the same
-        one, unless a pooler gave ours away between transactions.
+        session, so a dump through it can be silently wrong. The host may say so (Neon's
+        -pooler, Supabase's port 6543); else (Prisma's pgbouncer=true may mark a session
+        pooler too) a second session holds a transaction while ours asks which server
+        process answers it now: the same one, unless a pooler gave ours away in between.
         """
         why = self.conn.transaction_pooler()
         if why is None:
@@ -298,8 +298,9 @@ class LogicalEngine:
                 finally:
                     other.close()
                 if info.backend_pid and int(pid) != info.backend_pid:
+                    marked = ", as its pgbouncer=true says" if self.conn.pgbouncer else ""
                     why = ("its server session changed between two transactions (a pooler "
-                           "in transaction mode)")
+                           f"in transaction mode{marked})")
         if why is not None:
             raise ConfigError(
                 f"{self.conn.redacted()} cannot hold pg_dump's snapshot and transaction: "

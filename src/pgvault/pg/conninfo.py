@@ -152,7 +152,8 @@ class ConnInfo:
     """The environment libpq's PG* defaults and child processes come from (the settings'
     snapshot); None: this process's own."""
     pgbouncer: bool = False
-    """The URL said ``pgbouncer=true`` (Prisma's mark of a transaction pooler)."""
+    """The URL said ``pgbouncer=true`` (Prisma's mark of a pooler, often one in
+    transaction mode; the backup asks the server to be sure)."""
 
     @classmethod
     def parse(cls, spec: str | None, password: str | None = None,
@@ -206,7 +207,7 @@ class ConnInfo:
         return self.params.get("dbname")
 
     def transaction_pooler(self) -> str | None:
-        """Why the URL itself says it reaches a transaction pooler; None if it does not.
+        """Why the URL's host is known to be a transaction pooler; None if it is not.
 
         pg_dump's exported snapshot and long transaction need one server session for the
         whole dump, which a pooler in transaction mode does not give (ops: the backup
@@ -214,8 +215,6 @@ class ConnInfo:
         """
         host = (self.params.get("host") or "").lower()
         port = self.params.get("port") or ""
-        if self.pgbouncer:
-            return "it says pgbouncer=true"
         if any(name.split(".", 1)[0].endswith("-pooler") for name in host.split(",")):
             return "its host is a Neon pooled endpoint (-pooler)"
         if host.endswith(".pooler.supabase.com") and port == "6543":

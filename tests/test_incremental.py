@@ -83,7 +83,7 @@ def test_a_chain_of_incrementals_restores_equal_to_the_source_also_by_the_stock_
     sql(source.url(), "CREATE DATABASE app STRATEGY FILE_COPY")
     app = source.url("app")
     sql(app, "CREATE TABLE orders (id int PRIMARY KEY, note text, n int)",
-        "INSERT INTO orders SELECT g, repeat('x', 80), 0 FROM generate_series(1, 60000) g",
+        "INSERT INTO orders SELECT g, repeat('x', 80), 0 FROM generate_series(1, 30000) g",
         "CREATE TABLE gone (x int)", "INSERT INTO gone VALUES (1)")
     full = _backup(repo, source.url())
     # One row in every 20th page of orders changes; a table goes, one is rewritten, one is
@@ -96,7 +96,7 @@ def test_a_chain_of_incrementals_restores_equal_to_the_source_also_by_the_stock_
     physical = first["physical"]
     assert isinstance(physical, dict) and physical["parent"] == full["id"]
     sql(app, "UPDATE orders SET note = 'changed' WHERE id % 1000 = 0", "VACUUM FULL fresh",
-        "DELETE FROM orders WHERE id > 59000", "VACUUM orders")
+        "DELETE FROM orders WHERE id > 29000", "VACUUM orders")
     second = _backup(repo, source.url(), "--incremental")
     assert second["physical"]["parent"] == first["id"]  # type: ignore[index]
     sizes = [sum(a["size"] for a in m["artifacts"]) for m in (full, first, second)]  # type: ignore[attr-defined]

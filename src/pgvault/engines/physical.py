@@ -37,6 +37,10 @@ MANIFEST = "backup_manifest"
 CONTROL = "global/pg_control"
 _BLOCK = 512
 _WATCHED = {LABEL: 1 << 20, CONTROL: 1 << 20, MANIFEST: 1 << 30}
+# tarfile reads a stream 10 KiB at a time and copies 16 KiB at a time, each read a pass
+# through the decoding readers; a far larger stream buffer is sliced at every header.
+TAR_STREAM = 1 << 16
+TAR_READ = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -346,7 +350,8 @@ def unpack(source: Readable, target: Path, *, owner: tuple[int, int] | None) -> 
     Members that would land outside ``target`` (absolute, ``..``, links out) are refused.
     """
     try:
-        with tarfile.open(fileobj=source, mode="r|") as archive:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=source, mode="r|", bufsize=TAR_STREAM,  # type: ignore[call-overload]
+                          copybufsize=TAR_READ) as archive:
             _extract_safely(archive, target)
     except (tarfile.TarError, EOFError) as exc:
         raise IntegrityError(f"base backup tar is damaged: {exc}") from None

@@ -253,7 +253,7 @@ def apply(storage: Storage, member: Manifest, pgdata: Path, *, owner: tuple[int,
     """Patch a restored parent in ``pgdata`` with one incremental backup of its chain."""
     import tarfile
 
-    from pgvault.engines.physical import check_links, extract_member
+    from pgvault.engines.physical import TAR_READ, TAR_STREAM, check_links, extract_member
     from pgvault.ops.restore import open_artifact
 
     reader = open_artifact(storage, member, member.artifact(LIST), identities=identities)
@@ -263,7 +263,8 @@ def apply(storage: Storage, member: Manifest, pgdata: Path, *, owner: tuple[int,
                            identities=identities)
     root = Path(os.path.realpath(pgdata))
     try:
-        with tarfile.open(fileobj=source, mode="r|") as archive:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=source, mode="r|", bufsize=TAR_STREAM,  # type: ignore[call-overload]
+                          copybufsize=TAR_READ) as archive:
             for item in archive:
                 if item.name.startswith(datadir.DELTA):
                     path = item.name[len(datadir.DELTA):]

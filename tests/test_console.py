@@ -149,7 +149,7 @@ def test_overview_of_200_databases_renders_in_under_a_second_at_p95(
         many_databases: Storage) -> None:
     """200 databases (a faked repository: see the module docstring) in a folder and on S3
     (moto), GETs of the overview through the console's request handling: p95 under 1 s
-    over 100 requests from a folder; on moto (10 requests after the first), each request
+    over 100 requests from a folder; on moto (5 requests after the first), each request
     within 1 s of what moto itself takes to list the records (timed right after it: moto
     lists a few hundred keys a second here, real S3 a thousand in one 50-100 ms page).
     Each request lists the repository again: a new backup and a removed one show at once."""
@@ -158,7 +158,7 @@ def test_overview_of_200_databases_renders_in_under_a_second_at_p95(
     now = datetime.now(UTC)
     console = Console(fake_sources(storage), host="127.0.0.1", token=None)
     times, listings = [], []
-    for _ in range(11 if on_s3 else 100):
+    for _ in range(6 if on_s3 else 100):
         started = time.perf_counter()
         response = console.answer("GET", "/", {})
         times.append(time.perf_counter() - started)
@@ -188,7 +188,7 @@ def test_overview_of_200_databases_renders_in_under_a_second_at_p95(
     # The same verdicts as `pgvault check`, database by database (read through one view:
     # 200 databases' records one by one would take moto a quarter of a minute).
     vault = Vault.open(config.load({"repo": "memory://"}, {}),
-                       storage=reads.Reads(storage).view())
+                       storage=console._reads[id(storage)].view())
     for name, state in zip(re.findall(r'data-database="(\w+)"', body), states, strict=True):
         verdict = jobs.status_of(vault, name).verdict(now, warn_drill_age_days=8.0)
         assert verdict.name == state, name
@@ -205,8 +205,11 @@ def test_overview_of_200_databases_renders_in_under_a_second_at_p95(
     started = time.perf_counter()
     page_answer = console.answer("GET", "/db/db005", {})
     took = time.perf_counter() - started
-    print(f"database page (5 backups, retention plan, drills): {took * 1000:.0f} ms")
-    assert page_answer.status == 200 and b"CRITICAL" in page_answer.body and took < 1.0
+    listed = _list_records(storage) if on_s3 else 0.0  # moto's own share, as above
+    print(f"database page (its backups, retention plan, drills): {took * 1000:.0f} ms"
+          + (f", moto's listing {listed * 1000:.0f} ms" if on_s3 else ""))
+    assert page_answer.status == 200 and b"CRITICAL" in page_answer.body
+    assert took - listed < 1.0
 
 
 def test_a_request_lists_each_record_folder_once_and_reads_only_what_changed() -> None:

@@ -114,7 +114,7 @@ class Daemon:
         if self.settings.console.actions:
             targets = {db.name: db.target for db in self.databases}
             actions = Actions(connect=lambda name: config.target_connection(targets[name]),
-                              drill=self.drill)
+                              drill=self.drill, track=self._running)
         return Console(lambda: [(db.name, db.vault) for db in self.databases],
                        host=self.listen[0], token=console_token(self.settings),
                        next_runs=self.next_runs, daemon=True, actions=actions)

@@ -14,12 +14,14 @@ the browser polls (a meta refresh: no script).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import shlex
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -146,9 +148,12 @@ class Actions:
     """The actions of one console: their checks, their threads, the jobs they leave."""
 
     def __init__(self, *, connect: Connect, drill: Drill | None = None,
-                 clock: Callable[[], datetime] | None = None) -> None:
+                 clock: Callable[[], datetime] | None = None,
+                 track: Callable[[str], AbstractContextManager[None]] | None = None) -> None:
         self.connect = connect
         self.drill = drill
+        self.track = track or (lambda what: contextlib.nullcontext())
+        """The daemon's: its shutdown waits for (and then aborts) an action like a job."""
         self.clock = clock or (lambda: datetime.now(UTC))
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
@@ -274,7 +279,8 @@ class Actions:
 
     def _run(self, vault: Vault, job: Job, work: Callable[[Job], None]) -> None:
         try:
-            work(job)
+            with self.track(f"console {job.action}:{job.database}"):
+                work(job)
             if job.state == "running":
                 job.state = "succeeded"
         except Exception as exc:  # the job page says why; a thread must not die silently

@@ -72,10 +72,23 @@ class Job:
     links: list[tuple[str, str]] = field(default_factory=list)
     """(label, href) of what the result is: the backup, its drill report, the database."""
     finished_at: datetime | None = None
+    done_bytes: int = 0
+    """Bytes read or stored so far (a backup, a restore), for the page while it runs."""
+    total_bytes: int = 0
 
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    @property
+    def progress(self) -> str:
+        if not self.done_bytes:
+            return ""
+        total = f" of {human_bytes(self.total_bytes)}" if self.total_bytes else ""
+        return f"{human_bytes(self.done_bytes)}{total} so far"
+
+    def count(self, n: int) -> None:
+        self.done_bytes += n
 
 
 def where_args(vault: Vault) -> list[str]:
@@ -207,7 +220,7 @@ class Actions:
             conn = self._connection(name)
 
             def backup(job: Job) -> None:
-                run = jobs.run(vault, jobs.BackupRequest(conn))
+                run = jobs.run(vault, jobs.BackupRequest(conn, progress=job.count))
                 m = run.manifest
                 job.detail = (f"backup {m.id}: {human_bytes(m.size)} stored in "
                               f"{human_seconds((m.finished_at - m.started_at).total_seconds())}")
@@ -261,8 +274,9 @@ class Actions:
         def restore(job: Job) -> None:
             from pgvault.ops.restore import RestoreOptions, restore
 
+            job.total_bytes = sum(a.size for a in manifest.artifacts if a.name.startswith("db."))
             result = restore(conn, vault.storage, manifest, RestoreOptions(
-                target=target, identities=vault.keyring_with(None)))
+                target=target, identities=vault.keyring_with(None), progress=job.count))
             job.detail = (f"restored {manifest.id} of {name} into {target}: "
                           f"{human_bytes(result.bytes_read)} read and verified in "
                           f"{human_seconds(result.seconds)}")

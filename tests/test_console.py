@@ -637,6 +637,13 @@ server = "{server}/postgres"
 [notify]
 webhook_url = "{recorder.url}/hook"
 events = ["all"]
+[[repos]]
+name = "main"
+url = "file://{repo}"
+primary = true
+[[repos]]
+name = "offsite"
+url = "file://{tmp_path / 'offsite'}"
 [[databases]]
 name = "{source}"
 url_env = "SOURCE_URL"
@@ -653,6 +660,12 @@ url_env = "SOURCE_URL"
         cookie = dict(page.headers)["Set-Cookie"].split(";")[0]
         token = _form_token(body)
         assert f'action="/db/{source}/backup"' in body and canary not in body
+        # Copies: the overview and the page say n of m in sync, from ops.copy.lag.
+        assert "0 of 1 in sync" in console.answer("GET", "/", {}).body.decode()
+        pgvault("copy", "--config", str(cfg), env=env)
+        assert "1 of 1 in sync" in console.answer("GET", "/", {}).body.decode()
+        assert "offsite" in re.search(r'<dd id="copies">(.*?)</dd>', console.answer(
+            "GET", f"/db/{source}", {}).body.decode()).group(1)  # type: ignore[union-attr]
         ok = {"csrf": token}
         # CSRF: missing, wrong, or right token with another browser's cookie: 403.
         assert _post(console, f"/db/{source}/backup", {})[0] == 403

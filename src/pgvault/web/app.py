@@ -127,6 +127,8 @@ class Console:
         self.needs_token = token is not None or not is_loopback(host)
         self._reads: dict[int, reads.Reads] = {}
         self._statuses: dict[tuple[int, int, str], tuple[Any, DatabaseStatus]] = {}
+        self._copies: dict[tuple[int, str], Vault] = {}
+        self._request = threading.local()
         self._reads_lock = threading.Lock()
 
     @cached_property
@@ -148,19 +150,31 @@ class Console:
         """The sources for one request, each vault reading through this request's view of
         its storage (``reads``: each record folder listed once, unchanged records reused)."""
         views_of: dict[int, reads.View] = {}
-        found = []
-        for name, vault in self.sources():
-            key = id(vault.storage)
-            view = views_of.get(key)
-            if view is None:
-                with self._reads_lock:
-                    cache = self._reads.get(key)
-                    if cache is None or cache.storage is not vault.storage:
-                        cache = self._reads[key] = reads.Reads(vault.storage)
-                view = views_of[key] = cache.view()
-            found.append((name, dataclasses.replace(vault, storage=view,
-                                                    catalog=Catalog(view))))
-        return found
+        self._request.views = views_of
+        return [(name, self._through(vault, views_of)) for name, vault in self.sources()]
+
+    def _through(self, vault: Vault, views_of: dict[int, reads.View]) -> Vault:
+        key = id(vault.storage)
+        view = views_of.get(key)
+        if view is None:
+            with self._reads_lock:
+                cache = self._reads.get(key)
+                if cache is None or cache.storage is not vault.storage:
+                    cache = self._reads[key] = reads.Reads(vault.storage)
+            view = views_of[key] = cache.view()
+        return dataclasses.replace(vault, storage=view, catalog=Catalog(view))
+
+    def _open_copy(self, vault: Vault, repo: str) -> Vault:
+        """The vault of a [[repos]] copy, opened once, read through this request's view."""
+        key = (id(vault.settings), repo)
+        with self._reads_lock:
+            opened = self._copies.get(key)
+        if opened is None:
+            opened = vault.repository(repo)
+            with self._reads_lock:
+                opened = self._copies.setdefault(key, opened)
+        views_of = getattr(self._request, "views", None)
+        return opened if views_of is None else self._through(opened, views_of)
 
     def _status_of(self, vault: Vault, name: str) -> DatabaseStatus:
         """``ops.jobs.status_of``, reused from an earlier request while this request's
@@ -258,7 +272,7 @@ class Console:
         runs = self.next_runs() if self.next_runs is not None else {}
         if path == "/":
             started = time.perf_counter()
-            rows = views.overview(self.viewed(), now, runs, self._status_of)
+            rows = views.overview(self.viewed(), now, runs, self._status_of, self._open_copy)
             return self._page("overview.html", 200, rows=rows, now=now,
                               counts=_counts(rows), took=time.perf_counter() - started)
         if path.startswith("/jobs/") and self.actions is not None:
@@ -287,7 +301,7 @@ class Console:
                 return self._page("message.html", 404, title="Not found",
                                   message="Nothing here: the overview is at /.")
             try:
-                page = views.database_page(name, vault, now, runs)
+                page = views.database_page(name, vault, now, runs, self._open_copy)
             except PgvaultError as exc:
                 return self._page("message.html", 503, title=f"{name}: repository unreadable",
                                   message=str(exc))

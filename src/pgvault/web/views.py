@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from urllib.parse import quote
 
@@ -66,6 +66,9 @@ class Row:
     last_error: str = ""
     running: str = ""
     untrusted: int = 0
+    copies: str = ""
+    """'n of m in sync' ([[repos]] copies), or empty without copies."""
+    copies_ok: bool | None = None
 
     @property
     def state_name(self) -> str:
@@ -151,7 +154,8 @@ StatusOf = Callable[[Vault, str], DatabaseStatus]
 
 def overview(sources: Iterable[tuple[str, Vault]], now: datetime,
              next_runs: Mapping[tuple[str, str], datetime] | None = None,
-             status_of: StatusOf = jobs.status_of) -> list[Row]:
+             status_of: StatusOf = jobs.status_of,
+             open_copy: OpenCopy | None = None) -> list[Row]:
     """Every database's row, worst state first (UNKNOWN, CRITICAL, WARNING, OK), then by
     name; ``status_of`` is ``ops.jobs.status_of`` (the console's reuses unchanged ones)."""
     runs: dict[str, dict[str, datetime]] = {}
@@ -164,7 +168,13 @@ def overview(sources: Iterable[tuple[str, Vault]], now: datetime,
         except PgvaultError as exc:
             rows.append(unreadable(name, exc))
             continue
-        rows.append(row(status, verdict_of(status, vault, now), now, runs.get(name)))
+        found = row(status, verdict_of(status, vault, now), now, runs.get(name))
+        if vault.copies:
+            copies = copies_of(name, vault, now, open_copy)
+            good = sum(1 for c in copies if c.in_sync)
+            found = replace(found, copies=f"{good} of {len(copies)} in sync",
+                            copies_ok=good == len(copies))
+        rows.append(found)
     rows.sort(key=lambda r: (-r.state, r.database))
     return rows
 
@@ -345,7 +355,8 @@ def commands(name: str, vault: Vault, newest: str | None) -> list[tuple[str, str
 
 
 def database_page(name: str, vault: Vault, now: datetime,
-                  next_runs: Mapping[tuple[str, str], datetime] | None = None) -> DatabasePage:
+                  next_runs: Mapping[tuple[str, str], datetime] | None = None,
+                  open_copy: OpenCopy | None = None) -> DatabasePage:
     """The database page: its row, every backup (newest first) with its retention role and
     trust, every drill's checks, and the commands."""
     from pgvault.ops.prune import prune
@@ -401,7 +412,7 @@ def database_page(name: str, vault: Vault, now: datetime,
     page.newest = status.newest.id if status.newest else ""
     page.charts = _charts(listing.manifests, list(drills.newest.values()),
                           status.rto_minutes * 60)
-    page.copies = _copies(name, vault, now)
+    page.copies = copies_of(name, vault, now, open_copy)
     if status.snapshots:
         newest_snapshot = status.newest_snapshot
         page.snapshots = f"{status.snapshots} provider snapshot(s)" + (
@@ -432,7 +443,13 @@ def _charts(manifests: list[Manifest], reports: list[VerifyReport],
     return [c for c in found if c is not None]
 
 
-def _copies(name: str, vault: Vault, now: datetime) -> list[CopyView]:
+OpenCopy = Callable[[Vault, str], Vault]
+"""(vault, [[repos]] name) -> the vault of that copy (the console's reads it through the
+request's view of its storage)."""
+
+
+def copies_of(name: str, vault: Vault, now: datetime,
+              open_copy: OpenCopy | None = None) -> list[CopyView]:
     """Each [[repos]] copy of this repository: in sync, or how far behind (ops.copy.lag)."""
     if not vault.copies:
         return []
@@ -443,7 +460,7 @@ def _copies(name: str, vault: Vault, now: datetime) -> list[CopyView]:
         entry = next(e for e in vault.settings.repos if e.name == repo)
         objective = timedelta(hours=entry.copy_lag_hours or 24)
         try:
-            target = vault.repository(repo)
+            target = (open_copy or Vault.repository)(vault, repo)
             behind = lag(vault.catalog, target.catalog, target.policy, now, name=repo,
                          objective=objective, database=name)
         except PgvaultError as exc:

@@ -19,6 +19,7 @@ import itertools
 import os
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -79,20 +80,25 @@ def read_identity(storage: Storage, cluster: str) -> Identity | None:
     return Catalog(storage).wal_identity(cluster)
 
 
-_CHECKED: set[tuple[str, str, str, int]] = set()
-"""(repository, cluster, system, segment size) this process found bound: a binding is
+_CHECKED: weakref.WeakKeyDictionary[Storage, set[tuple[str, str, int]]] = (
+    weakref.WeakKeyDictionary())
+"""(cluster, system, segment size) found bound in each open repository: a binding is
 created once and never changes, so the segments pushed ahead need not read it again."""
 
 
 def check_identity(storage: Storage, cluster: str, system_identifier: str,
                    segment_size: int, *, bind: bool) -> Identity:
     """Refuse a foreign system; with ``bind``, the first caller binds the name to its system."""
-    seen = (storage.url, cluster, system_identifier, segment_size)
-    if seen in _CHECKED:
+    seen = (cluster, system_identifier, segment_size)
+    try:
+        known = _CHECKED.setdefault(storage, set())
+    except TypeError:  # a storage that cannot be weakly referenced: no memo
+        known = set()
+    if seen in known:
         return Identity(system_identifier, segment_size)
     identity = _checked_identity(storage, cluster, system_identifier, segment_size, bind=bind)
     if bind:
-        _CHECKED.add(seen)
+        known.add(seen)
     return identity
 
 

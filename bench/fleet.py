@@ -310,6 +310,8 @@ def main() -> None:
     parser.add_argument("--per-repository", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--s3", action="store_true", help="also with an S3 repository")
+    parser.add_argument("--only-s3", action="store_true",
+                        help="the scaling table with an S3 repository only")
     parser.add_argument("--simulate", action="store_true",
                         help="the fault simulation instead of the scaling table")
     args = parser.parse_args()
@@ -318,7 +320,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         clusters = [EphemeralCluster(settings=FAST) for _ in range(args.clusters)]
-        moto = MotoServer(work / "moto") if args.s3 or args.simulate else None
+        moto = (MotoServer(work / "moto") if args.s3 or args.only_s3 or args.simulate
+                else None)
         try:
             for c in clusters:
                 c.__enter__()
@@ -341,7 +344,8 @@ def main() -> None:
                     print("\n" + "\n".join(f"- {k}: {v}" for k, v in result.items()),
                           flush=True)
                 return
-            scaling(everything, names, args, None, work)
+            if not args.only_s3:
+                scaling(everything, names, args, None, work)
             if moto is not None:
                 scaling(everything, names, args, moto, work)
         finally:

@@ -120,12 +120,15 @@ def take(conn: ConnInfo, storage: Storage, options: BasebackupOptions, info: Clu
                                else "SELECT pg_stop_backup(false, false)")
             raise
         facts = _facts(info, stopped["label"], stopped["lsn"], options, parent.id)
-        _await_archiver(db, facts.stop_wal, options.archive_wait)
+        from pgvault.ops import wal as archive
+
+        _await_archiver(db, data_dir, facts.stop_wal, options.archive_wait,
+                        lambda: bool(archive.versions(storage, options.cluster,
+                                                      facts.stop_wal)))
     listing = datadir.format_listing(tar.scan.entries, f"pgvault incremental backup "
                                      f"{backup_id} on {parent.id}")
     listed = store(io.BytesIO(listing), LIST, LIST_FORMAT)
     from pgvault.engines.physical import needed_wal
-    from pgvault.ops import wal as archive
 
     missing = archive.wait_for(storage, options.cluster, needed_wal(facts, None),
                                timeout=options.archive_wait)
@@ -150,15 +153,23 @@ def take(conn: ConnInfo, storage: Storage, options: BasebackupOptions, info: Clu
     return manifest
 
 
-def _await_archiver(db: Any, walfile: str, timeout: float) -> None:
-    """Until the server's archiver reports ``walfile`` archived (or ``timeout``): asked every
-    50 ms, so the wait ends with the archiver instead of at the next poll of the storage.
+def _await_archiver(db: Any, data_dir: Path, walfile: str, timeout: float,
+                    archived: Callable[[], bool]) -> None:
+    """Until ``walfile`` is archived (or ``timeout``), looked at every 50 ms, so the wait
+    ends with the archiver instead of at the next poll of the storage: the server's
+    archiver reports it, or its ``.done`` status file appears (wal-push's push-ahead marks
+    segments done that the archiver never reports), or, every 0.5 s, the storage has it.
     The storage is checked after it (``wait_for``), which is what counts."""
     deadline = time.monotonic() + timeout
+    done = data_dir / "pg_wal" / "archive_status" / f"{walfile}.done"
+    rounds = 0
     while time.monotonic() < deadline:
         last = _one(db, "SELECT last_archived_wal FROM pg_stat_archiver")
         if last and len(last) == len(walfile) and last[:8] == walfile[:8] and last >= walfile:
             return
+        if done.exists() or (rounds % 10 == 9 and archived()):
+            return
+        rounds += 1
         time.sleep(0.05)
 
 

@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -697,7 +698,9 @@ def test_the_kustomize_base_is_an_indexed_job_of_n_workers_with_its_config(
 
 
 def _helm(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    helm = shutil.which("helm")
+    # scripts/bootstrap --test puts helm beside the venv's python when none is on PATH.
+    venv_helm = Path(sys.executable).with_name("helm")
+    helm = shutil.which("helm") or (str(venv_helm) if venv_helm.exists() else None)
     if helm is None:
         pytest.skip("helm is not installed (scripts/bootstrap should install it: see "
                     "deploy/README.md); the kustomize base's checks still ran")

@@ -546,3 +546,32 @@ def test_each_repository_prunes_its_base_backups_by_its_own_policy_and_keeps_the
     # Weekly backups: the primary's 7 daily slots hold the 7 newest (Oct 25 .. Dec 6), which
     # also fill its weekly and monthly ones; the cold copy holds each month's newest.
     assert len(Catalog(src).list()) == 7 and len(Catalog(cold).list()) == 12
+
+
+def test_a_copy_takes_an_incremental_base_backup_together_with_its_parent() -> None:
+    """A cold copy keeping only the newest base backup: when that one is an incremental,
+    the full it is built on comes along (a copy of the child alone would not restore)."""
+    from pgvault.model import PhysicalFacts
+    from pgvault.ops.copy import copy
+    from pgvault.retention import Policy
+    from pgvault.storage.memory import MemoryStorage
+
+    def physical(when: str, parent: str | None) -> str:
+        manifest = fabricate(src, at(when), database="main")
+        facts = PhysicalFacts(
+            system_identifier="7", wal_segment_size=1 << 24, timeline=1, start_lsn="0/1000028",
+            stop_lsn="0/2000100", start_wal="000000010000000000000001",
+            stop_wal="000000010000000000000002", stop_timeline=1, stop_time=at(when),
+            wal_included=True, **({} if parent is None else {"parent": parent}))
+        Catalog(src).commit(msgspec.structs.replace(manifest, kind="physical", physical=facts))
+        return manifest.id
+
+    src, dst = MemoryStorage(), MemoryStorage()
+    full = physical("2026-10-04T01:00", None)
+    physical("2026-11-01T01:00", None)  # an older full nothing depends on
+    child = physical("2026-12-05T01:00", full)
+    report = copy(src, dst, name="cold", policy=Policy(daily=1, weekly=0, monthly=0),
+                  now=at("2026-12-06T00:00"))
+    assert report.failed == {}
+    assert sorted(report.copied) == sorted([f"main/{full}", f"main/{child}"])
+    assert {m.id for m in Catalog(dst).list()} == {full, child}

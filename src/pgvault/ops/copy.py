@@ -48,6 +48,7 @@ from pgvault.errors import (
 from pgvault.health import CopyState
 from pgvault.lock import hold
 from pgvault.model import Artifact, Manifest, from_json
+from pgvault.ops.prune import candidate
 from pgvault.pipeline.digest import HashingReader, VerifyingReader
 from pgvault.retention import Candidate, Policy
 from pgvault.storage.base import ObjectInfo, Storage
@@ -131,11 +132,13 @@ def missing(source: Catalog, target: Catalog, policy: Policy, now: datetime,
         for kind in sorted({m.kind for m in ours}):
             # The plan runs over what the target would hold after the copy: its own
             # backups and every good one of the source it lacks.
+            # Candidates carry their parent: a kept incremental keeps (and so copies) the
+            # backups it is built on.
             pool: dict[str, Candidate] = {
-                m.id: Candidate(m.id, m.time, m.pinned) for m in theirs if m.kind == kind}
+                m.id: candidate(m, {}) for m in theirs if m.kind == kind}
             for m in ours:
                 if m.kind == kind and (m.database, m.id) not in bad and m.id not in pool:
-                    pool[m.id] = Candidate(m.id, m.time, m.pinned)
+                    pool[m.id] = candidate(m, {})
             if not pool:
                 continue
             keep = set(retention.plan(list(pool.values()), policy, now).keep)

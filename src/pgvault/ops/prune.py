@@ -226,7 +226,7 @@ def roles(manifests: Iterable[Manifest], policy: Policy,
     by_database: dict[tuple[str, str], list[Candidate]] = defaultdict(list)
     for manifest in manifests:
         # Each kind is its own series, as prune plans it (provider snapshots apart).
-        by_database[manifest.database, manifest.kind].append(_candidate(manifest, bad or {}))
+        by_database[manifest.database, manifest.kind].append(candidate(manifest, bad or {}))
     result: dict[str, str] = {}
     for backups in by_database.values():
         for backup_id, why in retention.plan(backups, policy).reasons.items():
@@ -253,7 +253,7 @@ def _prune_database(
     manifests = {m.id: m for m in listing.manifests if m.kind != "snapshot"}
     result = report.databases.setdefault(name, DatabasePlan())
     result.damaged = [d.backup_id for d in listing.damaged]
-    candidates = {i: _candidate(m, bad) for i, m in manifests.items()}
+    candidates = {i: candidate(m, bad) for i, m in manifests.items()}
     remove = []
     # Logical and physical backups under one name are separate series, each with its newest.
     for kind in sorted({m.kind for m in manifests.values()}):
@@ -327,7 +327,9 @@ def _sort(plan: DatabasePlan) -> None:
     plan.remove.sort(key=lambda d: (d.time.astimezone(UTC), d.id), reverse=True)
 
 
-def _candidate(manifest: Manifest, bad: Mapping[tuple[str, str], str]) -> Candidate:
+def candidate(manifest: Manifest, bad: Mapping[tuple[str, str], str]) -> Candidate:
+    """The planner's view of a manifest: with its drill verdict and its parent (an
+    incremental base backup's), so no plan keeps a backup without what it is built on."""
     parent = manifest.physical.parent if manifest.physical is not None else None
     return Candidate(manifest.id, manifest.time, manifest.pinned,
                       bad.get((manifest.database, manifest.id)),

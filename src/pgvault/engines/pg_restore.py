@@ -199,7 +199,30 @@ class _Stopped(Reader):
         return self._source.read(size)
 
 
-class _Load:
+class _Background:
+    """A load running on a thread of its own: its error is raised again in the caller."""
+
+    _thread: threading.Thread
+    _error: BaseException | None = None
+
+    def check(self) -> None:
+        """Raise the load's error if it failed."""
+        if self._error is not None:
+            raise self._error
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, seconds: float) -> None:
+        self._thread.join(seconds)
+
+    def join(self) -> None:
+        while self._thread.is_alive():
+            self._thread.join(0.2)  # a timed join keeps Ctrl-C deliverable
+        self.check()
+
+
+class _Load(_Background):
     """A data-only archive streamed into a pg_restore of its own, on a thread."""
 
     def __init__(self, source: Callable[[], Readable], argv: list[Any],
@@ -225,20 +248,8 @@ class _Load:
             restore.proc.kill()
 
     def check(self) -> None:
-        """Raise the load's error if it failed."""
-        if self._error is not None and not self._stop.is_set():
-            raise self._error
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def wait(self, seconds: float) -> None:
-        self._thread.join(seconds)
-
-    def join(self) -> None:
-        while self._thread.is_alive():
-            self._thread.join(0.2)  # a timed join keeps Ctrl-C deliverable
-        self.check()
+        if not self._stop.is_set():  # a load stopped on purpose failed on purpose
+            super().check()
 
     def stop(self) -> None:
         """Kill the load's pg_restore, make its next read fail, and wait for it."""
@@ -476,7 +487,7 @@ def big_tables(spool: Spool, streams: int) -> list[TocEntry]:
                                                                total // (2 * streams))]
 
 
-class _SplitLoad:
+class _SplitLoad(_Background):
     """The rows of big tables, one table after another, each cut at row ends into PIECE-sized
     runs that ``streams`` concurrent COPY sessions (psql children) take as they are free.
 
@@ -624,22 +635,6 @@ class _SplitLoad:
                 if proc.poll() is None:
                     with contextlib.suppress(OSError):
                         proc.kill()
-
-    def check(self) -> None:
-        """Raise the load's error if it failed."""
-        if self._error is not None:
-            raise self._error
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def wait(self, seconds: float) -> None:
-        self._thread.join(seconds)
-
-    def join(self) -> None:
-        while self._thread.is_alive():
-            self._thread.join(0.2)  # a timed join keeps Ctrl-C deliverable
-        self.check()
 
     def stop(self) -> None:
         """Kill the load's processes and wait for its thread."""

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pgvault.errors import SnapshotFailed
 from pgvault.health import AutomatedBackups
@@ -153,27 +153,42 @@ def snapshot_name(source_id: str, backup_id: str) -> str:
     return name.strip("-")[:255].rstrip("-")
 
 
+class _Status(Protocol):
+    @property
+    def status(self) -> str: ...
+
+
+S = TypeVar("S", bound=_Status)
+
+
+def wait_for(describe: Callable[[], S | None], what: str, *, timeout: float, poll: float,
+             sleep: Callable[[float], None] = time.sleep,
+             monotonic: Callable[[], float] = time.monotonic, late: str = "") -> S:
+    """Poll ``describe`` until what it finds is available; SnapshotFailed when it is gone,
+    has failed, or is still not available after ``timeout`` s (``late`` says what then)."""
+    deadline = monotonic() + timeout
+    while True:
+        found = describe()
+        if found is None:
+            raise SnapshotFailed(f"{what} disappeared while pgvault waited for it")
+        if found.status == AVAILABLE:
+            return found
+        if found.status in FAILED:
+            raise SnapshotFailed(f"{what} failed (status {found.status!r})")
+        left = deadline - monotonic()
+        if left <= 0:
+            raise SnapshotFailed(f"{what} was not available after {timeout:g} s (status "
+                                 f"{found.status!r}){late}")
+        sleep(min(poll, left))
+
+
 def wait_available(provider: SnapshotProvider, snapshot_id: str, *, timeout: float,
                    poll: float, sleep: Callable[[float], None] = time.sleep,
                    monotonic: Callable[[], float] = time.monotonic) -> ProviderSnapshot:
     """Poll until the snapshot is available; SnapshotFailed past ``timeout`` seconds or
     when the provider says it failed."""
-    deadline = monotonic() + timeout
-    while True:
-        found = provider.describe(snapshot_id)
-        if found is None:
-            raise SnapshotFailed(f"{provider.kind} snapshot {snapshot_id} disappeared while "
-                                 "pgvault waited for it")
-        if found.status == AVAILABLE:
-            return found
-        if found.status in FAILED:
-            raise SnapshotFailed(f"{provider.kind} snapshot {snapshot_id} failed (status "
-                                 f"{found.status!r})")
-        left = deadline - monotonic()
-        if left <= 0:
-            raise SnapshotFailed(
-                f"{provider.kind} snapshot {snapshot_id} was not available after "
-                f"{timeout:g} s (status {found.status!r}); it is not recorded, and "
-                "`pgvault snapshot prune` deletes it once it is a day old "
-                "([snapshot] wait_timeout_seconds)")
-        sleep(min(poll, left))
+    return wait_for(lambda: provider.describe(snapshot_id),
+                    f"{provider.kind} snapshot {snapshot_id}", timeout=timeout, poll=poll,
+                    sleep=sleep, monotonic=monotonic,
+                    late="; it is not recorded, and `pgvault snapshot prune` deletes it once "
+                         "it is a day old ([snapshot] wait_timeout_seconds)")

@@ -42,7 +42,6 @@ from pgvault import __version__, leftovers, logs, retention
 from pgvault.catalog import Catalog, manifest_key, snapshot_lock_key
 from pgvault.engines.snapshots import (
     AVAILABLE,
-    FAILED,
     TAG_BACKUP_ID,
     TAG_COPY_OF,
     TAG_DATABASE,
@@ -55,6 +54,7 @@ from pgvault.engines.snapshots import (
     SnapshotProvider,
     snapshot_name,
     wait_available,
+    wait_for,
 )
 from pgvault.errors import DatabaseError, IntegrityError, NotFound, SnapshotFailed
 from pgvault.health import SNAPSHOT_DRILL_WHERE
@@ -486,21 +486,9 @@ def sweep_drills(provider: SnapshotProvider, *, now: datetime,
 
 def wait_drill(provider: SnapshotProvider, name: str, options: DrillOptions) -> DrillInstance:
     """Poll until the temporary instance is available; SnapshotFailed past the bound."""
-    deadline = options.monotonic() + options.wait_timeout
-    while True:
-        found = provider.describe_drill(name)
-        if found is None:
-            raise SnapshotFailed(f"drill instance {name} disappeared while pgvault waited "
-                                 "for it")
-        if found.status == AVAILABLE:
-            return found
-        if found.status in FAILED:
-            raise SnapshotFailed(f"drill instance {name} failed (status {found.status!r})")
-        left = deadline - options.monotonic()
-        if left <= 0:
-            raise SnapshotFailed(f"drill instance {name} was not available after "
-                                 f"{options.wait_timeout:g} s (status {found.status!r})")
-        options.sleep(min(options.poll, left))
+    return wait_for(lambda: provider.describe_drill(name), f"drill instance {name}",
+                    timeout=options.wait_timeout, poll=options.poll, sleep=options.sleep,
+                    monotonic=options.monotonic)
 
 
 def wait_queryable(target: ConnInfo, options: DrillOptions, deadline: float) -> None:

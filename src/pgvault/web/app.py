@@ -351,14 +351,11 @@ class Console:
             return self._page("message.html", 404, title="No such action",
                               message="Actions are POSTs to /db/NAME/ACTION.")
         name, action = unquote(parts[2]), parts[3]
-        try:
-            length = int(headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_FORM or body is None:
+        posted = _form(headers, body)
+        if posted is None:
             return self._page("message.html", 413, title="Too large",
                               message="An action's form is small; this one is not.")
-        form = actions.form_values(parse_qs(body.read(length).decode("utf-8", "replace")))
+        form = actions.form_values(posted)
         nonce = _cookie(headers, CSRF_COOKIE)
         given = form.pop("csrf", "")
         if not nonce or not hmac.compare_digest(given.encode(),
@@ -393,14 +390,10 @@ class Console:
                               "[console] token_file or PGVAULT_CONSOLE_TOKEN_FILE.")
         if method != "POST":
             return self._page("login.html", 200, failed=False)
-        try:
-            length = int(headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_FORM or body is None:
+        form = _form(headers, body)
+        if form is None:
             return self._page("message.html", 413, title="Too large",
                               message="A login form holds one token.")
-        form = parse_qs(body.read(length).decode("utf-8", "replace"))
         given = (form.get("token") or [""])[0].strip()
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             return self._page("login.html", 401, failed=True)
@@ -416,6 +409,17 @@ class Console:
             daemon=self.daemon, needs_token=self.needs_token,
             actions=self.actions is not None, **values)
         return Response(status, redact.scrub(html).encode())
+
+
+def _form(headers: Any, body: Any) -> dict[str, list[str]] | None:
+    """A posted form's fields, or None when it is missing or larger than MAX_FORM."""
+    try:
+        length = int(headers.get("Content-Length") or 0)
+    except ValueError:
+        return None
+    if not 0 <= length <= MAX_FORM or body is None:
+        return None
+    return parse_qs(body.read(length).decode("utf-8", "replace"))
 
 
 def _cookie(headers: Any, name: str) -> str:

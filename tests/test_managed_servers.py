@@ -338,6 +338,87 @@ def test_provider_extensions_and_roles_are_left_out_by_name(
     assert f"extension {gone} not restored" in restore_check.detail
 
 
+
+RLS_SQL = """
+CREATE TABLE public.notes (id int PRIMARY KEY, tenant text NOT NULL, body text);
+INSERT INTO public.notes SELECT g, 't' || (g % 3), 'note ' || g FROM generate_series(1, 60) g;
+ALTER TABLE public.notes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_notes ON public.notes FOR SELECT TO authenticated USING (tenant = 't1');
+CREATE POLICY tenant_notes ON public.notes TO {tenant} USING (tenant = 't2');
+COMMENT ON POLICY tenant_notes ON public.notes IS 'the tenant application';
+CREATE POLICY all_read ON public.notes FOR SELECT USING (tenant = 't0');
+"""
+
+
+def test_policies_of_missing_roles_are_refused_or_left_out_before_pg_restore(
+        managed_server: ManagedServer, pg_cluster: EphemeralCluster, tmp_path: Path,
+        targets: list[str], target_names: list[str]) -> None:
+    """A Supabase-like source (row level security, policies TO authenticated and TO the
+    application's own role) restored as the master role onto a server that has neither
+    role. Before, pg_restore failed half-way (role "..." does not exist) after creating the
+    tables; now the custom role's policy stops it before anything is created, and with
+    --role-map for that role the provider role's policy is left out by name."""
+    tenant, mapped = f"tenant_{uuid.uuid4().hex[:6]}", f"app_{uuid.uuid4().hex[:6]}"
+    source_name = f"rls_{uuid.uuid4().hex[:8]}"
+    target_names.append(source_name)
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {tenant} NOLOGIN; CREATE ROLE {mapped} NOLOGIN")
+        conn.execute("CREATE ROLE authenticated NOLOGIN")
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source_name)))
+    with managed_server.admin() as conn:
+        conn.execute(f"CREATE ROLE {mapped} NOLOGIN; GRANT {mapped} TO {MASTER}")
+    try:
+        source = pg_cluster.url(source_name)
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute(RLS_SQL.format(tenant=tenant))
+        repo = f"file://{tmp_path / 'repo'}"
+        pgvault("backup", "--dbname", source, "--repo", repo)
+        master = managed_server.url("postgres", user=MASTER)
+        targets += [f"rls_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+
+        line = one_line_error(pgvault(
+            "restore", "latest", "--dbname", master, "--repo", repo, "--to", targets[0],
+            "--role-map", "postgres=master", env=MASTER_ENV, expect=9))
+        assert f"policy tenant_notes on table public.notes applies to role '{tenant}', " \
+               "which does not exist on the target server" in line, line
+        assert f"--role-map {tenant}=ROLE" in line, line
+        with managed_server.admin() as conn:
+            assert not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                                    (targets[0],)).fetchall()
+
+        done = pgvault("restore", "latest", "--dbname", master, "--repo", repo, "--to",
+                       targets[1], "--role-map", "postgres=master", "--role-map",
+                       f"{tenant}={mapped}", env=MASTER_ENV)
+        assert "policy own_notes on table public.notes not restored: its role " \
+               "authenticated does not exist on the target server" in done.stderr
+        restored = managed_server.url(targets[1])
+        with psycopg.connect(restored) as conn:
+            policies = conn.execute("SELECT policyname, roles::text[] FROM pg_policies "
+                                    "WHERE tablename = 'notes' ORDER BY 1").fetchall()
+            assert policies == [("all_read", ["public"]), ("tenant_notes", [mapped])]
+            assert conn.execute("SELECT relrowsecurity FROM pg_class WHERE oid = "
+                                "'public.notes'::regclass").fetchone() == (True,)
+            assert conn.execute("SELECT obj_description(oid, 'pg_policy') FROM pg_policy "
+                                "WHERE polname = 'tenant_notes'").fetchone() == (
+                                    "the tenant application",)
+        # The source as the target should hold it: the provider's policy gone, the
+        # tenant's applying to the mapped role.
+        expected = pg_cluster.url(source_name)
+        with psycopg.connect(expected, autocommit=True) as conn:
+            conn.execute(f"DROP POLICY own_notes ON public.notes; "
+                         f"ALTER POLICY tenant_notes ON public.notes TO {mapped}")
+        assert_databases_equal(expected, restored)
+    finally:
+        with psycopg.connect(pg_cluster.url(), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(source_name)))
+            conn.execute(f"DROP ROLE IF EXISTS {tenant}, {mapped}, authenticated")
+        for name in targets:
+            _drop_db(managed_server.url(), name)
+        targets.clear()
+        with managed_server.admin() as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {mapped}")
+
 # -- poolers ------------------------------------------------------------------------------
 
 
@@ -540,3 +621,68 @@ def test_the_plan_maps_owners_and_grants_and_refuses_what_it_cannot_place() -> N
                                             "exist on the target server"):
         plan(toc, target, role_map={"postgres": "master"})
     assert plan(toc, target, no_owner=True).after == []
+
+
+def test_the_plan_reads_policies_roles_and_leaves_out_only_what_denies_more() -> None:
+    """Policies as pg_dump writes them (dumpPolicy): quoted names, several roles, none for
+    PUBLIC, AS RESTRICTIVE; and default privileges naming a missing role."""
+    from pgvault.engines.portable import Policy, TargetFacts, plan
+    from pgvault.errors import RestoreFailed
+    from pgvault.pg.archive import Toc, TocEntry
+
+    def policy(i: int, defn: str) -> TocEntry:
+        return TocEntry(i, "POLICY", 0, False, "public", f"t p{i}", (1,), defn=defn)
+
+    parsed = Policy.parse('CREATE POLICY "Own rows" ON "My App"."Notes" FOR SELECT TO '
+                          'authenticated, "Tenant ""A""" USING ((owner = auth.uid()));\n')
+    assert parsed is not None and parsed.label() == 'policy "Own rows" on table "My App"."Notes"'
+    assert [r for _, _, r in parsed.roles] == ["authenticated", 'Tenant "A"']
+    assert parsed.with_roles(["app"]).startswith('CREATE POLICY "Own rows" ON "My App"."Notes" '
+                                                 'FOR SELECT TO "app" USING (')
+    assert Policy.parse("CREATE POLICY p ON public.t USING (true);\n").roles == ()  # PUBLIC
+
+    toc = Toc((1, 14), 4, 8, False, [
+        TocEntry(1, "TABLE", 0, False, "public", "t", owner="master"),
+        policy(2, "CREATE POLICY p2 ON public.t TO authenticated USING (true);\n"),
+        policy(3, "CREATE POLICY p3 ON public.t FOR UPDATE TO anon, CURRENT_USER, app "
+                  "USING (true) WITH CHECK (true);\n"),
+        policy(4, "CREATE POLICY p4 ON public.t USING (true);\n"),
+        TocEntry(5, "COMMENT", 0, False, "public", "POLICY p3", (3,),
+                 defn="COMMENT ON POLICY p3 ON public.t IS 'edits';\n"),
+    ], 0)
+    target = TargetFacts("master", False, {"master": True, "app": True}, {})
+    fit = plan(toc, target)
+    assert fit.skip == {2, 3, 5}
+    assert fit.after == ["CREATE POLICY p3 ON public.t FOR UPDATE TO current_user, \"app\" "
+                         "USING (true) WITH CHECK (true);",
+                         "COMMENT ON POLICY p3 ON public.t IS 'edits';"]
+    assert fit.warnings[0].startswith("policy p2 on table public.t not restored: its role "
+                                      "authenticated does not exist on the target server")
+    assert fit.warnings[1] == "policy p3 on table public.t restored without role anon, not " \
+                              "on the target server"
+    assert plan(toc, target, no_owner=True).skip == {2, 3, 5}  # --no-owner keeps policies
+
+    toc.entries.append(policy(6, "CREATE POLICY p6 ON public.t AS RESTRICTIVE TO anon "
+                                 "USING (false);\n"))
+    with pytest.raises(RestoreFailed, match="restrictive policy left out would change"):
+        plan(toc, target)
+    toc.entries[-1] = policy(6, 'CREATE POLICY p6 ON public.t TO "Billing" USING (true);\n')
+    with pytest.raises(RestoreFailed, match=re.escape(
+            "policy p6 on table public.t applies to role 'Billing', which does not exist on "
+            "the target server: create it first (the backup's globals hold it) or map it "
+            "with --role-map Billing=ROLE")):
+        plan(toc, target)
+    mapped = plan(toc, target, role_map={"Billing": "app", "authenticated": "app"})
+    assert 'CREATE POLICY p6 ON public.t TO "app" USING (true);' in mapped.after
+    assert 'CREATE POLICY p2 ON public.t TO "app" USING (true);' in mapped.after
+
+    defaults = Toc((1, 14), 4, 8, False, [TocEntry(
+        1, "DEFAULT ACL", 0, False, "public", "DEFAULT PRIVILEGES FOR TABLES", owner="master",
+        acl="ALTER DEFAULT PRIVILEGES FOR ROLE master IN SCHEMA public GRANT SELECT ON TABLES"
+            " TO auditor;\n")], 0)
+    with pytest.raises(RestoreFailed, match="default privileges for tables in schema public "
+                                            "of role master is granted to role 'auditor'"):
+        plan(defaults, target)
+    assert plan(defaults, target, role_map={"auditor": "app"}).after == [
+        'ALTER DEFAULT PRIVILEGES FOR ROLE master IN SCHEMA public GRANT SELECT ON TABLES TO '
+        '"app";']

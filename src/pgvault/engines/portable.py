@@ -13,7 +13,9 @@ extension the target cannot create, and what needs it), which owners and grants 
 sets itself afterwards (a ``--role-map``, the provider's roles), and what it cannot decide
 for the user: an object owned by, or granted to, an ordinary role the target lacks or the
 restoring role may not use. That is one error naming the object and the way out
-(``--no-owner``, ``--role-map OLD=NEW``), before anything is created.
+(``--no-owner``, ``--role-map OLD=NEW``), before anything is created. Row-level security
+policies name roles too (``CREATE POLICY ... TO authenticated``): ``_policies`` maps them,
+leaves out a provider role's permissive policy, and refuses the rest (see its docstring).
 """
 
 from __future__ import annotations
@@ -52,6 +54,19 @@ _ROLE = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
 # pg_dump writes one grantee per GRANT/REVOKE, last before the semicolon (buildACLCommands).
 _GRANTEE = re.compile(rf"\s(?:TO|FROM)\s+({_ROLE})(?:\s+WITH (?:GRANT|ADMIN) OPTION)?;\s*$")
 _FOR_ROLE = re.compile(rf"\bFOR ROLE\s+({_ROLE})\s")
+# pg_dump's dumpPolicy: CREATE POLICY name ON schema.table [AS RESTRICTIVE] [FOR cmd]
+# [TO role, ...] [USING (...)] [WITH CHECK (...)]; its roles quote_ident'ed, ", "-joined,
+# no TO at all for PUBLIC. The keywords are taken too, for an archive written otherwise.
+_ROLE_SPEC = rf"(?:{_ROLE})"
+_POLICY = re.compile(
+    rf"^\s*CREATE POLICY\s+(?P<name>{_ROLE})\s+ON\s+(?P<table>{_ROLE}(?:\.{_ROLE})?)"
+    r"(?:\s+AS\s+(?P<kind>PERMISSIVE|RESTRICTIVE))?"
+    r"(?:\s+FOR\s+(?:ALL|SELECT|INSERT|UPDATE|DELETE))?"
+    rf"(?:\s+TO\s+(?P<roles>{_ROLE_SPEC}(?:\s*,\s*{_ROLE_SPEC})*))?"
+    r"(?=\s+USING\b|\s+WITH\s+CHECK\b|\s*;)", re.IGNORECASE)
+_ROLE_IN_LIST = re.compile(_ROLE)
+# Not roles: what they stand for exists wherever the policy is created.
+_ROLE_KEYWORDS = frozenset({"public", "current_user", "current_role", "session_user"})
 _SESSION_ROLE = re.compile(rf"^SET SESSION AUTHORIZATION\s+({_ROLE});")
 
 _FACTS_SQL = """
@@ -208,14 +223,14 @@ def _extensions(toc: Toc, target: TargetFacts, fit: Fit) -> None:
                                         f"{needed}")
 
 
-def _refusal(entry: TocEntry, role: str, target: TargetFacts, what: str) -> str:
+def _refusal(shown: str, role: str, target: TargetFacts, what: str) -> str:
     user = target.user
     if role not in target.roles:
         why = "does not exist on the target server: create it first (the backup's globals " \
               "hold it), map it"
     else:
         why = f"{user} is not a member of: map it"
-    return (f"{label(entry)} is {what} role {role!r}, which {why} with --role-map "
+    return (f"{shown} is {what} role {role!r}, which {why} with --role-map "
             f"{role}=ROLE (a role {user} is a member of), or restore with --no-owner (every "
             f"object owned by {user}, no grants)")
 
@@ -232,6 +247,7 @@ def plan(toc: Toc, target: TargetFacts, *, role_map: Mapping[str, str] | None = 
             raise RestoreFailed(f"--role-map: role {new!r} {what}")
     fit = Fit()
     _extensions(toc, target, fit)
+    _policies(toc, target, role_map, fit)  # --no-owner restores policies too
     if no_owner:  # pg_restore --no-owner --no-acl: owners and grants are not restored
         return fit
     owners: dict[int, str] = {}
@@ -242,7 +258,7 @@ def plan(toc: Toc, target: TargetFacts, *, role_map: Mapping[str, str] | None = 
         owner = role_map.get(entry.owner, entry.owner)
         if not target.may_own_as(owner):
             if entry.owner not in PROVIDER_ROLES:
-                raise RestoreFailed(_refusal(entry, entry.owner, target, "owned by"))
+                raise RestoreFailed(_refusal(label(entry), entry.owner, target, "owned by"))
             moved.setdefault(entry.owner, []).append(entry)
             owner = target.user
         owners[entry.dump_id] = owner
@@ -285,14 +301,19 @@ def _grants(toc: Toc, target: TargetFacts, role_map: Mapping[str, str], fit: Fit
                    for _, roles in mentioned for _, _, role in roles):
             continue
         about = next((by_id[d] for d in entry.deps if d in by_id), entry)
-        what = label(about) if entry.desc == "ACL" else f"default privileges {entry.tag}"
+        if entry.desc == "ACL":
+            what = label(about)
+        else:  # tagged DEFAULT PRIVILEGES FOR TABLES, owned by the FOR ROLE
+            where = f" in schema {show_name(entry.namespace)}" if entry.namespace else ""
+            what = f"{entry.tag.lower()}{where} of role {entry.owner}"
         kept: list[str] = []
         for statement, roles in mentioned:
             missing = [role for _, _, role in roles
                        if role_map.get(role, role) not in target.roles]
             if missing:
                 if any(role not in PROVIDER_ROLES for role in missing):
-                    raise RestoreFailed(_refusal(about, missing[0], target, "granted to"))
+                    stop = next(r for r in missing if r not in PROVIDER_ROLES)
+                    raise RestoreFailed(_refusal(what, stop, target, "granted to"))
                 fit.warnings.append(f"grant on {what} not restored (role "
                                     f"{missing[0]} does not exist on the target server): "
                                     f"{statement.strip()}")
@@ -303,6 +324,99 @@ def _grants(toc: Toc, target: TargetFacts, role_map: Mapping[str, str], fit: Fit
             kept.append(statement.strip())
         fit.skip.add(entry.dump_id)
         fit.after += kept
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A POLICY entry's statement, read: its name, table and roles (where in ``text``)."""
+
+    name: str
+    table: str
+    restrictive: bool
+    text: str
+    roles: tuple[tuple[int, int, str], ...]  # (start, end, role as the server spells it)
+
+    @classmethod
+    def parse(cls, text: str) -> Policy | None:
+        """None for a statement pg_dump does not write (pg_restore then runs it as it is)."""
+        match = _POLICY.match(text)
+        if match is None:
+            return None
+        roles: list[tuple[int, int, str]] = []
+        if match["roles"] is not None:
+            start = match.start("roles")
+            roles = [(start + m.start(), start + m.end(), _unquoted(m[0]))
+                     for m in _ROLE_IN_LIST.finditer(match["roles"])]
+        table = ".".join(_unquoted(part) for part in _ROLE_IN_LIST.findall(match["table"]))
+        return cls(_unquoted(match["name"]), table,
+                   (match["kind"] or "").upper() == "RESTRICTIVE", text, tuple(roles))
+
+    def label(self) -> str:
+        schema, _, table = self.table.rpartition(".")
+        return f"policy {show_name('', self.name)} on table {show_name(schema, table)}"
+
+    def with_roles(self, roles: list[str]) -> str:
+        """The statement applying to ``roles`` (keywords kept as they were written)."""
+        first, last = self.roles[0][0], self.roles[-1][1]
+        spelled = ", ".join(r if r in _ROLE_KEYWORDS else identifier(r) for r in roles)
+        return self.text[:first] + spelled + self.text[last:]
+
+
+def _policies(toc: Toc, target: TargetFacts, role_map: Mapping[str, str], fit: Fit) -> None:
+    """Each row-level security policy naming a mapped role or one the target lacks.
+
+    A policy's role cannot simply go: ``TO authenticated`` would become ``TO PUBLIC`` and
+    grant everyone what one role had. On the target a missing role logs in as nobody, so
+    a permissive policy is restored for its other roles, or left out (and named) when none
+    is left: the table keeps ROW LEVEL SECURITY enabled, and a permissive policy left out
+    can only deny rows, never show more. A restrictive policy left out would show more
+    (its filter gone for the roles later given the name), so it is no provider's case:
+    like a policy of an ordinary role the target lacks, it stops the restore before
+    anything is created, naming the policy, the role and ``--role-map``.
+    """
+    about: dict[int, list[TocEntry]] = {}
+    for entry in toc.entries:
+        if entry.desc in ABOUT:
+            for dep in entry.deps:
+                about.setdefault(dep, []).append(entry)
+    for entry in toc.entries:
+        if entry.desc != "POLICY" or entry.dump_id in fit.skip:
+            continue
+        policy = Policy.parse(entry.defn)
+        if policy is None:
+            continue
+        named = [role for _, _, role in policy.roles if role not in _ROLE_KEYWORDS]
+        missing = [role for role in named if role not in role_map and role not in target.roles]
+        if not missing and not any(role in role_map for role in named):
+            continue
+        stop = next((r for r in missing if r not in PROVIDER_ROLES or policy.restrictive), None)
+        if stop is not None:
+            kind = "restrictive policy" if policy.restrictive else "policy"
+            raise RestoreFailed(
+                f"{policy.label()} applies to role {stop!r}, which does not exist on the "
+                f"target server: create it first (the backup's globals hold it) or map it "
+                f"with --role-map {stop}=ROLE (a role of the target; a {kind} left out "
+                f"would change who sees which rows)")
+        kept: list[str] = []
+        for _, _, role in policy.roles:
+            new = role if role in _ROLE_KEYWORDS else role_map.get(role, role)
+            if role not in missing and new not in kept:
+                kept.append(new)
+        fit.skip.add(entry.dump_id)
+        comments = [e for e in about.get(entry.dump_id, []) if e.dump_id not in fit.skip]
+        fit.skip.update(e.dump_id for e in comments)  # pg_restore would run them first
+        gone = ("role " if len(missing) == 1 else "roles ") + ", ".join(missing)
+        if not kept:
+            fit.warnings.append(f"{policy.label()} not restored: its {gone} "
+                                f"{'does' if len(missing) == 1 else 'do'} not exist on the "
+                                "target server (row level security stays on: what the policy "
+                                "showed is hidden, never more shown)")
+            continue
+        if missing:
+            fit.warnings.append(f"{policy.label()} restored without {gone}, not on the "
+                                "target server")
+        fit.after.append(policy.with_roles(kept).strip())
+        fit.after += [e.defn.strip() for e in comments if e.defn.strip()]
 
 
 def left_out(lines: list[str]) -> set[str]:

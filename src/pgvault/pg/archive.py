@@ -45,6 +45,7 @@ class TocEntry:
     owner: str = ""  # the role pg_restore makes the object's owner (ALTER ... OWNER TO)
     drop: str = ""  # its DROP statement, which names the object as ALTER ... OWNER TO does
     acl: str = ""  # an ACL or DEFAULT ACL entry's GRANT/REVOKE statements (others: "")
+    defn: str = ""  # a POLICY's statement, or a COMMENT ON POLICY (see _kept_defn)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,14 @@ class _Cursor:
     def str(self) -> str | None:
         length = self.int()
         return None if length < 0 else self.take(length).decode("utf-8", "replace")
+
+
+# Definitions engines/portable.py reads for the roles they name (a policy's TO list) or
+# re-issues after a policy it rewrote (the policy's comment); others are not kept, so that
+# a large schema's table of contents stays small in memory.
+def _kept_defn(desc: str, defn: str) -> str:
+    keep = desc == "POLICY" or (desc == "COMMENT" and defn.startswith("COMMENT ON POLICY "))
+    return defn if keep else ""
 
 
 def read_toc(buf: bytes | bytearray) -> Toc:
@@ -131,7 +140,8 @@ def read_toc(buf: bytes | bytearray) -> Toc:
         identity = desc == "SEQUENCE" and defn.startswith("ALTER TABLE")
         entries.append(TocEntry(dump_id, desc, offset_at, state == OFFSET_NOT_SET,
                                 namespace, tag, tuple(deps), section, identity, owner, drop,
-                                defn if desc in ("ACL", "DEFAULT ACL") else ""))
+                                defn if desc in ("ACL", "DEFAULT ACL") else "",
+                                _kept_defn(desc, defn)))
     return Toc(version, cur.int_size, off_size, compressed, entries, cur.pos)
 
 

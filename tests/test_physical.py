@@ -137,7 +137,8 @@ def archiving(server_pgvault: str, repo_dir: Path) -> Iterator[Archiving]:
 
 
 def _stop_server(pgdata: Path) -> None:
-    """Fast shutdown of a server `restore --physical --start` left running."""
+    """Fast shutdown of a server `restore --start` left running (in-process: our child,
+    reaped here, or it would linger as a zombie that still answers kill 0)."""
     try:
         pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
     except (OSError, ValueError, IndexError):
@@ -147,11 +148,14 @@ def _stop_server(pgdata: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            if not (pgdata / "postmaster.pid").exists():
+                return
         time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _free_port() -> int:

@@ -15,7 +15,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -38,34 +37,13 @@ from pgvault.storage.s3 import S3Options
 from test_physical import (  # noqa: F401 (server_pgvault: a fixture)
     _as_root,
     _postgres_owned_dir,
+    _stop_server,
     restore_pitr,
     server_pgvault,
     sql,
 )
 
 CLUSTER = "main"
-
-
-def _stop_server(pgdata: Path) -> None:
-    """Fast shutdown of a server `restore --start` left running (in-process: our child,
-    reaped here, or it would linger as a zombie that still answers kill 0)."""
-    try:
-        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGINT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            if not (pgdata / "postmaster.pid").exists():
-                return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 def _closed_port() -> int:

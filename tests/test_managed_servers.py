@@ -626,7 +626,7 @@ def test_the_plan_maps_owners_and_grants_and_refuses_what_it_cannot_place() -> N
 def test_the_plan_reads_policies_roles_and_leaves_out_only_what_denies_more() -> None:
     """Policies as pg_dump writes them (dumpPolicy): quoted names, several roles, none for
     PUBLIC, AS RESTRICTIVE; and default privileges naming a missing role."""
-    from pgvault.engines.portable import Policy, TargetFacts, plan
+    from pgvault.engines.portable import Policy, TargetFacts, plan, provider_role
     from pgvault.errors import RestoreFailed
     from pgvault.pg.archive import Toc, TocEntry
 
@@ -658,9 +658,12 @@ def test_the_plan_reads_policies_roles_and_leaves_out_only_what_denies_more() ->
                          "COMMENT ON POLICY p3 ON public.t IS 'edits';"]
     assert fit.warnings[0].startswith("policy p2 on table public.t not restored: its role "
                                       "authenticated does not exist on the target server")
-    assert fit.warnings[1] == "policy p3 on table public.t restored without role anon, not " \
-                              "on the target server"
+    assert fit.warnings[1] == "policy p3 on table public.t not restored: for role anon, " \
+                              "which does not exist on the target server (restored for " \
+                              "current_user, app only)"
     assert plan(toc, target, no_owner=True).skip == {2, 3, 5}  # --no-owner keeps policies
+    assert provider_role("supabase_storage_v2") and provider_role("neon_superuser")
+    assert not provider_role("app") and not provider_role("tenant")
 
     toc.entries.append(policy(6, "CREATE POLICY p6 ON public.t AS RESTRICTIVE TO anon "
                                  "USING (false);\n"))

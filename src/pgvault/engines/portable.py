@@ -39,6 +39,15 @@ PROVIDER_ROLES = frozenset({
     "authenticated", "service_role", "neon_superuser", "cloudsqlsuperuser", "cloudsqladmin",
     "cloudsqlagent", "azure_pg_admin", "azure_superuser", "azuresu",
 })
+# And the families a provider adds to with new features (supabase_etl_admin came late):
+# a role of yours named so is treated as a provider's, which only ever leaves something
+# out with a warning (an owner given to the restoring role, a grant or policy not made).
+PROVIDER_PREFIXES = ("rds_", "supabase_", "neon_", "pgsodium_", "cloudsql", "azure_")
+
+
+def provider_role(role: str) -> bool:
+    """Whether ``role`` is one a provider creates for itself (``PROVIDER_ROLES``)."""
+    return role in PROVIDER_ROLES or role.startswith(PROVIDER_PREFIXES)
 
 # The kinds whose owner pg_restore sets with ALTER <kind> ... OWNER TO (pg_backup_archiver.c,
 # _printTocEntry), named as their DROP statement names them.
@@ -257,7 +266,7 @@ def plan(toc: Toc, target: TargetFacts, *, role_map: Mapping[str, str] | None = 
             continue
         owner = role_map.get(entry.owner, entry.owner)
         if not target.may_own_as(owner):
-            if entry.owner not in PROVIDER_ROLES:
+            if not provider_role(entry.owner):
                 raise RestoreFailed(_refusal(label(entry), entry.owner, target, "owned by"))
             moved.setdefault(entry.owner, []).append(entry)
             owner = target.user
@@ -311,8 +320,8 @@ def _grants(toc: Toc, target: TargetFacts, role_map: Mapping[str, str], fit: Fit
             missing = [role for _, _, role in roles
                        if role_map.get(role, role) not in target.roles]
             if missing:
-                if any(role not in PROVIDER_ROLES for role in missing):
-                    stop = next(r for r in missing if r not in PROVIDER_ROLES)
+                if not all(provider_role(role) for role in missing):
+                    stop = next(r for r in missing if not provider_role(r))
                     raise RestoreFailed(_refusal(what, stop, target, "granted to"))
                 fit.warnings.append(f"grant on {what} not restored (role "
                                     f"{missing[0]} does not exist on the target server): "
@@ -389,7 +398,7 @@ def _policies(toc: Toc, target: TargetFacts, role_map: Mapping[str, str], fit: F
         missing = [role for role in named if role not in role_map and role not in target.roles]
         if not missing and not any(role in role_map for role in named):
             continue
-        stop = next((r for r in missing if r not in PROVIDER_ROLES or policy.restrictive), None)
+        stop = next((r for r in missing if not provider_role(r) or policy.restrictive), None)
         if stop is not None:
             kind = "restrictive policy" if policy.restrictive else "policy"
             raise RestoreFailed(
@@ -412,9 +421,10 @@ def _policies(toc: Toc, target: TargetFacts, role_map: Mapping[str, str], fit: F
                                 "target server (row level security stays on: what the policy "
                                 "showed is hidden, never more shown)")
             continue
-        if missing:
-            fit.warnings.append(f"{policy.label()} restored without {gone}, not on the "
-                                "target server")
+        if missing:  # said as "not restored: " so that a drill's facts excuse it too
+            fit.warnings.append(f"{policy.label()} not restored: for {gone}, which "
+                                f"{'does' if len(missing) == 1 else 'do'} not exist on the "
+                                f"target server (restored for {', '.join(kept)} only)")
         fit.after.append(policy.with_roles(kept).strip())
         fit.after += [e.defn.strip() for e in comments if e.defn.strip()]
 

@@ -10,7 +10,7 @@ import signal
 import subprocess as sp
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -440,6 +440,110 @@ def test_a_copy_with_its_own_s3_keys_into_an_object_lock_bucket_gets_its_retenti
     pgvault("restore", "latest", "--repo", "offsite", "--to", target, "-d", pg_cluster.url(),
             env=env)
     assert_databases_equal(source, pg_cluster.url(target))
+
+
+@pytest.fixture
+def lock_bucket(s3_client: Any) -> Iterator[str]:
+    """A bucket with Object Lock on; emptied afterwards, bypassing GOVERNANCE retention."""
+    name = f"pgvault-lock-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+    yield name
+    for page in s3_client.get_paginator("list_object_versions").paginate(Bucket=name):
+        for version in page.get("Versions", []) + page.get("DeleteMarkers", []):
+            s3_client.delete_object(Bucket=name, Key=version["Key"],
+                                    VersionId=version["VersionId"],
+                                    BypassGovernanceRetention=True)
+    s3_client.delete_bucket(Bucket=name)
+
+
+def test_object_lock_dates_follow_the_copy_targets_policy_and_prune_extends_them(
+    s3_server: str, s3_client: Any, lock_bucket: str, tmp_path: Path,
+) -> None:
+    """2 daily / 3 weekly at the target: a copied object is locked for its daily slot
+    (2 days from its write); a prune a day later extends the backup that holds last week's
+    slot to the Monday that slot may lapse and a pinned one by its write hold again, leaves
+    the newest backup's date alone, and leaves a backup it would remove but that is still
+    locked, saying until when.
+
+    The backups are fabricated (storage only, nothing to restore); the Object Lock is
+    moto's, enforced on its real clock, so the times are set around the real now."""
+    from pgvault.ops.copy import copy
+    from pgvault.ops.prune import prune
+    from pgvault.retention import Policy
+    from pgvault.storage.memory import MemoryStorage
+    from pgvault.vault import s3_options
+
+    # The wiring: a repository's [s3] object_lock without days takes its own policy's date.
+    config = write_config(tmp_path / "pgvault.toml", [
+        {"name": "main", "url": f"file://{tmp_path / 'main'}", "primary": True},
+        {"name": "offsite", "url": f"s3://{lock_bucket}/app",
+         "retention": "{ keep_daily = 2, keep_weekly = 3, keep_monthly = 0 }",
+         "s3": f'{{ endpoint_url = "{s3_server}", object_lock = {{ mode = "governance" }} }}'},
+    ], "[s3]\npath_style = true\nsse = \"none\"\n")
+    options = s3_options(config_load({}, clean_env(), config).repository("offsite"))
+    policy = Policy(daily=2, weekly=3, monthly=0)
+    probe = at("2026-12-07T01:00")
+    assert options.object_lock_mode == "GOVERNANCE"
+    assert options.object_lock_until is not None
+    assert options.object_lock_until(probe) == probe + timedelta(days=2)
+
+    real = datetime.now(UTC).replace(microsecond=0)
+    day = real.replace(hour=1, minute=0, second=0)  # today 01:00 UTC, the newest backup
+    src = MemoryStorage()
+    # Today, last Sunday, last Friday, and a pinned one the Thursday a week before.
+    newest, last_week, gone = (fabricate(src, day - timedelta(days=n), database="main")
+                               for n in (0, 1 + day.weekday(), 3 + day.weekday()))
+    pinned = fabricate(src, day - timedelta(days=11 + day.weekday()), database="main",
+                       pinned=True)
+    target = open_storage(f"s3://{lock_bucket}/app", options)
+    before = datetime.now(UTC).replace(microsecond=0)
+    report = copy(src, target, name="offsite", policy=policy, now=real)
+    assert sorted(report.copied) == sorted(f"main/{m.id}" for m in (newest, last_week, pinned))
+    report = copy(src, target, name="offsite", policy=policy, now=real, ref=gone.id)
+    assert report.copied == [f"main/{gone.id}"]
+    after = datetime.now(UTC) + timedelta(seconds=1)
+
+    def dates(manifest: Any) -> set[datetime]:
+        keys = [f"app/{a.key}" for a in manifest.artifacts] + [
+            f"app/manifests/main/{manifest.id}.json"]
+        found = set()
+        for key in keys:
+            # moto 5.2 has no GetObjectRetention; HeadObject shows the same retention.
+            got = s3_client.head_object(Bucket=lock_bucket, Key=key)
+            assert got["ObjectLockMode"] == "GOVERNANCE"
+            found.add(got["ObjectLockRetainUntilDate"].astimezone(UTC))
+        return found
+
+    written = {m.id: dates(m) for m in (newest, last_week, gone, pinned)}
+    for found in written.values():
+        assert all(before + timedelta(days=2) <= d <= after + timedelta(days=2) for d in found)
+
+    # A day later: last_week holds weekly 2/3 (and daily 2/2), which lapses no sooner than
+    # two Mondays after the newest backup's week's; pinned holds weekly 3/3 (one Monday)
+    # and its pin (the write hold from prune's now); newest holds only slot-1 places (no
+    # date); gone is due for removal but locked for another day.
+    this_monday = (day - timedelta(days=day.weekday())).replace(hour=0)
+    later = real + timedelta(days=1)
+    want = {last_week.id: this_monday + timedelta(weeks=2),
+            pinned.id: max(this_monday + timedelta(weeks=1), later + timedelta(days=2))}
+    pruned = prune(target, policy, dry_run=False, now=later,
+                   lock_stale_after=timedelta(hours=1))
+    assert pruned.extended == want
+    assert dates(last_week) == {want[last_week.id]}
+    assert dates(pinned) == {want[pinned.id]}
+    assert dates(newest) == written[newest.id]
+    assert pruned.locked == {gone.id: max(written[gone.id])}
+    kept = {d.id: d.reasons for d in pruned.databases["main"].keep}
+    assert kept[gone.id] == (f"object lock until {max(written[gone.id]):%Y-%m-%d %H:%M} UTC",)
+    assert {m.id for m in Catalog(target).list()} == {newest.id, last_week.id, gone.id,
+                                                        pinned.id}
+    assert "1 backup kept under S3 Object Lock" in pruned.summary()
+
+    # Prune again: nothing shortens, nothing extends twice.
+    again = prune(target, policy, dry_run=False, now=later,
+                  lock_stale_after=timedelta(hours=1))
+    assert again.extended == want
+    assert dates(last_week) == {want[last_week.id]}
 
 
 def test_the_lag_of_a_copy_that_does_not_answer_is_what_the_source_knows_within_a_deadline(

@@ -21,6 +21,8 @@ from pgvault.retention import (
     Policy,
     caution,
     describe,
+    earliest_removal,
+    hold_after_write,
     plan,
 )
 
@@ -657,3 +659,96 @@ def test_plan_ignores_input_order_and_now(
     rnd.shuffle(shuffled)
     assert plan(iter(shuffled), policy) == result
     assert plan(backups, policy, now=now) == result
+
+
+# -- Object Lock dates: how long the policy surely keeps a backup --------------------------
+
+
+@pytest.mark.parametrize(("policy", "written", "until"), [
+    (only(daily=7, weekly=4), "2026-12-07T01:30", "2026-12-14T01:30"),
+    (only(daily=2, within=Duration(days=10)), "2026-12-07T01:30", "2026-12-17T01:30"),
+    (only(daily=2, within=Duration(hours=12)), "2026-12-07T01:30", "2026-12-09T01:30"),
+    (only(weekly=4, monthly=3), "2026-12-07T01:30", "2027-01-04T01:30"),
+    # Calendar months, the day clamped: Nov 30 + 3 months is Feb 28.
+    (only(monthly=3, yearly=1), "2026-11-30T01:30", "2027-02-28T01:30"),
+    (only(last=5), "2026-12-07T01:30", None),
+])
+def test_a_written_backup_is_held_for_its_daily_slot_else_the_shortest_one(
+    policy: Policy, written: str, until: str | None
+) -> None:
+    assert hold_after_write(policy, utc(written)) == (utc(until) if until else None)
+
+
+def test_a_written_backup_is_held_by_the_wall_clock_of_the_policys_zone() -> None:
+    # Berlin leaves summer time on 2026-10-25: 7 days from 10-20 12:00 local is 169 hours.
+    policy = Policy(daily=7, weekly=0, monthly=0, timezone="Europe/Berlin")
+    written = datetime(2026, 10, 20, 12, 0, tzinfo=BERLIN)
+    assert hold_after_write(policy, written) == datetime(2026, 10, 27, 12, 0, tzinfo=BERLIN)
+
+
+def test_each_kept_backup_may_go_once_its_latest_reason_lapses() -> None:
+    # Daily backups Tue 12-01 .. Wed 12-09 under 2 daily / 2 weekly, one pinned, kept 12-01
+    # only for the pin. A daily slot k of N lapses at the start of day newest + (N-k+1); a
+    # weekly one at the Monday (N-k+1) weeks after the newest backup's week's Monday. Slot 1
+    # gives no date: a later backup of the same day or week takes it.
+    backups = every_day("2026-12-01", "2026-12-09")
+    backups[0] = B("2026-12-01", backups[0].time, pinned=True)
+    policy = only(daily=2, weekly=2)
+    planned = plan(backups, policy)
+    assert planned.keep == ["2026-12-09", "2026-12-08", "2026-12-06", "2026-12-01"]
+    now = utc("2026-12-09T02:00")
+    assert earliest_removal(backups, policy, planned, now) == {
+        "2026-12-08": utc("2026-12-10T00:00"),  # daily 2/2
+        "2026-12-06": utc("2026-12-14T00:00"),  # weekly 2/2
+        "2026-12-01": utc("2026-12-11T02:00"),  # pinned: the write hold again, from now
+    }
+
+
+def test_a_parent_lasts_as_long_as_its_child_and_counts_give_no_date() -> None:
+    @dataclass(frozen=True)
+    class P:
+        id: str
+        time: datetime
+        parent: str | None = None
+
+    backups = [P("full", utc("2026-11-02T01:00")), P("incr", utc("2026-12-09T01:00"), "full"),
+               P("other", utc("2026-12-08T01:00"))]
+    policy = only(last=1, monthly=2)
+    planned = plan(backups, policy)
+    assert planned.reasons["full"] == ["monthly 2/2", "parent of incr"]
+    assert earliest_removal(backups, policy, planned, utc("2026-12-09T02:00")) == {
+        "full": utc("2027-01-01T00:00"),  # monthly 2/2: one new month after December
+    }
+    # Once the child holds a past month's slot, the parent lasts as long as it does.
+    backups.append(P("january", utc("2027-01-03T01:00")))
+    planned = plan(backups, policy)
+    assert planned.reasons["full"] == ["parent of incr"]
+    assert earliest_removal(backups, policy, planned, utc("2027-01-03T02:00")) == {
+        "incr": utc("2027-02-01T00:00"), "full": utc("2027-02-01T00:00")}
+    # keep_last and "newest" give no date: the next backup may take the place at once.
+    alone = only(last=2)
+    assert earliest_removal(backups, alone, plan(backups, alone), utc("2026-12-09T02:00")) == {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(backup_lists(), policies(),
+       st.lists(st.integers(1, 72), min_size=1, max_size=30))
+def test_no_later_plan_removes_a_backup_before_its_earliest_removal(
+    backups: list[B], policy: Policy, gaps: list[int]
+) -> None:
+    """The lock date is safe: backups taken later (hours apart) never make a plan remove a
+    kept backup before the instant earliest_removal gave it."""
+    if not good(backups):
+        return
+    planned = plan(backups, policy)
+    newest = max(b.time.astimezone(UTC) for b in good(backups))
+    bounds = earliest_removal(backups, policy, planned, newest)
+    later = list(backups)
+    moment = newest
+    for n, hours in enumerate(gaps):
+        moment += timedelta(hours=hours)
+        later.append(B(f"new{n:02d}", moment))
+        again = plan(later, policy)
+        for backup_id, bound in bounds.items():
+            if backup_id in again.remove:
+                assert moment >= bound, (backup_id, bound, moment)

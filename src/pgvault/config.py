@@ -103,10 +103,14 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ObjectLockSettings(Section, kw_only=True):
-    """S3 Object Lock retention applied to every object written (ransomware protection)."""
+    """S3 Object Lock retention applied to every object written (ransomware protection).
+
+    The date follows the repository's retention policy (docs/copies.md); ``days`` is a
+    floor under it, needed only when the policy gives no date (keep_last alone).
+    """
 
     mode: Literal["governance", "compliance"] = "governance"
-    days: Annotated[int, Meta(ge=1, le=36500)]
+    days: Annotated[int, Meta(ge=1, le=36500)] | None = None
 
 
 class S3Settings(Section):

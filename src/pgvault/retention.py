@@ -20,7 +20,7 @@ import calendar
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Final, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -37,6 +37,8 @@ __all__ = [
     "Policy",
     "caution",
     "describe",
+    "earliest_removal",
+    "hold_after_write",
     "plan",
 ]
 
@@ -123,6 +125,19 @@ class Duration:
         except (OverflowError, ValueError):
             # A span longer than the calendar reaches before every representable backup.
             return datetime.min.replace(tzinfo=UTC)
+
+    def after(self, moment: datetime, zone: tzinfo) -> datetime:
+        """The instant this span after `moment`, counted as ``before`` counts it."""
+        local = moment.astimezone(zone)
+        try:
+            month_index = local.year * 12 + (local.month - 1) + (self.years * 12 + self.months)
+            year, month = divmod(month_index, 12)
+            day = min(local.day, calendar.monthrange(year, month + 1)[1])
+            shifted = local.replace(year=year, month=month + 1, day=day)
+            shifted += timedelta(weeks=self.weeks, days=self.days)
+            return shifted.astimezone(UTC) + timedelta(hours=self.hours)
+        except (OverflowError, ValueError):
+            return datetime.max.replace(tzinfo=UTC)
 
     def __str__(self) -> str:
         values = (self.years, self.months, self.weeks, self.days, self.hours)
@@ -292,6 +307,97 @@ def _rules(ordered: list[BackupLike], policy: Policy) -> dict[str, list[str]]:
             why.append("pinned")
         reasons[backup.id] = why
     return reasons
+
+
+def hold_after_write(policy: Policy, written: datetime) -> datetime | None:
+    """How long a backup written at `written` is surely kept, for an Object Lock date.
+
+    A fresh backup is the newest, so it holds a slot of every rule, but a later backup of
+    the same week or month takes that slot over; the day's slot lasts (one backup a day
+    assumed) and so does keep_within. So: the longer of keep_daily days and keep_within,
+    else the shortest coarser slot; None when only keep_last (a count) keeps anything.
+    Prune extends the date of each backup that goes on to hold a longer slot.
+    """
+    _require_aware(written, "written")
+    zone = _zone(policy.timezone)
+    sure = [Duration(days=policy.daily).after(written, zone)] if policy.daily > 0 else []
+    if policy.within is not None:
+        sure.append(policy.within.after(written, zone))
+    if sure:
+        return max(sure)
+    spans = [Duration(**{unit: count}) for unit, count in
+             (("weeks", policy.weekly), ("months", policy.monthly), ("years", policy.yearly))
+             if count > 0]
+    return min((span.after(written, zone) for span in spans), default=None)
+
+
+_SLOT_RE: Final = re.compile(r"(daily|weekly|monthly|yearly) ([0-9]+)/([0-9]+)")
+
+
+def earliest_removal(backups: Iterable[BackupLike], policy: Policy, planned: Plan,
+                     now: datetime) -> dict[str, datetime]:
+    """Per kept backup of `planned`, the earliest instant a later plan may remove it.
+
+    A backup goes only when every reason keeping it has lapsed, so its instant is the
+    latest of its reasons': slot k of N of a calendar rule lapses no sooner than the start
+    of the (N-k+1)th bucket after the newest good backup's (each newer bucket needs a
+    backup before this one drops out), except slot 1, the newest bucket's, which a later
+    backup of the same day, week or month takes at once; keep_within lapses its span
+    after the backup; a pin renews the repository's write hold from `now` on each prune
+    (a pin is lifted at will); a parent lasts as long as its child. "newest", keep_last
+    and unlimited counts give no instant (the next backup may take the place; unlimited
+    never lapses and no lock date says "forever"). A backup with no instant is absent
+    from the result.
+    """
+    _require_aware(now, "now")
+    ordered = _newest_first(backups)
+    bad = _bad_with_parents(ordered)
+    good = [b for b in ordered if b.id not in bad]
+    if not good:
+        return {}
+    zone = _zone(policy.timezone)
+    newest = good[0].time.astimezone(zone)
+    kept = set(planned.keep)
+    found: dict[str, datetime] = {}
+    # Newest first: a child's instant is known before its parent's.
+    for backup in ordered:
+        if backup.id not in kept:
+            continue
+        bounds: list[datetime] = []
+        for reason in planned.reasons.get(backup.id, []):
+            slot = _SLOT_RE.match(reason)
+            bound: datetime | None = None
+            if slot is not None:
+                rule, held, count = slot.group(1), int(slot.group(2)), int(slot.group(3))
+                # Slot 1 is the newest bucket's: a later backup there takes it at once.
+                if held > 1 or reason.endswith("(oldest)"):
+                    bound = _bucket_start(newest, rule, count - held + 1, zone)
+            elif reason.startswith("within ") and policy.within is not None:
+                bound = policy.within.after(backup.time, zone)
+            elif reason == "pinned":
+                bound = hold_after_write(policy, now)
+            elif reason.startswith("parent of "):
+                bound = found.get(reason.removeprefix("parent of "))
+            if bound is not None:
+                bounds.append(bound)
+        if bounds:
+            found[backup.id] = max(bounds)
+    return found
+
+
+def _bucket_start(local: datetime, rule: str, ahead: int, zone: tzinfo) -> datetime:
+    """The first instant of the `rule` bucket `ahead` buckets after the one of `local`."""
+    day = local.date()
+    if rule == "daily":
+        start = day + timedelta(days=ahead)
+    elif rule == "weekly":
+        start = day - timedelta(days=day.weekday()) + timedelta(weeks=ahead)
+    elif rule == "monthly":
+        year, month = divmod(day.year * 12 + day.month - 1 + ahead, 12)
+        start = date(year, month + 1, 1)
+    else:
+        start = date(day.year + ahead, 1, 1)
+    return datetime.combine(start, time(), tzinfo=zone).astimezone(UTC)
 
 
 def _bad(backup: BackupLike) -> str | None:

@@ -71,10 +71,27 @@ def s3_options(settings: Settings) -> S3Options:
         max_concurrency=s3.max_concurrency,
         sse_customer_key=settings.secrets.sse_c_key if s3.sse == "sse-c" else None,
         object_lock_mode=lock.mode.upper() if lock else None,
-        object_lock_days=lock.days if lock else 0,
+        object_lock_days=(lock.days or 0) if lock else 0,
+        object_lock_until=_policy_hold(settings) if lock else None,
         io_timeout=settings.io_timeout_seconds,
         credentials=settings.repository_credentials() or settings.secrets.aws_credentials(),
     )
+
+
+def _policy_hold(settings: Settings) -> Callable[[datetime], datetime | None]:
+    """The Object Lock date the repository's own retention policy gives a written object."""
+    import functools
+
+    import msgspec
+
+    from pgvault.retention import Policy, hold_after_write
+
+    policy = Policy.from_mapping(msgspec.structs.asdict(settings.retention))
+    lock = settings.s3.object_lock
+    if lock is not None and lock.days is None and hold_after_write(policy, _utcnow()) is None:
+        raise ConfigError("s3 object_lock needs days = N: the retention policy keeps by count "
+                          "only (keep_last), which gives no date to lock until")
+    return functools.partial(hold_after_write, policy)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from pgvault.errors import IntegrityError, LockHeld, NotFound, UsageError
 from pgvault.lock import hold
 from pgvault.model import Manifest, backup_id_time
 from pgvault.retention import Candidate, Duration, Policy
-from pgvault.storage.base import Storage
+from pgvault.storage.base import Retaining, Storage
 
 __all__ = [
     "ORPHAN_DELAY",
@@ -91,6 +91,9 @@ class PruneReport:
     """Backups due for removal but kept: S3 Object Lock retains them until this time."""
     wal: list[str] = field(default_factory=list)
     """Keys of archived WAL removed: older than the start of every kept base backup."""
+    extended: dict[str, datetime] = field(default_factory=dict)
+    """Kept backups whose S3 Object Lock dates were extended, to the date their objects
+    now have: when the slot keeping them may next let them go."""
 
     @property
     def refused(self) -> dict[str, str]:
@@ -145,6 +148,8 @@ class PruneReport:
             line += f"; skipped (locked): {', '.join(self.skipped)}"
         if self.refused:
             line += f"; refused: {', '.join(self.refused)}"
+        if self.extended:
+            line += f"; {_count(len(self.extended), 'backup')}' S3 Object Lock extended"
         if self.locked:
             line += (f"; {_count(len(self.locked), 'backup')} kept under S3 Object Lock "
                      f"(until {max(self.locked.values()):%Y-%m-%d %H:%M} UTC at the latest)")
@@ -261,6 +266,10 @@ def _prune_database(
         planned = retention.plan([candidates[m.id] for m in series], policy, now)
         window = (_window_keeps(series, recovery_window, now, policy.timezone)
                   if kind == "physical" and recovery_window is not None else set())
+        if not report.dry_run and isinstance(catalog.storage, Retaining):
+            _extend_locks(catalog.storage, [manifests[i] for i in planned.keep],
+                          retention.earliest_removal([candidates[m.id] for m in series],
+                                                     policy, planned, now), report)
         result.keep += [_decision(manifests[i], planned.reasons[i]) for i in planned.keep]
         result.keep += [_decision(manifests[i], ["recovery window"]) for i in planned.remove
                         if i in window]
@@ -362,6 +371,22 @@ def _prune_wal(catalog: Catalog, name: str, kept: list[Manifest], report: PruneR
     if keys and not report.dry_run:
         catalog.storage.delete(keys)
     report.wal.extend(keys)
+
+
+def _extend_locks(storage: Retaining, kept: list[Manifest], until: Mapping[str, datetime],
+                  report: PruneReport) -> None:
+    """Retain each kept backup's objects until its slot may next let it go (never sooner
+    than they are retained now); the manifest last, as it was written."""
+    for manifest in kept:
+        date = until.get(manifest.id)
+        if date is None:
+            continue
+        keys = [a.key for a in manifest.artifacts] + [manifest_key(manifest.database,
+                                                                   manifest.id)]
+        dates = [storage.extend_retention(key, date) for key in keys]
+        if None in dates:
+            return  # this repository locks nothing
+        report.extended[manifest.id] = min(d for d in dates if d is not None)
 
 
 def _locked_until(catalog: Catalog, database: str, backup_id: str,

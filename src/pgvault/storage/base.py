@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from pgvault.errors import StorageError
 
@@ -116,4 +116,14 @@ class Storage(Protocol):
 
     def delete(self, keys: Iterable[str]) -> None:
         """Remove these keys; keys that do not exist are ignored."""
+        ...
+
+
+@runtime_checkable
+class Retaining(Protocol):
+    """A store that can lock objects against deletion (S3 Object Lock)."""
+
+    def extend_retention(self, key: str, until: datetime) -> datetime | None:
+        """Retain ``key`` until at least ``until``, never shortening; the date it now has,
+        or None when this store locks nothing."""
         ...

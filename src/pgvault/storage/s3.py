@@ -14,7 +14,7 @@ import mmap
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -105,7 +105,12 @@ class S3Options:
     """SSE-C: a 32-byte key the store encrypts with and forgets; every request sends it."""
     object_lock_mode: str | None = None  # "GOVERNANCE" or "COMPLIANCE"
     object_lock_days: int = 0
-    """Object Lock retention of every object written, counted from its upload."""
+    """Object Lock retention of every object written, counted from its upload: a floor
+    under ``object_lock_until``'s date, or the whole rule without it (0: no floor)."""
+    object_lock_until: Callable[[datetime], datetime | None] | None = field(
+        default=None, compare=False, repr=False)
+    """The repository's retention policy's date for an object written at the given
+    instant (``retention.hold_after_write``); None: ``object_lock_days`` alone decides."""
     io_timeout: float = 60.0
     """Seconds any network wait (connect, send, receive) may go without progress."""
     credentials: tuple[str, str, str | None] | None = field(default=None, repr=False)
@@ -124,7 +129,7 @@ class S3Options:
         if self.object_lock_mode not in (None, "GOVERNANCE", "COMPLIANCE"):
             raise ConfigError(f"s3 object lock mode must be governance or compliance, not "
                               f"{self.object_lock_mode!r}")
-        if self.object_lock_mode and self.object_lock_days < 1:
+        if self.object_lock_mode and self.object_lock_days < 1 and self.object_lock_until is None:
             raise ConfigError("s3 object lock needs retention of at least 1 day")
         if not MIN_PART_SIZE <= self.part_size <= MAX_PART_SIZE:
             raise ConfigError(f"s3 part size must be 5 MiB to 5 GiB, not {self.part_size} bytes")
@@ -501,9 +506,41 @@ class S3Storage:
         """Object Lock retention for an object written now (none unless configured)."""
         if not self._options.object_lock_mode:
             return {}
-        until = datetime.now(UTC) + timedelta(days=self._options.object_lock_days)
+        now = datetime.now(UTC)
+        until = now + timedelta(days=self._options.object_lock_days)
+        by_policy = (self._options.object_lock_until(now)
+                     if self._options.object_lock_until is not None else None)
+        if by_policy is not None:
+            until = max(until, by_policy)
         return {"ObjectLockMode": self._options.object_lock_mode,
                 "ObjectLockRetainUntilDate": until}
+
+    def extend_retention(self, key: str, until: datetime) -> datetime | None:
+        """Object Lock: retain ``key`` until at least ``until``; never shortens.
+
+        Returns the object's retention date after the call, or None when this repository
+        locks nothing. The current date is read first, so an object already retained
+        longer is left as it is (PutObjectRetention cannot shorten a COMPLIANCE date, nor a
+        GOVERNANCE one without bypass, which pgvault never asks for). The mode stays the
+        object's own.
+        """
+        mode = self._options.object_lock_mode
+        if not mode:
+            return None
+        full = self._full(key)
+        with self._errors("head", key):
+            # HeadObject shows the retention to a caller allowed s3:GetObjectRetention (and
+            # moto, unlike AWS, has no GetObjectRetention of its own).
+            head = self._client.head_object(Bucket=self.bucket, Key=full, **self._sse_c)
+        have = head.get("ObjectLockRetainUntilDate")
+        if have is not None and have.astimezone(UTC) >= until:
+            return have.astimezone(UTC)
+        with self._errors("put retention", key):
+            self._client.put_object_retention(
+                Bucket=self.bucket, Key=full,
+                Retention=cast(Any, {"Mode": head.get("ObjectLockMode") or mode,
+                                     "RetainUntilDate": until}))
+        return until
 
     def _check_etag(self, key: str, etag: str | None, expected: str) -> None:
         """The checksum the store returns must be what we sent: no read-back is needed."""

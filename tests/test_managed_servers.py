@@ -628,7 +628,7 @@ def test_the_plan_reads_policies_roles_and_leaves_out_only_what_denies_more() ->
     PUBLIC, AS RESTRICTIVE; and default privileges naming a missing role."""
     from pgvault.engines.portable import Policy, TargetFacts, plan, provider_role
     from pgvault.errors import RestoreFailed
-    from pgvault.pg.archive import Toc, TocEntry
+    from pgvault.pg.archive import Selection, Toc, TocEntry
 
     def policy(i: int, defn: str) -> TocEntry:
         return TocEntry(i, "POLICY", 0, False, "public", f"t p{i}", (1,), defn=defn)
@@ -662,6 +662,9 @@ def test_the_plan_reads_policies_roles_and_leaves_out_only_what_denies_more() ->
                               "which does not exist on the target server (restored for " \
                               "current_user, app only)"
     assert plan(toc, target, no_owner=True).skip == {2, 3, 5}  # --no-owner keeps policies
+    # A partial restore without the policies: nothing is made for them, nor refused.
+    alone = Selection(entries={1: ("TABLE", "public", "t")}, rows=frozenset())
+    assert plan(toc, target, only=alone).after == []
     assert provider_role("supabase_storage_v2") and provider_role("neon_superuser")
     assert not provider_role("app") and not provider_role("tenant")
 

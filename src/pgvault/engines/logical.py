@@ -577,7 +577,8 @@ class LogicalEngine:
             facts = TargetFacts.read(session)
         finally:
             session.close()
-        fit = plan(toc, facts, role_map=role_map, no_owner=no_owner)
+        fit = plan(toc, facts, role_map=role_map, no_owner=no_owner,
+                   only=selection_of(source))
         chosen = fit.selection(toc, selection_of(source))
         if chosen is not selection_of(source):
             if isinstance(source, Spool) and not isinstance(source, SelectingSpool):

@@ -245,9 +245,15 @@ def _refusal(shown: str, role: str, target: TargetFacts, what: str) -> str:
 
 
 def plan(toc: Toc, target: TargetFacts, *, role_map: Mapping[str, str] | None = None,
-         no_owner: bool = False) -> Fit:
+         no_owner: bool = False, only: Selection | None = None) -> Fit:
     """How to restore ``toc`` onto ``target``; RestoreFailed naming the first object whose
-    owner or grantee it cannot place, and what to do about it."""
+    owner, grantee or policy role it cannot place, and what to do about it. ``only``: a
+    partial restore's entries (pgvault must not grant on, own or make a policy for the
+    objects it leaves out)."""
+    if only is not None:
+        picked = set(only.pick(toc))
+        toc = Toc(toc.version, toc.int_size, toc.off_size, toc.compressed,
+                  [e for e in toc.entries if e.dump_id in picked], toc.end)
     role_map = dict(role_map or {})
     for new in set(role_map.values()):
         if not target.may_own_as(new):

@@ -105,8 +105,9 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ObjectLockSettings(Section, kw_only=True):
     """S3 Object Lock retention applied to every object written (ransomware protection).
 
-    The date follows the repository's retention policy (docs/copies.md); ``days`` is a
-    floor under it, needed only when the policy gives no date (keep_last alone).
+    Without ``days`` the date follows the repository's retention policy (docs/copies.md);
+    ``days`` fixes it at N days from the write instead (needed when the policy keeps by
+    count alone). Prune extends the dates of the backups it keeps either way.
     """
 
     mode: Literal["governance", "compliance"] = "governance"

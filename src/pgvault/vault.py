@@ -72,7 +72,7 @@ def s3_options(settings: Settings) -> S3Options:
         sse_customer_key=settings.secrets.sse_c_key if s3.sse == "sse-c" else None,
         object_lock_mode=lock.mode.upper() if lock else None,
         object_lock_days=(lock.days or 0) if lock else 0,
-        object_lock_until=_policy_hold(settings) if lock else None,
+        object_lock_until=_policy_hold(settings) if lock and lock.days is None else None,
         io_timeout=settings.io_timeout_seconds,
         credentials=settings.repository_credentials() or settings.secrets.aws_credentials(),
     )
@@ -87,8 +87,7 @@ def _policy_hold(settings: Settings) -> Callable[[datetime], datetime | None]:
     from pgvault.retention import Policy, hold_after_write
 
     policy = Policy.from_mapping(msgspec.structs.asdict(settings.retention))
-    lock = settings.s3.object_lock
-    if lock is not None and lock.days is None and hold_after_write(policy, _utcnow()) is None:
+    if hold_after_write(policy, _utcnow()) is None:
         raise ConfigError("s3 object_lock needs days = N: the retention policy keeps by count "
                           "only (keep_last), which gives no date to lock until")
     return functools.partial(hold_after_write, policy)

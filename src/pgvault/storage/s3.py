@@ -105,12 +105,12 @@ class S3Options:
     """SSE-C: a 32-byte key the store encrypts with and forgets; every request sends it."""
     object_lock_mode: str | None = None  # "GOVERNANCE" or "COMPLIANCE"
     object_lock_days: int = 0
-    """Object Lock retention of every object written, counted from its upload: a floor
-    under ``object_lock_until``'s date, or the whole rule without it (0: no floor)."""
+    """Object Lock retention of every object written, counted from its upload; when set,
+    it overrides ``object_lock_until`` (the fixed rule of old configurations)."""
     object_lock_until: Callable[[datetime], datetime | None] | None = field(
         default=None, compare=False, repr=False)
     """The repository's retention policy's date for an object written at the given
-    instant (``retention.hold_after_write``); None: ``object_lock_days`` alone decides."""
+    instant (``retention.hold_after_write``), used when ``object_lock_days`` is 0."""
     io_timeout: float = 60.0
     """Seconds any network wait (connect, send, receive) may go without progress."""
     credentials: tuple[str, str, str | None] | None = field(default=None, repr=False)
@@ -358,6 +358,7 @@ class S3Storage:
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        self._head_for_retention = False  # set once the store lacks GetObjectRetention
         if self.prefix:
             check_key(self.prefix)
         self._root = self.prefix + "/" if self.prefix else ""
@@ -507,11 +508,11 @@ class S3Storage:
         if not self._options.object_lock_mode:
             return {}
         now = datetime.now(UTC)
-        until = now + timedelta(days=self._options.object_lock_days)
-        by_policy = (self._options.object_lock_until(now)
-                     if self._options.object_lock_until is not None else None)
-        if by_policy is not None:
-            until = max(until, by_policy)
+        days, by_policy = self._options.object_lock_days, self._options.object_lock_until
+        until = now + timedelta(days=days) if days or by_policy is None else by_policy(now)
+        if until is None:
+            raise ConfigError("s3 object lock: the retention policy gives no date to lock "
+                              "until (keep_last alone); set object_lock days")
         return {"ObjectLockMode": self._options.object_lock_mode,
                 "ObjectLockRetainUntilDate": until}
 
@@ -528,19 +529,43 @@ class S3Storage:
         if not mode:
             return None
         full = self._full(key)
-        with self._errors("head", key):
-            # HeadObject shows the retention to a caller allowed s3:GetObjectRetention (and
-            # moto, unlike AWS, has no GetObjectRetention of its own).
-            head = self._client.head_object(Bucket=self.bucket, Key=full, **self._sse_c)
-        have = head.get("ObjectLockRetainUntilDate")
-        if have is not None and have.astimezone(UTC) >= until:
-            return have.astimezone(UTC)
+        held, have = self._retention(key, full)
+        if have is not None and have >= until:
+            return have
         with self._errors("put retention", key):
             self._client.put_object_retention(
                 Bucket=self.bucket, Key=full,
-                Retention=cast(Any, {"Mode": head.get("ObjectLockMode") or mode,
-                                     "RetainUntilDate": until}))
+                Retention=cast(Any, {"Mode": held or mode, "RetainUntilDate": until}))
         return until
+
+    def _retention(self, key: str, full: str) -> tuple[str | None, datetime | None]:
+        """An object's Object Lock mode and date (None, None: it has none).
+
+        GetObjectRetention needs only s3:GetObjectRetention, not the right to read the
+        data; a store without it (moto answers 500) is asked by HeadObject from then on.
+        """
+        from botocore.exceptions import ClientError
+
+        if not self._head_for_retention:
+            with self._errors("get retention", key):
+                try:
+                    got = self._client.get_object_retention(Bucket=self.bucket, Key=full)
+                except ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code")
+                    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                    if code == "NoSuchObjectLockConfiguration":
+                        return None, None
+                    if code != "NotImplemented" and status < 500:
+                        raise
+                    self._head_for_retention = True
+                else:
+                    retention = got.get("Retention", {})
+                    date = retention.get("RetainUntilDate")
+                    return retention.get("Mode"), date.astimezone(UTC) if date else None
+        with self._errors("head", key):
+            head = self._client.head_object(Bucket=self.bucket, Key=full, **self._sse_c)
+        date = head.get("ObjectLockRetainUntilDate")
+        return head.get("ObjectLockMode"), date.astimezone(UTC) if date else None
 
     def _check_etag(self, key: str, etag: str | None, expected: str) -> None:
         """The checksum the store returns must be what we sent: no read-back is needed."""

@@ -526,15 +526,20 @@ def test_object_lock_dates_follow_the_copy_targets_policy_and_prune_extends_them
     later = real + timedelta(days=1)
     want = {last_week.id: this_monday + timedelta(weeks=2),
             pinned.id: max(this_monday + timedelta(weeks=1), later + timedelta(days=2))}
+    # One of gone's data objects is locked longer than its manifest (a rule changed since):
+    # prune must not try to delete it either, and names the latest date.
+    held = max(written[gone.id]) + timedelta(days=3)
+    s3_client.put_object_retention(Bucket=lock_bucket, Key=f"app/{gone.artifacts[0].key}",
+                                   Retention={"Mode": "GOVERNANCE", "RetainUntilDate": held})
     pruned = prune(target, policy, dry_run=False, now=later,
                    lock_stale_after=timedelta(hours=1))
     assert pruned.extended == want
     assert dates(last_week) == {want[last_week.id]}
     assert dates(pinned) == {want[pinned.id]}
     assert dates(newest) == written[newest.id]
-    assert pruned.locked == {gone.id: max(written[gone.id])}
+    assert pruned.locked == {gone.id: held}
     kept = {d.id: d.reasons for d in pruned.databases["main"].keep}
-    assert kept[gone.id] == (f"object lock until {max(written[gone.id]):%Y-%m-%d %H:%M} UTC",)
+    assert kept[gone.id] == (f"object lock until {held:%Y-%m-%d %H:%M} UTC",)
     assert {m.id for m in Catalog(target).list()} == {newest.id, last_week.id, gone.id,
                                                         pinned.id}
     assert "1 backup kept under S3 Object Lock" in pruned.summary()

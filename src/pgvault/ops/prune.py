@@ -307,7 +307,7 @@ def _prune_database(
             if current is not None and current.pinned:
                 result.keep.append(_decision(current, ["pinned"]))
                 continue
-        until = _locked_until(catalog, name, backup_id, now)
+        until = _locked_until(catalog, manifests[backup_id], now)
         if until is not None:
             # Deleting now would only hide it (a delete marker) while the data stays:
             # keep it listed, whole, until its retention ends.
@@ -389,16 +389,24 @@ def _extend_locks(storage: Retaining, kept: list[Manifest], until: Mapping[str, 
         report.extended[manifest.id] = min(d for d in dates if d is not None)
 
 
-def _locked_until(catalog: Catalog, database: str, backup_id: str,
-                  now: datetime) -> datetime | None:
-    """When S3 Object Lock releases the backup's manifest (written last, so locked longest)."""
-    try:
-        info = catalog.storage.stat(manifest_key(database, backup_id))
-    except NotFound:
-        return None
-    if info.locked_until is not None and info.locked_until > now:
-        return info.locked_until
-    return None
+def _locked_until(catalog: Catalog, manifest: Manifest, now: datetime) -> datetime | None:
+    """When S3 Object Lock releases the whole backup: the latest date of its objects where
+    pgvault locks (an extension or a changed rule can leave any of them the latest), else
+    its manifest's (written last, so locked longest)."""
+    storage = catalog.storage
+    key = manifest_key(manifest.database, manifest.id)
+    if isinstance(storage, Retaining) and storage.locking:
+        dates = []
+        for each in [key, *(a.key for a in manifest.artifacts)]:
+            with contextlib.suppress(NotFound):  # gone already: nothing left to hold
+                dates.append(storage.retained_until(each))
+        latest = max((d for d in dates if d is not None), default=None)
+    else:
+        try:
+            latest = storage.stat(key).locked_until
+        except NotFound:
+            return None
+    return latest if latest is not None and latest > now else None
 
 
 def _expired(orphan: Orphan, cutoff: datetime) -> bool:

@@ -123,6 +123,15 @@ class Storage(Protocol):
 class Retaining(Protocol):
     """A store that can lock objects against deletion (S3 Object Lock)."""
 
+    @property
+    def locking(self) -> bool:
+        """Whether this repository locks what it writes (the two methods below need it)."""
+        ...
+
+    def retained_until(self, key: str) -> datetime | None:
+        """Until when ``key`` is locked against deletion (None: not locked)."""
+        ...
+
     def extend_retention(self, key: str, until: datetime) -> datetime | None:
         """Retain ``key`` until at least ``until``, never shortening; the date it now has,
         or None when this store locks nothing."""

@@ -538,6 +538,13 @@ class S3Storage:
                 Retention=cast(Any, {"Mode": held or mode, "RetainUntilDate": until}))
         return until
 
+    @property
+    def locking(self) -> bool:
+        return bool(self._options.object_lock_mode)
+
+    def retained_until(self, key: str) -> datetime | None:
+        return self._retention(key, self._full(key))[1]
+
     def _retention(self, key: str, full: str) -> tuple[str | None, datetime | None]:
         """An object's Object Lock mode and date (None, None: it has none).
 

@@ -542,7 +542,9 @@ def test_object_lock_dates_follow_the_copy_targets_policy_and_prune_extends_them
     assert kept[gone.id] == (f"object lock until {held:%Y-%m-%d %H:%M} UTC",)
     assert {m.id for m in Catalog(target).list()} == {newest.id, last_week.id, gone.id,
                                                         pinned.id}
-    assert "1 backup kept under S3 Object Lock" in pruned.summary()
+    assert "S3 Object Lock extended for 2 backups; 1 backup kept under S3 Object Lock" in \
+        pruned.summary()
+    assert pruned.to_json()["extended"] == {i: d.isoformat() for i, d in want.items()}
 
     # Prune again: nothing shortens, nothing extends twice.
     again = prune(target, policy, dry_run=False, now=later,

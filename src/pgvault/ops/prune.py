@@ -129,6 +129,8 @@ class PruneReport:
         }
         if self.wal:  # only with physical backups
             found["wal"] = list(self.wal)
+        if self.extended:  # only with S3 Object Lock
+            found["extended"] = {bid: until.isoformat() for bid, until in self.extended.items()}
         if self.locked:  # only with S3 Object Lock
             found["locked"] = {bid: until.isoformat() for bid, until in self.locked.items()}
         return found
@@ -149,7 +151,7 @@ class PruneReport:
         if self.refused:
             line += f"; refused: {', '.join(self.refused)}"
         if self.extended:
-            line += f"; {_count(len(self.extended), 'backup')}' S3 Object Lock extended"
+            line += f"; S3 Object Lock extended for {_count(len(self.extended), 'backup')}"
         if self.locked:
             line += (f"; {_count(len(self.locked), 'backup')} kept under S3 Object Lock "
                      f"(until {max(self.locked.values()):%Y-%m-%d %H:%M} UTC at the latest)")
@@ -266,7 +268,8 @@ def _prune_database(
         planned = retention.plan([candidates[m.id] for m in series], policy, now)
         window = (_window_keeps(series, recovery_window, now, policy.timezone)
                   if kind == "physical" and recovery_window is not None else set())
-        if not report.dry_run and isinstance(catalog.storage, Retaining):
+        if (not report.dry_run and isinstance(catalog.storage, Retaining)
+                and catalog.storage.locking):
             _extend_locks(catalog.storage, [manifests[i] for i in planned.keep],
                           retention.earliest_removal([candidates[m.id] for m in series],
                                                      policy, planned, now), report)
@@ -383,10 +386,9 @@ def _extend_locks(storage: Retaining, kept: list[Manifest], until: Mapping[str, 
             continue
         keys = [a.key for a in manifest.artifacts] + [manifest_key(manifest.database,
                                                                    manifest.id)]
-        dates = [storage.extend_retention(key, date) for key in keys]
-        if None in dates:
-            return  # this repository locks nothing
-        report.extended[manifest.id] = min(d for d in dates if d is not None)
+        dates = [d for d in (storage.extend_retention(key, date) for key in keys) if d]
+        if dates:
+            report.extended[manifest.id] = min(dates)
 
 
 def _locked_until(catalog: Catalog, manifest: Manifest, now: datetime) -> datetime | None:

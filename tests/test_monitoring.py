@@ -155,7 +155,11 @@ ping_url = "{recorder.url}/ping/{token}"
     assert len(final) == 1 and final[0]["duration_seconds"] > 0 and final[0]["size_bytes"] > 0
     failures = {entry["message"] for entry in logs if entry["level"] == "warning"}
     assert any("via slack failed: HTTP 500" in m for m in failures), failures
-    assert any("via discord failed: no answer within 1s" in m for m in failures), failures
+    # The hang is a read timeout; on a saturated machine the recorder may not even accept
+    # within the second, which is a connect timeout: either way a bounded, named failure.
+    assert any("via discord failed: no answer within 1s" in m
+               or "via discord failed: cannot reach the server: timed out" in m
+               for m in failures), failures
     assert token not in proc.stdout + proc.stderr, "a webhook URL was printed"
 
     hooks = [r.json() for r in recorder.on("/hook/")]

@@ -250,7 +250,7 @@ class Daemon:
                                         executor="copies", replace_existing=True)
 
     def _copy(self, db: Database, repo: str) -> None:
-        from pgvault.cli.copy import copy_each
+        from pgvault.ops.jobs import copy_each
 
         if self.stopping.is_set():
             return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -78,6 +77,7 @@ def copy_(ctx: click.Context, /, ref: str, to: tuple[str, ...], dbname: str | No
       pgvault restore latest --to app_restored -d app   # falls back to a copy
     """
     from pgvault.errors import UsageError
+    from pgvault.ops.jobs import copy_each
 
     vault = vault_of(ctx)
     names = list(to) or vault.copies
@@ -89,59 +89,6 @@ def copy_(ctx: click.Context, /, ref: str, to: tuple[str, ...], dbname: str | No
     vault.catalog.require()
     copy_each(vault, names, ref=ref, database=database_filter(dbname), jobs=jobs,
               echo=click.echo, as_json=as_json)
-
-
-def copy_each(vault: Any, names: list[str], *, ref: str = "all", database: str | None = None,
-              jobs: int = 4, echo: Any = None, as_json: bool = False) -> None:
-    """Copy from ``vault`` to each `[[repos]]` entry in ``names``; one that cannot be
-    reached or written does not stop the others. Each run is recorded in the source
-    (``ops.copy.record_run``). Raises once at the end, one line naming each failure."""
-    from pgvault.errors import BackupFailed, PgvaultError, UsageError
-    from pgvault.ops.copy import copy, record_run
-
-    say = echo or (lambda line: None)
-    errors: list[tuple[str, PgvaultError]] = []
-    for name in names:
-        try:
-            target = vault.repository(name)
-            if target.settings.repo == vault.settings.repo:
-                raise UsageError(f"repository {name!r} is the source itself")
-            report = copy(vault.storage, target.storage, name=name, policy=target.policy,
-                          now=datetime.now(UTC), ref=ref, database=database, jobs=jobs,
-                          lock_stale_after=target.lock_stale_after,
-                          progress=None if as_json else lambda line: say(f"  {line}"),
-                          require_encrypted=target.requires_encryption)
-        except PgvaultError as exc:
-            record_run(vault.catalog, name, datetime.now(UTC), error=str(exc))
-            errors.append((name, exc))
-            if as_json:
-                say(json.dumps({"target": name, "error": str(exc)}))
-            continue
-        record_run(vault.catalog, name, datetime.now(UTC), report=report)
-        if report.failed:
-            label, why = next(iter(report.failed.items()))
-            errors.append((name, BackupFailed(
-                f"{len(report.failed)} backup(s) could not be copied, {label}: {why}")))
-        if as_json:
-            say(json.dumps({
-                "target": name, "url": target.storage.url, "copied": report.copied,
-                "in_sync": report.in_sync, "not_kept": report.not_kept,
-                "failed": report.failed, "objects_sent": report.objects_sent,
-                "objects_kept": report.objects_kept, "bytes_sent": report.bytes_sent,
-                "seconds": round(report.seconds, 3)}))
-        else:
-            say(report.summary())
-    from pgvault.ops.jobs import publish
-
-    for name in vault.catalog.databases():  # the metrics show each copy's lag now
-        publish(vault, name)
-    if not errors:
-        return
-    line = "; ".join(f"copy to {name} failed: {exc}" for name, exc in errors) + \
-        " (run pgvault copy again once the cause is fixed)"
-    if len(errors) == 1 and not isinstance(errors[0][1], BackupFailed):
-        raise type(errors[0][1])(line)
-    raise BackupFailed(line)
 
 
 def prune_each_repository(ctx: click.Context) -> bool:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pgvault import __version__
 from pgvault.catalog import Catalog
@@ -30,8 +30,26 @@ from pgvault.pipeline.stream import CHUNK
 from pgvault.storage.base import Storage
 
 if TYPE_CHECKING:
-    from pgvault.ops.basebackup import BasebackupOptions
     from pgvault.pipeline.age import Keyring
+    from pgvault.pipeline.stream import Progress
+
+
+class TakeOptions(Protocol):
+    """What an incremental needs of a base backup's options (ops.basebackup's
+    BasebackupOptions has them; basebackup calls down into this module, not back up)."""
+
+    @property
+    def cluster(self) -> str: ...
+    @property
+    def fast_checkpoint(self) -> bool: ...
+    @property
+    def archive_wait(self) -> float: ...
+    @property
+    def clock(self) -> Callable[[], datetime]: ...
+    @property
+    def progress(self) -> Progress | None: ...
+    @property
+    def identities(self) -> Keyring | None: ...
 
 LIST = "incremental.list"
 TAR_FORMAT = "tar-incremental"
@@ -82,7 +100,7 @@ def parent_files(storage: Storage, parent: Manifest, identities: Keyring | None
     return datadir.manifest_files(data)
 
 
-def take(conn: ConnInfo, storage: Storage, options: BasebackupOptions, info: ClusterInfo,
+def take(conn: ConnInfo, storage: Storage, options: TakeOptions, info: ClusterInfo,
          parent: Manifest, backup_id: str, started: datetime, written: list[str],
          store: Callable[..., Any]) -> Manifest:
     """One incremental backup on top of ``parent``; the manifest is committed last."""
@@ -200,7 +218,7 @@ def _same_system(data_dir: Path, info: ClusterInfo) -> None:
                            "backup on the database host")
 
 
-def _facts(info: ClusterInfo, label_text: str, stop_text: str, options: BasebackupOptions,
+def _facts(info: ClusterInfo, label_text: str, stop_text: str, options: TakeOptions,
            parent: str) -> PhysicalFacts:
     label = wal.parse_backup_label(label_text)
     start = wal.parse_lsn(label["START WAL LOCATION"].split(" ", 1)[0])

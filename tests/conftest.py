@@ -7,7 +7,7 @@ import pytest
 
 from pgvault import redact
 
-pytest_plugins = ["fixtures_pg", "fixtures_s3", "fixtures_iam", "http_recorder"]
+pytest_plugins = ["fixtures_pg", "fixtures_s3", "fixtures_iam", "fixtures_tls", "http_recorder"]
 
 # A suite started in the background by a shell (`scripts/test &`) inherits SIGINT ignored, and
 # so would every pgvault it starts: the Ctrl-C tests would wait for an exit that never comes.

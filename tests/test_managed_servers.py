@@ -28,8 +28,6 @@ from pgvault.model import VerifyReport, from_json
 from pgvault.pg.cluster import EphemeralCluster
 from standin_supabase import supabase_standin
 
-pytest_plugins = ["fixtures_tls"]
-
 MASTER_ENV = {"PGPASSWORD": MASTER_PASSWORD}
 
 # An application as a managed server holds it: its objects owned by app_owner (the master

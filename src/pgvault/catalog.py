@@ -602,6 +602,13 @@ class Catalog:
         """Every stored version of one WAL file name (more than one only after a split brain)."""
         return _archived(self.storage.list(wal_file_prefix(cluster, walfile)))
 
+    def wal_versions_named(self, cluster: str, name_start: str) -> builtins.list[ArchivedFile]:
+        """Every stored version of every WAL file whose name starts with ``name_start`` (its
+        timeline at least), in one listing: one question answers a push of many neighbours."""
+        if len(name_start) < 8:
+            raise ValueError(f"{name_start!r} does not name a timeline")
+        return _archived(self.storage.list(f"{wal_prefix(cluster)}{name_start[:8]}/{name_start}"))
+
     def wal_files(self, cluster: str) -> builtins.list[ArchivedFile]:
         """Every archived WAL object of a cluster, in key order."""
         return _archived(self.storage.list(wal_prefix(cluster)))

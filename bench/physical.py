@@ -245,7 +245,8 @@ class Bench:
             shutil.rmtree(target)
         return target
 
-    def restore_pgvault(self) -> None:
+    def restore_pgvault(self, name: str = "pgvault PITR restore",
+                        env: dict[str, str] | None = None) -> None:
         target = self._restored("restore-pgvault")
         port = free_port()
         started = time.perf_counter()
@@ -254,7 +255,7 @@ class Bench:
                                  str(self.repo), "--pgdata", str(target), "--target-name",
                                  "bench_target", "--start", "--port", str(port),
                                  "--pgvault-bin", PGVAULT], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+                                stderr=subprocess.PIPE, env=env)
         peak = _peak_pss(proc)
         if proc.stdout is not None:
             self.restore_notes.append(proc.stdout.read().decode(errors="replace").strip())
@@ -262,8 +263,8 @@ class Bench:
             raise RuntimeError(f"pgvault restore failed: {proc.stderr.read()!r}"
                                if proc.stderr else "pgvault restore failed")
         self._count(port, time.monotonic() + 600)
-        self.add("pgvault PITR restore", time.perf_counter() - started)
-        self.pss.setdefault("pgvault PITR restore", []).append(peak)
+        self.add(name, time.perf_counter() - started)
+        self.pss.setdefault(name, []).append(peak)
         self._restored("restore-pgvault")
 
     def restore_pgbackrest(self) -> None:
@@ -305,7 +306,8 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def run_scale(scale: int, runs: int, keep: bool) -> dict[str, Any]:
+def run_scale(scale: int, runs: int, keep: bool, backup_runs: int | None = None,
+              baseline: Path | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"pgvault-bench-physical-{scale}-", dir="/tmp"))
     chown_postgres(work)
     bench = Bench(work, scale)
@@ -316,16 +318,21 @@ def run_scale(scale: int, runs: int, keep: bool) -> dict[str, Any]:
               f"{_du(bench.data) / 1e6:.0f} MB with pg_wal", flush=True)
         backups: list[Callable[[], None]] = [bench.backup_pgvault, bench.backup_pgbackrest,
                                              bench.backup_floor]
-        for number in range(runs):
+        for number in range(runs if backup_runs is None else backup_runs):
             order = backups[number % 3:] + backups[:number % 3]
             for step in order:
                 bench.settle()
                 step()
                 if step == bench.backup_pgvault:
                     bench.incremental_pgvault()
-            print(f"  backups run {number + 1}/{runs} done", flush=True)
+            print(f"  backups run {number + 1} done", flush=True)
         bench.prepare_target()
-        restores = [bench.restore_pgvault, bench.restore_pgbackrest]
+        restores: list[Callable[[], None]] = [bench.restore_pgvault, bench.restore_pgbackrest]
+        if baseline is not None:
+            # The other tree's package comes before this venv's editable one on sys.path.
+            env = {**os.environ, "PYTHONPATH": str(baseline.resolve() / "src")}
+            restores.insert(1, lambda: bench.restore_pgvault("pgvault baseline PITR restore",
+                                                             env))
         for number in range(runs):
             for step in (restores if number % 2 == 0 else restores[::-1]):
                 bench.settle()
@@ -362,8 +369,16 @@ def report(result: dict[str, Any]) -> list[str]:
         "incremental_time": _median(sec["incremental/full time"]),
         "incremental_bytes": _median(sec["incremental/full bytes"]),
     }
+    if "pgvault baseline PITR restore" in sec:
+        ratios["restore_vs_baseline"] = _median(sec["pgvault PITR restore"]) \
+            / _median(sec["pgvault baseline PITR restore"])
+        ratios["baseline_restore_vs_pgbackrest"] = \
+            _median(sec["pgvault baseline PITR restore"]) / _median(sec["pgbackrest PITR restore"])
     lines += ["", "| target | ratio | limit | |", "|---|---|---|---|"]
     for name, ratio in ratios.items():
+        if name not in TARGETS:
+            lines.append(f"| {name} | {ratio:.2f}x | | |")
+            continue
         verdict = "PASS" if ratio <= TARGETS[name] else "MISS"
         lines.append(f"| {name} | {ratio:.2f}x | <= {TARGETS[name]}x | {verdict} |")
     for name, values in pss.items():
@@ -385,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    parser.add_argument("--backup-runs", type=int,
+                        help="runs of the backup rows (default --runs; 1 when only restores "
+                             "are compared)")
+    parser.add_argument("--baseline", type=Path, metavar="TREE",
+                        help="also time the PITR restore of pgvault from this source tree "
+                             "(e.g. a git worktree of the previous commit), alternated")
     args = parser.parse_args(argv)
     scales = [10] if args.quick else [int(s) for s in args.scales.split(",")]
     runs = 2 if args.quick and args.runs == 3 else args.runs
@@ -393,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     for scale in scales:
-        result = run_scale(scale, runs, args.keep)
+        result = run_scale(scale, runs, args.keep, args.backup_runs, args.baseline)
         print("\n".join(report(result)), flush=True)
         results.append(result)
     if args.json:

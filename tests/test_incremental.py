@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -196,6 +197,30 @@ def test_retention_keeps_every_parent_of_a_kept_backup_and_a_bad_parent_spoils_i
     assert planned.explain("I4") == "known bad: its parent F3 is known bad"
     orphaned = plan([Candidate("F0", _at(0)), Candidate("I4", _at(4), parent="F3")], last)
     assert orphaned.explain("I4") == "known bad: its parent F3 is missing"
+
+
+def test_an_incremental_pushes_its_own_wal_ahead_of_a_slow_archiver_as_the_archivers_user(
+    source: EphemeralCluster, repo_dir: Path, server_pgvault: str,  # noqa: F811
+) -> None:
+    """The segments pg_backup_stop completed are pushed by the backup itself (the archiver's
+    later push of the same bytes finds them stored), and, the backup run as root, what it
+    writes into the local repository belongs to the archiver's user, who must list it."""
+    repo = str(repo_dir)
+    _backup(repo, source.url())
+    sql(source.url(), f"ALTER SYSTEM SET archive_command = 'sleep 15 && {server_pgvault} "
+                      f"wal-push %p --repo {repo}'", "SELECT pg_reload_conf()")
+    started = time.monotonic()
+    inc = _backup(repo, source.url(), "--incremental")
+    assert time.monotonic() - started < 12  # not behind the sleeping archiver
+    assert inc["physical"]["parent"]  # type: ignore[index]
+    owner = source.data_dir.stat().st_uid
+    assert {p.stat().st_uid for p in (repo_dir / "wal").rglob("*")} == {owner}
+    sql(source.url(), f"ALTER SYSTEM SET archive_command = '{server_pgvault} wal-push %p "
+                      f"--repo {repo}'", "SELECT pg_reload_conf()")
+    pgvault("check-archive", "-d", source.url(), "--repo", repo)  # the archiver agrees
+    with psycopg.connect(source.url()) as conn:
+        row = conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()
+    assert row == (0,)
 
 
 def test_page_lsns_decide_what_a_delta_holds_and_applying_it_rebuilds_the_file(

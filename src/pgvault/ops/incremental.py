@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import io
 import os
+import signal
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -22,7 +24,14 @@ from pgvault import __version__
 from pgvault.catalog import Catalog
 from pgvault.engines import datadir
 from pgvault.engines.physical import CONTROL, LABEL, MANIFEST, ClusterInfo
-from pgvault.errors import BackupFailed, IntegrityError, NotFound, RestoreFailed, StorageError
+from pgvault.errors import (
+    BackupFailed,
+    IntegrityError,
+    NotFound,
+    RestoreFailed,
+    StorageError,
+    UsageError,
+)
 from pgvault.model import Facts, Manifest, PhysicalFacts
 from pgvault.pg import wal
 from pgvault.pg.conninfo import ConnInfo
@@ -30,6 +39,7 @@ from pgvault.pipeline.stream import CHUNK
 from pgvault.storage.base import Storage
 
 if TYPE_CHECKING:
+    from pgvault.model import StageSpec
     from pgvault.pipeline.age import Keyring
     from pgvault.pipeline.stream import Progress
 
@@ -50,6 +60,8 @@ class TakeOptions(Protocol):
     def progress(self) -> Progress | None: ...
     @property
     def identities(self) -> Keyring | None: ...
+    @property
+    def stages(self) -> list[StageSpec]: ...
 
 LIST = "incremental.list"
 TAR_FORMAT = "tar-incremental"
@@ -138,16 +150,19 @@ def take(conn: ConnInfo, storage: Storage, options: TakeOptions, info: ClusterIn
                                else "SELECT pg_stop_backup(false, false)")
             raise
         facts = _facts(info, stopped["label"], stopped["lsn"], options, parent.id)
+        from pgvault.engines.physical import needed_wal
         from pgvault.ops import wal as archive
 
-        _await_archiver(db, data_dir, facts.stop_wal, options.archive_wait,
-                        lambda: bool(archive.versions(storage, options.cluster,
-                                                      facts.stop_wal)))
+        if _archiver_healthy(db):
+            _push_completed(storage, options.cluster, data_dir, needed_wal(facts, None),
+                            options.stages, options.archive_wait)
+        if not archive.versions(storage, options.cluster, facts.stop_wal):
+            _await_archiver(db, data_dir, facts.stop_wal, options.archive_wait,
+                            lambda: bool(archive.versions(storage, options.cluster,
+                                                          facts.stop_wal)))
     listing = datadir.format_listing(tar.scan.entries, f"pgvault incremental backup "
                                      f"{backup_id} on {parent.id}")
     listed = store(io.BytesIO(listing), LIST, LIST_FORMAT)
-    from pgvault.engines.physical import needed_wal
-
     missing = archive.wait_for(storage, options.cluster, needed_wal(facts, None),
                                timeout=options.archive_wait)
     if missing:
@@ -169,6 +184,81 @@ def take(conn: ConnInfo, storage: Storage, options: TakeOptions, info: ClusterIn
     )
     Catalog(storage).commit(manifest)
     return manifest
+
+
+def _archiver_healthy(db: Any) -> bool:
+    """Whether the server's archiver has not failed since it last succeeded. When it fails,
+    the backup does not push around it: it waits, and its error says the archive is broken
+    (as a full base backup's does), instead of succeeding while archiving is down."""
+    return bool(_one(db, "SELECT last_failed_time IS NULL OR (last_archived_time IS NOT NULL"
+                         " AND last_archived_time > last_failed_time) FROM pg_stat_archiver"))
+
+
+def _push_completed(storage: Storage, cluster: str, data_dir: Path, names: list[str],
+                    stages: list[StageSpec], timeout: float) -> None:
+    """Push the backup's WAL segments that PostgreSQL has completed (``.ready``) but the
+    archive has not got yet, from this process, as wal-push would store them.
+
+    Waiting for the archiver instead was half of a small incremental's time (0.47 of 1.0 s
+    at pgbench scale 10): it starts a new ``archive_command`` process for the segment that
+    pg_backup_stop just switched. A push of the same bytes is idempotent, so the archiver's
+    own push of it later finds it stored (and still reaches every other WAL repository).
+    In a local repository the objects must be the archiver's own (a folder made by root is
+    one the archiver cannot list): run as root, the push runs in a child with the data
+    directory owner's ids; as anyone else but the owner, it is left to the archiver."""
+    from pgvault.storage.local import LocalStorage
+
+    pg_wal = data_dir / "pg_wal"
+    owner = os.stat(pg_wal)
+    if not isinstance(storage, LocalStorage) or os.geteuid() == owner.st_uid:
+        _push_segments(storage, cluster, pg_wal, names, stages)
+    elif os.geteuid() == 0:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child ends in os._exit)
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(owner.st_gid)
+                os.setuid(owner.st_uid)
+                _push_segments(storage, cluster, pg_wal, names, stages)
+                code = 0
+            except BaseException:  # the waits below report what is missing
+                pass
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:  # a put is a rename: a killed one leaves nothing
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.005)
+
+
+def _push_segments(storage: Storage, cluster: str, pg_wal: Path, names: list[str],
+                   stages: list[StageSpec]) -> None:
+    """The bytes are taken only if the file kept its name for the whole read: once archived,
+    a checkpoint may recycle a segment (rename it to a future name and overwrite it), and a
+    mix of two segments under one name would make the archiver's true push a conflict.
+    Anything not pushed here is left to the archiver and the waits after it."""
+    from pgvault.ops import wal as archive
+
+    for name in names:
+        if not (pg_wal / "archive_status" / f"{name}.ready").exists() \
+                or archive.versions(storage, cluster, name):
+            continue
+        try:
+            with open(pg_wal / name, "rb") as segment:
+                data = segment.read()
+                kept = os.fstat(segment.fileno()).st_ino == os.stat(pg_wal / name).st_ino
+            if not kept:
+                continue
+            with tempfile.TemporaryDirectory(prefix="pgvault-wal-") as folder:
+                copy = Path(folder) / name
+                copy.write_bytes(data)
+                archive.push(storage, cluster, copy, stages)
+        except (OSError, UsageError, StorageError):
+            continue  # the archiver's push may still succeed: the waits decide
 
 
 def _await_archiver(db: Any, data_dir: Path, walfile: str, timeout: float,

@@ -280,3 +280,126 @@ def test_a_stalled_copy_during_real_archiving_catches_up_and_each_repository_res
             for pid_file in folder.glob("*/postmaster.pid"):
                 _stop_server(pid_file.parent)
             shutil.rmtree(folder, ignore_errors=True)
+
+
+class _Counting:
+    """A storage that counts what wal-push asks of it; ``racer`` runs after each put (a
+    second writer acting between our put and our check)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.lists: list[str] = []
+        self.puts: list[str] = []
+        self.racer: object = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def list(self, prefix: str) -> Iterator[object]:
+        with self._lock:
+            self.lists.append(prefix)
+        return self.inner.list(prefix)  # type: ignore[attr-defined, no-any-return]
+
+    def put(self, key: str, stream: object) -> object:
+        info = self.inner.put(key, stream)  # type: ignore[attr-defined]
+        with self._lock:
+            self.puts.append(key)
+        if callable(self.racer):
+            self.racer(key)
+        return info
+
+
+def _ready(segments: list[Path]) -> Path:
+    status = segments[0].parent / "archive_status"
+    status.mkdir(exist_ok=True)
+    for segment in segments:
+        (status / f"{segment.name}.ready").touch()
+    return status
+
+
+def test_one_push_lists_once_for_all_its_segments_and_checks_once_after(
+    pg_cluster: EphemeralCluster, tmp_path: Path
+) -> None:
+    from pgvault.ops.wal import push_ahead
+
+    segments = _segments(pg_cluster, tmp_path / "pg_wal", 6)
+    status = _ready(segments)
+    storage = _Counting(open_storage(f"file://{tmp_path / 'repo'}"))
+    done = push_ahead(storage, CLUSTER, segments[0], [], ahead=4)  # type: ignore[arg-type]
+    assert not done.failed and len(done.ahead) == 5
+    assert _walfiles(storage.inner) == {s.name for s in segments}
+    assert sorted(p.name for p in status.iterdir()) == sorted(
+        [f"{segments[0].name}.ready"] + [f"{s.name}.done" for s in segments[1:]])
+    wal_lists = [p for p in storage.lists if p.startswith(f"wal/{CLUSTER}/0")]
+    groups = {s.name[:22] for s in segments}  # 256 names share one listing
+    # Before: a listing before and after each put (12 here). Now: one before, one after.
+    assert len(wal_lists) == 2 * len(groups) < len(segments), storage.lists
+    assert len([k for k in storage.puts if k.startswith(f"wal/{CLUSTER}/0")]) == 6
+
+    # Pushed again (PostgreSQL asks after a crash): one listing answers every file, no put.
+    for segment in segments[1:]:
+        (status / f"{segment.name}.done").rename(status / f"{segment.name}.ready")
+    storage.lists.clear()
+    storage.puts.clear()
+    again = push_ahead(storage, CLUSTER, segments[0], [], ahead=4)  # type: ignore[arg-type]
+    assert again.result.already_archived and all(r.already_archived for r in again.ahead)
+    assert len([p for p in storage.lists if p.startswith(f"wal/{CLUSTER}/0")]) == len(groups)
+    assert storage.puts == []
+
+
+def test_a_second_writer_racing_a_push_ahead_is_refused_and_its_file_stays_ready(
+    pg_cluster: EphemeralCluster, tmp_path: Path
+) -> None:
+    import hashlib
+    import io
+
+    from pgvault.catalog import wal_object_key
+    from pgvault.errors import IntegrityError
+    from pgvault.ops.wal import push, push_ahead
+
+    segments = _segments(pg_cluster, tmp_path / "pg_wal", 4)
+    status = _ready(segments)
+    storage = _Counting(open_storage(f"file://{tmp_path / 'repo'}"))
+    victim = segments[2]
+
+    def racer(key: str) -> None:
+        # Another server's different bytes for the same name land right after our put.
+        if f"/{victim.name}/" in key and storage.racer is not None:
+            storage.racer = None
+            other = victim.read_bytes()[:-1] + b"\x01"
+            storage.inner.put(  # type: ignore[attr-defined]
+                wal_object_key(CLUSTER, victim.name, hashlib.sha256(other).hexdigest(), ""),
+                io.BytesIO(other))
+
+    storage.racer = racer
+    done = push_ahead(storage, CLUSTER, segments[0], [], ahead=4)  # type: ignore[arg-type]
+    assert "split brain" in done.failed[victim.name]
+    assert (status / f"{victim.name}.ready").exists()  # PostgreSQL asks for it again
+    assert {r.walfile for r in done.ahead} == {segments[1].name, segments[3].name}
+    for segment in (segments[1], segments[3]):
+        assert (status / f"{segment.name}.done").exists()
+    # Asked for it, the push now refuses before writing anything.
+    storage.puts.clear()
+    with pytest.raises(IntegrityError, match="split brain"):
+        push(storage, CLUSTER, victim, [])  # type: ignore[arg-type]
+    assert storage.puts == []
+
+
+def test_a_push_to_every_repository_lists_each_once_before_and_once_after(
+    pg_cluster: EphemeralCluster, tmp_path: Path
+) -> None:
+    from pgvault.ops.wal import WalRepo, push_everywhere
+
+    segments = _segments(pg_cluster, tmp_path / "pg_wal", 5)
+    status = _ready(segments)
+    stores = [_Counting(open_storage(f"file://{tmp_path / name}")) for name in ("a", "b")]
+    repos = [WalRepo(name, s) for name, s in zip(("a", "b"), stores, strict=True)]  # type: ignore[arg-type]
+    done = push_everywhere(repos, CLUSTER, segments[0], [], ahead=4, retry_seconds=0)
+    assert done.asked.stored_in == ["a", "b"] and len(done.ahead) == 4
+    assert all((status / f"{s.name}.done").exists() for s in segments[1:])
+    groups = {s.name[:22] for s in segments}
+    for storage in stores:
+        assert _walfiles(storage.inner) == {s.name for s in segments}
+        wal_lists = [p for p in storage.lists if p.startswith(f"wal/{CLUSTER}/0")]
+        assert len(wal_lists) == 2 * len(groups) < len(segments), storage.lists

@@ -142,9 +142,80 @@ def archived(storage: Storage, cluster: str) -> list[ArchivedFile]:
 
 def push(storage: Storage, cluster: str, path: Path, stages: list[StageSpec]) -> PushResult:
     """Store one WAL file; returns only once it is durably stored (or already was)."""
+    known = _Known(storage, cluster)
+    result = _push_one(known, path, stages)
+    known.confirm()
+    return result
+
+
+def _push_one(known: _Known, path: Path, stages: list[StageSpec]) -> PushResult:
     started = time.monotonic()
-    segment = _read(path)
-    return _store(storage, cluster, segment, stages, None, started)
+    return _store(known, _read(path), stages, None, started)
+
+
+def _name_group(walfile: str) -> str:
+    """The WAL names one listing answers for: those that differ only in their last two hex
+    digits (a segment's 256 neighbours at most, a history file alone), so that a listing
+    costs one page however large the archive grows."""
+    return walfile[:22]
+
+
+class _Known:
+    """What one repository holds of the WAL names a call pushes, listed once per group of
+    names (``_name_group``) instead of twice per file, and what the call stored there.
+
+    Keys are content-addressed, so a listing made earlier in the call is only ever stale in
+    one way: a version that arrived since. The same bytes then are the same key (the put
+    rewrites it, harmless); other bytes are what ``confirm`` lists again for, once.
+    """
+
+    def __init__(self, storage: Storage, cluster: str) -> None:
+        import threading
+
+        self.storage, self.cluster = storage, cluster
+        self._lock = threading.Lock()
+        self._groups: dict[str, dict[str, list[ArchivedFile]]] = {}
+        self._stored: list[tuple[str, str]] = []  # (walfile, sha256) this call put
+
+    def _list(self, group: str) -> dict[str, list[ArchivedFile]]:
+        found: dict[str, list[ArchivedFile]] = {}
+        for version in Catalog(self.storage).wal_versions_named(self.cluster, group):
+            found.setdefault(version.wal.name, []).append(version)
+        return found
+
+    def versions(self, walfile: str) -> list[ArchivedFile]:
+        group = _name_group(walfile)
+        # Held while listing: the neighbours pushed in parallel wait for this one listing.
+        with self._lock:
+            if group not in self._groups:
+                self._groups[group] = self._list(group)
+            return list(self._groups[group].get(walfile, []))
+
+    def stored(self, walfile: str, digest: str) -> None:
+        with self._lock:
+            self._stored.append((walfile, digest))
+
+    def confirm(self, only: set[str] | None = None) -> dict[str, IntegrityError]:
+        """List again each group this call stored into (after every put of the call ended):
+        the stored files whose name now holds other content too. A second writer racing
+        us shows up then in its listing or in ours, so at least one of us refuses, as with
+        a listing after each put. Raises (StorageError) when it cannot list: then nothing
+        stored by the call is confirmed. With ``only``, the stored files outside it are
+        not checked."""
+        with self._lock:
+            stored = [(w, d) for w, d in self._stored if only is None or w in only]
+        conflicts: dict[str, IntegrityError] = {}
+        listed: dict[str, dict[str, list[ArchivedFile]]] = {}
+        for walfile, digest in stored:
+            group = _name_group(walfile)
+            if group not in listed:
+                listed[group] = self._list(group)
+            try:
+                _refuse_conflicts(self.storage, walfile, digest,
+                                  listed[group].get(walfile, []))
+            except IntegrityError as exc:
+                conflicts[walfile] = exc
+        return conflicts
 
 
 @dataclass(frozen=True)
@@ -166,15 +237,17 @@ def _read(path: Path) -> _Segment:
     return _Segment(name, data, hashlib.sha256(data).hexdigest())
 
 
-def _store(storage: Storage, cluster: str, segment: _Segment, stages: list[StageSpec],
+def _store(known: _Known, segment: _Segment, stages: list[StageSpec],
            encoded: Callable[[], bytes] | None, started: float) -> PushResult:
     """``encoded``: the segment already encoded (shared by several repositories), or None
-    to encode it on the way into the storage."""
+    to encode it on the way into the storage. Durable on return, but not yet checked
+    against a second writer: the caller's ``known.confirm()`` does that for the call."""
+    storage, cluster = known.storage, known.cluster
     name, data, digest = segment.name, segment.data, segment.digest
     if name.has_header:
         _check_segment(storage, cluster, name, data)
 
-    existing = versions(storage, cluster, name.name)
+    existing = known.versions(name.name)
     _refuse_conflicts(storage, name.name, digest, existing)
     if existing:
         return PushResult(name.name, existing[0].key, len(data), existing[0].info.size, True,
@@ -186,8 +259,7 @@ def _store(storage: Storage, cluster: str, segment: _Segment, stages: list[Stage
                                      format=WAL_FORMAT).size
     else:
         stored_size = storage.put(key, io.BytesIO(encoded())).size
-    # A second writer racing us with other bytes shows up now; both then fail loudly.
-    _refuse_conflicts(storage, name.name, digest, versions(storage, cluster, name.name))
+    known.stored(name.name, digest)
     return PushResult(name.name, key, len(data), stored_size, False, time.monotonic() - started)
 
 
@@ -219,21 +291,23 @@ def push_ahead(storage: Storage, cluster: str, path: Path, stages: list[StageSpe
     if ahead <= 0 or _size(path) > AHEAD_MAX_SEGMENT or not ready_files(path, 1):
         return PushAhead(push(storage, cluster, path, stages), [], {})
     total = budget if budget is not None else 8 * (1 + ahead)
+    known = _Known(storage, cluster)
     seen = {path.name}
-    pushed: list[PushResult] = []
+    stored: list[tuple[Path, PushResult]] = []
     failed: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=1 + ahead) as pool:
-        asked = pool.submit(push, storage, cluster, path, stages)
+        asked = pool.submit(_push_one, known, path, stages)
         running: dict[Future[PushResult], Path] = {}
 
         def refill() -> None:
             room = min(ahead - len(running), total - len(seen))
             if room <= 0:
                 return
+            # Files stored but not yet marked done are still .ready: ``seen`` skips them.
             fresh = [p for p in ready_files(path, len(seen) + room) if p.name not in seen]
             for other in fresh[:room]:
                 seen.add(other.name)
-                running[pool.submit(push, storage, cluster, other, stages)] = other
+                running[pool.submit(_push_one, known, other, stages)] = other
 
         refill()
         while running:
@@ -241,16 +315,32 @@ def push_ahead(storage: Storage, cluster: str, path: Path, stages: list[StageSpe
             for future in done:
                 other = running.pop(future)
                 try:
-                    pushed.append(future.result())
+                    stored.append((other, future.result()))
                 except Exception as exc:  # reported when PostgreSQL asks for this file itself
                     failed[other.name] = str(exc)
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    status = other.parent / "archive_status"
-                    os.rename(status / f"{other.name}.ready", status / f"{other.name}.done")
             if not failed:  # a repository that fails one file gets no more from us now
                 refill()
-        return PushAhead(asked.result(), pushed, failed)
+        wait([asked])
+    # One listing for the whole call, once every put of it has ended; only then is a file
+    # reported archived (and marked done): a kill before leaves it .ready, pushed again.
+    try:
+        conflicts = known.confirm()
+    except Exception:
+        asked.result()  # the asked file's own error first, if it had one
+        raise
+    pushed: list[PushResult] = []
+    for other, result in stored:
+        if other.name in conflicts:
+            failed[other.name] = str(conflicts[other.name])
+            continue
+        pushed.append(result)
+        with contextlib.suppress(FileNotFoundError):
+            status = other.parent / "archive_status"
+            os.rename(status / f"{other.name}.ready", status / f"{other.name}.done")
+    result = asked.result()
+    if path.name in conflicts:
+        raise conflicts[path.name]
+    return PushAhead(result, pushed, failed)
 
 
 AHEAD_MAX_SEGMENT = 64 << 20
@@ -365,11 +455,26 @@ def push_everywhere(repos: list[WalRepo], cluster: str, path: Path, stages: list
     live = [r for r in repos if r.name not in skipped]
     others = ready_files(path, ahead) if _size(path) <= AHEAD_MAX_SEGMENT else []
     failed_repos: set[str] = set()
+    knowns = {r.name: _Known(r.storage, cluster) for r in live}
     with ThreadPoolExecutor(max_workers=1 + len(others)) as pool:
-        asked = pool.submit(_spread, repos, live, skipped, cluster, path, stages)
-        extra = {other: pool.submit(_spread, repos, live, skipped, cluster, other, stages)
+        asked = pool.submit(_spread, live, skipped, knowns, path, stages)
+        extra = {other: pool.submit(_spread, live, skipped, knowns, other, stages)
                  for other in others}
-        spreads = [asked.result()] + [f.result() for f in extra.values()]
+        puts = [asked.result()] + [f.result() for f in extra.values()]
+    # One listing per repository for the whole call, once all its puts have ended.
+    with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
+        checks = {r.name: pool.submit(knowns[r.name].confirm) for r in live}
+        for name, check in checks.items():
+            try:
+                conflicts = check.result()
+            except Exception as exc:
+                for put in puts:
+                    put.unconfirmed(name, exc)
+                continue
+            for put in puts:
+                if put.walfile in conflicts:
+                    put.refused = put.refused or conflicts[put.walfile]
+    spreads = [_settle(repos, cluster, put) for put in puts]
     for spread in spreads:
         failed_repos.update(name for name in spread.behind if name not in skipped)
     pushed = []
@@ -397,9 +502,32 @@ def push_everywhere(repos: list[WalRepo], cluster: str, path: Path, stages: list
     return MultiPush(first, pushed, caught, errors)
 
 
-def _spread(repos: list[WalRepo], live: list[WalRepo], skipped: dict[str, str], cluster: str,
-            path: Path, stages: list[StageSpec]) -> Spread:
-    """One file to every live repository at once; backlog markers for the others."""
+@dataclass
+class _Puts:
+    """One file's puts to every live repository, before the call's confirmation."""
+
+    walfile: str
+    results: dict[str, PushResult]
+    behind: dict[str, str]
+    refused: BaseException | None = None
+    down: BaseException | None = None
+
+    def unconfirmed(self, name: str, exc: BaseException) -> None:
+        """Repository ``name`` could not be listed after the puts: whatever this file's put
+        there did, it counts as not stored (a refusal when the failure is not an outage)."""
+        if name not in self.results or self.results[name].already_archived:
+            return
+        del self.results[name]
+        if unreachable(exc):
+            self.behind[name] = str(exc)
+            self.down = self.down or exc
+        else:
+            self.refused = self.refused or exc
+
+
+def _spread(live: list[WalRepo], skipped: dict[str, str], knowns: dict[str, _Known],
+            path: Path, stages: list[StageSpec]) -> _Puts:
+    """One file to every live repository at once."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -407,7 +535,7 @@ def _spread(repos: list[WalRepo], live: list[WalRepo], skipped: dict[str, str], 
     try:
         segment = _read(path)
     except Exception as exc:
-        return Spread(path.name, None, [], {}, exc)
+        return _Puts(path.name, {}, {}, refused=exc)
     lock = threading.Lock()
     cache: list[bytes] = []
 
@@ -419,30 +547,32 @@ def _spread(repos: list[WalRepo], live: list[WalRepo], skipped: dict[str, str], 
                 cache.append(b"".join(iter(lambda: reader.read(CHUNK), b"")))
             return cache[0]
 
-    results: dict[str, PushResult] = {}
-    behind = dict(skipped)
-    refused: BaseException | None = None
-    down: BaseException | None = None
+    puts = _Puts(segment.name.name, {}, dict(skipped))
     share = encoded if len(live) > 1 else None
     with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
-        futures = {r.name: pool.submit(_store, r.storage, cluster, segment, stages, share,
+        futures = {r.name: pool.submit(_store, knowns[r.name], segment, stages, share,
                                        started) for r in live}
         for name, future in futures.items():
             try:
-                results[name] = future.result()
+                puts.results[name] = future.result()
             except Exception as exc:
                 if unreachable(exc):
-                    behind[name] = str(exc)
-                    down = down or exc
+                    puts.behind[name] = str(exc)
+                    puts.down = puts.down or exc
                 else:
-                    refused = refused or exc
-    walfile = segment.name.name
+                    puts.refused = puts.refused or exc
+    return puts
+
+
+def _settle(repos: list[WalRepo], cluster: str, puts: _Puts) -> Spread:
+    """Where one confirmed file went; backlog markers for the repositories that lack it."""
+    walfile, results, behind = puts.walfile, puts.results, puts.behind
     stored_in = [r.name for r in repos if r.name in results]
-    if refused is not None:
-        return Spread(walfile, None, stored_in, behind, refused)
+    if puts.refused is not None:
+        return Spread(walfile, None, stored_in, behind, puts.refused)
     if not stored_in:
-        error = down or StorageError(f"{walfile} reached no WAL repository: "
-                                            + "; ".join(behind.values()))
+        error = puts.down or StorageError(f"{walfile} reached no WAL repository: "
+                                          + "; ".join(behind.values()))
         return Spread(walfile, None, [], behind, error)
     if behind:
         holders = [r for r in repos if r.name in results]

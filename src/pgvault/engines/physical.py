@@ -26,6 +26,7 @@ from pgvault.pg import wal
 from pgvault.pg.binaries import tool, tool_version
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput, run
+from pgvault.pipeline.pump import Prefetch
 
 if TYPE_CHECKING:
     import psycopg
@@ -349,16 +350,22 @@ def unpack(source: Readable, target: Path, *, owner: tuple[int, int] | None) -> 
     Reading to the end matters: the digest and codec checks run when the stream ends.
     Members that would land outside ``target`` (absolute, ``..``, links out) are refused.
     """
+    # Decoding (zstd, age) runs in a thread a few chunks ahead of the tar parsing and the
+    # writes, which hold the GIL between their system calls: on two CPUs the stream no
+    # longer waits for one or the other (fetching and hashing are a stage before already).
+    ahead = Prefetch(source)
     try:
-        with tarfile.open(fileobj=source, mode="r|", bufsize=TAR_STREAM,  # type: ignore[call-overload]
+        with tarfile.open(fileobj=ahead, mode="r|", bufsize=TAR_STREAM,  # type: ignore[call-overload]
                           copybufsize=TAR_READ) as archive:
             _extract_safely(archive, target)
+        while ahead.read(CHUNK):
+            pass
     except (tarfile.TarError, EOFError) as exc:
         raise IntegrityError(f"base backup tar is damaged: {exc}") from None
     except OSError as exc:
         raise RestoreFailed(f"cannot unpack into {target}: {exc.strerror or exc}") from None
-    while source.read(CHUNK):
-        pass
+    finally:
+        ahead.close()
     os.chmod(target, 0o700)
     if owner is not None:
         for folder, dirs, files in os.walk(target):

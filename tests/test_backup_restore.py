@@ -415,14 +415,15 @@ def test_a_default_restore_streams_when_one_table_holds_most_of_the_data(
 def test_restore_limits_index_build_workers_while_it_runs_and_leaves_no_setting(
     make_db: Callable[..., str], repo: str, new_name: NewName, pg_cluster: EphemeralCluster
 ) -> None:
-    """One job per CPU leaves no CPU for parallel index builds: pg_restore's sessions run
-    without, and the restored database keeps no trace of the setting."""
+    """One job per CPU leaves one parallel worker per index build (for the build that runs
+    alone at the end): pg_restore's sessions run with exactly that, and the restored database
+    keeps no trace of the setting."""
     from pgvault.ops.restore import index_build_workers
     from pgvault.pg.conninfo import ConnInfo
 
     jobs = os.cpu_count() or 1
     workers = index_build_workers(ConnInfo.parse(pg_cluster.url()), jobs)
-    assert workers == 0
+    assert workers == (1 if jobs >= 2 else 0)
     url = make_db()
     with psycopg.connect(url, autocommit=True) as conn:
         assert conn.execute("SHOW max_parallel_maintenance_workers").fetchone() == ("2",)
@@ -470,7 +471,9 @@ def test_index_build_workers_only_for_a_server_on_this_host() -> None:
                   "host=/var/run/postgresql dbname=db", "postgresql://u@[::1]/db"):
         assert ConnInfo.parse(local).on_this_host(), local
         assert index_build_workers(ConnInfo.parse(local), 1) == max(0, cpus - 1)
-        assert index_build_workers(ConnInfo.parse(local), cpus) == 0
+        # One job per CPU still leaves a build that runs alone a worker to share it with.
+        assert index_build_workers(ConnInfo.parse(local), cpus) == (1 if cpus >= 2 else 0)
+        assert index_build_workers(ConnInfo.parse(local), 2 * cpus) == (1 if cpus >= 2 else 0)
     for remote in ("postgresql://u@db.example.com/db", "host=10.0.0.5 dbname=db",
                    "host=localhost,db.example.com dbname=db"):
         assert not ConnInfo.parse(remote).on_this_host(), remote

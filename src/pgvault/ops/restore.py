@@ -257,17 +257,20 @@ def _limit_index_workers(admin: PsqlSession, database: str, workers: int | None)
 
 
 def index_build_workers(target: ConnInfo, jobs: int) -> int | None:
-    """Parallel workers per index build, so ``jobs`` sessions building at once use no more
-    CPUs than the server has; None (its own setting) unless it shares this host's CPUs.
+    """Parallel workers per index build: the CPUs per job beyond the first, and one at least
+    on a host with two CPUs or more; None (the server's own setting) unless the server shares
+    this host's CPUs.
 
-    pg_restore -j2 of the bench's 300 MB shop on 2 CPUs, alternating runs: 3.36 s without
-    workers against 3.60 s with the default two (six processes when two builds overlap;
-    means of 10); one worker each was no better than none (3.23-3.39 s). A database whose
-    one big index builds alone is restored with one job (SOLO_SHARE), which gets CPUs - 1.
+    The one worker is for the tail of a restore, where one large index (a primary key over
+    most of the rows, or the last of several on one table) builds alone and would otherwise
+    leave the other CPU idle; while two builds overlap, their two workers only queue.
+    Figures: docs/performance.md (tenth session). A database whose one big index builds alone
+    is restored with one job (SOLO_SHARE), which gets CPUs - 1.
     """
     if not target.on_this_host():
         return None
-    return max(0, (os.cpu_count() or 1) // max(jobs, 1) - 1)
+    cpus = os.cpu_count() or 1
+    return max(0 if cpus < 2 else 1, cpus // max(jobs, 1) - 1)
 
 
 def restore_jobs(asked: int, spool_bytes: int, largest_share: float = 0.0) -> int:

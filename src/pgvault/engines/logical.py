@@ -11,28 +11,23 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pgvault.engines.pg_restore import (
-    Selected,
-    SelectingSpool,
-    restore_split,
-    restore_spooled,
-    restore_streamed,
-    selection_of,
-    spool_toc,
-)
-from pgvault.engines.portable import Fit, TargetFacts, plan
-from pgvault.engines.spool import Spool
 from pgvault.errors import BackupFailed, ConfigError, DatabaseError, RestoreFailed
 from pgvault.model import Facts, TableFacts, UnrecordedTable
-from pgvault.pg import fingerprint
 from pgvault.pg.archive import MAX_TOC_BYTES, Incomplete, Selection, Toc, read_toc
 from pgvault.pg.binaries import tool, tool_version
 from pgvault.pg.conninfo import ConnInfo
 from pgvault.pg.process import ChildOutput
 from pgvault.pg.psql import PsqlSession, ServerInfo, identifier, text_literal
 from pgvault.pipeline.stream import CHUNK, Readable, Reader
+
+if TYPE_CHECKING:
+    # A backup never restores: these are imported by the restore methods that use them
+    # (with pg/fingerprint, read by the facts beside the dump), not on a backup's way to
+    # starting pg_dump.
+    from pgvault.engines.portable import Fit
+    from pgvault.engines.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +426,8 @@ class LogicalEngine:
                 f"rows of {_shown(table.schema_name)}.{_shown(table.name)} not "
                 f"counted ({table.reason}): the table is in the dump; drills skip its count")
         snapshot.check()
+        from pgvault.pg import fingerprint
+
         problems: list[str] = []
         # Both run in savepoints of their own: a failure records None, never aborts.
         schema_fingerprint = fingerprint.schema_fingerprint(cur, self.conn.schema, problems)
@@ -531,6 +528,9 @@ class LogicalEngine:
         extensions) is decided from the archive's table of contents before pg_restore
         starts; returns a line for each item not restored as it was.
         """
+        from pgvault.engines.pg_restore import restore_split, restore_spooled, restore_streamed
+        from pgvault.engines.spool import Spool
+
         argv: list[Any] = [tool("pg_restore", self.server.major), "--exit-on-error",
                            "--no-password", f"--dbname={target.dsn()}"]
         argv += [f"--schema={s}" for s in schemas] + [f"--table={t}" for t in tables]
@@ -557,6 +557,10 @@ class LogicalEngine:
     def _fit(self, source: Readable | Spool, target: ConnInfo, role_map: Mapping[str, str],
              no_owner: bool) -> tuple[Readable | Spool, Fit]:
         """``source`` (its table of contents read) and what the target makes of it."""
+        from pgvault.engines.pg_restore import Selected, SelectingSpool, selection_of, spool_toc
+        from pgvault.engines.portable import Fit, TargetFacts, plan
+        from pgvault.engines.spool import Spool
+
         # The target's psql connects while the table of contents arrives.
         session = PsqlSession(target)
         try:

@@ -189,16 +189,22 @@ def _create_scratch_and_restore(admin: PsqlSession, server: ServerInfo, target: 
     except DatabaseError:
         admin.run(create)
     try:
-        workers = _limit_index_workers(admin, scratch, index_build_workers(target, jobs))
+        workers = index_build_workers(target, jobs)
+        defaults = _session_defaults(admin, scratch, {
+            **({} if workers is None else {"max_parallel_maintenance_workers": str(workers)}),
+            # Each of pg_restore's commits (a table's rows, an index, a constraint) would
+            # wait for its own WAL flush. The rename below commits synchronously, and that
+            # flushes all the WAL before it: nothing is reported restored before it is
+            # durable, and a crash before the rename loses only the scratch database.
+            "synchronous_commit": "off"})
         engine = LogicalEngine(target.with_dbname(scratch), server)
         # A partial restore's source carries its selection (engines/pg_restore.py): not
         # pg_restore's -n/-t, which leave out the schema itself and owned sequences.
         skipped = engine.restore(source, target.with_dbname(scratch), jobs=jobs, parts=parts,
                                  again=again, no_owner=options.no_owner,
                                  role_map=options.role_map)
-        if workers is not None:
-            admin.run(f"ALTER DATABASE {identifier(scratch)} "
-                      "RESET max_parallel_maintenance_workers")
+        for setting in defaults:
+            admin.run(f"ALTER DATABASE {identifier(scratch)} RESET {setting}")
         if exists:
             admin.run(f"DROP DATABASE {identifier(name)} WITH (FORCE)")
         admin.run(f"ALTER DATABASE {identifier(scratch)} RENAME TO {identifier(name)}")
@@ -243,17 +249,19 @@ def _close(source: object) -> None:
             close()
 
 
-def _limit_index_workers(admin: PsqlSession, database: str, workers: int | None) -> int | None:
-    """Set ``workers`` for the sessions pg_restore opens in ``database``; None if not set."""
-    if workers is None:
-        return None
-    try:
-        admin.run(f"ALTER DATABASE {identifier(database)} "
-                  f"SET max_parallel_maintenance_workers = {workers}")
-    except DatabaseError as exc:  # a speed-up, never a reason to fail
-        log.debug("restore: index build workers left to the server: %s", exc)
-        return None
-    return workers
+def _session_defaults(admin: PsqlSession, database: str, settings: dict[str, str]
+                      ) -> list[str]:
+    """Give the sessions pg_restore opens in ``database`` these settings (ALTER DATABASE:
+    unlike PGOPTIONS, it passes every connection pooler); the names of those set."""
+    done = []
+    for name, value in settings.items():
+        try:
+            admin.run(f"ALTER DATABASE {identifier(database)} SET {name} = {value}")
+        except DatabaseError as exc:  # a speed-up, never a reason to fail
+            log.debug("restore: %s left to the server: %s", name, exc)
+            continue
+        done.append(name)
+    return done
 
 
 def index_build_workers(target: ConnInfo, jobs: int) -> int | None:
@@ -264,7 +272,7 @@ def index_build_workers(target: ConnInfo, jobs: int) -> int | None:
     The one worker is for the tail of a restore, where one large index (a primary key over
     most of the rows, or the last of several on one table) builds alone and would otherwise
     leave the other CPU idle; while two builds overlap, their two workers only queue.
-    Figures: docs/performance.md (tenth session). A database whose one big index builds alone
+    Figures: docs/performance.md, "Restore on 2 CPUs". A database whose one big index builds alone
     is restored with one job (SOLO_SHARE), which gets CPUs - 1.
     """
     if not target.on_this_host():

@@ -272,8 +272,8 @@ def index_build_workers(target: ConnInfo, jobs: int) -> int | None:
     The one worker is for the tail of a restore, where one large index (a primary key over
     most of the rows, or the last of several on one table) builds alone and would otherwise
     leave the other CPU idle; while two builds overlap, their two workers only queue.
-    Figures: docs/performance.md, "Restore on 2 CPUs". A database whose one big index builds alone
-    is restored with one job (SOLO_SHARE), which gets CPUs - 1.
+    Figures: docs/performance.md, "Restore on 2 CPUs". A database whose one big index
+    builds alone is restored with one job (SOLO_SHARE), which gets CPUs - 1.
     """
     if not target.on_this_host():
         return None

@@ -11,8 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
+import shutil
+import signal
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,7 +26,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from cli_runner import one_line_error, pgvault
+from cli_runner import clean_env, one_line_error, pgvault
 from dbcompare import assert_databases_equal
 from pgvault.catalog import Catalog
 from pgvault.engines import datadir
@@ -221,6 +226,78 @@ def test_an_incremental_pushes_its_own_wal_ahead_of_a_slow_archiver_as_the_archi
     with psycopg.connect(source.url()) as conn:
         row = conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()
     assert row == (0,)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the owner's push runs only for root")
+def test_the_owners_push_is_a_process_of_its_own_and_is_killed_within_its_bound(
+    repo_dir: Path,  # noqa: F811
+) -> None:
+    """The push as the data directory's owner is a new process (not a fork of a backup with
+    threads alive), under the owner's ids, and one that hangs is killed within the bound
+    it is given, leaving nothing stored. Its segment is a FIFO: the read blocks."""
+    from pgvault.ops.incremental import _OwnerPush
+    from pgvault.storage.local import LocalStorage
+
+    owner = pwd.getpwnam("postgres")
+    data_dir = Path(tempfile.mkdtemp(prefix="pgvault-owner-push-", dir="/tmp"))
+    try:
+        status = data_dir / "pg_wal" / "archive_status"
+        status.mkdir(parents=True)
+        name = "000000010000000000000003"
+        os.mkfifo(data_dir / "pg_wal" / name)
+        (status / f"{name}.ready").touch()
+        for path in [data_dir, *data_dir.rglob("*")]:
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+        storage = LocalStorage(repo_dir)
+        push = _OwnerPush.start(storage, data_dir)
+        assert push is not None
+        child = Path(f"/proc/{push.process.pid}/status").read_text()
+        assert re.search(rf"^Uid:\s+{owner.pw_uid}\s", child, re.M), child
+        assert re.search(r"^Groups:\s*$", child, re.M), child  # none but its own gid
+        started = time.monotonic()
+        push.push(storage, "main", data_dir / "pg_wal", [name], [], timeout=2)
+        assert time.monotonic() - started < 4
+        assert push.process.returncode == -signal.SIGKILL
+        assert not list(repo_dir.rglob("*"))
+        push.close()  # twice is harmless: take() closes it on its way out too
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the owner's push runs only for root")
+def test_an_interpreter_the_owner_cannot_reach_leaves_the_wal_to_the_archiver(
+    source: EphemeralCluster, repo_dir: Path,  # noqa: F811
+) -> None:
+    """pgvault run by root from a Python in a folder only root may enter (pyenv under
+    /root, say): the backup's own push cannot run as the owner, so it waits for the
+    archiver instead, says why in its debug log, and succeeds; nothing in the repository
+    belongs to root."""
+    repo = str(repo_dir)
+    _backup(repo, source.url())
+    locked = Path(tempfile.mkdtemp(prefix="pgvault-locked-", dir="/tmp"))  # 0700, root's
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(locked / "venv")],
+                       check=True)
+        site = next(locked.glob("venv/lib/python*/site-packages"))
+        ours = next(Path(sys.prefix).glob("lib/python*/site-packages"))
+        (site / "pgvault-tests.pth").write_text(
+            f"import site; site.addsitedir({str(ours)!r})\n")
+        done = subprocess.run(
+            [str(locked / "venv" / "bin" / "python"), "-c",
+             "import sys; from pgvault.cli import main; sys.exit(main())", "--debug",
+             "--log-format", "json", "basebackup", "-d", source.url(), "--repo", repo,
+             "--fast-checkpoint", "--incremental", "--json"],
+            capture_output=True, text=True, timeout=120, check=False, env=clean_env())
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["physical"]["parent"]
+        why = [json.loads(line)["message"] for line in done.stderr.splitlines()
+               if "left to the archiver" in line]
+        assert why == [f"incremental: the WAL push is left to the archiver: user "
+                       f"{source.data_dir.stat().st_uid} cannot reach {locked}"], done.stderr
+    finally:
+        shutil.rmtree(locked, ignore_errors=True)
+    owner = source.data_dir.stat().st_uid
+    assert {p.stat().st_uid for p in (repo_dir / "wal").rglob("*")} == {owner}
 
 
 def test_page_lsns_decide_what_a_delta_holds_and_applying_it_rebuilds_the_file(

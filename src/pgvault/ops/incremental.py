@@ -11,8 +11,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
+import logging
 import os
-import signal
+import stat
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -62,6 +66,8 @@ class TakeOptions(Protocol):
     def identities(self) -> Keyring | None: ...
     @property
     def stages(self) -> list[StageSpec]: ...
+
+log = logging.getLogger(__name__)
 
 LIST = "incremental.list"
 TAR_FORMAT = "tar-incremental"
@@ -120,9 +126,14 @@ def take(conn: ConnInfo, storage: Storage, options: TakeOptions, info: ClusterIn
     assert parent_facts is not None
     files = parent_files(storage, parent, options.identities)
     since = wal.parse_lsn(parent_facts.start_lsn)
-    with conn.connect(autocommit=True) as db:
+    with conn.connect(autocommit=True) as db, contextlib.ExitStack() as later:
         data_dir = Path(_one(db, "SELECT current_setting('data_directory')"))
         _same_system(data_dir, info)
+        # Started now, its start-up overlaps the checkpoint and the tar instead of adding
+        # to the backup's end; killed on the way out if it was never given the names.
+        owner_push = _OwnerPush.start(storage, data_dir)
+        if owner_push is not None:
+            later.callback(owner_push.close)
         label = f"pgvault {backup_id}"
         if info.version_num >= 150000:
             _one(db, "SELECT pg_backup_start(%s, %s)", (label, options.fast_checkpoint))
@@ -155,7 +166,7 @@ def take(conn: ConnInfo, storage: Storage, options: TakeOptions, info: ClusterIn
 
         if _archiver_healthy(db):
             _push_completed(storage, options.cluster, data_dir, needed_wal(facts, None),
-                            options.stages, options.archive_wait)
+                            options.stages, options.archive_wait, owner_push)
         if not archive.versions(storage, options.cluster, facts.stop_wal):
             _await_archiver(db, data_dir, facts.stop_wal, options.archive_wait,
                             lambda: bool(archive.versions(storage, options.cluster,
@@ -195,7 +206,8 @@ def _archiver_healthy(db: Any) -> bool:
 
 
 def _push_completed(storage: Storage, cluster: str, data_dir: Path, names: list[str],
-                    stages: list[StageSpec], timeout: float) -> None:
+                    stages: list[StageSpec], timeout: float, owner_push: _OwnerPush | None
+                    ) -> None:
     """Push the backup's WAL segments that PostgreSQL has completed (``.ready``) but the
     archive has not got yet, from this process, as wal-push would store them.
 
@@ -204,35 +216,137 @@ def _push_completed(storage: Storage, cluster: str, data_dir: Path, names: list[
     pg_backup_stop just switched. A push of the same bytes is idempotent, so the archiver's
     own push of it later finds it stored (and still reaches every other WAL repository).
     In a local repository the objects must be the archiver's own (a folder made by root is
-    one the archiver cannot list): run as root, the push runs in a child with the data
-    directory owner's ids; as anyone else but the owner, it is left to the archiver."""
+    one the archiver cannot list): run as root, the push runs in ``owner_push``, a process
+    with the data directory owner's ids; as anyone else but the owner, or when that process
+    could not start, it is left to the archiver."""
     from pgvault.storage.local import LocalStorage
 
     pg_wal = data_dir / "pg_wal"
-    owner = os.stat(pg_wal)
-    if not isinstance(storage, LocalStorage) or os.geteuid() == owner.st_uid:
+    if not isinstance(storage, LocalStorage) or os.geteuid() == os.stat(pg_wal).st_uid:
         _push_segments(storage, cluster, pg_wal, names, stages)
-    elif os.geteuid() == 0:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (the child ends in os._exit)
-            code = 1
-            try:
-                os.setgroups([])
-                os.setgid(owner.st_gid)
-                os.setuid(owner.st_uid)
-                _push_segments(storage, cluster, pg_wal, names, stages)
-                code = 0
-            except BaseException:  # the waits below report what is missing
-                pass
-            finally:
-                os._exit(code)
-        deadline = time.monotonic() + timeout
-        while os.waitpid(pid, os.WNOHANG) == (0, 0):
-            if time.monotonic() > deadline:  # a put is a rename: a killed one leaves nothing
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                break
-            time.sleep(0.005)
+    elif owner_push is not None:
+        owner_push.push(storage, cluster, pg_wal, names, stages, timeout)
+
+
+class _OwnerPush:
+    """``_push_segments`` in a process of its own that runs with the data directory owner's
+    ids, for a backup run as root into a local repository.
+
+    Not a fork of this process: the backup has threads alive (the tar's readers, the
+    storage's writers), and a forked child inherits any lock one of them held at the fork,
+    never to be released. subprocess switches ids in C between fork and exec, where no
+    Python lock is taken. The child is started early and waits on its standard input for
+    the names, so its start-up (Python and pgvault's imports, about 0.1 s) runs while the
+    data directory is read; nothing secret passes to it (a local path, the stages' public
+    recipients), and it gets a bare environment.
+    """
+
+    CODE = "from pgvault.ops.incremental import _owner_push_main; _owner_push_main()"
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+
+    @classmethod
+    def start(cls, storage: Storage, data_dir: Path) -> _OwnerPush | None:
+        """The child, when this backup needs one and the owner can run it; else None."""
+        from pgvault.storage.local import LocalStorage
+
+        if not isinstance(storage, LocalStorage) or os.geteuid() != 0:
+            return None
+        owner = os.stat(data_dir / "pg_wal")
+        if owner.st_uid == 0:
+            return None
+        source = Path(__file__).resolve().parents[2]  # the folder pgvault is imported from
+        blocked = _blocked_for(owner.st_uid, owner.st_gid,
+                               [(Path(sys.executable), os.X_OK),
+                                (Path(os.path.realpath(sys.executable)), os.X_OK),
+                                (source / "pgvault" / "ops", os.R_OK | os.X_OK)])
+        if blocked is not None:
+            log.debug("incremental: the WAL push is left to the archiver: user %d cannot "
+                      "reach %s", owner.st_uid, blocked)
+            return None
+        env = {"PYTHONPATH": str(source), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        if "TMPDIR" in os.environ:  # tempfile falls back to /tmp if the owner cannot write it
+            env["TMPDIR"] = os.environ["TMPDIR"]
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", cls.CODE], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/", env=env,
+                user=owner.st_uid, group=owner.st_gid, extra_groups=[])
+        except OSError as exc:
+            log.debug("incremental: the WAL push is left to the archiver: %s", exc)
+            return None
+        return cls(process)
+
+    def push(self, storage: Storage, cluster: str, pg_wal: Path, names: list[str],
+             stages: list[StageSpec], timeout: float) -> None:
+        """Give the child its segments and wait for it, at most ``timeout`` seconds; a
+        child still running then is killed (a put is a rename: a killed one leaves
+        nothing). Whatever it did not push is left to the archiver and the waits after."""
+        from pgvault.model import to_dict
+        from pgvault.storage.local import LocalStorage
+
+        assert isinstance(storage, LocalStorage)
+        job = json.dumps({"root": str(storage.root), "cluster": cluster,
+                          "pg_wal": str(pg_wal), "names": names,
+                          "stages": to_dict(stages)}).encode()
+        try:
+            _, errors = self.process.communicate(job, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.debug("incremental: the WAL push as the owner took over %gs: killed", timeout)
+            self.close()
+            return
+        if self.process.returncode != 0:
+            lines = errors.decode(errors="replace").strip().splitlines()
+            log.debug("incremental: the WAL push as the owner ended %d: %s",
+                      self.process.returncode, lines[-1] if lines else "")
+
+    def close(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        self.process.communicate()
+
+
+def _blocked_for(uid: int, gid: int, paths: list[tuple[Path, int]]) -> Path | None:
+    """The first of ``paths`` (or a folder on the way to it) that a process with ``uid`` and
+    only the group ``gid`` cannot use as asked (os.X_OK, os.R_OK; folders on the way need
+    X_OK): a Python under /root, say, is not the owner's to run. Mode bits only; an ACL
+    that refuses shows up as the child's failure instead."""
+
+    def allowed(path: Path, wanted: int) -> bool:
+        try:
+            found = os.stat(path)
+        except OSError:
+            return False
+        if found.st_uid == uid:
+            bits = (found.st_mode & stat.S_IRWXU) >> 6
+        elif found.st_gid == gid:
+            bits = (found.st_mode & stat.S_IRWXG) >> 3
+        else:
+            bits = found.st_mode & stat.S_IRWXO
+        return bits & wanted == wanted
+
+    for path, wanted in paths:
+        for folder in reversed(path.parents):
+            if not allowed(folder, os.X_OK):
+                return folder
+        if not allowed(path, wanted):
+            return path
+    return None
+
+
+def _owner_push_main() -> None:  # pragma: no cover (run in _OwnerPush's child)
+    """The child's side: one job on standard input (nothing if the backup did not get as
+    far as its WAL), pushed as ``_push_segments`` does."""
+    from pgvault.model import StageSpec, from_dict
+    from pgvault.storage.local import LocalStorage
+
+    data = sys.stdin.buffer.read()
+    if not data:
+        return
+    job = json.loads(data)
+    _push_segments(LocalStorage(Path(job["root"])), job["cluster"], Path(job["pg_wal"]),
+                   list(job["names"]), from_dict(list[StageSpec], job["stages"]))
 
 
 def _push_segments(storage: Storage, cluster: str, pg_wal: Path, names: list[str],

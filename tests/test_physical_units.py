@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import stat
 import tarfile
 from datetime import UTC, datetime, timedelta
@@ -285,6 +286,17 @@ HOSTILE = {
         _entry("d", tarfile.DIRTYPE), _entry("d/e", tarfile.DIRTYPE),
         _entry("b", tarfile.SYMTYPE, link="d/e"), _entry("a", tarfile.SYMTYPE, link="b/../.."),
         _entry("b", tarfile.SYMTYPE, link=".")],
+    # The folders found inside are remembered between members: a link repointed after that
+    # must not let a later member through what those folders now resolve to.
+    "repointed link, a folder member over it": [
+        _entry("d", tarfile.DIRTYPE), _entry("d/e", tarfile.DIRTYPE),
+        _entry("b", tarfile.SYMTYPE, link="d/e"), _entry("a", tarfile.SYMTYPE, link="b/../.."),
+        _entry("b", tarfile.SYMTYPE, link="."), _entry("a", tarfile.DIRTYPE, mode=0o777)],
+    "repointed link, written through a folder written into before": [
+        _entry("d", tarfile.DIRTYPE), _entry("d/e", tarfile.DIRTYPE),
+        _entry("b", tarfile.SYMTYPE, link="d/e"), _entry("a", tarfile.SYMTYPE, link="b/../.."),
+        _entry("a/ok", data=b"fine"), _entry("b", tarfile.SYMTYPE, link="."),
+        _entry("a/escaped", data=b"evil")],
 }
 
 
@@ -298,8 +310,26 @@ def test_unpack_refuses_members_that_reach_outside_pgdata(case: str, tmp_path: P
         unpack(_hostile(_entry("PG_VERSION", data=b"15\n"), *HOSTILE[case]), pgdata,
                owner=None)
     assert _files_outside(tmp_path) == before
+    assert not (tmp_path.parent / "escaped").exists()  # "b/../.." from pgdata leads there
     assert (tmp_path / "outside.txt").read_bytes() == b"keep"
     assert not Path("/tmp/pgvault-hostile-abs").exists()
     assert not Path("/etc/pgvault-hostile").exists()
     links = [p for p in pgdata.rglob("*") if p.is_symlink()]
     assert all(p.resolve().is_relative_to(pgdata.resolve()) for p in links), links
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root gives files to another user")
+def test_unpack_gives_every_entry_the_owner_also_folders_the_tar_does_not_list(
+        tmp_path: Path) -> None:
+    pgdata = tmp_path / "pgdata"
+    pgdata.mkdir()
+    owner = (54321, 54322)  # no such user: the ids are given as numbers
+    unpack(_hostile(_entry("PG_VERSION", data=b"15\n"),
+                    _entry("base/1/1259", data=b"x"),  # base and base/1 are not listed
+                    _entry("global", tarfile.DIRTYPE),
+                    _entry("global/alias", tarfile.SYMTYPE, link="../PG_VERSION"),
+                    _entry("global/same", tarfile.LNKTYPE, link="PG_VERSION")),
+           pgdata, owner=owner)
+    entries = [pgdata, *pgdata.rglob("*")]
+    assert len(entries) == 8
+    assert {(p.lstat().st_uid, p.lstat().st_gid) for p in entries} == {owner}

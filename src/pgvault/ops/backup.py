@@ -27,6 +27,7 @@ from pgvault.engines.logical import (
     Table,
     dump_streams,
     split_tables,
+    started_sessions,
 )
 from pgvault.errors import BackupFailed
 from pgvault.facts import seal
@@ -161,8 +162,13 @@ def _preflight_and_lock(
     pool.shutdown(wait=False)
     session = None
     try:
-        session = engine.session()
-        server = engine.preflight(session)
+        started = started_sessions(engine.conn)
+        if started is None:
+            session = engine.session()
+            server = engine.preflight(session)
+        else:
+            session, other = started
+            server = engine.preflight(session, other=other)
         lock = _settle(locking, storage, server.database, guess)
         if lock is None:
             lock = acquire(storage, lock_key(server.database), "backup",

@@ -403,3 +403,51 @@ def test_a_push_to_every_repository_lists_each_once_before_and_once_after(
         assert _walfiles(storage.inner) == {s.name for s in segments}
         wal_lists = [p for p in storage.lists if p.startswith(f"wal/{CLUSTER}/0")]
         assert len(wal_lists) == 2 * len(groups) < len(segments), storage.lists
+
+
+def test_catching_up_a_backlog_lists_once_per_name_group_and_once_after_its_copies(
+    pg_cluster: EphemeralCluster, tmp_path: Path
+) -> None:
+    """A repository's backlog of 6 segments is caught up by the next push with the push's
+    own listings and one listing after the copies (it was a listing per backlog file at
+    the source and one at the target); a second writer's other bytes landing under a
+    copied name keep that file's marker and are reported."""
+    import hashlib
+    import io
+
+    from pgvault.catalog import wal_object_key
+    from pgvault.ops.wal import WalRepo, push, push_everywhere
+
+    segments = _segments(pg_cluster, tmp_path / "pg_wal", 8)
+    backlog, asked = segments[:7], segments[7]
+    stores = [_Counting(open_storage(f"file://{tmp_path / name}")) for name in ("a", "b")]
+    a, b = stores
+    for segment in backlog:  # b was down: a holds them and a marker for b each
+        push(a.inner, CLUSTER, segment, [])  # type: ignore[arg-type]
+        Catalog(a.inner).add_wal_backlog(CLUSTER, "b", segment.name)  # type: ignore[arg-type]
+    victim = backlog[3]
+
+    def racer(key: str) -> None:
+        # Another server's different bytes for a copied name land right after the copy.
+        if f"/{victim.name}/" in key and b.racer is not None:
+            b.racer = None
+            other = victim.read_bytes()[:-1] + b"\x01"
+            b.inner.put(  # type: ignore[attr-defined]
+                wal_object_key(CLUSTER, victim.name, hashlib.sha256(other).hexdigest(), ""),
+                io.BytesIO(other))
+
+    b.racer = racer
+    repos = [WalRepo(name, s) for name, s in zip(("a", "b"), stores, strict=True)]  # type: ignore[arg-type]
+    done = push_everywhere(repos, CLUSTER, asked, [], ahead=0, retry_seconds=0, catch_up=10)
+    assert done.asked.stored_in == ["a", "b"]
+    assert done.caught_up == {"b": 6}
+    assert "split brain" in done.catch_up_errors["b"]
+    assert [m.walfile for m in Catalog(a.inner).wal_backlog(CLUSTER)] == [victim.name]  # type: ignore[arg-type]
+    assert _walfiles(b.inner) == {s.name for s in segments}
+    pushed = {asked.name[:22]}
+    groups = {s.name[:22] for s in backlog}
+    lists = {s: [p for p in s.lists if p.startswith(f"wal/{CLUSTER}/0")] for s in stores}
+    # The push: one listing before and one after in each; then the catch-up lists at the
+    # source (a) the groups the push did not, and at the target (b) once after its copies.
+    assert len(lists[a]) == 2 * len(pushed) + len(groups - pushed), a.lists
+    assert len(lists[b]) == 2 * len(pushed) + len(groups) < len(backlog), b.lists

@@ -494,7 +494,8 @@ def push_everywhere(repos: list[WalRepo], cluster: str, path: Path, stages: list
     # Stored bytes copied as they are (no compression): cheap enough that a push can bring
     # over several times what it archives, so a backlog shrinks even under load.
     limit = catch_up if catch_up is not None else 4 * (1 + ahead)
-    caught, errors = _catch_up(healthy, cluster, limit) if len(repos) > 1 else ({}, {})
+    caught, errors = (_catch_up(healthy, cluster, limit, knowns) if len(repos) > 1
+                      else ({}, {}))
     first = spreads[0]
     if not first.archived:
         assert first.error is not None
@@ -592,10 +593,12 @@ def _settle(repos: list[WalRepo], cluster: str, puts: _Puts) -> Spread:
     return Spread(walfile, results[stored_in[0]], stored_in, behind)
 
 
-def _catch_up(healthy: list[WalRepo], cluster: str, limit: int
+def _catch_up(healthy: list[WalRepo], cluster: str, limit: int,
+              knowns: dict[str, _Known] | None = None
               ) -> tuple[dict[str, int], dict[str, str]]:
     """Copy up to ``limit`` backlog files to each repository in ``healthy`` from one that
-    holds them (their markers say so), then drop those markers."""
+    holds them (their markers say so), then drop those markers. ``knowns``: the listings
+    the call's push made (by repository name), so a group listed then is not listed again."""
     from concurrent.futures import ThreadPoolExecutor
 
     caught: dict[str, int] = {}
@@ -620,13 +623,18 @@ def _catch_up(healthy: list[WalRepo], cluster: str, limit: int
     if not jobs:
         return caught, errors
     bound: set[str] = set()
+    # One listing per name group in each repository, as for a push (not one per backlog
+    # file at the source and one at the target), and one after the copies at each target.
+    knowns = {r.name: (knowns or {}).get(r.name) or _Known(r.storage, cluster)
+              for r in healthy}
 
-    def copy(target: WalRepo, walfile: str, sources: list[WalRepo]) -> None:
+    def copy(target: WalRepo, walfile: str, sources: list[WalRepo]) -> bool:
+        """False: there is nothing left to bring over, and the marker is gone."""
         source = sources[0]
-        found = versions(source.storage, cluster, walfile)
-        if not found:  # pruned there since: nothing left to bring over
+        found = knowns[source.name].versions(walfile)
+        if not found:  # pruned there since
             Catalog(source.storage).clear_wal_backlog(cluster, target.name, [walfile])
-            return
+            return False
         if len({v.sha256 for v in found}) != 1:
             raise IntegrityError(f"{walfile} has {len(found)} versions in {source.name}")
         version = found[0]
@@ -636,7 +644,7 @@ def _catch_up(healthy: list[WalRepo], cluster: str, limit: int
                 check_identity(target.storage, cluster, identity.system_identifier,
                                identity.wal_segment_size, bind=True)
             bound.add(target.name)
-        have = versions(target.storage, cluster, walfile)
+        have = knowns[target.name].versions(walfile)
         _refuse_conflicts(target.storage, walfile, version.sha256, have)
         if not have:
             with source.storage.open(version.key) as stream:
@@ -645,17 +653,45 @@ def _catch_up(healthy: list[WalRepo], cluster: str, limit: int
                 target.storage.delete([version.key])
                 raise IntegrityError(f"{walfile} arrived in {target.name} with {info.size} "
                                      f"bytes instead of {version.info.size}")
-        for holder in sources:
-            Catalog(holder.storage).clear_wal_backlog(cluster, target.name, [walfile])
+            knowns[target.name].stored(walfile, version.sha256)
+        return True
 
+    copied: dict[str, list[tuple[str, list[WalRepo]]]] = {}
     with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
-        futures = [(t, pool.submit(copy, t, w, src)) for t, w, src in jobs]
-        for target, future in futures:
+        futures = [(t, w, src, pool.submit(copy, t, w, src)) for t, w, src in jobs]
+        for target, walfile, sources, future in futures:
             try:
-                future.result()
-                caught[target.name] = caught.get(target.name, 0) + 1
+                if future.result():
+                    copied.setdefault(target.name, []).append((walfile, sources))
+                else:
+                    caught[target.name] = caught.get(target.name, 0) + 1
             except Exception as exc:
                 errors.setdefault(target.name, str(exc))
+    # A marker goes only once the target's listing after every copy shows no other content
+    # under the name (a second writer racing a copy): until then the backlog keeps it.
+    for target in healthy:
+        if target.name not in copied:
+            continue
+        try:  # the push's own files were confirmed before: only the copies are checked
+            conflicts = knowns[target.name].confirm({w for w, _ in copied[target.name]})
+        except Exception as exc:
+            errors.setdefault(target.name, f"listing it after the copies: {exc}")
+            continue
+        for walfile in conflicts:
+            errors.setdefault(target.name, str(conflicts[walfile]))
+        confirmed = [(w, src) for w, src in copied[target.name] if w not in conflicts]
+        by_holder: dict[str, tuple[WalRepo, list[str]]] = {}
+        for walfile, sources in confirmed:
+            for holder in sources:
+                by_holder.setdefault(holder.name, (holder, []))[1].append(walfile)
+        try:
+            for holder, walfiles in by_holder.values():
+                Catalog(holder.storage).clear_wal_backlog(cluster, target.name, walfiles)
+        except Exception as exc:
+            errors.setdefault(target.name, str(exc))
+            continue
+        if confirmed:
+            caught[target.name] = caught.get(target.name, 0) + len(confirmed)
     return caught, errors
 
 

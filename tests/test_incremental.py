@@ -228,6 +228,31 @@ def test_an_incremental_pushes_its_own_wal_ahead_of_a_slow_archiver_as_the_archi
     assert row == (0,)
 
 
+def test_an_incremental_pushes_nothing_around_a_failing_archiver(
+    source: EphemeralCluster, repo_dir: Path, server_pgvault: str,  # noqa: F811
+) -> None:
+    """pg_stat_archiver shows a failure since its last success: the backup pushes none of
+    its WAL itself (it would succeed while archiving is down) and fails once archive_wait
+    has passed, with nothing new in the archive."""
+    repo = str(repo_dir)
+    _backup(repo, source.url())
+    sql(source.url(), f"ALTER SYSTEM SET archive_command = '{server_pgvault} wal-push %p "
+                      "--repo /proc/no-such-repository'", "SELECT pg_reload_conf()",
+        "CREATE TABLE filler AS SELECT generate_series(1, 1000) AS x",
+        "SELECT pg_switch_wal()")
+    deadline = time.monotonic() + 60
+    with psycopg.connect(source.url(), autocommit=True) as conn:
+        while conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone() == (0,):
+            assert time.monotonic() < deadline, "the archiver never failed"
+            time.sleep(0.1)
+    before = sorted(p.name for p in (repo_dir / "wal").rglob("*"))
+    failed = pgvault("basebackup", "-d", source.url(), "--repo", repo, "--fast-checkpoint",
+                     "--incremental", expect=8,
+                     env={"PGVAULT_PHYSICAL__ARCHIVE_WAIT_SECONDS": "2"})
+    assert "did not reach the archive" in one_line_error(failed)
+    assert sorted(p.name for p in (repo_dir / "wal").rglob("*")) == before
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the owner's push runs only for root")
 def test_the_owners_push_is_a_process_of_its_own_and_is_killed_within_its_bound(
     repo_dir: Path,  # noqa: F811

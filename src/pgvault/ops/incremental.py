@@ -17,7 +17,6 @@ import os
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -266,8 +265,6 @@ class _OwnerPush:
                       "reach %s", owner.st_uid, blocked)
             return None
         env = {"PYTHONPATH": str(source), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-        if "TMPDIR" in os.environ:  # tempfile falls back to /tmp if the owner cannot write it
-            env["TMPDIR"] = os.environ["TMPDIR"]
         try:
             process = subprocess.Popen(
                 [sys.executable, "-c", cls.CODE], stdin=subprocess.PIPE,
@@ -338,8 +335,13 @@ def _blocked_for(uid: int, gid: int, paths: list[tuple[Path, int]]) -> Path | No
 def _owner_push_main() -> None:  # pragma: no cover (run in _OwnerPush's child)
     """The child's side: one job on standard input (nothing if the backup did not get as
     far as its WAL), pushed as ``_push_segments`` does."""
+    # What the push imports, imported while the backup reads the data directory.
+    import pgvault.ops.wal  # noqa: F401
     from pgvault.model import StageSpec, from_dict
     from pgvault.storage.local import LocalStorage
+
+    with contextlib.suppress(ImportError):
+        import zstandard  # noqa: F401
 
     data = sys.stdin.buffer.read()
     if not data:
@@ -347,6 +349,9 @@ def _owner_push_main() -> None:  # pragma: no cover (run in _OwnerPush's child)
     job = json.loads(data)
     _push_segments(LocalStorage(Path(job["root"])), job["cluster"], Path(job["pg_wal"]),
                    list(job["names"]), from_dict(list[StageSpec], job["stages"]))
+    # Every put is durable on return; the interpreter's teardown (tens of ms at load)
+    # would only delay the backup waiting for this exit.
+    os._exit(0)
 
 
 def _push_segments(storage: Storage, cluster: str, pg_wal: Path, names: list[str],
@@ -357,22 +362,20 @@ def _push_segments(storage: Storage, cluster: str, pg_wal: Path, names: list[str
     Anything not pushed here is left to the archiver and the waits after it."""
     from pgvault.ops import wal as archive
 
-    for name in names:
-        if not (pg_wal / "archive_status" / f"{name}.ready").exists() \
-                or archive.versions(storage, cluster, name):
-            continue
+    def kept(name: str) -> bytes | None:
+        if not (pg_wal / "archive_status" / f"{name}.ready").exists():
+            return None
         try:
             with open(pg_wal / name, "rb") as segment:
                 data = segment.read()
-                kept = os.fstat(segment.fileno()).st_ino == os.stat(pg_wal / name).st_ino
-            if not kept:
-                continue
-            with tempfile.TemporaryDirectory(prefix="pgvault-wal-") as folder:
-                copy = Path(folder) / name
-                copy.write_bytes(data)
-                archive.push(storage, cluster, copy, stages)
-        except (OSError, UsageError, StorageError):
-            continue  # the archiver's push may still succeed: the waits decide
+                same = os.fstat(segment.fileno()).st_ino == os.stat(pg_wal / name).st_ino
+        except OSError:
+            return None
+        return data if same else None
+
+    # The archiver's push may still succeed where this one failed: the waits decide.
+    with contextlib.suppress(OSError, UsageError, StorageError):
+        archive.push_read(storage, cluster, names, kept, stages)
 
 
 def _await_archiver(db: Any, data_dir: Path, walfile: str, timeout: float,

@@ -148,6 +148,34 @@ def push(storage: Storage, cluster: str, path: Path, stages: list[StageSpec]) ->
     return result
 
 
+def push_read(storage: Storage, cluster: str, names: list[str],
+              read: Callable[[str], bytes | None], stages: list[StageSpec]
+              ) -> list[PushResult]:
+    """Store each of ``names`` not archived yet, as ``push`` would, its bytes got from
+    ``read`` (None: left out), for a caller that reads the files itself (a base backup
+    keeps a segment only if it kept its name through the read). One listing per name
+    group before the puts and one after them all, as for a push ahead; durable and
+    checked against a second writer on return (IntegrityError names a conflict)."""
+    known = _Known(storage, cluster)
+    results = []
+    for walfile in names:
+        name = wal.parse_wal_name(walfile)
+        if name is None:
+            raise UsageError(f"{walfile!r} is not a WAL file name PostgreSQL archives")
+        if known.versions(walfile):
+            continue
+        started = time.monotonic()
+        data = read(walfile)
+        if data is None:
+            continue
+        segment = _Segment(name, data, hashlib.sha256(data).hexdigest())
+        results.append(_store(known, segment, stages, None, started))
+    conflicts = known.confirm()
+    if conflicts:
+        raise next(iter(conflicts.values()))
+    return results
+
+
 def _push_one(known: _Known, path: Path, stages: list[StageSpec]) -> PushResult:
     started = time.monotonic()
     return _store(known, _read(path), stages, None, started)

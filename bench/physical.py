@@ -159,14 +159,17 @@ class Bench:
 
     # ------------------------------------------------------------ backups
 
-    def backup_pgvault(self) -> None:
+    def backup_pgvault(self, name: str = "pgvault basebackup",
+                       env: dict[str, str] | None = None) -> None:
         assert self.cluster is not None
         sample = _check(measure([PGVAULT, "basebackup", "-d", self.cluster.url(), "--repo",
-                                 str(self.repo), "--fast-checkpoint", "--json"],
-                                stdout=self.work / "last.json"), "pgvault basebackup")
+                                 str(self.repo), "--fast-checkpoint", "--json"], env=env,
+                                stdout=self.work / "last.json"), name)
         manifest = json.loads((self.work / "last.json").read_text())
-        self.last_full = sample.wall_s, sum(a["size"] for a in manifest["artifacts"])
-        self.add("pgvault basebackup", sample.wall_s, self.last_full[1], sample)
+        size = sum(a["size"] for a in manifest["artifacts"])
+        if env is None:
+            self.last_full = sample.wall_s, size
+        self.add(name, sample.wall_s, size, sample)
 
     def incremental_pgvault(self) -> None:
         """5% of pgbench_accounts' pages change (one row each), then an incremental."""
@@ -316,21 +319,29 @@ def run_scale(scale: int, runs: int, keep: bool, backup_runs: int | None = None,
         bench.setup()
         print(f"scale {scale}: cluster built in {time.perf_counter() - t0:.0f}s, "
               f"{_du(bench.data) / 1e6:.0f} MB with pg_wal", flush=True)
+        # The other tree's package comes before this venv's editable one on sys.path.
+        env = None if baseline is None else {**os.environ,
+                                             "PYTHONPATH": str(baseline.resolve() / "src")}
         backups: list[Callable[[], None]] = [bench.backup_pgvault, bench.backup_pgbackrest,
                                              bench.backup_floor]
         for number in range(runs if backup_runs is None else backup_runs):
             order = backups[number % 3:] + backups[:number % 3]
             for step in order:
-                bench.settle()
-                step()
+                steps = [step]
+                if step == bench.backup_pgvault and env is not None:
+                    # Beside this tree's, the two in turn; the incremental comes after both,
+                    # on the newer full (either tree's: their format is the same).
+                    steps = [lambda: bench.backup_pgvault("pgvault baseline basebackup", env),
+                             step][::1 if number % 2 == 0 else -1]
+                for one in steps:
+                    bench.settle()
+                    one()
                 if step == bench.backup_pgvault:
                     bench.incremental_pgvault()
             print(f"  backups run {number + 1} done", flush=True)
         bench.prepare_target()
         restores: list[Callable[[], None]] = [bench.restore_pgvault, bench.restore_pgbackrest]
-        if baseline is not None:
-            # The other tree's package comes before this venv's editable one on sys.path.
-            env = {**os.environ, "PYTHONPATH": str(baseline.resolve() / "src")}
+        if env is not None:
             restores.insert(1, lambda: bench.restore_pgvault("pgvault baseline PITR restore",
                                                              env))
         for number in range(runs):
@@ -369,6 +380,11 @@ def report(result: dict[str, Any]) -> list[str]:
         "incremental_time": _median(sec["incremental/full time"]),
         "incremental_bytes": _median(sec["incremental/full bytes"]),
     }
+    if "pgvault baseline basebackup" in sec:
+        ratios["backup_vs_baseline"] = _median(sec["pgvault basebackup"]) \
+            / _median(sec["pgvault baseline basebackup"])
+        ratios["baseline_backup_vs_floor"] = _median(sec["pgvault baseline basebackup"]) \
+            / _median(sec["pg_basebackup server-zstd"])
     if "pgvault baseline PITR restore" in sec:
         ratios["restore_vs_baseline"] = _median(sec["pgvault PITR restore"]) \
             / _median(sec["pgvault baseline PITR restore"])
@@ -404,8 +420,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs of the backup rows (default --runs; 1 when only restores "
                              "are compared)")
     parser.add_argument("--baseline", type=Path, metavar="TREE",
-                        help="also time the PITR restore of pgvault from this source tree "
-                             "(e.g. a git worktree of the previous commit), alternated")
+                        help="also time pgvault's basebackup and PITR restore from this source "
+                             "tree, alternated with this tree's, e.g. a `git archive` "
+                             "of the previous commit (TREE/src is put on PYTHONPATH)")
     args = parser.parse_args(argv)
     scales = [10] if args.quick else [int(s) for s in args.scales.split(",")]
     runs = 2 if args.quick and args.runs == 3 else args.runs

@@ -451,3 +451,29 @@ def test_catching_up_a_backlog_lists_once_per_name_group_and_once_after_its_copi
     # source (a) the groups the push did not, and at the target (b) once after its copies.
     assert len(lists[a]) == 2 * len(pushed) + len(groups - pushed), a.lists
     assert len(lists[b]) == 2 * len(pushed) + len(groups) < len(backlog), b.lists
+
+
+def test_a_push_of_bytes_read_by_the_caller_lists_once_before_and_once_after(
+    pg_cluster: EphemeralCluster, tmp_path: Path
+) -> None:
+    """push_read (an incremental base backup's own push of its WAL): one listing per name
+    group before and one after, no listing per file; a file already archived is not read
+    again, one its reader leaves out (None) is not stored."""
+    from pgvault.ops.wal import push, push_read
+
+    segments = _segments(pg_cluster, tmp_path / "pg_wal", 4)
+    storage = _Counting(open_storage(f"file://{tmp_path / 'repo'}"))
+    push(storage.inner, CLUSTER, segments[0], [])  # type: ignore[arg-type]
+    read: list[str] = []
+
+    def reader(name: str) -> bytes | None:
+        read.append(name)
+        return None if name == segments[3].name else (tmp_path / "pg_wal" / name).read_bytes()
+
+    done = push_read(storage, CLUSTER, [s.name for s in segments], reader, [])  # type: ignore[arg-type]
+    assert [r.walfile for r in done] == [s.name for s in segments[1:3]]
+    assert read == [s.name for s in segments[1:]]
+    assert _walfiles(storage.inner) == {s.name for s in segments[:3]}
+    groups = {s.name[:22] for s in segments}
+    wal_lists = [p for p in storage.lists if p.startswith(f"wal/{CLUSTER}/0")]
+    assert len(wal_lists) == 2 * len(groups), storage.lists  # was 3 per file

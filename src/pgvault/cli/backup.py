@@ -57,43 +57,21 @@ def backup(ctx: click.Context, /, dbname: str | None, compression: str | None, l
       pgvault backup --compression gzip --level 6      # .gz artifacts
       pgvault backup --streams 0       # big tables dumped beside the rest, one per CPU
     """
-    settings = settings_of(ctx)
-    with _connecting(settings, dbname):
-        # Imported while psql connects: ops.jobs and what it brings take ~20 ms.
-        from pgvault.console import ProgressLine
-        from pgvault.ops.jobs import BackupRequest, backup_databases
+    from pgvault.console import ProgressLine
+    from pgvault.ops.jobs import BackupRequest, backup_databases
 
-        def request(vault: Any, conn: Any) -> BackupRequest:
-            startup_done()
-            return BackupRequest(
-                conn, compression=compression, level=level, backup_globals=not no_globals,
-                streams=streams, progress=ProgressLine(f"backing up {conn.redacted()}"),
-                drill=_drill_reporting(vault) if vault.settings.verify_after_backup else None)
+    def request(vault: Any, conn: Any) -> BackupRequest:
+        startup_done()
+        return BackupRequest(
+            conn, compression=compression, level=level, backup_globals=not no_globals,
+            streams=streams, progress=ProgressLine(f"backing up {conn.redacted()}"),
+            drill=_drill_reporting(vault) if vault.settings.verify_after_backup else None)
 
-        def failed(name: str | None, exc: PgvaultError) -> None:
-            click.echo(f"pgvault: backup of {name} failed: {exc}", err=True)
+    def failed(name: str | None, exc: PgvaultError) -> None:
+        click.echo(f"pgvault: backup of {name} failed: {exc}", err=True)
 
-        backup_databases(settings, dbname, request,
-                         finished=lambda run: _report_backup(run, as_json), failed=failed)
-
-
-def _connecting(settings: Any, dbname: str | None) -> Any:
-    """psql connects for the backup of the one database while the rest is imported and
-    set up, so pg_dump starts sooner; with [[databases]], or any error, nothing is started
-    here (the backup itself then connects, and reports that error in its place)."""
-    import contextlib
-
-    from pgvault import config
-
-    if settings.databases:
-        return contextlib.nullcontext()
-    try:
-        conn = config.target_connection(config.targets(settings)[0], dbname)
-        from pgvault.engines.logical import connecting
-
-        return connecting(conn)
-    except PgvaultError:
-        return contextlib.nullcontext()
+    backup_databases(settings_of(ctx), dbname, request,
+                     finished=lambda run: _report_backup(run, as_json), failed=failed)
 
 
 def _drill_reporting(vault: Any) -> Any:

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -256,34 +255,24 @@ class LogicalEngine:
         """A psql session for ``preflight`` and then ``snapshot``: it starts in milliseconds."""
         return PsqlSession(self.conn)
 
-    def pooler_session(self) -> PsqlSession | None:
-        """The pooler check's second session, started now; None where the host itself says
-        it is a transaction pooler (or psql cannot start: ``preflight`` then says why)."""
-        if self.conn.transaction_pooler() is not None:
-            return None
-        with contextlib.suppress(DatabaseError):
-            return PsqlSession(self.conn)
-        return None
-
-    def preflight(self, session: PsqlSession | None = None, *,
-                  other: PsqlSession | None = None) -> ServerInfo:
+    def preflight(self, session: PsqlSession | None = None) -> ServerInfo:
         """Learn the server version and make sure a suitable pg_dump exists.
 
         Asks ``session`` (left open) when given, else a psql session of its own.
-        ``other``: the pooler check's second session (``pooler_session``) if already
-        started; it is closed here.
         """
         if session is None:
             own = self.session()
             try:
-                return self.preflight(own, other=other)
+                return self.preflight(own)
             finally:
                 own.close()
         why = self.conn.transaction_pooler()
         # The pooler check's second session starts and connects while ``session`` answers:
         # started after that answer, it held up pg_dump's start by 15-30 ms.
-        if other is None:
-            other = self.pooler_session()
+        other = None
+        if why is None:
+            with contextlib.suppress(DatabaseError):
+                other = PsqlSession(self.conn)
         try:
             info = session.preflight()
             self._server = info
@@ -631,42 +620,3 @@ class LogicalEngine:
                     raise RestoreFailed(f"{statement.rstrip(';')}: {exc}") from None
         finally:
             session.close()
-
-
-_STARTED: ContextVar[list[tuple[ConnInfo, PsqlSession, PsqlSession | None]] | None] = \
-    ContextVar("pgvault_started_sessions", default=None)
-
-
-@contextlib.contextmanager
-def connecting(conn: ConnInfo) -> Iterator[None]:
-    """Start the psql sessions a backup of ``conn`` in this context will preflight on.
-
-    They start and connect while the caller imports and sets up the rest of the backup
-    (~20-35 ms of a command's start); ``started_sessions`` hands them over. Any still
-    unused when the block ends are closed.
-    """
-    engine = LogicalEngine(conn)
-    try:
-        session = engine.session()
-    except DatabaseError:  # psql cannot start: the backup fails on it, recorded as a run
-        yield
-        return
-    started = [(conn, session, engine.pooler_session())]
-    token = _STARTED.set(started)
-    try:
-        yield
-    finally:
-        _STARTED.reset(token)
-        for _, first, second in started:
-            first.close()
-            if second is not None:
-                second.close()
-
-
-def started_sessions(conn: ConnInfo) -> tuple[PsqlSession, PsqlSession | None] | None:
-    """The sessions ``connecting`` started for ``conn``, once; None if there are none."""
-    started = _STARTED.get()
-    if started and started[0][0] == conn:
-        _, first, second = started.pop()
-        return first, second
-    return None

@@ -27,7 +27,6 @@ from pgvault.engines.logical import (
     Table,
     dump_streams,
     split_tables,
-    started_sessions,
 )
 from pgvault.errors import BackupFailed
 from pgvault.facts import seal
@@ -162,13 +161,8 @@ def _preflight_and_lock(
     pool.shutdown(wait=False)
     session = None
     try:
-        started = started_sessions(engine.conn)
-        if started is None:
-            session = engine.session()
-            server = engine.preflight(session)
-        else:
-            session, other = started
-            server = engine.preflight(session, other=other)
+        session = engine.session()
+        server = engine.preflight(session)
         lock = _settle(locking, storage, server.database, guess)
         if lock is None:
             lock = acquire(storage, lock_key(server.database), "backup",

@@ -266,59 +266,42 @@ class LogicalEngine:
                 return self.preflight(own)
             finally:
                 own.close()
+        info = session.preflight()
+        self._server = info
+        tool("pg_dump", info.major)
+        self._refuse_transaction_pooler(session, info)
+        return info
+
+    def _refuse_transaction_pooler(self, session: PsqlSession, info: ServerInfo) -> None:
+        """ConfigError when the connection goes through a pooler in transaction mode.
+
+        pg_dump sets its session up (search_path, the snapshot it imports) and then reads in
+        one long transaction; a transaction pooler may hand each transaction another server
+        session, so a dump through it can be silently wrong. The host may say so (Neon's
+        -pooler, Supabase's port 6543); else (Prisma's pgbouncer=true may mark a session
+        pooler too) a second session holds a transaction while ours asks which server
+        process answers it now: the same one, unless a pooler gave ours away in between.
+        """
         why = self.conn.transaction_pooler()
-        # The pooler check's second session starts and connects while ``session`` answers:
-        # started after that answer, it held up pg_dump's start by 15-30 ms.
-        other = None
         if why is None:
-            with contextlib.suppress(DatabaseError):
+            with contextlib.suppress(DatabaseError):  # cannot tell (a connection limit)
                 other = PsqlSession(self.conn)
-        try:
-            info = session.preflight()
-            self._server = info
-            tool("pg_dump", info.major)
-            if why is None and other is not None:
-                why = self._pooler_seen(session, info, other)
-        finally:
-            if other is not None:
-                # Reaped beside the dump: psql's exit took ~3 ms more before pg_dump began.
-                threading.Thread(target=other.close, name="pgvault-psql-close",
-                                 daemon=True).start()
+                try:
+                    other.preflight()
+                    other.run("BEGIN")
+                    pid = session.run("SELECT pg_backend_pid()")[0][0]
+                finally:
+                    other.close()
+                if info.backend_pid and int(pid) != info.backend_pid:
+                    marked = ", as its pgbouncer=true says" if self.conn.pgbouncer else ""
+                    why = ("its server session changed between two transactions (a pooler "
+                           f"in transaction mode{marked})")
         if why is not None:
             raise ConfigError(
                 f"{self.conn.redacted()} cannot hold pg_dump's snapshot and transaction: "
                 f"{why}; back up through the direct connection (DIRECT_URL, which pgvault "
                 "prefers to DATABASE_URL, or --dbname): Supabase's db.<ref>.supabase.co:5432 "
                 "or its session pooler on port 5432, Neon's host without -pooler")
-        return info
-
-    def _pooler_seen(self, session: PsqlSession, info: ServerInfo,
-                     other: PsqlSession) -> str | None:
-        """Why the connection is behind a pooler in transaction mode, or None (also where
-        it cannot tell, e.g. at a connection limit).
-
-        pg_dump sets its session up (search_path, the snapshot it imports) and then reads in
-        one long transaction; a transaction pooler may hand each transaction another server
-        session, so a dump through it can be silently wrong. The host may say so (Neon's
-        -pooler, Supabase's port 6543); else (Prisma's pgbouncer=true may mark a session
-        pooler too) the two sessions take turns: ``other`` holds a transaction while
-        ``session`` asks which server process answers it now, then lets go and ``session``
-        asks again. Without a pooler (or through a session pooler) each session keeps one
-        server process of its own all along; a transaction pooler shows either session
-        another one, or one server process to both (it hands the one just freed on).
-        """
-        with contextlib.suppress(DatabaseError):
-            ours = {info.backend_pid}
-            theirs = {int(other.preflight().backend_pid)}
-            theirs.add(int(other.run("BEGIN; SELECT pg_backend_pid()")[0][0]))
-            ours.add(int(session.run("SELECT pg_backend_pid()")[0][0]))
-            other.run("COMMIT")
-            ours.add(int(session.run("SELECT pg_backend_pid()")[0][0]))
-            if info.backend_pid and (len(ours) > 1 or len(theirs) > 1 or ours & theirs):
-                marked = ", as its pgbouncer=true says" if self.conn.pgbouncer else ""
-                return ("its server session changed between two transactions (a pooler "
-                        f"in transaction mode{marked})")
-        return None
 
     def tool_versions(self) -> dict[str, str]:
         major = self.server.major

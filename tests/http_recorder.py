@@ -1,12 +1,19 @@
 """A local HTTP server on 127.0.0.1 that records webhooks, pings and Pushgateway pushes.
 
 Paths decide the answer: /fail/... answers 500, /hang/... answers after 30 s (longer than
-any notifier timeout), anything else 200. Every request is recorded with its body.
+any notifier timeout) or when the fixture stops, anything else 200. Every request is
+recorded with its body.
+
+``LoopbackServer`` is the HTTP server every stand-in in these tests runs on: its request
+threads never print into ``sys.stderr``, which an in-process ``pgvault(...)`` run captures
+as its own (cli_runner): a client that hung up is what a timeout test is for, and any other
+error goes to the real stderr of the test process.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +22,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+
+
+class LoopbackServer(ThreadingHTTPServer):
+    """A threading HTTP server whose request errors stay out of the captured sys.stderr."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            return  # the client gave up first (its timeout): expected, not a fault
+        import traceback
+
+        traceback.print_exc(file=sys.__stderr__)
 
 
 @dataclass
@@ -56,6 +77,7 @@ class Recorder:
 def recorder() -> Iterator[Recorder]:
     """A running recorder; stopped (and its hanging answers abandoned) afterwards."""
     box: list[Recorder] = []
+    stopping = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -65,7 +87,7 @@ def recorder() -> Iterator[Recorder]:
             with rec.lock:
                 rec.requests.append(Request(self.command, self.path, body, dict(self.headers)))
             if self.path.startswith("/hang"):
-                time.sleep(30)
+                stopping.wait(30)
             code = 500 if self.path.startswith("/fail") else 200
             self.send_response(code)
             self.send_header("Content-Length", "2")
@@ -78,11 +100,11 @@ def recorder() -> Iterator[Recorder]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    server = LoopbackServer(("127.0.0.1", 0), Handler)
     box.append(Recorder(server))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield box[0]
+    stopping.set()
     server.shutdown()
     server.server_close()

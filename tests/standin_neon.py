@@ -43,6 +43,8 @@ from typing import Any
 
 import pytest
 
+from http_recorder import LoopbackServer
+
 API_KEY = "neon-standin-key-0123456789"
 
 
@@ -207,7 +209,7 @@ def neon() -> Iterator[NeonStandIn]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = LoopbackServer(("127.0.0.1", 0), Handler)
     box.append(NeonStandIn(server))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

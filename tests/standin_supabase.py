@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from http_recorder import LoopbackServer
 
 
 @dataclass
@@ -92,7 +94,7 @@ def supabase_standin(project: str, token: str) -> Iterator[StandIn]:
     """The stand-in on a free port of 127.0.0.1, for the block."""
     state = StandIn(project, token)
     state.answer(backup_ages_hours=[1, 25, 49])
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    server = LoopbackServer(("127.0.0.1", 0), _handler(state))
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -29,6 +29,7 @@ from cli_runner import PGVAULT, clean_env, pgvault
 from dbcompare import assert_databases_equal
 from faultproxy import Faults, fault_proxy
 from fixtures_s3 import _free_port
+from http_recorder import LoopbackServer
 from pgvault.catalog import Catalog
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.storage import open_storage
@@ -233,7 +234,7 @@ def test_a_copy_down_three_ways_while_backups_go_on_then_catches_up(
 
     source = make_db(prefix="downcopy_src")
     db = _name(source)
-    unavailable = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    unavailable = LoopbackServer(("127.0.0.1", 0), _Unavailable)
     threading.Thread(target=unavailable.serve_forever, daemon=True).start()
     with contextlib.ExitStack() as stack, \
             fault_proxy(s3_server, Faults(stall_after_up=1)) as stalled:

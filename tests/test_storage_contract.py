@@ -24,6 +24,7 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 
+from http_recorder import LoopbackServer
 from pgvault.errors import (
     AlreadyExists,
     ConfigError,
@@ -698,7 +699,7 @@ class _Always500(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def failing_endpoint(s3_server: str) -> Iterator[str]:
     """An HTTP server answering 500 InternalError to everything (s3_server sets the AWS env)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Always500)
+    server = LoopbackServer(("127.0.0.1", 0), _Always500)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -28,6 +28,7 @@ import pytest
 from cli_runner import pgvault
 from dbcompare import assert_databases_equal
 from faultproxy import Faults, fault_proxy
+from http_recorder import LoopbackServer
 from pgvault.catalog import Catalog
 from pgvault.ops.wal import archived
 from pgvault.pg.binaries import tool
@@ -71,7 +72,7 @@ def _always_503() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = LoopbackServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

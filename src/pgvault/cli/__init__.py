@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         with _scrubbed_output():
             return _run(argv, os.environ if env is None else env)
     # Start-up creates many objects that live until exit (click, psycopg, boto3); the
-    # collector walking them while they are created costs 15-30 ms of every command. It
-    # resumes once a command has what it needs (app.startup_done).
+    # collector walking them while they are created is a measurable share of every
+    # command's start (docs/performance.md). It resumes once a command has what it needs
+    # (app.startup_done).
     gc.disable()
     try:
         signal.signal(signal.SIGTERM, _on_signal)
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         return code
     finally:
         # What is alive now dies with the process: keep the collector from walking it again
-        # at interpreter exit (30-70 ms of every command when pydantic was still imported).
+        # at interpreter exit, which cost every command time at its end.
         gc.freeze()
 
 

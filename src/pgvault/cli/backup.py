@@ -30,14 +30,15 @@ from pgvault.model import Manifest, to_json
 @click.option("--compression", type=click.Choice(["zstd", "gzip", "none"]), default=None,
               help="Compression (default zstd) [config compression.algorithm].")
 @click.option("--level", type=int, default=None,
-              help="Compression level (zstd 1-19, default 1; gzip 1-9, default 6). zstd 3 "
-                   "stores ~14% less and takes ~15% longer on a 2-CPU client.")
+              help="Compression level (zstd 1-19, default 1; gzip 1-9, default 6). Higher "
+                   "stores less and costs more CPU while the dump runs (docs/performance.md).")
 @click.option("--no-globals", is_flag=True, help="Skip roles and tablespaces (pg_dumpall -g).")
 @click.option("--streams", type=click.IntRange(0, 16), default=None, metavar="N",
               help="pg_dumps at once under one snapshot, each of the N-1 largest tables "
                    "(64 MiB and more) in an archive of its own; 0 is one per CPU, up to 4. "
-                   "Default 1, a single archive: on 2 CPUs, 2 streams backed up ~15% faster, "
-                   "restored no faster, and used 14-32 MB more memory [config backup_streams].")
+                   "Default 1, a single archive: more streams back up faster where CPUs are free, "
+                   "restore no faster and use more memory (docs/performance.md) "
+                   "[config backup_streams].")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.pass_context
 def backup(ctx: click.Context, /, dbname: str | None, compression: str | None, level: int | None,

@@ -148,8 +148,8 @@ class Snapshot:
 def _serial_scans(cur: Any) -> None:
     """No parallel workers for the counts: they only have to end before the dump does.
 
-    Parallel workers would take CPU from pg_dump's own backend while it runs (on 2 cores a
-    parallel count of 300 MB cost 1.6x the CPU of a serial one, and was not faster).
+    Parallel workers would take CPU from pg_dump's own backend while it runs, for a count
+    that is not needed sooner (measured in docs/performance.md).
     No statement timeout either: pg_dump turns it off for its COPY of the same table, so a
     role's ``statement_timeout`` would leave out only the count. A ``lock_timeout`` is kept:
     a count waiting on a lock taken after pg_dump read the table could wait for ever.

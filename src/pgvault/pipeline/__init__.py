@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from pgvault.pipeline.age import Keyring
 
 SUFFIXES = {"zstd": ".zst", "gzip": ".gz", "age": ".age"}
-# Level 1 keeps a backup at pg_dump's own speed on a 2-CPU client: at 1 GB it took 1.01x
-# the floor against 1.16x at level 3, whose output is 14% smaller (3.67x vs 3.16x).
+# Level 1: on a client with few CPUs, higher levels make the backup wait on compression
+# for a modestly smaller output (docs/performance.md has the figures).
 DEFAULT_LEVELS = {"zstd": 1, "gzip": 6}
 """The one place a compression's default level is decided; the --level help says it too."""
 DEFAULT_ZSTD_LEVEL = DEFAULT_LEVELS["zstd"]

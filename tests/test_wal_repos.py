@@ -10,7 +10,9 @@ repository alone afterwards.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
+import io
 import json
 import os
 import pwd
@@ -29,7 +31,7 @@ from cli_runner import pgvault
 from dbcompare import assert_databases_equal
 from faultproxy import Faults, fault_proxy
 from http_recorder import LoopbackServer
-from pgvault.catalog import Catalog
+from pgvault.catalog import Catalog, wal_object_key
 from pgvault.ops.wal import archived
 from pgvault.pg.binaries import tool
 from pgvault.pg.cluster import EphemeralCluster
@@ -311,6 +313,21 @@ class _Counting:
         return info
 
 
+def _race_once(storage: _Counting, victim: Path) -> None:
+    """Once, right after our put of ``victim``'s name: a second writer puts other bytes
+    (another server's segment of the same name) beside it."""
+
+    def racer(key: str) -> None:
+        if f"/{victim.name}/" in key and storage.racer is not None:
+            storage.racer = None
+            other = victim.read_bytes()[:-1] + b"\x01"
+            storage.inner.put(  # type: ignore[attr-defined]
+                wal_object_key(CLUSTER, victim.name, hashlib.sha256(other).hexdigest(), ""),
+                io.BytesIO(other))
+
+    storage.racer = racer
+
+
 def _ready(segments: list[Path]) -> Path:
     status = segments[0].parent / "archive_status"
     status.mkdir(exist_ok=True)
@@ -352,10 +369,7 @@ def test_one_push_lists_once_for_all_its_segments_and_checks_once_after(
 def test_a_second_writer_racing_a_push_ahead_is_refused_and_its_file_stays_ready(
     pg_cluster: EphemeralCluster, tmp_path: Path
 ) -> None:
-    import hashlib
-    import io
 
-    from pgvault.catalog import wal_object_key
     from pgvault.errors import IntegrityError
     from pgvault.ops.wal import push, push_ahead
 
@@ -363,17 +377,7 @@ def test_a_second_writer_racing_a_push_ahead_is_refused_and_its_file_stays_ready
     status = _ready(segments)
     storage = _Counting(open_storage(f"file://{tmp_path / 'repo'}"))
     victim = segments[2]
-
-    def racer(key: str) -> None:
-        # Another server's different bytes for the same name land right after our put.
-        if f"/{victim.name}/" in key and storage.racer is not None:
-            storage.racer = None
-            other = victim.read_bytes()[:-1] + b"\x01"
-            storage.inner.put(  # type: ignore[attr-defined]
-                wal_object_key(CLUSTER, victim.name, hashlib.sha256(other).hexdigest(), ""),
-                io.BytesIO(other))
-
-    storage.racer = racer
+    _race_once(storage, victim)  # another server's bytes for that name, right after our put
     done = push_ahead(storage, CLUSTER, segments[0], [], ahead=4)  # type: ignore[arg-type]
     assert "split brain" in done.failed[victim.name]
     assert (status / f"{victim.name}.ready").exists()  # PostgreSQL asks for it again
@@ -413,10 +417,7 @@ def test_catching_up_a_backlog_lists_once_per_name_group_and_once_after_its_copi
     own listings and one listing after the copies (it was a listing per backlog file at
     the source and one at the target); a second writer's other bytes landing under a
     copied name keep that file's marker and are reported."""
-    import hashlib
-    import io
 
-    from pgvault.catalog import wal_object_key
     from pgvault.ops.wal import WalRepo, push, push_everywhere
 
     segments = _segments(pg_cluster, tmp_path / "pg_wal", 8)
@@ -427,17 +428,7 @@ def test_catching_up_a_backlog_lists_once_per_name_group_and_once_after_its_copi
         push(a.inner, CLUSTER, segment, [])  # type: ignore[arg-type]
         Catalog(a.inner).add_wal_backlog(CLUSTER, "b", segment.name)  # type: ignore[arg-type]
     victim = backlog[3]
-
-    def racer(key: str) -> None:
-        # Another server's different bytes for a copied name land right after the copy.
-        if f"/{victim.name}/" in key and b.racer is not None:
-            b.racer = None
-            other = victim.read_bytes()[:-1] + b"\x01"
-            b.inner.put(  # type: ignore[attr-defined]
-                wal_object_key(CLUSTER, victim.name, hashlib.sha256(other).hexdigest(), ""),
-                io.BytesIO(other))
-
-    b.racer = racer
+    _race_once(b, victim)  # another server's bytes for a copied name, right after the copy
     repos = [WalRepo(name, s) for name, s in zip(("a", "b"), stores, strict=True)]  # type: ignore[arg-type]
     done = push_everywhere(repos, CLUSTER, asked, [], ahead=0, retry_seconds=0, catch_up=10)
     assert done.asked.stored_in == ["a", "b"]

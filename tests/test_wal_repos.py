@@ -339,7 +339,7 @@ def _ready(segments: list[Path]) -> Path:
 def test_one_push_lists_once_for_all_its_segments_and_checks_once_after(
     pg_cluster: EphemeralCluster, tmp_path: Path
 ) -> None:
-    from pgvault.ops.wal import push_ahead
+    from pgvault.ops.wal import CONFIRM_EVERY, push_ahead
 
     segments = _segments(pg_cluster, tmp_path / "pg_wal", 6)
     status = _ready(segments)
@@ -351,8 +351,10 @@ def test_one_push_lists_once_for_all_its_segments_and_checks_once_after(
         [f"{segments[0].name}.ready"] + [f"{s.name}.done" for s in segments[1:]])
     wal_lists = [p for p in storage.lists if p.startswith(f"wal/{CLUSTER}/0")]
     groups = {s.name[:22] for s in segments}  # 256 names share one listing
-    # Before: a listing before and after each put (12 here). Now: one before, one after.
-    assert len(wal_lists) == 2 * len(groups) < len(segments), storage.lists
+    # Before: a listing before and after each put (12 here). Now: one before, one after,
+    # and one for every CONFIRM_EVERY files confirmed while others are still being pushed.
+    assert 2 * len(groups) <= len(wal_lists) <= (
+        2 * len(groups) + (len(segments) - 1) // CONFIRM_EVERY) < 2 * len(segments), storage.lists
     assert len([k for k in storage.puts if k.startswith(f"wal/{CLUSTER}/0")]) == 6
 
     # Pushed again (PostgreSQL asks after a crash): one listing answers every file, no put.
@@ -364,6 +366,36 @@ def test_one_push_lists_once_for_all_its_segments_and_checks_once_after(
     assert again.result.already_archived and all(r.already_archived for r in again.ahead)
     assert len([p for p in storage.lists if p.startswith(f"wal/{CLUSTER}/0")]) == len(groups)
     assert storage.puts == []
+
+
+def test_a_long_push_ahead_marks_its_files_done_as_it_goes_not_only_at_its_end(
+    pg_cluster: EphemeralCluster, tmp_path: Path
+) -> None:
+    """A call that streams many segments lets PostgreSQL drop the first ones from pg_wal
+    while it still pushes the last: each .ready file keeps its segment there (on S3 a
+    whole call's 40 files were held, and pg_wal outgrew max_wal_size)."""
+    from pgvault.ops.wal import CONFIRM_EVERY, push_ahead
+
+    segments = _segments(pg_cluster, tmp_path / "pg_wal", 8)
+    status = _ready(segments)
+    storage = _Counting(open_storage(f"file://{tmp_path / 'repo'}"))
+    last = segments[-1]
+    seen_done: list[set[str]] = []
+
+    def racer(key: str) -> None:
+        if f"/{last.name}/" in key:
+            seen_done.append({p.name for p in status.glob("*.done")})
+
+    storage.racer = racer
+    done = push_ahead(storage, CLUSTER, segments[0], [], ahead=2)  # type: ignore[arg-type]
+    assert not done.failed and len(done.ahead) == 7
+    (when_last_stored,) = seen_done
+    assert {f"{s.name}.done" for s in segments[1:1 + CONFIRM_EVERY]} <= when_last_stored
+    assert sorted(p.name for p in status.iterdir()) == sorted(
+        [f"{segments[0].name}.ready"] + [f"{s.name}.done" for s in segments[1:]])
+    wal_lists = [p for p in storage.lists if p.startswith(f"wal/{CLUSTER}/0")]
+    # One listing before, then one per CONFIRM_EVERY files: still under one per file.
+    assert len(wal_lists) < len(segments), storage.lists
 
 
 def test_a_second_writer_racing_a_push_ahead_is_refused_and_its_file_stays_ready(

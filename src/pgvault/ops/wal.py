@@ -309,9 +309,10 @@ def push_ahead(storage: Storage, cluster: str, path: Path, stages: list[StageSpe
     ready file, up to ``budget`` files in all (default 8 x (1 + ahead)), so one start-up
     (the S3 client's is most of a second) serves a stream of segments with at most
     1 + ``ahead`` of them in memory. A file pushed ahead is marked done
-    (archive_status/X.ready renamed to X.done) only once it is durably stored; PostgreSQL
-    (15+) skips files marked done by an archive_command. Only ``path``'s outcome decides
-    the exit status.
+    (archive_status/X.ready renamed to X.done) only once it is durably stored and a listing
+    after its put found no other content under its name, every ``CONFIRM_EVERY`` files
+    while the call goes on, so that pg_wal can let go of them; PostgreSQL (15+) skips files
+    marked done by an archive_command. Only ``path``'s outcome decides the exit status.
     """
     from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
@@ -321,8 +322,21 @@ def push_ahead(storage: Storage, cluster: str, path: Path, stages: list[StageSpe
     total = budget if budget is not None else 8 * (1 + ahead)
     known = _Known(storage, cluster)
     seen = {path.name}
-    stored: list[tuple[Path, PushResult]] = []
+    unconfirmed: list[tuple[Path, PushResult]] = []  # stored, still .ready
+    pushed: list[PushResult] = []
     failed: dict[str, str] = {}
+    stop = False  # a refusal, or a repository that could not be listed: no more files
+
+    def settle(batch: list[tuple[Path, PushResult]], conflicts: dict[str, IntegrityError]) -> None:
+        for other, result in batch:
+            if other.name in conflicts:
+                failed[other.name] = str(conflicts[other.name])
+                continue
+            pushed.append(result)
+            with contextlib.suppress(FileNotFoundError):
+                status = other.parent / "archive_status"
+                os.rename(status / f"{other.name}.ready", status / f"{other.name}.done")
+
     with ThreadPoolExecutor(max_workers=1 + ahead) as pool:
         asked = pool.submit(_push_one, known, path, stages)
         running: dict[Future[PushResult], Path] = {}
@@ -343,34 +357,44 @@ def push_ahead(storage: Storage, cluster: str, path: Path, stages: list[StageSpe
             for future in done:
                 other = running.pop(future)
                 try:
-                    stored.append((other, future.result()))
+                    unconfirmed.append((other, future.result()))
                 except Exception as exc:  # reported when PostgreSQL asks for this file itself
                     failed[other.name] = str(exc)
-            if not failed:  # a repository that fails one file gets no more from us now
+                    stop = True  # a repository that fails one file gets no more from us now
+            if not stop:
                 refill()
+            if len(unconfirmed) >= CONFIRM_EVERY and running and not stop:
+                # While the call goes on, its stored files are confirmed (one listing) and
+                # marked done every few files: each one still .ready keeps its segment in
+                # pg_wal, and a call can last for ``budget`` files.
+                batch, unconfirmed = unconfirmed, []
+                try:
+                    conflicts = known.confirm({other.name for other, _ in batch})
+                except Exception:
+                    unconfirmed[:0] = batch  # left to the last listing, as a whole
+                    stop = True
+                else:
+                    settle(batch, conflicts)
+                    stop = bool(conflicts)
         wait([asked])
-    # One listing for the whole call, once every put of it has ended; only then is a file
-    # reported archived (and marked done): a kill before leaves it .ready, pushed again.
+    # The last listing, once every put of the call has ended; only then is a file reported
+    # archived (and marked done): a kill before leaves it .ready, pushed again.
     try:
-        conflicts = known.confirm()
+        conflicts = known.confirm({path.name} | {other.name for other, _ in unconfirmed})
     except Exception:
         asked.result()  # the asked file's own error first, if it had one
         raise
-    pushed: list[PushResult] = []
-    for other, result in stored:
-        if other.name in conflicts:
-            failed[other.name] = str(conflicts[other.name])
-            continue
-        pushed.append(result)
-        with contextlib.suppress(FileNotFoundError):
-            status = other.parent / "archive_status"
-            os.rename(status / f"{other.name}.ready", status / f"{other.name}.done")
+    settle(unconfirmed, conflicts)
     result = asked.result()
     if path.name in conflicts:
         raise conflicts[path.name]
     return PushAhead(result, pushed, failed)
 
 
+# Stored files confirmed (one listing of their names) and marked done at a time while a
+# push-ahead call goes on: fewer means more listings, more means more segments held in
+# pg_wal beyond the ones being pushed.
+CONFIRM_EVERY = 2
 AHEAD_MAX_SEGMENT = 64 << 20
 
 

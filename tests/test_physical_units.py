@@ -333,3 +333,17 @@ def test_unpack_gives_every_entry_the_owner_also_folders_the_tar_does_not_list(
     entries = [pgdata, *pgdata.rglob("*")]
     assert len(entries) == 8
     assert {(p.lstat().st_uid, p.lstat().st_gid) for p in entries} == {owner}
+
+
+def test_the_state_read_from_pg_control_agrees_with_pg_controldata(tmp_path: Path) -> None:
+    """The restore's quick look at pg_control (the state field's offset and values) against
+    pg_controldata, on a real cluster running and stopped."""
+    from pgvault.ops.physical_restore import _control_says_production, _control_state
+    from pgvault.pg.cluster import EphemeralCluster
+
+    with EphemeralCluster() as cluster:
+        assert _control_state(cluster) == "in production"
+        assert _control_says_production(cluster)
+        cluster._shutdown()  # stopped, its folder kept (stop() deletes it)
+        assert _control_state(cluster) == "shut down"
+        assert not _control_says_production(cluster)

@@ -347,3 +347,31 @@ def test_the_state_read_from_pg_control_agrees_with_pg_controldata(tmp_path: Pat
         cluster._shutdown()  # stopped, its folder kept (stop() deletes it)
         assert _control_state(cluster) == "shut down"
         assert not _control_says_production(cluster)
+
+
+def test_the_wal_prefetch_answers_absent_at_once_for_history_files_the_archive_lacks(
+    tmp_path: Path
+) -> None:
+    """Promotion asks for the next timeline's history file and for the current one's (it
+    copies its parent's): each one the archive lacks is answered "absent" by the spool, not
+    by a wal-fetch process; one the archive holds is left to fetch."""
+    import msgspec
+
+    from pgvault.ops.physical_restore import _WalPrefetch
+
+    stop = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    cases = [(1, [], ["00000001.history", "00000002.history"]),
+             (2, ["00000002.history"], ["00000003.history"])]
+    for timeline, histories, absent in cases:
+        storage = MemoryStorage()
+        segments = [wal.segment_name(timeline, segno, MB) for segno in (2, 3)]
+        _archive(storage, histories + segments)
+        facts = _physical("b1", 2, stop).physical
+        assert facts is not None
+        facts = msgspec.structs.replace(facts, timeline=timeline, start_wal=segments[0])
+        pgdata = tmp_path / f"pgdata-{timeline}"
+        pgdata.mkdir()
+        with _WalPrefetch(storage, "main", facts, pgdata, None, None) as prefetch:
+            answered = sorted(p.name for p in prefetch.folder.glob("*.absent"))
+        assert answered == sorted(f"{name}.absent" for name in
+                                  [*absent, wal.segment_name(timeline, 4, MB)])

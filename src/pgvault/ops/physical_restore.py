@@ -294,8 +294,9 @@ class _WalPrefetch:
     Each ``wal-fetch`` is a process start (0.3-0.8 s, more than replaying a segment), and
     recovery asks for one segment at a time. The started server's restore_command first
     moves a spooled file into place, in its shell, and answers "absent" at once for what
-    the archive listing showed missing (the next timeline's history file, the segment after
-    the newest archived one); anything else still goes to ``wal-fetch``. The command in
+    the archive listing showed missing (the next timeline's history file, the current one's
+    when it has none, the segment after the newest archived one); anything else still goes
+    to ``wal-fetch``. The command in
     postgresql.auto.conf stays the plain one, and the spool is removed when replay is over.
     """
 
@@ -313,6 +314,12 @@ class _WalPrefetch:
                            and w.timeline == facts.timeline and w.name >= facts.start_wal})
         self._names = segments
         absent = [f"{max(timelines) + 1:08X}.history"]
+        # Promotion asks for the old timeline's history file too (writeTimeLineHistory
+        # copies the parent's); timeline 1 never has one: without this answer, every
+        # promotion waited for a wal-fetch process to say so.
+        own = f"{facts.timeline:08X}.history"
+        if own not in {w.name for w in files}:
+            absent.append(own)
         if segments:
             last = wal.parse_wal_name(segments[-1])
             size = facts.wal_segment_size

@@ -28,7 +28,7 @@ import pytest
 from cli_runner import PGVAULT, one_line_error, pgvault
 from dbcompare import assert_databases_equal
 from pgvault.catalog import Catalog, wal_file_prefix
-from pgvault.ops.physical_restore import verify_physical
+from pgvault.ops.physical_restore import _kernel_at_least, verify_physical
 from pgvault.ops.wal import archived, push_failures, versions
 from pgvault.pg.cluster import EphemeralCluster
 from pgvault.storage import open_storage
@@ -262,6 +262,12 @@ def test_point_in_time_recovery_to_a_time_a_restore_point_and_an_lsn(
         assert (pgdata / "recovery.signal").exists() is paused  # promoted: recovery is over
         assert sql(server + "postgres", "SELECT pg_is_in_recovery()") is paused
         assert "archive_mode = 'off'" in (pgdata / "postgresql.auto.conf").read_text()
+        # The unpacked files were made durable with one syncfs() (Linux 5.8+), for this start
+        # only: the folder's config keeps the server's default.
+        syncfs = _kernel_at_least(5, 8)  # older kernels do not report write-back errors
+        assert sql(server + "postgres", "SHOW recovery_init_sync_method") == (
+            "syncfs" if syncfs else "fsync")
+        assert "recovery_init_sync_method" not in (pgdata / "postgresql.auto.conf").read_text()
         _stop_server(pgdata)
 
     refused = pgvault("restore", "--physical", "latest", "--repo", repo, "--pgdata",

@@ -296,8 +296,8 @@ class _WalPrefetch:
     moves a spooled file into place, in its shell, and answers "absent" at once for what
     the archive listing showed missing (the next timeline's history file, the current one's
     when it has none, the segment after the newest archived one); anything else still goes
-    to ``wal-fetch``. The command in
-    postgresql.auto.conf stays the plain one, and the spool is removed when replay is over.
+    to ``wal-fetch``. The command in postgresql.auto.conf stays the plain one, and the
+    spool is removed when replay is over.
     """
 
     AHEAD = 8  # segments on disk at most, waiting for the server
@@ -421,6 +421,7 @@ def _kernel_at_least(*wanted: int) -> bool:
 
     found = re.match(r"(\d+)\.(\d+)", os.uname().release)
     return found is not None and tuple(int(g) for g in found.groups()) >= wanted
+
 
 def _wait_recovered(server: EphemeralCluster, action: str, deadline: float) -> None:
     """Until replay reached the target: promoted (pg_control), or paused (the server log)."""
